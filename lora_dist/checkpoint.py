@@ -1,0 +1,214 @@
+"""Checkpoints: written atomically, verified before use, the last K kept.
+
+A checkpoint is a directory `checkpoints/step-00000130/` holding
+- `adapter.safetensors`: the LoRA tensors and the head;
+- `optimizer.safetensors`: the optimizer's tensors (absent under DeepSpeed, whose ZeRO shards sit in
+  `deepspeed/`, one file per rank, written by DeepSpeed itself);
+- `rng.safetensors`: every rank's torch (and CUDA) generator state;
+- `state.json`, written last: step, epoch, position in the epoch, Python/NumPy RNG states, the resolved
+  config, and the sha256 of every other file.
+It is built under `checkpoints/.tmp-step-.../` and renamed into place, so a crash mid-write never leaves
+something that looks like a good checkpoint; a checkpoint whose files do not match their hashes is named
+and skipped in favour of the previous one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .errors import UserError
+
+STATE = "state.json"
+
+
+def checkpoints_dir(run_dir: Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def staging_dir(run_dir: Path, step: int) -> Path:
+    return checkpoints_dir(run_dir) / f".tmp-step-{step:08d}"
+
+
+def begin(staging: Path) -> None:
+    """Rank 0: an empty staging directory (left-overs of a crashed write are removed)."""
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+
+
+def commit(staging: Path, *, adapter: dict, optimizer: dict | None, rng_states: list[dict], meta: dict, keep: int) -> Path:
+    """Rank 0: write the files, then state.json with their hashes, fsync, rename into place, prune."""
+    save_file({k: v.detach().cpu().contiguous() for k, v in adapter.items()}, str(staging / "adapter.safetensors"))
+    py_np = []
+    torch_rng: dict[str, torch.Tensor] = {}
+    for r, st in enumerate(rng_states):
+        py_np.append({"python": st["python"], "numpy": st["numpy"]})
+        torch_rng[f"rank{r}.torch"] = st["torch"]
+        for i, t in enumerate(st["cuda"]):
+            torch_rng[f"rank{r}.cuda{i}"] = t
+    save_file(torch_rng, str(staging / "rng.safetensors"))
+    opt_meta = None
+    if optimizer is not None:
+        tensors, opt_meta = _flatten_optimizer(optimizer)
+        save_file(tensors, str(staging / "optimizer.safetensors"))
+    files = sorted(p for p in staging.rglob("*") if p.is_file())
+    hashes = {str(p.relative_to(staging)): _sha256(p) for p in files}
+    state = dict(meta, optimizer=opt_meta, rng=py_np, files=hashes)
+    (staging / STATE).write_text(json.dumps(state, indent=1))
+    for p in list(staging.rglob("*")):
+        if p.is_file():
+            _fsync(p)
+    final = staging.parent / staging.name.removeprefix(".tmp-")
+    if final.exists():
+        shutil.rmtree(final)
+    os.rename(staging, final)
+    _fsync_dir(final.parent)
+    prune(final.parent, keep)
+    return final
+
+
+def prune(ckpt_dir: Path, keep: int) -> None:
+    for old in sorted(_candidates(ckpt_dir))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _candidates(ckpt_dir: Path) -> list[Path]:
+    if not ckpt_dir.is_dir():
+        return []
+    return sorted(p for p in ckpt_dir.iterdir() if p.is_dir() and p.name.startswith("step-"))
+
+
+def verify(path: Path) -> dict:
+    """The checkpoint's state.json if every file matches its hash; else UserError naming what is wrong."""
+    sf = path / STATE
+    try:
+        state = json.loads(sf.read_text())
+        files = state["files"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"checkpoint {path} is corrupt or incomplete ({STATE}: {type(e).__name__})")
+    for rel, digest in files.items():
+        p = path / rel
+        if not p.is_file():
+            raise UserError(f"checkpoint {path} is incomplete ({rel} is missing)")
+        if _sha256(p) != digest:
+            raise UserError(f"checkpoint {path} is corrupt ({rel} does not match its sha256)")
+    return state
+
+
+def latest_valid(run_dir: Path, say: Callable[[str], None] = print) -> tuple[Path, dict] | None:
+    """The newest checkpoint that verifies; corrupt ones are named and skipped."""
+    for path in reversed(_candidates(checkpoints_dir(run_dir))):
+        try:
+            return path, verify(path)
+        except UserError as e:
+            say(f"warning: {e}; falling back to the previous checkpoint")
+    return None
+
+
+def resolve(resume: str, run_dir: Path, say: Callable[[str], None] = print) -> tuple[Path, dict] | None:
+    """`train.resume`: never | auto (newest valid in this run) | a checkpoint directory."""
+    if resume == "never":
+        return None
+    if resume == "auto":
+        return latest_valid(run_dir, say)
+    path = Path(resume)
+    if not path.is_dir():
+        raise UserError(f"train.resume={resume} is not a checkpoint directory; use auto, never, or a path like {checkpoints_dir(run_dir)}/step-00000100")
+    return path, verify(path)
+
+
+def load_tensors(path: Path, name: str) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path / name))
+    except (SafetensorError, OSError) as e:
+        raise UserError(f"checkpoint {path}: {name} cannot be read ({e})")
+
+
+# ---------------------------------------------------------------------------------- optimizer state
+
+
+def _flatten_optimizer(sd: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    tensors, scalars = {}, {}
+    for idx, st in sd["state"].items():
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"state.{idx}.{k}"] = v.detach().cpu().contiguous()
+            else:
+                scalars[f"{idx}.{k}"] = v
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def optimizer_state(path: Path, meta: dict) -> dict:
+    tensors = load_tensors(path, "optimizer.safetensors")
+    state: dict = {}
+    for key, t in tensors.items():
+        _, idx, k = key.split(".", 2)
+        state.setdefault(int(idx), {})[k] = t
+    for key, v in meta["scalars"].items():
+        idx, k = key.split(".", 1)
+        state.setdefault(int(idx), {})[k] = v
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+# ---------------------------------------------------------------------------------------- RNG state
+
+
+def rng_state() -> dict:
+    """This process's generators: Python, NumPy, torch and (where present) CUDA."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss = random.getstate()
+    return {
+        "python": [version, list(internal), gauss],
+        "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def restore_rng(path: Path, state: dict, rank: int) -> None:
+    saved = state["rng"]
+    if rank >= len(saved):  # a different world size: seed the new ranks deterministically
+        rank = rank % len(saved)
+    py, npy = saved[rank]["python"], saved[rank]["numpy"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    np.random.set_state((npy[0], np.array(npy[1], dtype=np.uint32), npy[2], npy[3], npy[4]))
+    tensors = load_tensors(path, "rng.safetensors")
+    torch.set_rng_state(tensors[f"rank{rank}.torch"])
+    cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith(f"rank{rank}.cuda"))]
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+# ------------------------------------------------------------------------------------------ helpers
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,65 @@
+"""Command line: `lora-dist train|params ...` (also `python -m lora_dist ...`).
+
+    lora-dist train --config configs/smoke.yaml output_dir=runs/smoke
+    lora-dist params --config configs/gpt2-small-lora.yaml
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import replace
+
+from .errors import UserError
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lora-dist", description="LoRA fine-tuning of GPT-2 on the SMS spam data.")
+    sub = p.add_subparsers(dest="command", required=True)
+    for name, text in (("train", "fine-tune (under torchrun or deepspeed for several processes)"),
+                       ("params", "print total and trainable parameter counts without training")):
+        c = sub.add_parser(name, help=text)
+        c.add_argument("--config", required=True, help="YAML file, e.g. configs/smoke.yaml")
+        c.add_argument("overrides", nargs="*", help="key=value, e.g. train.epochs=1 output_dir=runs/x")
+        c.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    rank = int(os.environ.get("RANK", 0))
+    try:
+        from .config import load_config
+
+        cfg = load_config(args.config, args.overrides)
+        if args.command == "params":
+            return _params(cfg)
+        from .train import run
+
+        run(cfg)
+        return 0
+    except UserError as e:
+        if rank == 0:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def _params(cfg) -> int:
+    """Counts come from the model's structure alone: built on the meta device, no weights read."""
+    import torch
+
+    from .lora import count_params
+    from .train import build_model
+
+    m = cfg.model
+    structure = replace(m, weights="random", name=m.name if m.weights in ("pretrained", "random") else m.weights)
+    with torch.device("meta"):
+        model, wrapped = build_model(replace(cfg, model=structure))
+    total, trainable = count_params(model)
+    print(f"model: {cfg.model.name}  LoRA: rank {cfg.lora.rank}, alpha {cfg.lora.alpha:g}, {len(wrapped)} layers")
+    print(f"total parameters: {total:,}")
+    print(f"trainable parameters: {trainable:,}")
+    return 0

@@ -1,0 +1,296 @@
+"""Run configuration: frozen dataclasses loaded from YAML, with `key=value` overrides.
+
+    lora-dist train --config configs/smoke.yaml train.epochs=1 output_dir=runs/x
+
+Every value is checked against its field's type; an unknown key is an error that lists the valid ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+from .errors import UserError
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "gpt2-small"  # gpt2-small|medium|large|xl, the book's "gpt2-small (124M)", or tiny
+    weights: str = "pretrained"  # pretrained | random | a directory with config.json + model.safetensors
+    num_classes: int = 2
+    dropout: float = 0.0  # the book fine-tunes with drop_rate 0.0
+    context_length: Optional[int] = None  # shorten the positional table (tiny/random models only)
+    activation_checkpointing: bool = False
+
+    def __post_init__(self):
+        _check(self.num_classes >= 2, "model.num_classes must be >= 2")
+        _check(0.0 <= self.dropout < 1.0, "model.dropout must be in [0, 1)")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: str = "sms"  # "sms" (UCI SMS Spam Collection) or a path to a CSV/TSV with text,label columns
+    url: str = "https://archive.ics.uci.edu/static/public/228/sms+spam+collection.zip"
+    download: bool = True  # try the UCI download first; fall back to the copy shipped in the package
+    balance: bool = True  # undersample the majority class, as the book does
+    train_frac: float = 0.7
+    val_frac: float = 0.1
+    seed: int = 123
+    max_length: Optional[int] = None  # truncate messages to this many tokens (default: the context)
+    padding: Literal["longest", "batch"] = "batch"
+    bucket: bool = True  # length-bucketed batches (padding=batch only); global batches stay random
+    pad_token_id: int = 50256
+
+    def __post_init__(self):
+        _check(0 < self.train_frac < 1 and 0 < self.val_frac < 1, "data.train_frac and data.val_frac must be in (0, 1)")
+        _check(self.train_frac + self.val_frac < 1, f"data.train_frac + data.val_frac = {self.train_frac + self.val_frac:g} leaves no test set; make their sum < 1")
+        _check(self.max_length is None or self.max_length > 0, "data.max_length must be > 0")
+
+
+@dataclass(frozen=True)
+class LoRAConfig:
+    rank: int = 16
+    alpha: float = 16.0
+    scaling: Literal["alpha", "alpha/r", "rslora"] = "alpha"
+    dropout: float = 0.0
+    # Which nn.Linear layers get adapters: "all", or a list of patterns matched against module names
+    # (fnmatch), e.g. ["*.att.*"] for attention only, ["*.ff.*"] for the feed-forward block.
+    targets: tuple[str, ...] = ("all",)
+    head: bool = True  # an adapter on the 2-class head too (the book does)
+    train_head: bool = False  # train the head's own weights in full (PEFT's modules_to_save)
+
+    def __post_init__(self):
+        _check(self.rank > 0, f"lora.rank must be > 0, got {self.rank}")
+        _check(self.alpha > 0, f"lora.alpha must be > 0, got {self.alpha}")
+        _check(0.0 <= self.dropout < 1.0, "lora.dropout must be in [0, 1)")
+        _check(len(self.targets) > 0, "lora.targets must name at least one pattern, or 'all'")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 5
+    batch_size: int = 8  # the GLOBAL batch: per-rank micro-batch = batch_size / (world_size * grad_accum)
+    grad_accum: int = 1
+    lr: float = 5e-5
+    weight_decay: float = 0.1
+    betas: tuple[float, ...] = (0.9, 0.999)
+    schedule: Literal["constant", "cosine", "linear"] = "constant"
+    warmup_steps: int = 0
+    max_grad_norm: Optional[float] = None
+    max_steps: Optional[int] = None  # stop after this many optimizer steps (smoke runs, tests)
+    eval_every: int = 50  # steps between train/val loss estimates
+    eval_batches: int = 5  # batches used for those estimates and the per-epoch accuracies
+    seed: int = 123
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    compile: bool = False
+    num_workers: int = 0
+    checkpoint_every: int = 0  # steps between checkpoints (0: only at epoch ends)
+    keep_checkpoints: int = 2
+    resume: str = "never"  # never | auto | a checkpoint directory
+
+    def __post_init__(self):
+        _check(self.epochs > 0, f"train.epochs must be > 0, got {self.epochs}")
+        _check(self.batch_size > 0, f"train.batch_size must be > 0, got {self.batch_size}")
+        _check(self.grad_accum > 0, f"train.grad_accum must be > 0, got {self.grad_accum}")
+        _check(self.lr > 0, f"train.lr must be > 0, got {self.lr}")
+        _check(self.weight_decay >= 0, "train.weight_decay must be >= 0")
+        _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "train.betas must be two numbers in [0, 1)")
+        _check(self.warmup_steps >= 0, "train.warmup_steps must be >= 0")
+        _check(self.max_grad_norm is None or self.max_grad_norm > 0, "train.max_grad_norm must be > 0 (or null)")
+        _check(self.max_steps is None or self.max_steps > 0, "train.max_steps must be > 0 (or null)")
+        _check(self.eval_every > 0 and self.eval_batches > 0, "train.eval_every and train.eval_batches must be > 0")
+        _check(self.checkpoint_every >= 0, "train.checkpoint_every must be >= 0")
+        _check(self.keep_checkpoints >= 1, "train.keep_checkpoints must be >= 1")
+        _check(self.num_workers >= 0, "train.num_workers must be >= 0")
+
+
+@dataclass(frozen=True)
+class DistConfig:
+    strategy: Literal["auto", "none", "ddp", "deepspeed"] = "auto"
+    backend: Literal["auto", "nccl", "gloo"] = "auto"
+    timeout_s: int = 600  # collective timeout: a dead rank never leaves the others hanging forever
+    deepspeed_config: Optional[str] = None  # configs/deepspeed/zero2.yaml etc.
+
+    def __post_init__(self):
+        _check(self.timeout_s > 0, "dist.timeout_s must be > 0")
+
+
+@dataclass(frozen=True)
+class WandbConfig:
+    mode: Literal["auto", "online", "offline", "disabled"] = "auto"  # auto: offline if wandb is installed
+    project: str = "lora-dist"
+    entity: Optional[str] = None
+    name: Optional[str] = None
+    group: Optional[str] = None  # default: the launcher's job id (Slurm job id or torchrun run id)
+    tags: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    log_every: int = 10  # steps between metric lines / progress updates
+
+    def __post_init__(self):
+        _check(self.log_every > 0, "tracking.log_every must be > 0")
+
+
+@dataclass(frozen=True)
+class Config:
+    output_dir: str = "runs/default"
+    overwrite: bool = False
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def to_dict(self) -> dict:
+        return _to_plain(dataclasses.asdict(self))
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def digest(self) -> str:
+        """A short hash of the resolved config; ranks compare it at start-up."""
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise UserError(message)
+
+
+def _to_plain(obj):
+    if isinstance(obj, dict):
+        return {k: _to_plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_to_plain(v) for v in obj]
+    return obj
+
+
+# ----------------------------------------------------------------------------------------- loading
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """Read a YAML file (or start from defaults), apply `a.b=value` overrides, and validate."""
+    raw: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise UserError(f"config file {p} not found; pass --config with an existing YAML file (see configs/)")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise UserError(f"config file {p} is not valid YAML ({_first_line(e)}); fix the syntax")
+        if not isinstance(raw, dict):
+            raise UserError(f"config file {p} must hold a mapping of keys to values, not {type(raw).__name__}")
+    for item in overrides:
+        _apply_override(raw, item)
+    return build(Config, raw, "")
+
+
+def _first_line(e: Exception) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+def _apply_override(raw: dict, item: str) -> None:
+    if "=" not in item:
+        raise UserError(f"override {item!r} is not key=value; write e.g. train.epochs=3")
+    key, value = item.split("=", 1)
+    try:
+        parsed = yaml.safe_load(value) if value != "" else ""
+    except yaml.YAMLError:
+        parsed = value
+    node = raw
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise UserError(f"override {item!r}: {part} is not a section")
+    node[parts[-1]] = parsed
+
+
+def build(cls, raw: Any, prefix: str):
+    """Build dataclass `cls` from a plain mapping, checking keys and value types."""
+    if not isinstance(raw, dict):
+        raise UserError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in raw if k not in names]
+    if unknown:
+        where = f"in section '{prefix.rstrip('.')}'" if prefix else "at the top level"
+        raise UserError(f"unknown config key '{prefix}{unknown[0]}' {where}; valid keys: {', '.join(names)}")
+    kwargs = {k: _coerce(hints[k], v, prefix + k) for k, v in raw.items()}
+    return cls(**kwargs)
+
+
+def _coerce(tp, value, key: str):
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return build(tp, value if value is not None else {}, key + ".")
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, key)
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            raise UserError(f"{key} must be one of {', '.join(map(str, allowed))}; got {value!r}")
+        return value
+    if origin is tuple:
+        (elem, *_rest) = typing.get_args(tp)
+        if isinstance(value, (str, int, float)):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise UserError(f"{key} must be a list; got {value!r}")
+        return tuple(_coerce(elem, v, key) for v in value)
+    return _scalar(tp, value, key)
+
+
+def _scalar(tp, value, key: str):
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "5e-5" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    else:  # pragma: no cover - a field type this loader does not know
+        raise TypeError(f"unsupported config type {tp} for {key}")
+    raise UserError(f"{key} must be {tp.__name__}; got {value!r} ({type(value).__name__})")
+
+
+def valid_keys(cls=Config, prefix: str = "") -> list[str]:
+    """Every dotted key the config accepts (for help text and tests)."""
+    out = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            out += valid_keys(hints[f.name], prefix + f.name + ".")
+        else:
+            out.append(prefix + f.name)
+    return out

@@ -1,0 +1,132 @@
+"""DeepSpeed ZeRO (stages 0-3, optimizer CPU offload) behind the same strategy interface as DDP.
+
+    torchrun --nproc_per_node=2 -m lora_dist train --config configs/smoke.yaml \\
+        dist.strategy=deepspeed dist.deepspeed_config=configs/deepspeed/zero3.json
+
+The DeepSpeed file says how to shard; the project config says what to train. Batch sizes, learning rate,
+betas, weight decay, clipping and precision are filled from the project config ("auto" in the file), and a
+file that sets them to something else is refused, so the two never disagree.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import yaml
+from torch import nn
+
+from .errors import UserError
+from .strategy import DDP
+
+TAG = "state"
+
+
+def deepspeed_config(cfg, micro: int, accum: int, world: int) -> dict:
+    """The DeepSpeed config dict: the user's file with the project's values filled in."""
+    path = cfg.dist.deepspeed_config
+    user: dict = {}
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise UserError(f"dist.deepspeed_config={path} not found; use one of configs/deepspeed/*.json")
+        try:
+            user = yaml.safe_load(p.read_text()) or {}  # JSON is YAML
+        except yaml.YAMLError as e:
+            raise UserError(f"{path} is not valid JSON/YAML ({str(e).splitlines()[0]})")
+    t = cfg.train
+    ours = {
+        "train_batch_size": t.batch_size,
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": accum,
+        "gradient_clipping": t.max_grad_norm or 0.0,
+        "optimizer": {"type": "AdamW", "params": {"lr": t.lr, "betas": list(t.betas), "eps": 1e-8, "weight_decay": t.weight_decay}},
+        "bf16": {"enabled": t.precision == "bf16"},
+        "fp16": {"enabled": t.precision == "fp16"},
+    }
+    merged = _fill(user, ours, path or "the DeepSpeed config")
+    merged.setdefault("zero_optimization", {"stage": 0})
+    merged.setdefault("steps_per_print", 10**9)
+    merged.setdefault("wall_clock_breakdown", False)
+    merged.setdefault("zero_allow_untested_optimizer", True)
+    return merged
+
+
+def _fill(user: dict, ours: dict, source: str, prefix: str = "") -> dict:
+    out = dict(user)
+    for k, v in ours.items():
+        have = user.get(k, "auto")
+        if isinstance(v, dict):
+            out[k] = _fill(have if isinstance(have, dict) else {}, v, source, prefix + k + ".")
+        elif have == "auto":
+            out[k] = v
+        elif have != v:
+            raise UserError(
+                f"{source} sets {prefix}{k}={have!r} but the project config gives {v!r}; "
+                f"write \"auto\" there and set it in the project config (train.*)"
+            )
+    return out
+
+
+class DeepSpeed(DDP):
+    name = "deepspeed"
+
+    def prepare(self, model: nn.Module, micro: int, accum: int) -> None:
+        import deepspeed
+
+        self.accum = accum
+        self.ds_config = deepspeed_config(self.cfg, micro, accum, self.world_size)
+        self.stage = int(self.ds_config.get("zero_optimization", {}).get("stage", 0))
+        model = model.to(self.device)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        self.model, self.optimizer, _, _ = deepspeed.initialize(
+            model=model, model_parameters=trainable, config=self.ds_config, dist_init_required=False
+        )
+        self._grad_bytes = sum(p.numel() * _grad_itemsize(self.ds_config) for p in trainable)
+
+    @property
+    def module(self) -> nn.Module:
+        return self.model.module
+
+    def forward(self, ids, last):
+        return self.model(ids, last)  # DeepSpeed applies its own bf16/fp16
+
+    def backward(self, loss: torch.Tensor, boundary: bool) -> None:
+        self.model.backward(loss)  # DeepSpeed divides by gradient_accumulation_steps itself
+        if not boundary:
+            self.model.step()  # counts the micro-step; no update before the boundary
+
+    def step(self, lr: float) -> float:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.model.step()
+        self._comm_bytes += self._grad_bytes
+        norm = self.model.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
+
+    def adapter_state(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """Full tensors, gathered from their ZeRO-3 partitions (every rank must call this)."""
+        import deepspeed
+
+        params = dict(self.module.named_parameters())
+        chosen = [params[n] for n in names]
+        with deepspeed.zero.GatheredParameters(chosen, modifier_rank=None, enabled=self.stage == 3):
+            return {n: p.detach().float().cpu().clone() for n, p in zip(names, chosen)}
+
+    def optimizer_state(self) -> dict | None:
+        return None  # sharded: see save_sharded
+
+    def save_sharded(self, path) -> None:
+        self.model.save_checkpoint(str(Path(path) / "deepspeed"), tag=TAG, exclude_frozen_parameters=True)
+
+    def load_sharded(self, path) -> None:
+        load_path, _ = self.model.load_checkpoint(str(Path(path) / "deepspeed"), tag=TAG, load_module_strict=False)
+        if load_path is None:
+            raise UserError(f"checkpoint {path} has no DeepSpeed state; resume it with the strategy it was written with")
+
+
+def _grad_itemsize(ds_config: dict) -> int:
+    if ds_config.get("bf16", {}).get("enabled") or ds_config.get("fp16", {}).get("enabled"):
+        return 2
+    return 4
+

@@ -1,0 +1,158 @@
+"""LoRA, injected after the weights are loaded: the model file knows nothing about it.
+
+    python -c "import lora_dist as L; m = L.load_gpt2('tiny', 'random'); m.set_classifier(2); print(L.inject_lora(m, L.LoRAConfig()))"
+
+`LoRALayer` and `LinearWithLoRA` follow the book (appendix E): A is Kaiming-uniform with a=sqrt(5), B is
+zero, so an injected model starts out computing exactly what the base model computes.
+"""
+
+from __future__ import annotations
+
+import math
+from fnmatch import fnmatchcase
+
+import torch
+from torch import nn
+
+from .config import LoRAConfig
+from .errors import UserError
+
+
+def scale_factor(cfg: LoRAConfig) -> float:
+    """`alpha` (the book: alpha * x@A@B), `alpha/r` (Hu et al., PEFT's default) or `rslora` (alpha/sqrt(r))."""
+    return {"alpha": cfg.alpha, "alpha/r": cfg.alpha / cfg.rank, "rslora": cfg.alpha / math.sqrt(cfg.rank)}[cfg.scaling]
+
+
+class LoRALayer(nn.Module):
+    def __init__(self, in_dim: int, out_dim: int, rank: int, scale: float, dropout: float = 0.0):
+        super().__init__()
+        self.A = nn.Parameter(torch.empty(in_dim, rank))
+        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
+        self.B = nn.Parameter(torch.zeros(rank, out_dim))
+        self.scale = scale
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.scale * ((self.dropout(x) @ self.A) @ self.B)  # (..., in) -> (..., r) -> (..., out)
+
+    def delta_weight(self) -> torch.Tensor:
+        """The update in nn.Linear's (out, in) layout, computed in fp32."""
+        return self.scale * (self.A.float() @ self.B.float()).t()
+
+
+class LinearWithLoRA(nn.Module):
+    def __init__(self, linear: nn.Linear, rank: int, scale: float, dropout: float = 0.0):
+        super().__init__()
+        self.linear = linear
+        self.lora = LoRALayer(linear.in_features, linear.out_features, rank, scale, dropout)
+        self.lora.to(device=linear.weight.device, dtype=linear.weight.dtype)
+        self._original: torch.Tensor | None = None  # the base weight while merged: unmerge is exact
+
+    @property
+    def merged(self) -> bool:
+        return self._original is not None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged:
+            return self.linear(x)
+        return self.linear(x) + self.lora(x)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold the adapter into the base weight. Idempotent; refuses to write non-finite weights."""
+        if self.merged:
+            return
+        w = self.linear.weight
+        new = w.float() + self.lora.delta_weight()
+        if not torch.isfinite(new).all():
+            raise ValueError("merging this adapter would put non-finite values into the base weight")
+        self._original = w.detach().clone()
+        w.copy_(new.to(w.dtype))
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Restore the exact base weight. Idempotent."""
+        if not self.merged:
+            return
+        self.linear.weight.copy_(self._original)
+        self._original = None
+
+
+def _lora_modules(model: nn.Module):
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, LinearWithLoRA)]
+
+
+def inject_lora(model: nn.Module, cfg: LoRAConfig, head_name: str = "head") -> list[str]:
+    """Freeze every base weight, then wrap the selected nn.Linear layers. Returns the wrapped names."""
+    if _lora_modules(model):
+        raise ValueError("the model already has LoRA adapters")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    chosen = []
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, nn.Linear):
+            continue
+        if name == head_name:
+            wanted = cfg.head
+        else:
+            wanted = any(t == "all" or fnmatchcase(name, t) for t in cfg.targets)
+        if wanted:
+            chosen.append(name)
+    if not chosen:
+        raise UserError(f"lora.targets {list(cfg.targets)} match no Linear layer; try 'all', '*.att.*' or '*.ff.*'")
+    scale = scale_factor(cfg)
+    for name in chosen:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, LinearWithLoRA(getattr(parent, child), cfg.rank, scale, cfg.dropout))
+    if cfg.train_head:
+        for p in _head(model, head_name).parameters():
+            p.requires_grad_(True)
+    return chosen
+
+
+def _head(model: nn.Module, head_name: str) -> nn.Module:
+    m = model.get_submodule(head_name)
+    return m.linear if isinstance(m, LinearWithLoRA) else m
+
+
+def merge(model: nn.Module) -> None:
+    for _, m in _lora_modules(model):
+        m.merge()
+
+
+def unmerge(model: nn.Module) -> None:
+    for _, m in _lora_modules(model):
+        m.unmerge()
+
+
+def adapter_state_dict(model: nn.Module, head_name: str = "head") -> dict[str, torch.Tensor]:
+    """What an adapter file holds: every LoRA tensor, plus the classification head's own weights (it is
+    freshly initialised, so the base checkpoint cannot restore it)."""
+    out = {n: p.detach() for n, p in model.named_parameters() if ".lora." in f".{n}"}
+    head = _head(model, head_name)
+    prefix = head_name + (".linear." if isinstance(model.get_submodule(head_name), LinearWithLoRA) else ".")
+    out |= {prefix + n: p.detach() for n, p in head.named_parameters()}
+    return out
+
+
+def load_adapter_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: str = "adapter") -> None:
+    own = dict(model.named_parameters())
+    expected = adapter_state_dict(model)
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        what = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
+        raise UserError(f"{source} does not fit this model ({what}); use the config the adapter was trained with")
+    with torch.no_grad():
+        for k, t in state.items():
+            if own[k].shape != t.shape:
+                raise UserError(f"{source}: tensor '{k}' has shape {list(t.shape)}, expected {list(own[k].shape)}; use the config the adapter was trained with")
+            own[k].copy_(t)
+
+
+def count_params(model: nn.Module) -> tuple[int, int]:
+    """(total, trainable). Total counts the model without its adapters, as the book reports it."""
+    total = sum(p.numel() for n, p in model.named_parameters() if ".lora." not in f".{n}")
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return total, trainable

@@ -1,0 +1,166 @@
+"""GPT-2 in plain PyTorch: the model only. Weights live in `weights.py`, adapters in `lora.py`.
+
+    python -c "import lora_dist; m = lora_dist.load_gpt2('tiny', weights='random'); print(m)"
+
+Module names (what LoRA target patterns match): `blocks.N.att.{query,key,value,out}`,
+`blocks.N.ff.{fc,proj}` and `head`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .errors import UserError
+
+
+@dataclass(frozen=True)
+class GPTConfig:
+    vocab_size: int = 50257
+    context_length: int = 1024
+    emb_dim: int = 768
+    n_layers: int = 12
+    n_heads: int = 12
+    drop_rate: float = 0.0
+    qkv_bias: bool = True
+    layer_norm_eps: float = 1e-5
+
+
+SIZES = {
+    "gpt2-small": GPTConfig(emb_dim=768, n_layers=12, n_heads=12),
+    "gpt2-medium": GPTConfig(emb_dim=1024, n_layers=24, n_heads=16),
+    "gpt2-large": GPTConfig(emb_dim=1280, n_layers=36, n_heads=20),
+    "gpt2-xl": GPTConfig(emb_dim=1600, n_layers=48, n_heads=25),
+    # For tests and smoke runs: the real vocabulary, a small body.
+    "tiny": GPTConfig(emb_dim=128, n_layers=2, n_heads=4, context_length=256),
+}
+HUB_REPOS = {
+    "gpt2-small": "openai-community/gpt2",
+    "gpt2-medium": "openai-community/gpt2-medium",
+    "gpt2-large": "openai-community/gpt2-large",
+    "gpt2-xl": "openai-community/gpt2-xl",
+}
+ALIASES = {
+    "gpt2": "gpt2-small",
+    "gpt2-small (124m)": "gpt2-small",
+    "gpt2-medium (355m)": "gpt2-medium",
+    "gpt2-large (774m)": "gpt2-large",
+    "gpt2-xl (1558m)": "gpt2-xl",
+    "openai-community/gpt2": "gpt2-small",
+    "openai-community/gpt2-medium": "gpt2-medium",
+    "openai-community/gpt2-large": "gpt2-large",
+    "openai-community/gpt2-xl": "gpt2-xl",
+}
+
+
+def canonical_name(name: str) -> str:
+    key = name.strip().lower()
+    key = ALIASES.get(key, key)
+    if key not in SIZES:
+        known = ", ".join(list(SIZES) + ['"gpt2-small (124M)"'])
+        raise UserError(f"unknown model name {name!r}; use one of {known}, or a directory with config.json + model.safetensors")
+    return key
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        assert cfg.emb_dim % cfg.n_heads == 0, "emb_dim must be divisible by n_heads"
+        d = cfg.emb_dim
+        self.n_heads = cfg.n_heads
+        self.query = nn.Linear(d, d, bias=cfg.qkv_bias)
+        self.key = nn.Linear(d, d, bias=cfg.qkv_bias)
+        self.value = nn.Linear(d, d, bias=cfg.qkv_bias)
+        self.out = nn.Linear(d, d)
+        self.drop_rate = cfg.drop_rate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        # (B, T, C) -> (B, nh, T, hs)
+        q, k, v = (proj(x).view(B, T, self.n_heads, C // self.n_heads).transpose(1, 2) for proj in (self.query, self.key, self.value))
+        drop = self.drop_rate if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=drop, is_causal=True)  # (B, nh, T, hs)
+        y = y.transpose(1, 2).reshape(B, T, C)
+        return self.out(y)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.fc = nn.Linear(cfg.emb_dim, 4 * cfg.emb_dim)
+        self.proj = nn.Linear(4 * cfg.emb_dim, cfg.emb_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(F.gelu(self.fc(x), approximate="tanh"))  # GPT-2's "gelu_new"
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(cfg.emb_dim, eps=cfg.layer_norm_eps)
+        self.att = CausalSelfAttention(cfg)
+        self.norm2 = nn.LayerNorm(cfg.emb_dim, eps=cfg.layer_norm_eps)
+        self.ff = FeedForward(cfg)
+        self.drop = nn.Dropout(cfg.drop_rate)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop(self.att(self.norm1(x)))
+        return x + self.drop(self.ff(self.norm2(x)))
+
+
+class GPT2(nn.Module):
+    """GPT-2. `forward(ids)` gives logits (B, T, vocab); after `set_classifier(n)`, (B, T, n), or (B, n)
+    at the positions given by `last_index` (the last real token of each right-padded sequence)."""
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.emb_dim)
+        self.pos_emb = nn.Embedding(cfg.context_length, cfg.emb_dim)
+        self.drop = nn.Dropout(cfg.drop_rate)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.final_norm = nn.LayerNorm(cfg.emb_dim, eps=cfg.layer_norm_eps)
+        self.head = nn.Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
+        self.head.weight = self.tok_emb.weight  # GPT-2 ties the output layer to the token embedding
+        self.activation_checkpointing = False
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():  # GPT-2's scaled init of the residual projections
+            if name.endswith(("att.out.weight", "ff.proj.weight")):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layers))
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, mean=0.0, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, mean=0.0, std=0.02)
+
+    def set_classifier(self, num_classes: int) -> None:
+        """Replace the tied LM head by a fresh `num_classes` Linear layer (with bias, as the book does)."""
+        self.head = nn.Linear(self.cfg.emb_dim, num_classes)
+
+    def features(self, idx: torch.Tensor) -> torch.Tensor:
+        B, T = idx.shape
+        if T > self.cfg.context_length:
+            raise ValueError(f"sequence of {T} tokens exceeds the context length {self.cfg.context_length}")
+        pos = torch.arange(T, device=idx.device)
+        x = self.drop(self.tok_emb(idx) + self.pos_emb(pos))  # (B, T, C)
+        for block in self.blocks:
+            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
+        return self.final_norm(x)  # (B, T, C)
+
+    def forward(self, idx: torch.Tensor, last_index: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.features(idx)  # (B, T, C)
+        if last_index is not None:
+            x = x[torch.arange(x.shape[0], device=x.device), last_index]  # (B, C)
+        return self.head(x)

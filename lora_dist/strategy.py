@@ -1,0 +1,240 @@
+"""How one training loop runs on one process, under DDP, or under DeepSpeed: a small strategy object.
+
+    lora-dist train --config configs/smoke.yaml                                   # none
+    torchrun --nproc_per_node=2 -m lora_dist train --config configs/smoke.yaml    # ddp (gloo on CPU)
+    torchrun --nproc_per_node=2 -m lora_dist train --config configs/smoke.yaml \\
+        dist.strategy=deepspeed dist.deepspeed_config=configs/deepspeed/zero2.json
+
+The loop only calls: prepare, forward, backward, step, all_reduce, all_gather_object, barrier and the
+state methods. Only trainable (adapter) tensors ever reach the optimizer or the gradient all-reduce.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .config import Config
+from .errors import UserError
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @classmethod
+    def from_environ(cls) -> "DistEnv":
+        env = os.environ
+        return cls(int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0)))
+
+
+def pick_device(name: str, local_rank: int) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", local_rank % torch.cuda.device_count())
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"train.device={name} but no CUDA device is visible; use train.device=auto or cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", local_rank % torch.cuda.device_count())
+    return dev
+
+
+def make_strategy(cfg: Config, env: DistEnv | None = None) -> "Local":
+    env = env or DistEnv.from_environ()
+    kind = cfg.dist.strategy
+    if kind == "auto":
+        kind = "ddp" if env.world_size > 1 else "none"
+    if kind == "none" and env.world_size > 1:
+        raise UserError(f"dist.strategy=none, but {env.world_size} processes were launched; use dist.strategy=ddp or deepspeed (or auto)")
+    device = pick_device(cfg.train.device, env.local_rank)
+    cls = {"none": Local, "ddp": DDP, "deepspeed": DeepSpeed}[kind]
+    return cls(cfg, env, device)
+
+
+class Local:
+    """One process: plain AdamW over the trainable tensors."""
+
+    name = "none"
+
+    def __init__(self, cfg: Config, env: DistEnv, device: torch.device):
+        self.cfg, self.env, self.device = cfg, env, device
+        self.rank, self.world_size = env.rank, env.world_size
+        self.model: nn.Module | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+        precision = cfg.train.precision
+        self.amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+        if precision == "fp16" and device.type == "cpu":
+            raise UserError("train.precision=fp16 needs a GPU; use bf16 or fp32 on the CPU")
+        self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+        self._comm_bytes = 0
+        self.init()
+
+    def init(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+
+    # ---------------------------------------------------------------------------------------- model
+    @property
+    def module(self) -> nn.Module:
+        """The bare model (no DDP or DeepSpeed wrapper)."""
+        return self.model
+
+    def trainable(self) -> list[nn.Parameter]:
+        return [p for p in self.module.parameters() if p.requires_grad]
+
+    def prepare(self, model: nn.Module, micro: int, accum: int) -> None:
+        self.accum = accum
+        self.model = model.to(self.device)
+        self.optimizer = self._adamw(self.trainable())
+
+    def _adamw(self, params) -> torch.optim.Optimizer:
+        t = self.cfg.train
+        return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay, betas=tuple(t.betas))
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def forward(self, ids: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+        with self.autocast():
+            return self.model(ids, last)
+
+    def backward(self, loss: torch.Tensor, boundary: bool) -> None:
+        with self._no_sync(boundary):
+            self.scaler.scale(loss / self.accum).backward()
+
+    def _no_sync(self, boundary: bool):
+        return contextlib.nullcontext()
+
+    def step(self, lr: float) -> float:
+        """Clip, update, zero the gradients; returns the gradient norm before clipping."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.scaler.unscale_(self.optimizer)
+        max_norm = self.cfg.train.max_grad_norm or float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(self.trainable(), max_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(norm)
+
+    def comm_bytes(self) -> int:
+        """Gradient bytes all-reduced since the last call."""
+        out, self._comm_bytes = self._comm_bytes, 0
+        return out
+
+    # ---------------------------------------------------------------------------------- collectives
+    def all_reduce(self, t: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        return t
+
+    def all_gather_object(self, obj) -> list:
+        return [obj]
+
+    def barrier(self) -> None:
+        pass
+
+    # ---------------------------------------------------------------------------------------- state
+    def adapter_state(self, names: list[str]) -> dict[str, torch.Tensor]:
+        params = dict(self.module.named_parameters())
+        return {n: params[n].detach().cpu().clone() for n in names}
+
+    def optimizer_state(self) -> dict | None:
+        return self.optimizer.state_dict()
+
+    def load_optimizer_state(self, sd: dict) -> None:
+        self.optimizer.load_state_dict(sd)
+
+    def save_sharded(self, path) -> None:
+        """State that each rank writes itself (DeepSpeed's ZeRO shards); nothing here."""
+
+    def load_sharded(self, path) -> None:
+        pass
+
+    def cleanup(self) -> None:
+        pass
+
+
+class DDP(Local):
+    """torch DistributedDataParallel, wrapped after LoRA injection and freezing: its buckets hold only the
+    adapter gradients, and a communication hook counts the bytes it all-reduces."""
+
+    name = "ddp"
+
+    def init(self) -> None:
+        super().init()
+        backend = self.cfg.dist.backend
+        if backend == "auto":
+            backend = "nccl" if self.device.type == "cuda" else "gloo"
+        if backend == "nccl" and self.device.type != "cuda":
+            raise UserError("dist.backend=nccl needs a CUDA GPU on every rank; use dist.backend=gloo (or auto) on CPU")
+        if self.world_size > 1 and "MASTER_ADDR" not in os.environ:
+            raise UserError("WORLD_SIZE > 1 but MASTER_ADDR is not set; launch with torchrun or launcher/launch.py")
+        if not dist.is_initialized():
+            dist.init_process_group(backend, rank=self.rank, world_size=self.world_size,
+                                    timeout=datetime.timedelta(seconds=self.cfg.dist.timeout_s),
+                                    device_id=self.device if backend == "nccl" else None)
+        self.backend = backend
+        self.reduced_params: set[int] = set()
+
+    def prepare(self, model: nn.Module, micro: int, accum: int) -> None:
+        self.accum = accum
+        model = model.to(self.device)
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        self.model = nn.parallel.DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
+        self.model.register_comm_hook(self, _counting_allreduce_hook)
+        self.optimizer = self._adamw(self.trainable())
+
+    @property
+    def module(self) -> nn.Module:
+        return self.model.module
+
+    def forward(self, ids, last):
+        with self.autocast():
+            return self.model(ids, last)
+
+    def _no_sync(self, boundary: bool):
+        return contextlib.nullcontext() if boundary else self.model.no_sync()
+
+    def all_reduce(self, t: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        dev = t.device
+        work = t.to(self.device) if self.backend == "nccl" else t.cpu()
+        dist.all_reduce(work, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op])
+        return work.to(dev)
+
+    def all_gather_object(self, obj) -> list:
+        out = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def barrier(self) -> None:
+        dist.barrier()
+
+    def cleanup(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _counting_allreduce_hook(state: DDP, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+    """DDP's default all-reduce (average), counting what crosses the wire and which tensors."""
+    buf = bucket.buffer()
+    state._comm_bytes += buf.numel() * buf.element_size()
+    state.reduced_params.update(id(p) for p in bucket.parameters())
+    buf.div_(state.world_size)
+    fut = dist.all_reduce(buf, async_op=True).get_future()
+    return fut.then(lambda f: f.value()[0])
+
+
+from .deepspeed_strategy import DeepSpeed  # noqa: E402  (it subclasses DDP)

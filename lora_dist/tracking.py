@@ -1,0 +1,148 @@
+"""Every side effect of a run that only rank 0 may have: printing, progress, files, metric sinks.
+
+`RunOutput` is what rank 0 gets; every other rank gets `NullOutput`, which has the same methods and does
+nothing, so the training loop never asks which rank it is on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+from .errors import UserError
+
+RESULT_FILES = ("results.json", "metrics.jsonl", "checkpoints", "adapter", "config.yaml", "report.md", "plots", "splits")
+
+
+class MetricSink(Protocol):
+    def log(self, record: dict) -> None: ...
+    def close(self) -> None: ...
+
+
+class JsonlSink:
+    """`metrics.jsonl`: one object per line, appended (a resumed run keeps its history), flushed each line."""
+
+    def __init__(self, path: Path):
+        self.file = open(path, "a", buffering=1)
+
+    def log(self, record: dict) -> None:
+        self.file.write(json.dumps(record) + "\n")
+
+    def close(self) -> None:
+        self.file.close()
+
+
+class Progress:
+    """A one-line bar on a terminal; a plain line every `every` steps on a file or pipe."""
+
+    def __init__(self, stream=None, every: int = 10):
+        self.stream = stream or sys.stdout
+        self.tty = self.stream.isatty()
+        self.every = every
+        self.last_len = 0
+
+    def update(self, step: int, total: int, epoch: int, epochs: int, loss: float, ex_per_s: float) -> None:
+        text = f"epoch {epoch + 1}/{epochs} step {step}/{total} loss {loss:.4f} {ex_per_s:.1f} ex/s"
+        if self.tty:
+            width = 24
+            done = int(width * step / max(1, total))
+            line = f"\r[{'#' * done}{'.' * (width - done)}] {text}"
+            self.stream.write(line + " " * max(0, self.last_len - len(line)))
+            self.last_len = len(line)
+            self.stream.flush()
+        elif step % self.every == 0 or step == total:
+            print(text, file=self.stream, flush=True)
+
+    def clear(self) -> None:
+        if self.tty and self.last_len:
+            self.stream.write("\r" + " " * self.last_len + "\r")
+            self.stream.flush()
+            self.last_len = 0
+
+
+class RunOutput:
+    """Rank 0's view of the run directory, the console and the metric sinks."""
+
+    active = True
+
+    def __init__(self, run_dir: Path, log_every: int = 10):
+        self.dir = Path(run_dir)
+        self.sinks: list[MetricSink] = []
+        self.progress_bar = Progress(every=log_every)
+
+    # -- console
+    def print(self, *args: Any) -> None:
+        self.progress_bar.clear()
+        print(*args, flush=True)
+
+    def progress(self, **kw) -> None:
+        self.progress_bar.update(**kw)
+
+    # -- metrics
+    def add_sink(self, sink: MetricSink) -> None:
+        self.sinks.append(sink)
+
+    def log(self, record: dict) -> None:
+        record = {"time": round(time.time(), 3), **record}
+        for sink in self.sinks:
+            sink.log(record)
+
+    # -- files (each written to a temporary name, then renamed: a reader never sees half a file)
+    def path(self, name: str) -> Path:
+        return self.dir / name
+
+    def write_text(self, name: str, text: str) -> Path:
+        target = self.dir / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.tmp")
+        tmp.write_text(text)
+        os.replace(tmp, target)
+        return target
+
+    def write_json(self, name: str, obj: Any) -> Path:
+        return self.write_text(name, json.dumps(obj, indent=2) + "\n")
+
+    def call(self, fn: Callable, *args, **kw):
+        """Run a file-writing function on rank 0 only (e.g. writing a checkpoint's rank-0 part)."""
+        return fn(*args, **kw)
+
+    def close(self) -> None:
+        self.progress_bar.clear()
+        for sink in self.sinks:
+            sink.close()
+        self.sinks = []
+
+
+class NullOutput:
+    """What every rank but 0 gets: the same methods, no effects."""
+
+    active = False
+
+    def __init__(self, run_dir: Path, *_, **__):
+        self.dir = Path(run_dir)
+
+    def path(self, name: str) -> Path:
+        return self.dir / name
+
+    def __getattr__(self, name):
+        return lambda *a, **k: None
+
+
+def prepare_run_dir(run_dir: Path, overwrite: bool, resume: bool) -> None:
+    """Refuse to clobber a finished or started run unless told to overwrite or resume (rank 0 only)."""
+    found = [n for n in RESULT_FILES if (run_dir / n).exists()]
+    if found and not (overwrite or resume):
+        raise UserError(
+            f"output_dir {run_dir} already holds a run ({', '.join(found)}); pass train.resume=auto to continue it, "
+            f"overwrite=true to replace it, or another output_dir=..."
+        )
+    if found and overwrite and not resume:
+        for n in found:
+            p = run_dir / n
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+    run_dir.mkdir(parents=True, exist_ok=True)

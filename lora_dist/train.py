@@ -1,0 +1,338 @@
+"""The one training loop: setup -> train -> finish, for every backend.
+
+    lora-dist train --config configs/gpt2-small-lora.yaml
+    torchrun --nproc_per_node=8 -m lora_dist train --config configs/gpt2-small-lora.yaml
+
+Backends differ only in the strategy object (`strategy.py`); rank-0 side effects go through `self.out`
+(`tracking.py`), which is a no-op object on the other ranks.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import checkpoint as ckpt
+from .config import Config
+from .data import CLASS_NAMES, build_datasets, eval_loader, make_loaders, micro_batch_size, prepare_splits, write_splits
+from .errors import UserError
+from .lora import adapter_state_dict, count_params, inject_lora, load_adapter_state_dict
+from .model import GPT2
+from .schedule import lr_at
+from .strategy import DistEnv, make_strategy
+from .tokenizer import get_tokenizer
+from .tracking import JsonlSink, NullOutput, RunOutput, prepare_run_dir
+from .weights import load_gpt2
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build_model(cfg: Config) -> tuple[GPT2, list[str]]:
+    """The frozen GPT-2 with a fresh classification head and LoRA adapters (same on every rank)."""
+    m = cfg.model
+    model = load_gpt2(m.name, m.weights, dropout=m.dropout, context_length=m.context_length)
+    model.set_classifier(m.num_classes)
+    model.activation_checkpointing = m.activation_checkpointing
+    wrapped = inject_lora(model, cfg.lora)
+    return model, wrapped
+
+
+class StopRequested:
+    """SIGTERM / SIGUSR1 set a flag; the loop checkpoints at the next step boundary and exits 0."""
+
+    def __init__(self):
+        self.signal: int | None = None
+        self.previous = {}
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            try:
+                self.previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (e.g. a notebook): no signal handling
+                pass
+
+    def _handle(self, signum, frame) -> None:
+        self.signal = signum
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+class Trainer:
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        env = DistEnv.from_environ()
+        run_dir = Path(cfg.output_dir)
+        self.out = RunOutput(run_dir, cfg.tracking.log_every) if env.rank == 0 else NullOutput(run_dir)
+        self.strategy = make_strategy(cfg, env)
+        self.rank, self.world = self.strategy.rank, self.strategy.world_size
+
+    # ------------------------------------------------------------------------------------------ setup
+    def setup(self) -> None:
+        cfg, out, s = self.cfg, self.out, self.strategy
+        digests = s.all_gather_object(cfg.digest())
+        if len(set(digests)) > 1:
+            raise UserError(f"ranks started with different configs (hashes {sorted(set(digests))}); launch every rank with the same config and overrides")
+        out.call(prepare_run_dir, out.dir, cfg.overwrite, cfg.train.resume != "never")
+        s.barrier()
+        out.add_sink(JsonlSink(out.path("metrics.jsonl")))
+        out.write_text("config.yaml", cfg.to_yaml())
+        seed_everything(cfg.train.seed)
+
+        splits = prepare_splits(cfg.data, say=out.print)
+        out.call(write_splits, splits, out.path("splits"))
+        model, self.lora_modules = build_model(cfg)
+        self.total_params, self.trainable_params = count_params(model)
+        self.adapter_names = list(adapter_state_dict(model))
+        datasets, length = build_datasets(splits, get_tokenizer(), cfg.data, model.cfg.context_length)
+        t = cfg.train
+        self.micro = micro_batch_size(t.batch_size, self.world, t.grad_accum)
+        self.loaders = make_loaders(datasets, length, cfg.data, self.micro, t.grad_accum, self.world, self.rank,
+                                    t.seed, t.num_workers, pin_memory=s.device.type == "cuda")
+        self.steps_per_epoch = self.loaders.sampler.steps
+        self.total_steps = self.steps_per_epoch * t.epochs
+        if t.max_steps:
+            self.total_steps = min(self.total_steps, t.max_steps)
+        if t.compile:
+            model = torch.compile(model)
+        s.prepare(model, self.micro, t.grad_accum)
+        out.print(
+            f"lora-dist: {cfg.model.name} ({cfg.model.weights}), {self.world} process(es), strategy {s.name}, "
+            f"device {s.device}, precision {t.precision}\n"
+            f"parameters: {self.total_params:,} total, {self.trainable_params:,} trainable "
+            f"({len(self.lora_modules)} LoRA layers, rank {cfg.lora.rank}, alpha {cfg.lora.alpha:g}, scaling {cfg.lora.scaling})\n"
+            f"data: {', '.join(f'{k} {len(v)}' for k, v in splits.items())}; padding {cfg.data.padding}"
+            f"{' (' + str(length) + ' tokens)' if cfg.data.padding == 'longest' else ''}; "
+            f"global batch {t.batch_size} = {self.world} x {self.micro} x {t.grad_accum}; {self.total_steps} steps"
+        )
+        self.step, self.epoch, self.step_in_epoch, self.examples_seen, self.tokens_seen = 0, 0, 0, 0, 0
+        self.train_seconds = 0.0
+        self._resume()
+
+    def _resume(self) -> None:
+        found = ckpt.resolve(self.cfg.train.resume, self.out.dir, say=self.out.print)
+        if found is None:
+            return
+        path, state = found
+        if state.get("world_size") != self.world and self.strategy.name == "deepspeed":
+            raise UserError(f"checkpoint {path} was written by {state.get('world_size')} DeepSpeed ranks, not {self.world}; resume with the same world size")
+        load_adapter_state_dict(self.strategy.module, ckpt.load_tensors(path, "adapter.safetensors"), source=str(path))
+        if state.get("optimizer") is not None:
+            self.strategy.load_optimizer_state(ckpt.optimizer_state(path, state["optimizer"]))
+        self.strategy.load_sharded(path)
+        ckpt.restore_rng(path, state, self.rank)
+        for k in ("step", "epoch", "step_in_epoch", "examples_seen", "tokens_seen", "train_seconds"):
+            setattr(self, k, state[k])
+        self.out.print(f"resumed from {path} (step {self.step}, epoch {self.epoch + 1}, {self.step_in_epoch} steps into it)")
+        self.out.log({"event": "resume", "step": self.step, "checkpoint": str(path)})
+
+    # ------------------------------------------------------------------------------------------ train
+    def train(self) -> bool:
+        """Run until done (True) or until a stop signal was honoured (False)."""
+        cfg, s, out = self.cfg, self.strategy, self.out
+        t = cfg.train
+        stop = StopRequested()
+        model = s.model
+        model.train()
+        try:
+            while self.epoch < t.epochs and self.step < self.total_steps:
+                sampler = self.loaders.sampler
+                sampler.set_epoch(self.epoch)
+                sampler.start_step = self.step_in_epoch
+                window = torch.zeros(4, dtype=torch.float64)  # loss sum, batches, stop flag, non-finite flag
+                loss_sum = torch.zeros((), device=s.device)
+                tick = time.perf_counter()
+                for i, batch in enumerate(self.loaders.train):
+                    boundary = (i + 1) % t.grad_accum == 0
+                    batch = batch.to(s.device)
+                    logits = s.forward(batch.ids, batch.last)
+                    loss = F.cross_entropy(logits.float(), batch.labels)
+                    s.backward(loss, boundary)
+                    loss_sum += loss.detach()
+                    window[1] += 1
+                    self.tokens_seen += batch.tokens
+                    if not boundary:
+                        continue
+                    grad_norm = s.step(lr_at(self.step, t.lr, self.total_steps, t.schedule, t.warmup_steps))
+                    self.step += 1
+                    self.step_in_epoch += 1
+                    self.examples_seen += t.batch_size
+                    window[0] = loss_sum.item()
+                    loss_sum.zero_()
+                    window[2] = 1.0 if stop.signal is not None else 0.0
+                    window[3] = 0.0 if math.isfinite(window[0]) else 1.0
+                    reduced = s.all_reduce(window.clone())
+                    now = time.perf_counter()
+                    self.train_seconds += now - tick
+                    if reduced[3] > 0:
+                        raise UserError(
+                            f"the loss became NaN/inf at step {self.step}; the last good checkpoint is kept in "
+                            f"{ckpt.checkpoints_dir(out.dir)}; lower train.lr, set train.max_grad_norm, or use fp32/bf16"
+                        )
+                    loss_value = float(reduced[0] / reduced[1])
+                    self._after_step(loss_value, grad_norm, now - tick)
+                    window.zero_()
+                    if reduced[2] > 0:
+                        self.save_checkpoint()
+                        out.print(f"stop signal received: checkpoint saved at step {self.step}; exiting (resume with train.resume=auto)")
+                        return False
+                    if self.step >= self.total_steps:
+                        break
+                    tick = time.perf_counter()
+                if self.step_in_epoch >= self.steps_per_epoch:
+                    self.epoch += 1
+                    self.step_in_epoch = 0
+                    self._epoch_end()
+                    self.save_checkpoint()
+                elif self.step >= self.total_steps:  # max_steps inside an epoch
+                    self.save_checkpoint()
+        finally:
+            stop.restore()
+        return True
+
+    def _after_step(self, loss: float, grad_norm: float, seconds: float) -> None:
+        cfg, out = self.cfg, self.out
+        t = cfg.train
+        record = {"step": self.step, "epoch": self.epoch, "examples_seen": self.examples_seen, "train_loss_step": loss,
+                  "lr": lr_at(self.step - 1, t.lr, self.total_steps, t.schedule, t.warmup_steps), "grad_norm": grad_norm,
+                  "allreduce_bytes": self.strategy.comm_bytes(), "step_seconds": seconds}
+        if self.strategy.device.type == "cuda":
+            record["gpu_mem_gb"] = torch.cuda.max_memory_allocated(self.strategy.device) / 2**30
+        if (self.step - 1) % t.eval_every == 0:  # the book evaluates after steps 1, 51, 101, ...
+            limit = t.eval_batches * t.batch_size
+            tr, va = self.evaluate("train", limit), self.evaluate("validation", limit)
+            record |= {"train_loss": tr["loss"], "val_loss": va["loss"]}
+            out.print(f"epoch {self.epoch + 1} step {self.step}: train loss {tr['loss']:.3f}, val loss {va['loss']:.3f}")
+        out.log(record)
+        ex_s = self.examples_seen / max(self.train_seconds, 1e-9)
+        out.progress(step=self.step, total=self.total_steps, epoch=self.epoch, epochs=t.epochs, loss=loss, ex_per_s=ex_s)
+        if t.checkpoint_every and self.step % t.checkpoint_every == 0 and self.step_in_epoch < self.steps_per_epoch:
+            self.save_checkpoint()
+
+    def _epoch_end(self) -> None:
+        limit = self.cfg.train.eval_batches * self.cfg.train.batch_size
+        tr, va = self.evaluate("train", limit), self.evaluate("validation", limit)
+        self.out.print(f"epoch {self.epoch}: train accuracy {tr['accuracy'] * 100:.2f}%, validation accuracy {va['accuracy'] * 100:.2f}%")
+        self.out.log({"step": self.step, "epoch": self.epoch, "examples_seen": self.examples_seen,
+                      "train_acc": tr["accuracy"], "val_acc": va["accuracy"]})
+
+    # ------------------------------------------------------------------------------------- evaluation
+    @torch.no_grad()
+    def evaluate(self, split: str, limit: int | None = None) -> dict:
+        """Loss and accuracy over a split (or its first `limit` examples), exact across ranks: counts are
+        all-reduced and each example is read by exactly one rank."""
+        s = self.strategy
+        loader = eval_loader(self.loaders, split, self.micro * self.cfg.train.grad_accum, self.world, self.rank, limit)
+        # Every rank runs the same number of forward passes (ZeRO-3 gathers weights collectively).
+        n_batches = int(s.all_reduce(torch.tensor([len(loader)], dtype=torch.float64), op="max")[0])
+        k = self.cfg.model.num_classes
+        sums = torch.zeros(2 + k * k, dtype=torch.float64)  # loss sum, count, confusion (true x predicted)
+        s.model.eval()
+        batches = iter(loader)
+        for _ in range(n_batches):
+            batch = next(batches, None)
+            real = batch is not None
+            if not real:  # a stand-in forward pass, not counted
+                batch = self.loaders.collate([self.loaders.datasets[split][0]])
+            batch = batch.to(s.device)
+            logits = s.forward(batch.ids, batch.last).float()
+            if not real:
+                continue
+            sums[0] += F.cross_entropy(logits, batch.labels, reduction="sum").item()
+            sums[1] += len(batch)
+            pred = logits.argmax(-1)
+            sums[2:] += torch.bincount(batch.labels * k + pred, minlength=k * k).double().cpu()
+        s.model.train()
+        sums = s.all_reduce(sums)
+        count = max(1.0, float(sums[1]))
+        confusion = sums[2:].view(k, k).long()
+        return {"loss": float(sums[0]) / count, "accuracy": float(confusion.diag().sum()) / count,
+                "count": int(sums[1]), "confusion": confusion.tolist()}
+
+    # ------------------------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self) -> None:
+        s, out = self.strategy, self.out
+        staging = ckpt.staging_dir(out.dir, self.step)
+        out.call(ckpt.begin, staging)
+        rng = s.all_gather_object(ckpt.rng_state())
+        s.barrier()
+        s.save_sharded(staging)
+        adapter = s.adapter_state(self.adapter_names)
+        optimizer = s.optimizer_state()
+        meta = {"step": self.step, "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
+                "examples_seen": self.examples_seen, "tokens_seen": self.tokens_seen, "train_seconds": self.train_seconds,
+                "world_size": self.world, "strategy": s.name, "config": self.cfg.to_dict(), "config_digest": self.cfg.digest()}
+        path = out.call(ckpt.commit, staging, adapter=adapter, optimizer=optimizer, rng_states=rng, meta=meta,
+                        keep=self.cfg.train.keep_checkpoints)
+        s.barrier()
+        if path is not None:
+            out.log({"event": "checkpoint", "step": self.step, "path": str(path)})
+
+    # ----------------------------------------------------------------------------------------- finish
+    def finish(self, wall_seconds: float) -> dict:
+        s, out, cfg = self.strategy, self.out, self.cfg
+        ev = {name: self.evaluate(name) for name in ("train", "validation", "test")}
+        tokens = int(s.all_reduce(torch.tensor([self.tokens_seen], dtype=torch.float64))[0])
+        secs = max(self.train_seconds, 1e-9)
+        results = {
+            "train_accuracy": ev["train"]["accuracy"], "val_accuracy": ev["validation"]["accuracy"],
+            "test_accuracy": ev["test"]["accuracy"], "train_loss": ev["train"]["loss"], "val_loss": ev["validation"]["loss"],
+            "test_loss": ev["test"]["loss"], "trainable_params": self.trainable_params, "total_params": self.total_params,
+            "world_size": self.world, "strategy": s.name, "steps": self.step, "epochs": self.epoch,
+            "examples_seen": self.examples_seen, "wall_seconds": wall_seconds, "train_seconds": self.train_seconds,
+            "examples_per_second": self.examples_seen / secs, "tokens_per_second": tokens / secs,
+            "classes": list(CLASS_NAMES), "confusion": {k: v["confusion"] for k, v in ev.items()},
+        }
+        adapter = s.adapter_state(self.adapter_names)
+        out.call(save_adapter, out.path("adapter"), adapter, cfg, self.lora_modules)
+        out.write_json("results.json", results)
+        out.log({"step": self.step, "epoch": self.epoch, "examples_seen": self.examples_seen,
+                 **{f"final_{k}": v for k, v in results.items() if isinstance(v, (int, float))}})
+        out.print(
+            f"done in {wall_seconds:.1f}s: train {results['train_accuracy'] * 100:.2f}%, validation "
+            f"{results['val_accuracy'] * 100:.2f}%, test {results['test_accuracy'] * 100:.2f}% accuracy; "
+            f"{results['examples_per_second']:.1f} examples/s; results in {out.dir}"
+        )
+        return results
+
+
+def save_adapter(path: Path, tensors: dict[str, torch.Tensor], cfg: Config, modules: list[str]) -> None:
+    """`adapter/adapter_model.safetensors` + `adapter/adapter_config.json` (names the base model)."""
+    import json
+    import os
+
+    from safetensors.torch import save_file
+
+    path.mkdir(parents=True, exist_ok=True)
+    tmp = path / ".adapter_model.safetensors.tmp"
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+    os.replace(tmp, path / "adapter_model.safetensors")
+    meta = {"base_model": cfg.model.name, "weights": cfg.model.weights, "num_classes": cfg.model.num_classes,
+            "classes": list(CLASS_NAMES), "target_modules": modules, "lora": cfg.to_dict()["lora"],
+            "context_length": cfg.model.context_length, "format": "lora-dist/1"}
+    (path / "adapter_config.json").write_text(json.dumps(meta, indent=2))
+
+
+def run(cfg: Config) -> dict | None:
+    """Train with `cfg`; returns results.json's content (None when stopped by a signal, or on ranks > 0)."""
+    start = time.perf_counter()
+    trainer = Trainer(cfg)
+    try:
+        trainer.setup()
+        if not trainer.train():
+            return None
+        results = trainer.finish(time.perf_counter() - start)
+        return results if trainer.rank == 0 else None
+    finally:
+        trainer.out.close()
+        trainer.strategy.cleanup()

@@ -1,0 +1,230 @@
+"""GPT-2 weights: download from the Hugging Face hub, read and write the `model.safetensors` layout.
+
+    python -c "import lora_dist; lora_dist.load_gpt2('gpt2-small')"   # downloads once into the HF cache
+
+A local directory in the hub's layout (`config.json` + `model.safetensors`) works everywhere a name does.
+GPT-2's `Conv1D` weights are stored (in, out); they are transposed into `nn.Linear`'s (out, in), and the
+fused `c_attn` is split into query, key and value.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .errors import UserError
+from .model import GPT2, HUB_REPOS, SIZES, GPTConfig, canonical_name
+
+
+
+def load_gpt2(name_or_path: str, weights: str = "pretrained", *, dropout: float = 0.0, context_length: int | None = None) -> GPT2:
+    """GPT-2 by name ("gpt2-small", "gpt2-small (124M)", ..., "tiny") or from a local directory.
+
+    `weights` is "pretrained" (hub download, or the directory's own file), "random", or a directory.
+    """
+    if weights not in ("pretrained", "random"):
+        return _from_dir(Path(weights), dropout, context_length)
+    if _looks_like_path(name_or_path):
+        if weights == "random":
+            cfg = _config_from_json(Path(name_or_path) / "config.json")
+            return GPT2(_adjust(cfg, dropout, context_length))
+        return _from_dir(Path(name_or_path), dropout, context_length)
+    name = canonical_name(name_or_path)
+    cfg = _adjust(SIZES[name], dropout, context_length)
+    if weights == "random":
+        return GPT2(cfg)
+    if name not in HUB_REPOS:
+        raise UserError(f"model {name!r} has no pretrained weights; set model.weights=random")
+    return _from_dir(download(HUB_REPOS[name]), dropout, context_length)
+
+
+def _looks_like_path(s: str) -> bool:
+    return os.sep in s or s.startswith(".") or Path(s).is_dir()
+
+
+def _adjust(cfg: GPTConfig, dropout: float, context_length: int | None) -> GPTConfig:
+    from dataclasses import replace
+
+    if context_length is not None and context_length > cfg.context_length:
+        raise UserError(f"model.context_length={context_length} exceeds the model's {cfg.context_length}")
+    return replace(cfg, drop_rate=dropout, context_length=context_length or cfg.context_length)
+
+
+def _config_from_json(path: Path) -> GPTConfig:
+    if not path.is_file():
+        raise UserError(f"{path} not found; a weights directory needs config.json and model.safetensors (as on the Hugging Face hub)")
+    try:
+        hf = json.loads(path.read_text())
+        return GPTConfig(
+            vocab_size=int(hf["vocab_size"]),
+            context_length=int(hf.get("n_positions", hf.get("n_ctx", 1024))),
+            emb_dim=int(hf["n_embd"]),
+            n_layers=int(hf["n_layer"]),
+            n_heads=int(hf["n_head"]),
+            layer_norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)),
+        )
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise UserError(f"{path} is not a GPT-2 config.json ({type(e).__name__}: {e}); use the file from the hub repository")
+
+
+def _from_dir(path: Path, dropout: float, context_length: int | None) -> GPT2:
+    if not path.is_dir():
+        raise UserError(f"weights directory {path} not found; point model.weights at a directory with config.json + model.safetensors")
+    cfg = _adjust(_config_from_json(path / "config.json"), dropout, context_length)
+    file = path / "model.safetensors"
+    if not file.is_file():
+        raise UserError(f"{file} not found; the weights directory needs model.safetensors (pytorch_model.bin is not read: it is a pickle)")
+    try:
+        state = load_file(str(file))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(f"{file} is not a readable safetensors file ({e}); download it again")
+    model = GPT2(cfg)
+    load_hf_state_dict(model, state, source=str(file))
+    return model
+
+
+def load_hf_state_dict(model: GPT2, state: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
+    """Copy a Hugging Face GPT-2 state dict into `model`; a missing or misshapen tensor is a UserError."""
+    state = {k.removeprefix("transformer."): v for k, v in state.items()}
+    ours = model.state_dict()
+    mapped: dict[str, torch.Tensor] = {}
+    C = model.cfg.emb_dim
+    for hf_key, (our_keys, kind) in _key_map(model.cfg).items():
+        if hf_key not in state:
+            raise UserError(f"{source} is missing tensor '{hf_key}'; it is not a complete GPT-2 checkpoint")
+        t = state[hf_key]
+        if kind in ("t", "qkv") and t.dim() == 2:
+            t = t.t()  # Conv1D (in, out) -> Linear (out, in)
+        tensors = t.split(C, dim=0) if kind == "qkv" and t.shape[0] == 3 * C else (t,)
+        if len(tensors) != len(our_keys):
+            tensors = (t,) * len(our_keys)  # let the shape check below name the problem
+        for key, t in zip(our_keys, tensors):
+            if key == "pos_emb.weight" and t.shape[0] >= ours[key].shape[0]:
+                t = t[: ours[key].shape[0]]  # a shortened context keeps the first positions
+            if tuple(t.shape) != tuple(ours[key].shape):
+                raise UserError(
+                    f"tensor '{hf_key}' in {source} has shape {list(state[hf_key].shape)}, which does not fit "
+                    f"this model ({key} is {list(ours[key].shape)}); the file is for another GPT-2 size"
+                )
+            mapped[key] = t
+    with torch.no_grad():
+        for key, t in mapped.items():
+            ours[key].copy_(t)
+
+
+def _key_map(cfg: GPTConfig) -> dict[str, tuple[list[str], str]]:
+    """HF key -> (our keys, kind): "same", "t" (Conv1D, transposed) or "qkv" (fused c_attn, split)."""
+    m = {"wte.weight": (["tok_emb.weight"], "same"), "wpe.weight": (["pos_emb.weight"], "same"),
+         "ln_f.weight": (["final_norm.weight"], "same"), "ln_f.bias": (["final_norm.bias"], "same")}
+    for i in range(cfg.n_layers):
+        h, b = f"h.{i}.", f"blocks.{i}."
+        qkv = [b + f"att.{n}" for n in ("query", "key", "value")]
+        m |= {
+            h + "ln_1.weight": ([b + "norm1.weight"], "same"), h + "ln_1.bias": ([b + "norm1.bias"], "same"),
+            h + "ln_2.weight": ([b + "norm2.weight"], "same"), h + "ln_2.bias": ([b + "norm2.bias"], "same"),
+            h + "attn.c_attn.weight": ([k + ".weight" for k in qkv], "qkv"),
+            h + "attn.c_attn.bias": ([k + ".bias" for k in qkv], "qkv"),
+            h + "attn.c_proj.weight": ([b + "att.out.weight"], "t"), h + "attn.c_proj.bias": ([b + "att.out.bias"], "same"),
+            h + "mlp.c_fc.weight": ([b + "ff.fc.weight"], "t"), h + "mlp.c_fc.bias": ([b + "ff.fc.bias"], "same"),
+            h + "mlp.c_proj.weight": ([b + "ff.proj.weight"], "t"), h + "mlp.c_proj.bias": ([b + "ff.proj.bias"], "same"),
+        }
+    return m
+
+
+def save_hf_checkpoint(model: GPT2, path: str | Path) -> Path:
+    """Write `model`'s body in the hub's GPT-2 layout (config.json + model.safetensors)."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    cfg, sd = model.cfg, model.state_dict()
+    out: dict[str, torch.Tensor] = {}
+    for hf_key, (our_keys, kind) in _key_map(cfg).items():
+        t = torch.cat([sd[k] for k in our_keys], dim=0)
+        out[hf_key] = t.t() if kind in ("t", "qkv") and t.dim() == 2 else t
+    save_file({k: v.detach().contiguous().clone() for k, v in out.items()}, str(path / "model.safetensors"))
+    hf_config = {
+        "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "activation_function": "gelu_new",
+        "vocab_size": cfg.vocab_size, "n_positions": cfg.context_length, "n_ctx": cfg.context_length,
+        "n_embd": cfg.emb_dim, "n_layer": cfg.n_layers, "n_head": cfg.n_heads,
+        "layer_norm_epsilon": cfg.layer_norm_eps, "tie_word_embeddings": True,
+    }
+    (path / "config.json").write_text(json.dumps(hf_config, indent=2))
+    return path
+
+
+# ------------------------------------------------------------------------------------------ download
+
+
+def download(repo_id: str, revision: str = "main") -> Path:
+    """Fetch config.json + model.safetensors into the standard HF cache (resumable) and verify them.
+
+    Stops at once, with what it tried and how to proceed, when the hub cannot be reached and nothing is
+    cached.
+    """
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
+
+    cached = [try_to_load_from_cache(repo_id, f, revision=revision) for f in ("config.json", "model.safetensors")]
+    if all(isinstance(c, str) for c in cached):
+        folder = Path(cached[1]).parent
+        _verify_blob(Path(cached[1]))
+        return folder
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+    url = f"{endpoint}/{repo_id}/resolve/{revision}/config.json"
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false"):
+        problem = "HF_HUB_OFFLINE is set"
+    else:
+        problem = _probe(url)
+    if problem is None:
+        try:
+            for f in ("config.json", "model.safetensors"):
+                local = hf_hub_download(repo_id, f, revision=revision)
+            _verify_blob(Path(local))
+            return Path(local).parent
+        except UserError:
+            raise
+        except Exception as e:  # network, HTTP and cache errors of huggingface_hub all land here
+            problem = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    raise UserError(
+        f"cannot get the pretrained weights of {repo_id}: tried the Hugging Face cache (not there) and {url} "
+        f"({problem}). Either put config.json + model.safetensors from https://huggingface.co/{repo_id} in a "
+        f"directory and set model.weights=/that/directory, or run offline with configs/smoke.yaml "
+        f"(or model.weights=random)"
+    )
+
+
+def _probe(url: str, timeout: float = 10.0) -> str | None:
+    """One quick request, so an offline machine fails in seconds instead of retrying for a minute."""
+    try:
+        urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout).close()
+        return None
+    except urllib.error.HTTPError as e:
+        return None if e.code in (301, 302, 307, 308) else f"HTTP {e.code}"
+    except (urllib.error.URLError, OSError) as e:
+        return f"unreachable: {getattr(e, 'reason', e)}"
+
+
+def _verify_blob(file: Path) -> None:
+    """The HF cache names an LFS blob by its sha256: check the content against that name once."""
+    blob = file.resolve()
+    expected = blob.name
+    if len(expected) != 64 or any(c not in "0123456789abcdef" for c in expected):
+        return  # not content-addressed (a small git file): nothing to check against
+    marker = Path(os.environ.get("LORA_DIST_CACHE", Path.home() / ".cache" / "lora_dist")) / "verified" / expected
+    if marker.exists():
+        return
+    digest = hashlib.sha256()
+    with open(blob, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            digest.update(chunk)
+    if digest.hexdigest() != expected:
+        blob.unlink()
+        raise UserError(f"downloaded {file.name} is corrupt (sha256 mismatch); it was removed, run again to download it anew")
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.touch()
