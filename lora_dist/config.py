@@ -209,8 +209,9 @@ def _apply_override(raw: dict, item: str) -> None:
     key, value = item.split("=", 1)
     try:
         parsed = yaml.safe_load(value) if value != "" else ""
-    except yaml.YAMLError:
-        parsed = value
+    except yaml.YAMLError:  # e.g. [*.att.*]: '*' is YAML's alias sign; read a bracketed list by hand
+        v = value.strip()
+        parsed = [x.strip() for x in v[1:-1].split(",") if x.strip()] if v[:1] == "[" and v[-1:] == "]" else value
     node = raw
     parts = key.strip().split(".")
     for part in parts[:-1]:

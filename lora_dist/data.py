@@ -172,7 +172,7 @@ class SpamDataset(Dataset):
     """Token ids (truncated to `max_length`) and integer labels."""
 
     def __init__(self, frame: pd.DataFrame, tokenizer, max_length: int):
-        self.ids = [tokenizer.encode(t)[:max_length] for t in frame["text"]]
+        self.ids = [tokenizer.encode(t, disallowed_special=())[:max_length] for t in frame["text"]]  # text, never control tokens
         self.labels = [LABELS[label] for label in frame["label"]]
         self.lengths = [max(1, len(i)) for i in self.ids]
 

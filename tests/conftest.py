@@ -1,0 +1,54 @@
+"""Shared fixtures. Tests never touch the network; multi-process tests use gloo on the CPU."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = ROOT / "configs" / "smoke.yaml"
+
+# No test may reach the network or a real W&B account.
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def cli_env(**extra) -> dict:
+    env = dict(os.environ)
+    env.update({"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **{k: str(v) for k, v in extra.items()}})
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    return env
+
+
+def run_cli(*args: str, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`python -m lora_dist ARGS` in a subprocess (as a user would run it)."""
+    return subprocess.run([sys.executable, "-m", "lora_dist", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout, env=env or cli_env())
+
+
+def torchrun(nproc: int, *args: str, timeout: float = 300, extra: tuple = (), env: dict | None = None) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--rdzv-backend=c10d",
+           "--rdzv-endpoint=127.0.0.1:0", *extra, "-m", "lora_dist", *args]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env or cli_env())
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """A random tiny GPT-2 written in the hub's layout (config.json + model.safetensors)."""
+    import torch
+
+    from lora_dist import load_gpt2, save_hf_checkpoint
+
+    torch.manual_seed(0)
+    return save_hf_checkpoint(load_gpt2("tiny", weights="random"), tmp_path_factory.mktemp("tiny-gpt2"))

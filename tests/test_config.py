@@ -1,0 +1,70 @@
+"""Config: every shipped config loads; overrides are typed; bad keys and values are one clear line."""
+
+from pathlib import Path
+
+import pytest
+
+from lora_dist import UserError, load_config
+from lora_dist.config import Config, valid_keys
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_config_loads_and_says_how_to_run_it(path):
+    cfg = load_config(path)
+    assert isinstance(cfg, Config)
+    first = path.read_text().splitlines()[:4]
+    assert any(f"--config configs/{path.name}" in line for line in first), first
+
+
+def test_book_config_is_the_book_recipe():
+    cfg = load_config(ROOT / "configs/gpt2-small-lora.yaml")
+    assert (cfg.lora.rank, cfg.lora.alpha, cfg.lora.scaling, cfg.lora.targets, cfg.lora.head) == (16, 16.0, "alpha", ("all",), True)
+    assert (cfg.train.lr, cfg.train.weight_decay, cfg.train.batch_size, cfg.train.epochs) == (5e-5, 0.1, 8, 5)
+    assert (cfg.data.padding, cfg.train.eval_every, cfg.train.eval_batches, cfg.train.seed) == ("longest", 50, 5, 123)
+
+
+def test_overrides_are_typed():
+    cfg = load_config(ROOT / "configs/smoke.yaml", ["train.epochs=7", "train.lr=2e-4", "output_dir=/tmp/x",
+                                                     "lora.targets=[*.att.*]", "train.max_grad_norm=1", "train.max_steps=null"])
+    assert cfg.train.epochs == 7 and cfg.train.lr == 2e-4 and cfg.output_dir == "/tmp/x"
+    assert cfg.lora.targets == ("*.att.*",) and cfg.train.max_grad_norm == 1.0 and cfg.train.max_steps is None
+
+
+@pytest.mark.parametrize("override,message", [
+    ("train.epoch=3", r"unknown config key 'train.epoch'.*valid keys: epochs, batch_size"),
+    ("colour=red", r"unknown config key 'colour' at the top level"),
+    ("train.epochs=three", r"train.epochs must be int; got 'three'"),
+    ("train.lr=0", r"train.lr must be > 0"),
+    ("lora.rank=0", r"lora.rank must be > 0"),
+    ("lora.rank=-2", r"lora.rank must be > 0"),
+    ("data.train_frac=0.9", r"leaves no test set"),
+    ("data.padding=max", r"data.padding must be one of longest, batch"),
+    ("dist.strategy=horovod", r"dist.strategy must be one of auto, none, ddp, deepspeed"),
+    ("overwrite=maybe", r"overwrite must be bool"),
+    ("train", r"is not key=value"),
+])
+def test_bad_values(override, message):
+    with pytest.raises(UserError, match=message):
+        load_config(ROOT / "configs/smoke.yaml", [override])
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(UserError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    (tmp_path / "bad.yaml").write_text("train: [unclosed")
+    with pytest.raises(UserError, match="not valid YAML"):
+        load_config(tmp_path / "bad.yaml")
+    (tmp_path / "list.yaml").write_text("- a\n- b\n")
+    with pytest.raises(UserError, match="must hold a mapping"):
+        load_config(tmp_path / "list.yaml")
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = load_config(ROOT / "configs/gpt2-small-lora.yaml", ["train.epochs=2"])
+    (tmp_path / "c.yaml").write_text(cfg.to_yaml())
+    assert load_config(tmp_path / "c.yaml") == cfg
+    assert cfg.digest() == load_config(tmp_path / "c.yaml").digest()
+    assert "train.resume" in valid_keys() and "tracking.wandb.mode" in valid_keys()

@@ -1,0 +1,156 @@
+"""The SMS data: all rows, the book's balance and split, user files, bad files, the real download path."""
+
+import http.server
+import io
+import threading
+import zipfile
+from functools import partial
+
+import pytest
+import torch
+
+from lora_dist import UserError
+from lora_dist.config import DataConfig
+from lora_dist.data import (Collate, ShardedSampler, SpamDataset, balance, build_datasets, download_sms, load_frame,
+                            prepare_splits, read_sms, read_table, shipped_sms_path, sms_path, split)
+from lora_dist.tokenizer import get_tokenizer
+
+
+def test_all_rows_read_with_quoting_off():
+    frame = read_sms(shipped_sms_path())
+    assert len(frame) == 5574
+    assert frame["label"].value_counts().to_dict() == {"ham": 4827, "spam": 747}
+    # A line with a stray quote character survives intact instead of swallowing the next lines.
+    assert frame["text"].str.contains('"').sum() > 0
+
+
+def test_book_balance_and_split():
+    splits = prepare_splits(DataConfig(download=False))
+    assert {k: len(v) for k, v in splits.items()} == {"train": 1045, "validation": 149, "test": 300}
+    full = balance(read_sms(shipped_sms_path()), seed=123)
+    assert full["label"].value_counts().to_dict() == {"ham": 747, "spam": 747}
+    # Same seed, same rows: the split is a pure function of the data and the seed.
+    again = prepare_splits(DataConfig(download=False))
+    assert again["test"]["text"].tolist() == splits["test"]["text"].tolist()
+    other = prepare_splits(DataConfig(download=False, seed=7))
+    assert other["test"]["text"].tolist() != splits["test"]["text"].tolist()
+
+
+def test_longest_padding_is_the_books_120_tokens():
+    splits = prepare_splits(DataConfig(download=False))
+    ds, length = build_datasets(splits, get_tokenizer(), DataConfig(padding="longest"), 1024)
+    assert length == 120
+    assert max(ds["test"].lengths) <= 120
+    batch = Collate(50256, length)([ds["train"][i] for i in range(4)])
+    assert batch.ids.shape == (4, 120)
+    assert (batch.ids[torch.arange(4), batch.last] != 50256).all()
+
+
+def test_truncation_to_the_context():
+    splits = prepare_splits(DataConfig(download=False))
+    ds, _ = build_datasets(splits, get_tokenizer(), DataConfig(padding="batch"), 16)
+    assert max(ds["train"].lengths) == 16
+
+
+def test_user_csv_and_tsv(tmp_path):
+    rows = [("hello there", "ham"), ("WIN cash now, text 80082", "spam"), ("see you, at 5", "ham"), ("FREE prize", "spam")]
+    csv_file = tmp_path / "mine.csv"
+    csv_file.write_text("text,label\n" + "".join(f'"{t}",{label}\n' for t, label in rows))
+    tsv_file = tmp_path / "mine.tsv"
+    tsv_file.write_text("label\ttext\n" + "".join(f"{1 if label == 'spam' else 0}\t{t}\n" for t, label in rows))
+    for f in (csv_file, tsv_file):
+        frame = read_table(f)
+        assert frame["label"].tolist() == [label for _, label in rows]
+        assert frame["text"].tolist() == [t for t, _ in rows]
+    assert len(load_frame(str(csv_file))) == 4
+
+
+@pytest.mark.parametrize("content,message", [
+    (b"", "is empty"),
+    (b"message,kind\nhi,ham\n", "needs columns 'text' and 'label'"),
+    (b"text,label\nhi,ham\nbuy,maybe\n", "label 'maybe'"),
+    (b"text,label\nhi,ham\nyo,ham\n", "only 'ham' messages"),
+    ("text,label\ncaf\u00e9,ham\nx,spam\n".encode("latin-1"), "not UTF-8"),
+])
+def test_bad_files(tmp_path, content, message):
+    f = tmp_path / "bad.csv"
+    f.write_bytes(content)
+    with pytest.raises(UserError, match=message):
+        read_table(f)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(UserError, match="not found"):
+        load_frame(str(tmp_path / "nope.csv"))
+
+
+def test_split_without_test_set_is_refused():
+    with pytest.raises(UserError, match="leaves no test set"):
+        DataConfig(train_frac=0.8, val_frac=0.2)
+
+
+def _serve(directory):
+    handler = partial(http.server.SimpleHTTPRequestHandler, directory=str(directory))
+    handler.log_message = lambda *a: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def test_real_download_from_a_local_server(tmp_path):
+    """The UCI zip, served over HTTP on loopback: downloaded, extracted, verified, cached."""
+    site = tmp_path / "site"
+    site.mkdir()
+    with zipfile.ZipFile(site / "sms.zip", "w") as z:
+        z.writestr("readme", "SMS Spam Collection")
+        z.write(shipped_sms_path(), "SMSSpamCollection")
+    server = _serve(site)
+    try:
+        url = f"http://127.0.0.1:{server.server_port}/sms.zip"
+        got = download_sms(url, cache_dir=tmp_path / "cache")
+        assert got.read_bytes() == shipped_sms_path().read_bytes()
+        assert got.parent == tmp_path / "cache"
+        (site / "bad.zip").write_bytes(b"not a zip")
+        with pytest.raises(ValueError, match="not the UCI zip"):
+            download_sms(f"http://127.0.0.1:{server.server_port}/bad.zip", cache_dir=tmp_path / "cache2")
+    finally:
+        server.shutdown()
+
+
+def test_falls_back_to_the_shipped_copy_offline(capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("LORA_DIST_CACHE", str(tmp_path))
+    notes = []
+    path = sms_path(DataConfig(url="http://127.0.0.1:9/sms.zip"), say=notes.append)
+    assert path == shipped_sms_path()
+    assert notes and "shipped" in notes[0]
+
+
+def test_global_batches_do_not_depend_on_world_size():
+    """1, 2 or 4 ranks (with or without accumulation) see the same examples in each optimizer step."""
+    ds = SpamDataset(split(read_sms(shipped_sms_path())[:203], 0.7, 0.1)["train"], get_tokenizer(), 64)
+
+    def steps(world, accum, bucket):
+        micro = 8 // (world * accum)
+        per_rank = []
+        for r in range(world):
+            s = ShardedSampler(ds, world, r, micro, accum, seed=5, lengths=ds.lengths if bucket else None)
+            s.set_epoch(3)
+            per_rank.append(list(s))
+        n = len(per_rank[0]) // (micro * accum)
+        return [sorted(i for r in per_rank for i in r[k * micro * accum:(k + 1) * micro * accum]) for k in range(n)]
+
+    for bucket in (False, True):
+        ref = steps(1, 1, bucket)
+        assert len(ref) == len(ds) // 8
+        assert steps(2, 1, bucket) == ref and steps(4, 1, bucket) == ref and steps(2, 2, bucket) == ref
+        flat = [i for b in ref for i in b]
+        assert len(flat) == len(set(flat))  # no example twice
+
+
+def test_sampler_resumes_inside_an_epoch():
+    ds = SpamDataset(split(read_sms(shipped_sms_path())[:120], 0.7, 0.1)["train"], get_tokenizer(), 64)
+    s = ShardedSampler(ds, 1, 0, 4, 1, seed=1)
+    s.set_epoch(2)
+    full = list(s)
+    s.start_step = 3
+    assert list(s) == full[12:]

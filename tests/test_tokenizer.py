@@ -1,0 +1,62 @@
+"""The shipped BPE files give exactly tiktoken's own GPT-2 encoding."""
+
+import hashlib
+import shutil
+from importlib import resources
+
+import pytest
+import tiktoken
+
+from lora_dist.tokenizer import get_tokenizer
+
+URLS = {
+    "vocab.bpe": "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/vocab.bpe",
+    "encoder.json": "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/encoder.json",
+}
+TEXTS = ["Hello, world!", "WINNER!! As a valued network customer you have been selected to receive a £900 prize reward!",
+         "Ok lar... Joking wif u oni...", "  leading spaces\tand\ttabs\n\nnewlines 12345 ünïcödé 🙂",
+         "<|endoftext|> is text here", "I'm sure you've they'll"]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """tiktoken.get_encoding('gpt2') built by tiktoken itself, its download cache seeded with the same files
+    (tiktoken checks their sha256), so no network is needed."""
+    cache = tmp_path_factory.mktemp("tiktoken-cache")
+    for name, url in URLS.items():
+        src = resources.files("lora_dist") / "assets" / name
+        shutil.copy(str(src), cache / hashlib.sha1(url.encode()).hexdigest())
+    import os
+
+    old = os.environ.get("TIKTOKEN_CACHE_DIR")
+    os.environ["TIKTOKEN_CACHE_DIR"] = str(cache)
+    try:
+        import tiktoken.registry
+
+        tiktoken.registry.ENCODINGS.pop("gpt2", None)
+        return tiktoken.get_encoding("gpt2")
+    finally:
+        if old is None:
+            os.environ.pop("TIKTOKEN_CACHE_DIR")
+        else:
+            os.environ["TIKTOKEN_CACHE_DIR"] = old
+
+
+def test_known_ids():
+    assert get_tokenizer().encode("Hello, world!") == [15496, 11, 995, 0]
+    assert get_tokenizer().n_vocab == 50257
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_identical_to_tiktoken(reference, text):
+    ours = get_tokenizer()
+    assert ours.encode(text, disallowed_special=()) == reference.encode(text, disallowed_special=())
+    assert ours.encode(text, allowed_special="all") == reference.encode(text, allowed_special="all")
+    assert ours.decode(ours.encode(text, disallowed_special=())) == text
+
+
+def test_identical_on_the_whole_sms_corpus(reference):
+    from lora_dist.data import read_sms, shipped_sms_path
+
+    texts = list(read_sms(shipped_sms_path())["text"])
+    assert get_tokenizer().encode_batch(texts) == reference.encode_batch(texts)

@@ -1,0 +1,90 @@
+"""End to end, as a user runs it: `python -m lora_dist train|params` in a subprocess."""
+
+import json
+
+import pytest
+from safetensors.torch import load_file
+
+from conftest import SMOKE, read_metrics, run_cli
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("smoke") / "run"
+    proc = run_cli("train", "--config", str(SMOKE), f"output_dir={out}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, proc
+
+
+def test_smoke_run_learns(smoke_run):
+    out, proc = smoke_run
+    results = json.loads((out / "results.json").read_text())
+    # A 2-layer random GPT-2 with LoRA reaches about 90% here; chance is 50% on the balanced test split.
+    assert results["test_accuracy"] >= 0.80, results
+    steps = [r["train_loss_step"] for r in read_metrics(out) if "train_loss_step" in r]
+    assert len(steps) == results["steps"] == 3 * (1045 // 8)
+    first, last = sum(steps[:30]) / 30, sum(steps[-30:]) / 30
+    assert last < first - 0.1, (first, last)
+
+
+def test_smoke_run_writes_its_files(smoke_run):
+    out, proc = smoke_run
+    results = json.loads((out / "results.json").read_text())
+    for key in ("train_accuracy", "val_accuracy", "test_accuracy", "test_loss", "trainable_params", "total_params",
+                "world_size", "wall_seconds", "examples_per_second", "tokens_per_second"):
+        assert key in results, key
+    assert results["world_size"] == 1 and results["examples_per_second"] > 0
+    assert "smoke" in (out / "config.yaml").read_text() or "tiny" in (out / "config.yaml").read_text()
+    metrics = read_metrics(out)
+    evals = [m for m in metrics if "val_loss" in m]
+    accs = [m for m in metrics if "val_acc" in m]
+    assert [m["step"] for m in evals][:3] == [1, 51, 101] and len(accs) == 3
+    for m in evals + accs:
+        assert {"step", "epoch", "examples_seen"} <= set(m)
+    adapter = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    cfg = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert cfg["base_model"] == "tiny" and cfg["lora"]["rank"] == 16
+    assert sum(v.numel() for k, v in adapter.items() if ".lora." in k) == results["trainable_params"] - 128 * 2 - 2
+    for split, n in (("train", 1045), ("validation", 149), ("test", 300)):
+        assert len((out / "splits" / f"{split}.csv").read_text().strip().splitlines()) >= n + 1
+    assert "parameters:" in proc.stdout and "done in" in proc.stdout
+
+
+def test_refuses_to_overwrite_a_finished_run(smoke_run):
+    out, _ = smoke_run
+    before = (out / "results.json").read_bytes()
+    proc = run_cli("train", "--config", str(SMOKE), f"output_dir={out}")
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and "already holds a run" in proc.stderr and "overwrite=true" in proc.stderr
+    assert (out / "results.json").read_bytes() == before
+
+
+def test_params_command():
+    proc = run_cli("params", "--config", "configs/gpt2-small-lora.yaml")
+    assert proc.returncode == 0, proc.stderr
+    assert "total parameters: 124,441,346" in proc.stdout and "trainable parameters: 2,666,528" in proc.stdout
+
+
+def test_trains_from_a_local_weights_directory(tiny_checkpoint, tmp_path):
+    proc = run_cli("train", "--config", str(SMOKE), f"output_dir={tmp_path / 'r'}", f"model.weights={tiny_checkpoint}",
+                   "train.max_steps=3", "train.epochs=1")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads((tmp_path / "r" / "results.json").read_text())["steps"] == 3
+
+
+@pytest.mark.parametrize("make,override,message", [
+    (lambda d: (d / "bad.csv").write_bytes(b"text,label\nhello,ham\nbuy,maybe\n"), "data.source={d}/bad.csv", "label 'maybe'"),
+    (lambda d: (d / "bad.csv").write_bytes("text,label\ncaf\u00e9,ham\n".encode("latin-1")), "data.source={d}/bad.csv", "not UTF-8"),
+    (lambda d: (d / "empty.csv").write_bytes(b""), "data.source={d}/empty.csv", "is empty"),
+    (lambda d: None, "model.weights={d}/no-such-dir", "weights directory"),
+    (lambda d: None, "model.name=gpt5", "unknown model name"),
+    (lambda d: None, "train.bogus=1", "unknown config key 'train.bogus'"),
+    (lambda d: None, "train.batch_size=2000", "fewer than one global batch"),
+])
+def test_bad_input_is_one_line_and_exit_2(tmp_path, make, override, message):
+    make(tmp_path)
+    proc = run_cli("train", "--config", str(SMOKE), f"output_dir={tmp_path / 'out'}", override.format(d=tmp_path))
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr
