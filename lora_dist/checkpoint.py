@@ -185,7 +185,7 @@ def restore_rng(path: Path, state: dict, rank: int) -> None:
     np.random.set_state((npy[0], np.array(npy[1], dtype=np.uint32), npy[2], npy[3], npy[4]))
     tensors = load_tensors(path, "rng.safetensors")
     torch.set_rng_state(tensors[f"rank{rank}.torch"])
-    cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith(f"rank{rank}.cuda"))]
+    cuda = [tensors[k] for k in sorted((k for k in tensors if k.startswith(f"rank{rank}.cuda")), key=lambda k: int(k.rsplit("cuda", 1)[1]))]
     if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(cuda)
 

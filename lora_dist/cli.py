@@ -1,7 +1,9 @@
-"""Command line: `lora-dist train|params ...` (also `python -m lora_dist ...`).
+"""Command line: `lora-dist train|params|report|eval ...` (also `python -m lora_dist ...`).
 
     lora-dist train --config configs/smoke.yaml output_dir=runs/smoke
     lora-dist params --config configs/gpt2-small-lora.yaml
+    lora-dist report runs/smoke
+    lora-dist eval runs/smoke --split test
 """
 
 from __future__ import annotations
@@ -23,6 +25,14 @@ def _parser() -> argparse.ArgumentParser:
         c.add_argument("--config", required=True, help="YAML file, e.g. configs/smoke.yaml")
         c.add_argument("overrides", nargs="*", help="key=value, e.g. train.epochs=1 output_dir=runs/x")
         c.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
+    r = sub.add_parser("report", help="write RUN_DIR/report.md and RUN_DIR/plots/ for a finished run, and print the report")
+    r.add_argument("run_dir", help="a training run's output_dir, e.g. runs/smoke")
+    e = sub.add_parser("eval", help="re-evaluate a run's saved adapter on one of its splits or on your own labelled file")
+    e.add_argument("run_dir", help="a training run's output_dir, e.g. runs/smoke")
+    e.add_argument("--split", default="test", choices=("train", "validation", "test"), help="the run's split (default: test)")
+    e.add_argument("--data", default=None, help="a CSV/TSV with text and label columns instead of a split")
+    e.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
+    e.add_argument("--json", action="store_true", help="print the result as JSON")
     return p
 
 
@@ -30,6 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     rank = int(os.environ.get("RANK", 0))
     try:
+        if args.command in ("report", "eval"):
+            return _tool(args)
         from .config import load_config
 
         cfg = load_config(args.config, args.overrides)
@@ -45,6 +57,20 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+
+
+def _tool(args) -> int:
+    """`report` and `eval` (`report.py`, `evaluate.py`): they read a run directory, no config."""
+    if args.command == "report":
+        from .report import write_report
+
+        path = write_report(args.run_dir)
+        print(path.read_text(), end="")
+        print(f"written: {path}", file=sys.stderr)
+        return 0
+    from .evaluate import main as evaluate
+
+    return evaluate(args.run_dir, args.split, args.data, args.device, args.json)
 
 
 def _params(cfg) -> int:

@@ -10,6 +10,7 @@ file that sets them to something else is refused, so the two never disagree.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -22,7 +23,7 @@ from .strategy import DDP
 TAG = "state"
 
 
-def deepspeed_config(cfg, micro: int, accum: int, world: int) -> dict:
+def deepspeed_config(cfg, micro: int, accum: int, world: int, device_type: str = "cuda") -> dict:
     """The DeepSpeed config dict: the user's file with the project's values filled in."""
     path = cfg.dist.deepspeed_config
     user: dict = {}
@@ -44,6 +45,8 @@ def deepspeed_config(cfg, micro: int, accum: int, world: int) -> dict:
         "bf16": {"enabled": t.precision == "bf16"},
         "fp16": {"enabled": t.precision == "fp16"},
     }
+    if device_type == "cpu":  # torch's AdamW: no C++ op to compile, and the same update as the DDP path
+        ours["optimizer"]["params"]["torch_adam"] = True
     merged = _fill(user, ours, path or "the DeepSpeed config")
     merged.setdefault("zero_optimization", {"stage": 0})
     merged.setdefault("steps_per_print", 10**9)
@@ -75,7 +78,7 @@ class DeepSpeed(DDP):
         import deepspeed
 
         self.accum = accum
-        self.ds_config = deepspeed_config(self.cfg, micro, accum, self.world_size)
+        self.ds_config = deepspeed_config(self.cfg, micro, accum, self.world_size, self.device.type)
         self.stage = int(self.ds_config.get("zero_optimization", {}).get("stage", 0))
         model = model.to(self.device)
         trainable = [p for p in model.parameters() if p.requires_grad]
@@ -90,6 +93,9 @@ class DeepSpeed(DDP):
 
     def forward(self, ids, last):
         return self.model(ids, last)  # DeepSpeed applies its own bf16/fp16
+
+    def micro_step(self, boundary: bool):
+        return contextlib.nullcontext()  # DeepSpeed knows the accumulation boundary itself
 
     def backward(self, loss: torch.Tensor, boundary: bool) -> None:
         self.model.backward(loss)  # DeepSpeed divides by gradient_accumulation_steps itself

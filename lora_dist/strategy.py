@@ -112,12 +112,13 @@ class Local:
         with self.autocast():
             return self.model(ids, last)
 
-    def backward(self, loss: torch.Tensor, boundary: bool) -> None:
-        with self._no_sync(boundary):
-            self.scaler.scale(loss / self.accum).backward()
-
-    def _no_sync(self, boundary: bool):
+    def micro_step(self, boundary: bool):
+        """Context for one micro-batch's forward and backward; gradients are synchronised only at the
+        accumulation boundary (DDP's no_sync must cover the forward pass too)."""
         return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor, boundary: bool) -> None:
+        self.scaler.scale(loss / self.accum).backward()
 
     def step(self, lr: float) -> float:
         """Clip, update, zero the gradients; returns the gradient norm before clipping."""
@@ -163,7 +164,7 @@ class Local:
     def load_sharded(self, path) -> None:
         pass
 
-    def cleanup(self) -> None:
+    def cleanup(self, ok: bool = True) -> None:
         pass
 
 
@@ -193,7 +194,7 @@ class DDP(Local):
         self.accum = accum
         model = model.to(self.device)
         ids = [self.device.index] if self.device.type == "cuda" else None
-        self.model = nn.parallel.DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
+        self.model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
         self.model.register_comm_hook(self, _counting_allreduce_hook)
         self.optimizer = self._adamw(self.trainable())
 
@@ -205,7 +206,7 @@ class DDP(Local):
         with self.autocast():
             return self.model(ids, last)
 
-    def _no_sync(self, boundary: bool):
+    def micro_step(self, boundary: bool):
         return contextlib.nullcontext() if boundary else self.model.no_sync()
 
     def all_reduce(self, t: torch.Tensor, op: str = "sum") -> torch.Tensor:
@@ -222,12 +223,14 @@ class DDP(Local):
     def barrier(self) -> None:
         dist.barrier()
 
-    def cleanup(self) -> None:
+    def cleanup(self, ok: bool = True) -> None:
         if dist.is_initialized():
+            if ok:  # every rank is done with its collectives before any tears the group down
+                dist.barrier()
             dist.destroy_process_group()
 
 
-def _counting_allreduce_hook(state: DDP, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+def _counting_allreduce_hook(state, bucket):  # no annotations: DDP checks them, and they are strings here
     """DDP's default all-reduce (average), counting what crosses the wire and which tensors."""
     buf = bucket.buffer()
     state._comm_bytes += buf.numel() * buf.element_size()

@@ -16,7 +16,8 @@ from typing import Any, Callable, Protocol
 
 from .errors import UserError
 
-RESULT_FILES = ("results.json", "metrics.jsonl", "checkpoints", "adapter", "config.yaml", "report.md", "plots", "splits")
+RESULT_FILES = ("results.json", "metrics.jsonl", "checkpoints", "adapter", "config.yaml", "report.md", "plots", "splits",
+                "wandb", "wandb_run_id")
 
 
 class MetricSink(Protocol):
@@ -86,6 +87,18 @@ class RunOutput:
     # -- metrics
     def add_sink(self, sink: MetricSink) -> None:
         self.sinks.append(sink)
+
+    def start(self, cfg, info: dict) -> None:
+        """Once the model is built: the W&B run when configured (`wandb_sink.py`), then the start record
+        (info + git commit) to every sink."""
+        from .provenance import git_info
+        from .wandb_sink import open_wandb
+
+        info = {**info, **git_info()}
+        sink = open_wandb(cfg, self.dir, info, say=self.print)
+        if sink is not None:
+            self.add_sink(sink)
+        self.log({"event": "start", **info})
 
     def log(self, record: dict) -> None:
         record = {"time": round(time.time(), 3), **record}

@@ -25,6 +25,7 @@ from .data import CLASS_NAMES, build_datasets, eval_loader, make_loaders, micro_
 from .errors import UserError
 from .lora import adapter_state_dict, count_params, inject_lora, load_adapter_state_dict
 from .model import GPT2
+from .report import finish_report
 from .schedule import lr_at
 from .strategy import DistEnv, make_strategy
 from .tokenizer import get_tokenizer
@@ -115,6 +116,10 @@ class Trainer:
             f"{' (' + str(length) + ' tokens)' if cfg.data.padding == 'longest' else ''}; "
             f"global batch {t.batch_size} = {self.world} x {self.micro} x {t.grad_accum}; {self.total_steps} steps"
         )
+        out.start(cfg, {"model": cfg.model.name, "total_params": self.total_params, "trainable_params": self.trainable_params,
+                        "lora_layers": len(self.lora_modules), "world_size": self.world, "strategy": s.name,
+                        "device": str(s.device), "precision": t.precision, "steps_per_epoch": self.steps_per_epoch,
+                        "total_steps": self.total_steps})
         self.step, self.epoch, self.step_in_epoch, self.examples_seen, self.tokens_seen = 0, 0, 0, 0, 0
         self.train_seconds = 0.0
         self._resume()
@@ -155,9 +160,10 @@ class Trainer:
                 for i, batch in enumerate(self.loaders.train):
                     boundary = (i + 1) % t.grad_accum == 0
                     batch = batch.to(s.device)
-                    logits = s.forward(batch.ids, batch.last)
-                    loss = F.cross_entropy(logits.float(), batch.labels)
-                    s.backward(loss, boundary)
+                    with s.micro_step(boundary):
+                        logits = s.forward(batch.ids, batch.last)
+                        loss = F.cross_entropy(logits.float(), batch.labels)
+                        s.backward(loss, boundary)
                     loss_sum += loss.detach()
                     window[1] += 1
                     self.tokens_seen += batch.tokens
@@ -205,7 +211,10 @@ class Trainer:
         t = cfg.train
         record = {"step": self.step, "epoch": self.epoch, "examples_seen": self.examples_seen, "train_loss_step": loss,
                   "lr": lr_at(self.step - 1, t.lr, self.total_steps, t.schedule, t.warmup_steps), "grad_norm": grad_norm,
-                  "allreduce_bytes": self.strategy.comm_bytes(), "step_seconds": seconds}
+                  "allreduce_bytes": self.strategy.comm_bytes(), "step_seconds": seconds,
+                  # running averages since step 0; tokens/s is this rank's tokens x world size (an estimate)
+                  "examples_per_s": self.examples_seen / max(self.train_seconds, 1e-9),
+                  "tokens_per_s": self.tokens_seen * self.world / max(self.train_seconds, 1e-9)}
         if self.strategy.device.type == "cuda":
             record["gpu_mem_gb"] = torch.cuda.max_memory_allocated(self.strategy.device) / 2**30
         if (self.step - 1) % t.eval_every == 0:  # the book evaluates after steps 1, 51, 101, ...
@@ -298,6 +307,7 @@ class Trainer:
         out.write_json("results.json", results)
         out.log({"step": self.step, "epoch": self.epoch, "examples_seen": self.examples_seen,
                  **{f"final_{k}": v for k, v in results.items() if isinstance(v, (int, float))}})
+        out.call(finish_report, out.dir, out.print)  # report.md and plots/; a failure there is only a warning
         out.print(
             f"done in {wall_seconds:.1f}s: train {results['train_accuracy'] * 100:.2f}%, validation "
             f"{results['val_accuracy'] * 100:.2f}%, test {results['test_accuracy'] * 100:.2f}% accuracy; "
@@ -327,12 +337,12 @@ def run(cfg: Config) -> dict | None:
     """Train with `cfg`; returns results.json's content (None when stopped by a signal, or on ranks > 0)."""
     start = time.perf_counter()
     trainer = Trainer(cfg)
+    ok = False
     try:
         trainer.setup()
-        if not trainer.train():
-            return None
-        results = trainer.finish(time.perf_counter() - start)
+        results = trainer.finish(time.perf_counter() - start) if trainer.train() else None
+        ok = True
         return results if trainer.rank == 0 else None
     finally:
         trainer.out.close()
-        trainer.strategy.cleanup()
+        trainer.strategy.cleanup(ok)

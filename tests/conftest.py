@@ -21,9 +21,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 def cli_env(**extra) -> dict:
     env = dict(os.environ)
-    env.update({"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **{k: str(v) for k, v in extra.items()}})
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
+    env.update({"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **{k: str(v) for k, v in extra.items()}})
     return env
 
 

@@ -1,0 +1,133 @@
+"""`report.md` for a finished run: scores per split, confusion matrices, parameters, time, plots.
+
+    lora-dist report runs/smoke         # (re)writes runs/smoke/report.md and runs/smoke/plots/, prints the report
+
+Training writes it at the end too. Every number comes from `results.json` (precision, recall and F1 are
+computed from its confusion matrices); the header comes from `config.yaml` and the run's start record.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import yaml
+
+from .errors import UserError
+from .plots import read_metrics, write_plots
+from .scores import scores
+
+SPLITS = (("train", "train"), ("validation", "val"), ("test", "test"))  # confusion key, results.json prefix
+
+
+def load_results(run_dir: Path) -> dict:
+    """results.json of a finished run, or a UserError that says what RUN_DIR should be."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise UserError(f"run directory {run_dir} not found; pass the output_dir of a lora-dist training run")
+    path = run_dir / "results.json"
+    if not path.is_file():
+        hint = ("it holds checkpoints but never finished: resume it with train.resume=auto"
+                if (run_dir / "checkpoints").is_dir() else "pass the output_dir of a run that finished training")
+        raise UserError(f"{run_dir} is not a finished lora-dist run (no results.json); {hint}")
+    try:
+        results = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}); rerun the training or restore the file")
+    if not isinstance(results, dict) or "test_accuracy" not in results:
+        raise UserError(f"{path} is not a lora-dist results file (no test_accuracy); pass the output_dir of a lora-dist run")
+    return results
+
+
+def render(run_dir: Path, results: dict, plots: list[Path] = ()) -> str:
+    """The report as Markdown."""
+    run_dir = Path(run_dir)
+    lines = [f"# lora-dist report: {run_dir.resolve().name}", "", *_header(run_dir, results), ""]
+    lines += ["## Scores per split (positive class: spam)", "",
+              "| split | examples | accuracy | precision | recall | F1 | loss |",
+              "|---|---:|---:|---:|---:|---:|---:|"]
+    confusion = results.get("confusion") or {}
+    for split, prefix in SPLITS:
+        acc, loss = results.get(f"{prefix}_accuracy"), results.get(f"{prefix}_loss")
+        if split in confusion:
+            s = scores(confusion[split])
+            lines.append(f"| {split} | {s['count']:,} | {_pct(acc)} | {_pct(s['precision'])} | {_pct(s['recall'])} "
+                         f"| {_pct(s['f1'])} | {_num(loss, 4)} |")
+        else:
+            lines.append(f"| {split} | | {_pct(acc)} | | | | {_num(loss, 4)} |")
+    classes = results.get("classes") or ["ham", "spam"]
+    if confusion:
+        lines += ["", "## Confusion matrices (rows: true class, columns: predicted class)"]
+        for split, _ in SPLITS:
+            if split in confusion:
+                lines += ["", f"**{split}**", "", "| true \\ predicted | " + " | ".join(classes) + " |",
+                          "|---|" + "---:|" * len(classes)]
+                lines += [f"| {name} | " + " | ".join(f"{n:,}" for n in row) + " |"
+                          for name, row in zip(classes, confusion[split])]
+    total, trainable = results.get("total_params"), results.get("trainable_params")
+    share = f" ({trainable / total * 100:.3f}% of total)" if total and trainable else ""
+    lines += ["", "## Parameters", "", "| | count |", "|---|---:|",
+              f"| total (base model) | {_int(total)} |", f"| trainable (adapters and head) | {_int(trainable)}{share} |"]
+    lines += ["", "## Time and throughput", "", "| | value |", "|---|---:|",
+              f"| wall time | {_num(results.get('wall_seconds'), 1)} s |",
+              f"| training time | {_num(results.get('train_seconds'), 1)} s |",
+              f"| steps | {_int(results.get('steps'))} |", f"| epochs | {_int(results.get('epochs'))} |",
+              f"| examples seen | {_int(results.get('examples_seen'))} |",
+              f"| examples per second | {_num(results.get('examples_per_second'), 1)} |",
+              f"| tokens per second | {_num(results.get('tokens_per_second'), 1)} |"]
+    if plots:
+        lines += ["", "## Plots", ""]
+        lines += [f"![{p.stem}]({os.path.relpath(p, run_dir)})" for p in plots]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(run_dir: Path) -> Path:
+    """Plots, then report.md (written whole, then renamed); returns report.md's path."""
+    run_dir = Path(run_dir)
+    results = load_results(run_dir)
+    plots = write_plots(run_dir)
+    target = run_dir / "report.md"
+    tmp = target.with_name(".report.md.tmp")
+    tmp.write_text(render(run_dir, results, plots))
+    os.replace(tmp, target)
+    return target
+
+
+def finish_report(run_dir: Path, say=print) -> None:
+    """What training calls at the end (rank 0): the report must never fail a finished run."""
+    try:
+        path = write_report(run_dir)
+        say(f"report: {path}")
+    except Exception as e:  # noqa: BLE001
+        say(f"warning: could not write the report ({type(e).__name__}: {e}); retry with: lora-dist report {run_dir}")
+
+
+def _header(run_dir: Path, results: dict) -> list[str]:
+    cfg = {}
+    if (run_dir / "config.yaml").is_file():
+        cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+    start = {}
+    if (run_dir / "metrics.jsonl").is_file():
+        start = next((r for r in reversed(read_metrics(run_dir / "metrics.jsonl")) if r.get("event") == "start"), {})
+    model, lora, train = cfg.get("model", {}), cfg.get("lora", {}), cfg.get("train", {})
+    out = [f"- model: {model.get('name', '?')} ({model.get('weights', '?')} weights); LoRA rank {lora.get('rank', '?')}, "
+           f"alpha {lora.get('alpha', '?')}, scaling {lora.get('scaling', '?')}"
+           + (f", {start['lora_layers']} layers" if "lora_layers" in start else ""),
+           f"- run: strategy {results.get('strategy', '?')}, {results.get('world_size', '?')} process(es), "
+           f"precision {train.get('precision', '?')}, global batch {train.get('batch_size', '?')}, lr {train.get('lr', '?')}"]
+    if start.get("git_commit"):
+        out.append(f"- git commit: {start['git_commit']}" + (" (with uncommitted changes)" if start.get("git_dirty") else ""))
+    return out
+
+
+def _pct(x) -> str:
+    return "" if x is None else f"{x * 100:.2f}%"
+
+
+def _num(x, digits: int) -> str:
+    return "" if x is None else f"{x:,.{digits}f}"
+
+
+def _int(x) -> str:
+    return "" if x is None else f"{int(x):,}"

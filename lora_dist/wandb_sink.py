@@ -1,0 +1,219 @@
+"""Weights & Biases from rank 0: one W&B run per job, continued on resume, never fatal to training.
+
+    lora-dist train --config configs/smoke.yaml                              # offline: output_dir/wandb/
+    wandb sync runs/smoke/wandb/offline-run-*                                # upload it later
+    lora-dist train --config configs/gpt2-small-lora.yaml tracking.wandb.mode=online tracking.wandb.project=spam
+
+`open_wandb` is called once by rank 0 (`RunOutput.start`); no other rank imports wandb, so a job of any
+size is one W&B run. The run id is kept in `output_dir/wandb_run_id`: `train.resume=auto` continues that
+run (`resume="allow"`). When W&B fails (not installed, no account, no network, a full disk), training
+goes on: online falls back to offline, anything else to no W&B, with one warning.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import string
+import sys
+from pathlib import Path
+
+from .scores import scores
+
+RUN_ID_FILE = "wandb_run_id"
+# A job id shared by every rank and kept across reruns of the job, most specific first.
+GROUP_ENV = ("WANDB_RUN_GROUP", "SLURM_JOB_ID", "TORCHELASTIC_RUN_ID")
+INIT_TIMEOUT_S = 30.0  # wandb's own default is 90 s; WANDB_INIT_TIMEOUT overrides either
+
+# metrics.jsonl names -> W&B names (the part before "/" is a section in the W&B UI). Other numeric keys
+# pass through unchanged.
+KEYS = {
+    "train_loss_step": "train/loss", "lr": "train/lr", "grad_norm": "train/grad_norm",
+    "examples_per_s": "train/examples_per_s", "tokens_per_s": "train/tokens_per_s",
+    "allreduce_bytes": "train/allreduce_bytes", "step_seconds": "train/step_seconds", "gpu_mem_gb": "train/gpu_mem_gb",
+    "train_loss": "eval/train_loss", "val_loss": "eval/val_loss", "train_acc": "eval/train_acc", "val_acc": "eval/val_acc",
+}
+SPLITS = {"train": "train", "validation": "val", "test": "test"}  # results.json split -> summary prefix
+
+
+def resolve_mode(mode: str, env=os.environ) -> tuple[str, str | None]:
+    """(the mode W&B runs in, a warning or None). auto: WANDB_MODE if set, else offline; any mode becomes
+    disabled when wandb cannot be imported."""
+    if mode == "auto":
+        wanted = env.get("WANDB_MODE", "").strip().lower()
+        mode = {"dryrun": "offline", "run": "online"}.get(wanted, wanted)
+        if mode not in ("online", "offline", "disabled"):
+            mode = "offline"
+        explicit = False
+    else:
+        explicit = True
+    if mode == "disabled" or _wandb() is not None:
+        return mode, None
+    note = (f"warning: tracking.wandb.mode={mode} but wandb is not installed; training continues without W&B "
+            f"(pip install 'lora-dist[wandb]', or set tracking.wandb.mode=disabled)") if explicit else None
+    return "disabled", note
+
+
+def default_group(env=os.environ) -> str | None:
+    """The launcher's job id: WANDB_RUN_GROUP, else Slurm's job id, else torchrun's run id."""
+    for key in GROUP_ENV:
+        value = env.get(key, "").strip()
+        if value and value != "none":
+            return value
+    return None
+
+
+def run_id(run_dir: Path, resume: bool) -> str:
+    """The id stored in the run directory when resuming, else a new one (then stored)."""
+    path = Path(run_dir) / RUN_ID_FILE
+    if resume and path.is_file() and path.read_text().strip():
+        return path.read_text().strip()
+    new = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
+    path.write_text(new + "\n")
+    return new
+
+
+def wandb_record(record: dict) -> dict:
+    """A metrics.jsonl record as W&B history: renamed keys, numbers only, no wall-clock time or step."""
+    return {KEYS.get(k, k): v for k, v in record.items()
+            if k not in ("time", "step") and isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def summary_of(results: dict) -> dict:
+    """W&B summary values from results.json (or the loop's final record): per split accuracy, loss and,
+    where the confusion matrix is known, precision, recall and F1 for spam; and the run's totals."""
+    out = {}
+    for key, value in results.items():
+        split, _, metric = key.partition("_")
+        if split in SPLITS.values() and metric in ("accuracy", "loss"):
+            out[f"{split}/{metric}"] = value
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[key] = value
+    for split, matrix in (results.get("confusion") or {}).items():
+        s = scores(matrix)
+        out |= {f"{SPLITS.get(split, split)}/{m}": s[m] for m in ("precision", "recall", "f1")}
+    return out
+
+
+def open_wandb(cfg, run_dir: Path, info: dict, say=print) -> "WandbSink | None":
+    """Start (or continue) the W&B run for this output_dir; None when W&B is disabled or cannot start."""
+    w = cfg.tracking.wandb
+    mode, note = resolve_mode(w.mode)
+    if note:
+        say(note)
+    if mode == "disabled":
+        return None
+    wandb = _wandb()
+    run_dir = Path(run_dir)
+    kwargs = dict(project=w.project, entity=w.entity, name=w.name or run_dir.resolve().name,
+                  group=w.group or default_group(), tags=list(w.tags) or None, job_type="train",
+                  config={**cfg.to_dict(), "run": info}, id=run_id(run_dir, cfg.train.resume != "never"),
+                  resume="allow", dir=str(run_dir))
+    if "WANDB_INIT_TIMEOUT" not in os.environ:
+        kwargs["settings"] = wandb.Settings(init_timeout=INIT_TIMEOUT_S)
+    try:
+        return WandbSink(wandb.init(mode=mode, **kwargs), run_dir, say)
+    except Exception as e:  # noqa: BLE001 - W&B must never stop a training run
+        if mode != "online":
+            say(f"warning: W&B could not start ({_line(e)}); training continues without W&B")
+            return None
+        say(f"warning: W&B online is not reachable ({_line(e)}); logging offline to {run_dir / 'wandb'} instead "
+            f"(upload later with: wandb sync {run_dir / 'wandb'}/offline-run-*)")
+    _teardown(wandb)
+    try:
+        return WandbSink(wandb.init(mode="offline", **kwargs), run_dir, say)
+    except Exception as e:  # noqa: BLE001
+        say(f"warning: W&B could not start offline either ({_line(e)}); training continues without W&B")
+        return None
+
+
+class WandbSink:
+    """A metric sink (`tracking.MetricSink`) that writes to one W&B run. Any W&B error turns it off with
+    one warning."""
+
+    def __init__(self, run, run_dir: Path, say=print):
+        self.run, self.dir, self.say = run, Path(run_dir), say
+        self.finished = False  # the loop's final record arrived: publish the results at close
+        self.noted_old_steps = False
+
+    def log(self, record: dict) -> None:
+        if self.run is None or "event" in record:  # start / resume / checkpoint events are not metrics
+            return
+        try:
+            final = {k[len("final_"):]: v for k, v in record.items() if k.startswith("final_")}
+            if final:
+                self.run.summary.update(summary_of(final))
+                self.finished = True
+                return
+            step = int(record["step"])
+            if step < self.run.step:  # a resumed run: W&B already holds these steps; never overwrite them
+                if not self.noted_old_steps:
+                    self.say(f"note: W&B already holds steps up to {self.run.step}; earlier steps are not logged again")
+                    self.noted_old_steps = True
+                return
+            self.run.log(wandb_record(record), step=step)
+        except Exception as e:  # noqa: BLE001
+            self._fail(e)
+
+    def close(self) -> None:
+        if self.run is None:
+            return
+        failed = sys.exc_info()[0] is not None  # close() runs in the loop's `finally`
+        if self.finished:
+            try:
+                self._publish()
+            except Exception as e:  # noqa: BLE001
+                self.say(f"warning: W&B: could not upload the results ({_line(e)})")
+        run, self.run = self.run, None
+        try:
+            run.finish(exit_code=1 if failed else 0)
+        except Exception as e:  # noqa: BLE001
+            self.say(f"warning: W&B: could not finish the run ({_line(e)})")
+
+    def _publish(self) -> None:
+        """Summary scores, the plots, and the adapter as a `model` artifact."""
+        wandb = _wandb()
+        results_path = self.dir / "results.json"
+        if results_path.is_file():
+            self.run.summary.update(summary_of(json.loads(results_path.read_text())))
+        plots = sorted((self.dir / "plots").glob("*.png"))
+        if plots:
+            self.run.log({f"plots/{p.stem}": wandb.Image(str(p)) for p in plots})
+        adapter = self.dir / "adapter"
+        if (adapter / "adapter_model.safetensors").is_file():
+            meta_path = adapter / "adapter_config.json"
+            meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+            artifact = wandb.Artifact(f"adapter-{self.run.id}", type="model", metadata=meta,
+                                      description="LoRA adapter: adapter_model.safetensors + adapter_config.json")
+            artifact.add_dir(str(adapter))
+            self.run.log_artifact(artifact)
+
+    def _fail(self, e: Exception) -> None:
+        self.say(f"warning: W&B logging failed ({_line(e)}); training continues, W&B logging stops here")
+        run, self.run = self.run, None
+        try:
+            run.finish(exit_code=1)
+        except Exception:  # noqa: BLE001
+            pass
+
+
+def _wandb():
+    try:
+        import wandb
+    except Exception:  # noqa: BLE001 - missing or broken install
+        return None
+    return wandb
+
+
+def _teardown(wandb) -> None:
+    """Forget a run that failed to start, so the same id can start again offline."""
+    try:
+        wandb.teardown()
+    except Exception:  # noqa: BLE001
+        pass
+
+
+def _line(e: Exception) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__

@@ -1,0 +1,79 @@
+"""Checkpoints: atomic, verified, pruned, and a corrupt one is named and skipped."""
+
+import json
+
+import pytest
+import torch
+
+from lora_dist import UserError
+from lora_dist import checkpoint as ckpt
+
+
+def _write(run_dir, step, keep=2, value=1.0):
+    staging = ckpt.staging_dir(run_dir, step)
+    ckpt.begin(staging)
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.ones(3))])
+    opt.param_groups[0]["params"][0].grad = torch.ones(3)
+    opt.step()
+    return ckpt.commit(staging, adapter={"a.lora.A": torch.full((2, 2), value)}, optimizer=opt.state_dict(),
+                       rng_states=[ckpt.rng_state()], meta={"step": step}, keep=keep)
+
+
+def test_commit_verify_and_prune(tmp_path):
+    for step in (10, 20, 30):
+        _write(tmp_path, step, value=step)
+    names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert names == ["step-00000020", "step-00000030"]
+    path, state = ckpt.latest_valid(tmp_path)
+    assert path.name == "step-00000030" and state["step"] == 30
+    assert torch.equal(ckpt.load_tensors(path, "adapter.safetensors")["a.lora.A"], torch.full((2, 2), 30.0))
+    sd = ckpt.optimizer_state(path, state["optimizer"])
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.ones(3))])
+    opt.load_state_dict(sd)
+    assert torch.equal(opt.state_dict()["state"][0]["exp_avg"], sd["state"][0]["exp_avg"])
+
+
+def test_half_written_checkpoint_is_never_taken(tmp_path):
+    _write(tmp_path, 10)
+    staging = ckpt.staging_dir(tmp_path, 20)  # a crash mid-write leaves only the staging directory
+    ckpt.begin(staging)
+    (staging / "adapter.safetensors").write_bytes(b"partial")
+    path, _ = ckpt.latest_valid(tmp_path)
+    assert path.name == "step-00000010"
+
+
+@pytest.mark.parametrize("damage", ["truncate", "delete_state", "bad_json", "delete_file"])
+def test_corrupt_checkpoint_falls_back_to_the_previous(tmp_path, damage):
+    _write(tmp_path, 10, keep=3)
+    newest = _write(tmp_path, 20, keep=3)
+    if damage == "truncate":
+        f = newest / "adapter.safetensors"
+        f.write_bytes(f.read_bytes()[:50])
+    elif damage == "delete_state":
+        (newest / "state.json").unlink()
+    elif damage == "bad_json":
+        (newest / "state.json").write_text("{")
+    else:
+        (newest / "rng.safetensors").unlink()
+    said = []
+    path, _ = ckpt.latest_valid(tmp_path, say=said.append)
+    assert path.name == "step-00000010"
+    assert len(said) == 1 and "step-00000020" in said[0] and "falling back" in said[0]
+    with pytest.raises(UserError, match="step-00000020"):
+        ckpt.verify(newest)
+
+
+def test_rng_round_trip(tmp_path):
+    torch.manual_seed(3)
+    path = _write(tmp_path, 5)
+    expected = torch.rand(4)
+    torch.manual_seed(99)
+    ckpt.restore_rng(path, json.loads((path / "state.json").read_text()), rank=0)
+    assert torch.equal(torch.rand(4), expected)
+
+
+def test_resume_argument(tmp_path):
+    assert ckpt.resolve("never", tmp_path) is None
+    assert ckpt.resolve("auto", tmp_path) is None  # nothing yet: a fresh start
+    with pytest.raises(UserError, match="not a checkpoint directory"):
+        ckpt.resolve(str(tmp_path / "nope"), tmp_path)

@@ -1,0 +1,249 @@
+"""Distribution on the CPU with gloo, under the real torchrun: world-size invariance, what is all-reduced,
+exact resume after SIGKILL, a killed rank restarted by torchrun, preemption signals, bad launches."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import ROOT, SMOKE, cli_env, read_metrics, run_cli, torchrun
+
+SHORT = ("train.epochs=1", "train.max_steps=24", "train.eval_every=10", "train.eval_batches=2")
+
+
+def adapter(run_dir):
+    return load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
+
+
+def results(run_dir):
+    return json.loads((run_dir / "results.json").read_text())
+
+
+def step_losses(run_dir):
+    out = {}
+    for r in read_metrics(run_dir):
+        if "train_loss_step" in r:
+            out[r["step"]] = r["train_loss_step"]  # a resumed run logs the replayed steps again: same values
+    return [out[k] for k in sorted(out)]
+
+
+def assert_same_adapter(a, b, rtol=1e-5):
+    assert a.keys() == b.keys()
+    for k in a:
+        rel = ((a[k] - b[k]).norm() / a[k].norm().clamp_min(1e-12)).item()
+        assert rel <= rtol, (k, rel)
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ws1") / "run"
+    proc = run_cli("train", "--config", str(SMOKE), f"output_dir={out}", *SHORT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ws2") / "run"
+    proc = torchrun(2, "train", "--config", str(SMOKE), f"output_dir={out}", *SHORT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, proc
+
+
+def test_one_and_two_processes_follow_the_same_trajectory(one_process, two_processes):
+    two, _ = two_processes
+    assert results(two)["world_size"] == 2 and results(one_process)["world_size"] == 1
+    assert_same_adapter(adapter(one_process), adapter(two))
+    a, b = step_losses(one_process), step_losses(two)
+    assert len(a) == len(b) == 24
+    assert max(abs(x - y) / abs(x) for x, y in zip(a, b)) <= 1e-5
+    for key in ("train_accuracy", "val_accuracy", "test_accuracy"):
+        assert results(one_process)[key] == results(two)[key], key
+
+
+def test_only_adapter_gradients_are_all_reduced(two_processes):
+    out, _ = two_processes
+    r = results(out)
+    grad_bytes = r["trainable_params"] * 4  # fp32 gradients of the trainable tensors, nothing else
+    per_step = [m["allreduce_bytes"] for m in read_metrics(out) if "allreduce_bytes" in m]
+    assert per_step and all(b == grad_bytes for b in per_step), (per_step[:3], grad_bytes)
+    assert grad_bytes < r["total_params"] * 4 / 50  # far from the frozen model's size
+
+
+def test_only_rank_zero_prints(two_processes):
+    _, proc = two_processes
+    assert proc.stdout.count("lora-dist: tiny") == 1 and proc.stdout.count("done in") == 1
+
+
+def test_gradient_accumulation_matches(one_process, tmp_path):
+    """batch 8 as 2 ranks x 2 micro-batches x 2 accumulation steps (no_sync between) = batch 8 at once."""
+    out = tmp_path / "accum"
+    proc = torchrun(2, "train", "--config", str(SMOKE), f"output_dir={out}", *SHORT, "train.grad_accum=2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_same_adapter(adapter(one_process), adapter(out))
+    per_step = [m["allreduce_bytes"] for m in read_metrics(out) if "allreduce_bytes" in m]
+    assert set(per_step) == {results(out)["trainable_params"] * 4}  # one all-reduce per step, not per micro-batch
+
+
+def _wait_for_step(run_dir, step, proc, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            return False
+        try:
+            done = [json.loads(x).get("step", 0) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+            if done and max(done) >= step:
+                return True
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.02)
+    return False
+
+
+LONG = ("train.epochs=2", "train.checkpoint_every=20", "train.eval_every=1000")
+
+
+@pytest.fixture(scope="module")
+def clean_long(tmp_path_factory):
+    out = tmp_path_factory.mktemp("clean") / "run"
+    proc = run_cli("train", "--config", str(SMOKE), f"output_dir={out}", *LONG)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+def test_exact_resume_after_sigkill(clean_long, tmp_path):
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "lora_dist", "train", "--config", str(SMOKE), f"output_dir={out}", *LONG, "train.resume=auto"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    assert _wait_for_step(out, 150, proc), "the run ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL and not (out / "results.json").exists()
+    resumed = subprocess.run(cmd, cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout
+    assert_same_adapter(adapter(clean_long), adapter(out), rtol=0.0)
+    for key in ("train_accuracy", "val_accuracy", "test_accuracy", "test_loss"):
+        assert results(clean_long)[key] == results(out)[key], key
+    assert step_losses(clean_long) == step_losses(out)
+
+
+def test_sigterm_checkpoints_and_exits_zero_then_resumes(clean_long, tmp_path):
+    out = tmp_path / "preempted"
+    cmd = [sys.executable, "-m", "lora_dist", "train", "--config", str(SMOKE), f"output_dir={out}", *LONG, "train.resume=auto"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert _wait_for_step(out, 70, proc)
+    proc.send_signal(signal.SIGTERM)
+    stdout, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and "stop signal received" in stdout
+    assert not (out / "results.json").exists()
+    saved = [m for m in read_metrics(out) if m.get("event") == "checkpoint"]
+    assert saved and saved[-1]["step"] not in (20, 40, 60, 80, 100, 120, 130)  # taken at the signal, off the schedule
+    resumed = subprocess.run(cmd, cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same_adapter(adapter(clean_long), adapter(out), rtol=0.0)
+
+
+def _children(pid):
+    try:
+        out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+    except FileNotFoundError:
+        pytest.skip("pgrep (procps) is not installed")
+    return [int(p) for p in out]
+
+
+def _torchrun_cmd(nproc, out, *extra_args, launcher_args=()):
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--rdzv-backend=c10d",
+            "--rdzv-endpoint=127.0.0.1:0", *launcher_args, "-m", "lora_dist", "train", "--config", str(SMOKE),
+            f"output_dir={out}", *LONG, "train.resume=auto", *extra_args]
+
+
+@pytest.fixture(scope="module")
+def clean_long_ddp(tmp_path_factory):
+    out = tmp_path_factory.mktemp("clean-ddp") / "run"
+    proc = subprocess.run(_torchrun_cmd(2, out), cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+def test_killed_rank_is_restarted_and_resumes(clean_long_ddp, tmp_path):
+    """torchrun --max-restarts=1: SIGKILL one rank mid-run; the job restarts, resumes, and ends as a clean run."""
+    out = tmp_path / "faulty"
+    proc = subprocess.Popen(_torchrun_cmd(2, out, launcher_args=("--max-restarts=1",)), cwd=ROOT, env=cli_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert _wait_for_step(out, 150, proc)
+    workers = _children(proc.pid)
+    assert len(workers) == 2
+    os.kill(workers[-1], signal.SIGKILL)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "resumed from" in stdout
+    assert_same_adapter(adapter(clean_long_ddp), adapter(out), rtol=0.0)
+    assert results(clean_long_ddp)["test_accuracy"] == results(out)["test_accuracy"]
+
+
+def test_usr1_to_one_rank_stops_every_rank_cleanly(tmp_path):
+    out = tmp_path / "usr1"
+    proc = subprocess.Popen(_torchrun_cmd(2, out), cwd=ROOT, env=cli_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    assert _wait_for_step(out, 30, proc)
+    os.kill(_children(proc.pid)[-1], signal.SIGUSR1)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "stop signal received" in stdout and not (out / "results.json").exists()
+    assert any(m.get("event") == "checkpoint" for m in read_metrics(out))
+
+
+# ------------------------------------------------------------------------------------------ bad input
+
+
+def test_global_batch_that_does_not_divide(tmp_path):
+    proc = torchrun(2, "train", "--config", str(SMOKE), f"output_dir={tmp_path / 'o'}", "train.batch_size=7")
+    assert proc.returncode != 0
+    assert proc.stderr.count("error: train.batch_size=7 is the global batch and must divide by world size x grad_accum = 2 x 1") == 1
+
+
+def test_world_size_larger_than_the_training_batches(tmp_path):
+    data = tmp_path / "few.csv"
+    data.write_text("text,label\n" + "".join(f"message {i},{'spam' if i % 2 else 'ham'}\n" for i in range(20)))
+    proc = torchrun(2, "train", "--config", str(SMOKE), f"output_dir={tmp_path / 'o'}", f"data.source={data}",
+                    "data.balance=false", "train.batch_size=16")
+    assert proc.returncode != 0
+    assert proc.stderr.count("error: the training split has 14 examples, fewer than one global batch of 16") == 1
+
+
+def test_nccl_without_a_gpu(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: nccl is a valid choice here")
+    proc = run_cli("train", "--config", str(SMOKE), f"output_dir={tmp_path}", "dist.strategy=ddp", "dist.backend=nccl")
+    assert proc.returncode == 2 and "error: dist.backend=nccl needs a CUDA GPU" in proc.stderr
+
+
+def test_ranks_with_different_configs_are_refused(tmp_path):
+    """Two ranks started by hand (as a broken launcher would) with different overrides."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for rank, lr in ((0, "1e-3"), (1, "2e-3")):
+        env = cli_env(RANK=rank, WORLD_SIZE=2, LOCAL_RANK=rank, MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+        procs.append(subprocess.Popen([sys.executable, "-m", "lora_dist", "train", "--config", str(SMOKE),
+                                       f"output_dir={tmp_path / 'o'}", f"train.lr={lr}"], cwd=ROOT, env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [2, 2]
+    assert "error: ranks started with different configs" in outs[0][1]
+    assert outs[1][1].strip() == ""  # only rank 0 speaks
+
+
+def test_strategy_none_with_several_processes(tmp_path):
+    proc = torchrun(2, "train", "--config", str(SMOKE), f"output_dir={tmp_path / 'o'}", "dist.strategy=none")
+    assert proc.returncode != 0 and "error: dist.strategy=none, but 2 processes were launched" in proc.stderr
