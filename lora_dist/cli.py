@@ -51,9 +51,8 @@ def main(argv: list[str] | None = None) -> int:
 
         run(cfg)
         return 0
-    except UserError as e:
-        if rank == 0:
-            print(f"error: {e}", file=sys.stderr, flush=True)
+    except UserError as e:  # every rank that fails says so; rank 0 without a prefix
+        print(f"error: {e}" if rank == 0 else f"error (rank {rank}): {e}", file=sys.stderr, flush=True)
         return 2
     except KeyboardInterrupt:
         return 130

@@ -51,6 +51,8 @@ def deepspeed_config(cfg, micro: int, accum: int, world: int, device_type: str =
     merged.setdefault("zero_optimization", {"stage": 0})
     merged.setdefault("steps_per_print", 10**9)
     merged.setdefault("wall_clock_breakdown", False)
+    # DeepSpeed's own counters of every collective's size, read after each step (allreduce_bytes metric).
+    merged.setdefault("comms_logger", {"enabled": True, "verbose": False, "prof_all": True, "debug": False})
     merged.setdefault("zero_allow_untested_optimizer", True)
     return merged
 
@@ -85,7 +87,7 @@ class DeepSpeed(DDP):
         self.model, self.optimizer, _, _ = deepspeed.initialize(
             model=model, model_parameters=trainable, config=self.ds_config, dist_init_required=False
         )
-        self._grad_bytes = sum(p.numel() * _grad_itemsize(self.ds_config) for p in trainable)
+        self._logged_bytes = _reduced_bytes()
 
     @property
     def module(self) -> nn.Module:
@@ -106,7 +108,9 @@ class DeepSpeed(DDP):
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.model.step()
-        self._comm_bytes += self._grad_bytes
+        now = _reduced_bytes()
+        self._comm_bytes += now - self._logged_bytes
+        self._logged_bytes = now
         norm = self.model.get_global_grad_norm()
         return float(norm) if norm is not None else float("nan")
 
@@ -118,6 +122,10 @@ class DeepSpeed(DDP):
         chosen = [params[n] for n in names]
         with deepspeed.zero.GatheredParameters(chosen, modifier_rank=None, enabled=self.stage == 3):
             return {n: p.detach().float().cpu().clone() for n, p in zip(names, chosen)}
+
+    def load_adapter(self, state, source: str) -> None:
+        """Nothing to do: `load_sharded` restores every trainable tensor from DeepSpeed's own module state
+        (partitioned under ZeRO-3), and frozen tensors are rebuilt identically from the seed."""
 
     def optimizer_state(self) -> dict | None:
         return None  # sharded: see save_sharded
@@ -131,8 +139,11 @@ class DeepSpeed(DDP):
             raise UserError(f"checkpoint {path} has no DeepSpeed state; resume it with the strategy it was written with")
 
 
-def _grad_itemsize(ds_config: dict) -> int:
-    if ds_config.get("bf16", {}).get("enabled") or ds_config.get("fp16", {}).get("enabled"):
-        return 2
-    return 4
+def _reduced_bytes() -> int:
+    """Bytes of all reduce-type collectives so far (all-reduce, reduce-scatter, reduce), from DeepSpeed's
+    comms logger; parameter all-gathers (ZeRO-3) are not gradient traffic and are left out."""
+    from deepspeed.comm.comm import comms_logger
+
+    return sum(size * rec[0] for name, sizes in comms_logger.comms_dict.items() if "reduce" in name
+               for size, rec in sizes.items())
 

@@ -59,8 +59,11 @@ def make_strategy(cfg: Config, env: DistEnv | None = None) -> "Local":
     if kind == "none" and env.world_size > 1:
         raise UserError(f"dist.strategy=none, but {env.world_size} processes were launched; use dist.strategy=ddp or deepspeed (or auto)")
     device = pick_device(cfg.train.device, env.local_rank)
-    cls = {"none": Local, "ddp": DDP, "deepspeed": DeepSpeed}[kind]
-    return cls(cfg, env, device)
+    if kind == "deepspeed":
+        from .deepspeed_strategy import DeepSpeed  # imports deepspeed only when asked for
+
+        return DeepSpeed(cfg, env, device)
+    return {"none": Local, "ddp": DDP}[kind](cfg, env, device)
 
 
 class Local:
@@ -152,6 +155,11 @@ class Local:
         params = dict(self.module.named_parameters())
         return {n: params[n].detach().cpu().clone() for n in names}
 
+    def load_adapter(self, state: dict[str, torch.Tensor], source: str) -> None:
+        from .lora import load_adapter_state_dict
+
+        load_adapter_state_dict(self.module, state, source=source)
+
     def optimizer_state(self) -> dict | None:
         return self.optimizer.state_dict()
 
@@ -239,5 +247,3 @@ def _counting_allreduce_hook(state, bucket):  # no annotations: DDP checks them,
     fut = dist.all_reduce(buf, async_op=True).get_future()
     return fut.then(lambda f: f.value()[0])
 
-
-from .deepspeed_strategy import DeepSpeed  # noqa: E402  (it subclasses DDP)

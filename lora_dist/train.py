@@ -23,7 +23,7 @@ from . import checkpoint as ckpt
 from .config import Config
 from .data import CLASS_NAMES, build_datasets, eval_loader, make_loaders, micro_batch_size, prepare_splits, write_splits
 from .errors import UserError
-from .lora import adapter_state_dict, count_params, inject_lora, load_adapter_state_dict
+from .lora import adapter_state_dict, count_params, inject_lora
 from .model import GPT2
 from .report import finish_report
 from .schedule import lr_at
@@ -131,7 +131,7 @@ class Trainer:
         path, state = found
         if state.get("world_size") != self.world and self.strategy.name == "deepspeed":
             raise UserError(f"checkpoint {path} was written by {state.get('world_size')} DeepSpeed ranks, not {self.world}; resume with the same world size")
-        load_adapter_state_dict(self.strategy.module, ckpt.load_tensors(path, "adapter.safetensors"), source=str(path))
+        self.strategy.load_adapter(ckpt.load_tensors(path, "adapter.safetensors"), source=str(path))
         if state.get("optimizer") is not None:
             self.strategy.load_optimizer_state(ckpt.optimizer_state(path, state["optimizer"]))
         self.strategy.load_sharded(path)
@@ -334,7 +334,7 @@ def save_adapter(path: Path, tensors: dict[str, torch.Tensor], cfg: Config, modu
 
 
 def run(cfg: Config) -> dict | None:
-    """Train with `cfg`; returns results.json's content (None when stopped by a signal, or on ranks > 0)."""
+    """Train with `cfg`; returns results.json's content (None when stopped by a signal)."""
     start = time.perf_counter()
     trainer = Trainer(cfg)
     ok = False
@@ -342,7 +342,7 @@ def run(cfg: Config) -> dict | None:
         trainer.setup()
         results = trainer.finish(time.perf_counter() - start) if trainer.train() else None
         ok = True
-        return results if trainer.rank == 0 else None
+        return results
     finally:
         trainer.out.close()
         trainer.strategy.cleanup(ok)

@@ -241,7 +241,7 @@ def test_ranks_with_different_configs_are_refused(tmp_path):
     outs = [p.communicate(timeout=120) for p in procs]
     assert [p.returncode for p in procs] == [2, 2]
     assert "error: ranks started with different configs" in outs[0][1]
-    assert outs[1][1].strip() == ""  # only rank 0 speaks
+    assert "error (rank 1): ranks started with different configs" in outs[1][1]
 
 
 def test_strategy_none_with_several_processes(tmp_path):
