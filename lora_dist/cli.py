@@ -18,13 +18,14 @@ from .errors import UserError
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lora-dist", description="LoRA fine-tuning of GPT-2 on the SMS spam data.")
+    # The deepspeed launcher passes --local_rank=N before the subcommand; the rank comes from the environment.
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = p.add_subparsers(dest="command", required=True)
     for name, text in (("train", "fine-tune (under torchrun or deepspeed for several processes)"),
                        ("params", "print total and trainable parameter counts without training")):
         c = sub.add_parser(name, help=text)
         c.add_argument("--config", required=True, help="YAML file, e.g. configs/smoke.yaml")
         c.add_argument("overrides", nargs="*", help="key=value, e.g. train.epochs=1 output_dir=runs/x")
-        c.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
     r = sub.add_parser("report", help="write RUN_DIR/report.md and RUN_DIR/plots/ for a finished run, and print the report")
     r.add_argument("run_dir", help="a training run's output_dir, e.g. runs/smoke")
     e = sub.add_parser("eval", help="re-evaluate a run's saved adapter on one of its splits or on your own labelled file")

@@ -1,0 +1,173 @@
+#!/usr/bin/env python3
+"""Turn "N processes on each of M nodes" into the right torchrun or deepspeed command, and run it.
+
+    python launcher/launch.py -- train --config configs/smoke.yaml                       # 1 proc (CPU) or 1/GPU
+    python launcher/launch.py --nproc-per-node 8 -- train --config configs/gpt2-small-lora.yaml
+    python launcher/launch.py --nnodes 2 --node-rank 0 --rdzv-endpoint node1:29500 -- train --config ...
+    python launcher/launch.py --launcher deepspeed --nproc-per-node 8 -- train --config ... dist.strategy=deepspeed
+    python launcher/launch.py --dry-run -- train --config configs/smoke.yaml             # print, don't run
+
+Unset options come from the environment: Slurm (SLURM_NNODES, SLURM_NODEID, SLURM_JOB_ID,
+SLURM_GPUS_ON_NODE), or NNODES / NODE_RANK / MASTER_ADDR / MASTER_PORT as Kubernetes operators set them.
+Multi-node runs use torchrun's c10d rendezvous. SIGUSR1 or SIGTERM sent to this script is passed to the
+training workers as SIGUSR1: they save a checkpoint at the next step and exit 0 (Slurm preemption).
+Standard library only, so it runs before anything is installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+DEFAULT_PORT = 29500
+
+
+def _env_int(*names: str) -> int | None:
+    for name in names:
+        value = os.environ.get(name, "").split("(")[0]  # SLURM_TASKS_PER_NODE may read "4(x2)"
+        if value.strip().isdigit():
+            return int(value)
+    return None
+
+
+def _gpu_count() -> int:
+    n = _env_int("SLURM_GPUS_ON_NODE")
+    if n is not None:
+        return n
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return len([d for d in visible.split(",") if d.strip() and d.strip() != "-1"])
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20)
+        return sum(1 for line in out.stdout.splitlines() if line.startswith("GPU "))
+    except (OSError, subprocess.SubprocessError):
+        return 0
+
+
+def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    if "--" in argv:
+        i = argv.index("--")
+        ours, rest = argv[:i], argv[i + 1 :]
+    else:
+        ours, rest = argv, []
+    p = argparse.ArgumentParser(prog="launch.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("--launcher", choices=("torchrun", "deepspeed"), default="torchrun")
+    p.add_argument("--nproc-per-node", type=int, default=None, help="default: GPUs on this node, or 1 on CPU")
+    p.add_argument("--nnodes", type=int, default=None, help="default: SLURM_NNODES / NNODES, else 1")
+    p.add_argument("--node-rank", type=int, default=None, help="default: SLURM_NODEID / NODE_RANK, else 0")
+    p.add_argument("--rdzv-endpoint", default=None, help="HOST:PORT of the first node (multi-node)")
+    p.add_argument("--rdzv-id", default=None, help="default: SLURM_JOB_ID, else 'lora-dist'")
+    p.add_argument("--max-restarts", type=int, default=0, help="torchrun restarts the whole group this often")
+    p.add_argument("--python", default=sys.executable, help="the Python that runs torchrun/deepspeed")
+    p.add_argument("--dry-run", action="store_true", help="print the command instead of running it")
+    args = p.parse_args(ours)
+    if not rest:
+        p.error("give the lora-dist command after --, e.g. -- train --config configs/smoke.yaml")
+    return args, rest
+
+
+def build_command(args: argparse.Namespace, rest: list[str]) -> list[str]:
+    nnodes = args.nnodes or _env_int("SLURM_NNODES", "SLURM_JOB_NUM_NODES", "NNODES") or 1
+    node_rank = args.node_rank if args.node_rank is not None else (_env_int("SLURM_NODEID", "NODE_RANK") or 0)
+    nproc = args.nproc_per_node or _gpu_count() or 1
+    if nnodes < 1 or nproc < 1 or not 0 <= node_rank < nnodes:
+        raise SystemExit(f"launch.py: error: impossible layout: {nnodes} node(s), {nproc} process(es) per node, node rank {node_rank}")
+    endpoint = args.rdzv_endpoint
+    if endpoint is None and os.environ.get("MASTER_ADDR"):
+        endpoint = f"{os.environ['MASTER_ADDR']}:{os.environ.get('MASTER_PORT', DEFAULT_PORT)}"
+    if nnodes > 1 and endpoint is None:
+        raise SystemExit("launch.py: error: several nodes need --rdzv-endpoint HOST:PORT (the first node), or MASTER_ADDR")
+    run_id = args.rdzv_id or os.environ.get("SLURM_JOB_ID") or "lora-dist"
+    if args.launcher == "deepspeed":
+        if nnodes > 1:
+            raise SystemExit("launch.py: error: for several nodes use the torchrun launcher with dist.strategy=deepspeed "
+                             "(deepspeed's own multi-node launcher needs pdsh and a hostfile)")
+        port = endpoint.rsplit(":", 1)[1] if endpoint else str(DEFAULT_PORT)
+        return [args.python, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc), "--master_port", port,
+                "--module", "lora_dist", *rest]
+    cmd = [args.python, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", f"--max-restarts={args.max_restarts}"]
+    if nnodes == 1 and endpoint is None:
+        cmd.append("--standalone")
+    else:
+        cmd += [f"--nnodes={nnodes}", f"--node-rank={node_rank}", "--rdzv-backend=c10d",
+                f"--rdzv-endpoint={endpoint}", f"--rdzv-id={run_id}"]
+    return cmd + ["-m", "lora_dist", *rest]
+
+
+# ------------------------------------------------------------------------------- signal forwarding
+
+
+def _ppid_map() -> dict[int, int]:
+    out = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+                out[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                pass
+    return out
+
+
+def _has_local_rank(pid: int) -> bool:
+    try:
+        return b"\0LOCAL_RANK=" in b"\0" + (Path("/proc") / str(pid) / "environ").read_bytes()
+    except OSError:
+        return False
+
+
+def training_workers(root: int) -> list[int]:
+    """The launcher's worker processes: descendants with LOCAL_RANK whose parent has none (so neither
+    torchrun's agent nor a DataLoader worker)."""
+    parents = _ppid_map()
+    children: dict[int, list[int]] = {}
+    for pid, ppid in parents.items():
+        children.setdefault(ppid, []).append(pid)
+    found, stack = [], list(children.get(root, []))
+    while stack:
+        pid = stack.pop()
+        if _has_local_rank(pid) and not _has_local_rank(parents.get(pid, 0)):
+            found.append(pid)
+        else:
+            stack += children.get(pid, [])
+    return sorted(found)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, rest = parse(sys.argv[1:] if argv is None else argv)
+    cmd = build_command(args, rest)
+    print("launch.py:", shlex.join(cmd), flush=True)
+    if args.dry_run:
+        return 0
+    child = subprocess.Popen(cmd)
+    forwarded = []
+
+    def forward(signum, frame):
+        workers = training_workers(child.pid)
+        forwarded.append(signum)
+        print(f"launch.py: got {signal.Signals(signum).name}; asking {len(workers)} worker(s) to checkpoint and stop", flush=True)
+        if workers:
+            for pid in workers:
+                try:
+                    os.kill(pid, signal.SIGUSR1)
+                except ProcessLookupError:
+                    pass
+        else:  # not started yet: stop the launcher itself
+            child.send_signal(signal.SIGTERM)
+
+    for sig in (signal.SIGUSR1, signal.SIGTERM):
+        signal.signal(sig, forward)
+    while True:
+        try:
+            return child.wait()
+        except KeyboardInterrupt:
+            child.send_signal(signal.SIGINT)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,101 @@
+"""launcher/launch.py: the torchrun/deepspeed command it builds, a real 2-process run through it, and
+SIGUSR1 passed to the workers (checkpoint, exit 0, resume)."""
+
+import json
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, SMOKE, cli_env, read_metrics
+from test_distributed import _wait_for_step
+
+sys.path.insert(0, str(ROOT / "launcher"))
+import launch  # noqa: E402
+
+QUICK = ("train.epochs=1", "train.max_steps=12", "train.eval_every=1000", "tracking.wandb.mode=disabled")
+
+
+def build(argv, monkeypatch, **env):
+    for k in ("SLURM_NNODES", "SLURM_JOB_NUM_NODES", "NNODES", "SLURM_NODEID", "NODE_RANK", "SLURM_JOB_ID",
+              "SLURM_GPUS_ON_NODE", "MASTER_ADDR", "MASTER_PORT", "CUDA_VISIBLE_DEVICES"):
+        monkeypatch.delenv(k, raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setattr(launch, "_gpu_count", lambda: int(env.get("SLURM_GPUS_ON_NODE", 0)))
+    args, rest = launch.parse(argv)
+    return launch.build_command(args, rest)
+
+
+def test_single_node_command(monkeypatch):
+    cmd = build(["--nproc-per-node", "8", "--", "train", "--config", "c.yaml"], monkeypatch)
+    assert cmd[1:5] == ["-m", "torch.distributed.run", "--nproc-per-node=8", "--max-restarts=0"]
+    assert "--standalone" in cmd and cmd[-5:] == ["-m", "lora_dist", "train", "--config", "c.yaml"]
+
+
+def test_slurm_multi_node_command(monkeypatch):
+    cmd = build(["--rdzv-endpoint", "10.1.2.3:29500", "--", "train", "--config", "c.yaml"], monkeypatch,
+                SLURM_NNODES="4", SLURM_NODEID="2", SLURM_JOB_ID="777", SLURM_GPUS_ON_NODE="8")
+    assert "--nproc-per-node=8" in cmd and "--nnodes=4" in cmd and "--node-rank=2" in cmd
+    assert "--rdzv-backend=c10d" in cmd and "--rdzv-endpoint=10.1.2.3:29500" in cmd and "--rdzv-id=777" in cmd
+    assert "--standalone" not in cmd
+
+
+def test_deepspeed_command(monkeypatch):
+    cmd = build(["--launcher", "deepspeed", "--nproc-per-node", "4", "--", "train", "--config", "c.yaml"], monkeypatch)
+    assert cmd[1:7] == ["-m", "deepspeed.launcher.runner", "--num_gpus", "4", "--master_port", "29500"]
+    assert cmd[-5:] == ["--module", "lora_dist", "train", "--config", "c.yaml"]
+
+
+@pytest.mark.parametrize("argv,env,message", [
+    (["--nnodes", "2", "--", "train"], {}, "need --rdzv-endpoint"),
+    (["--nnodes", "2", "--node-rank", "5", "--rdzv-endpoint", "h:1", "--", "train"], {}, "impossible layout"),
+    (["--launcher", "deepspeed", "--", "train"], {"SLURM_NNODES": "2", "MASTER_ADDR": "h"}, "torchrun launcher"),
+])
+def test_impossible_layouts(monkeypatch, argv, env, message):
+    with pytest.raises(SystemExit, match=message):
+        build(argv, monkeypatch, **env)
+
+
+def test_dry_run_prints_the_command():
+    proc = subprocess.run([sys.executable, "launcher/launch.py", "--dry-run", "--nproc-per-node", "2", "--", "train",
+                           "--config", "configs/smoke.yaml"], cwd=ROOT, capture_output=True, text=True, env=cli_env())
+    assert proc.returncode == 0 and "torch.distributed.run --nproc-per-node=2" in proc.stdout
+
+
+def test_two_processes_through_the_launcher(tmp_path):
+    proc = subprocess.run([sys.executable, "launcher/launch.py", "--nproc-per-node", "2", "--", "train", "--config",
+                           str(SMOKE), f"output_dir={tmp_path}", *QUICK], cwd=ROOT, capture_output=True, text=True,
+                          env=cli_env(), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((tmp_path / "results.json").read_text())["world_size"] == 2
+
+
+def test_deepspeed_launcher_runs(tmp_path):
+    pytest.importorskip("deepspeed", reason="DeepSpeed is an extra: pip install -e .[deepspeed]")
+    proc = subprocess.run([sys.executable, "launcher/launch.py", "--launcher", "deepspeed", "--nproc-per-node", "2",
+                           "--", "train", "--config", str(SMOKE), f"output_dir={tmp_path}", *QUICK,
+                           "dist.strategy=deepspeed", "dist.deepspeed_config=configs/deepspeed/zero2.json"],
+                          cwd=ROOT, capture_output=True, text=True, env=cli_env(), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads((tmp_path / "results.json").read_text())
+    assert r["world_size"] == 2 and r["strategy"] == "deepspeed"
+
+
+def test_usr1_to_the_launcher_checkpoints_and_resumes(tmp_path):
+    args = [sys.executable, "launcher/launch.py", "--nproc-per-node", "2", "--", "train", "--config", str(SMOKE),
+            f"output_dir={tmp_path}", "train.epochs=2", "train.eval_every=1000", "train.resume=auto",
+            "tracking.wandb.mode=disabled"]
+    proc = subprocess.Popen(args, cwd=ROOT, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert _wait_for_step(tmp_path, 20, proc)
+    proc.send_signal(signal.SIGUSR1)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "asking 2 worker(s) to checkpoint and stop" in stdout and "stop signal received" in stdout
+    assert not (tmp_path / "results.json").exists()
+    stopped_at = [m for m in read_metrics(tmp_path) if m.get("event") == "checkpoint"][-1]["step"]
+    again = subprocess.run(args, cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"(step {stopped_at}," in again.stdout
+    assert json.loads((tmp_path / "results.json").read_text())["steps"] == 2 * (1045 // 8)
