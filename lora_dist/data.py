@@ -57,7 +57,7 @@ def download_sms(url: str, cache_dir: Path | None = None, timeout: float = 15.0)
     if _sha256(content) != SMS_SHA256:
         raise ValueError(f"SMSSpamCollection from {url} has an unexpected sha256")
     cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_suffix(".tmp")
+    tmp = target.with_suffix(f".{os.getpid()}.tmp")  # several ranks may download at once
     tmp.write_bytes(content)
     os.replace(tmp, target)
     return target

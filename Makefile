@@ -1,0 +1,56 @@
+# lora-dist: the two quick-start commands, and the setup they share.
+#   make train   set up .venv and fine-tune GPT-2 small on the SMS data (the book's recipe)
+#   make test    set up .venv with the test extras and run the tests
+# On a machine whose Python already has a CUDA build of torch:  make train USE_SYSTEM_TORCH=1
+# Another torch build:  make train TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
+
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+USE_SYSTEM_TORCH ?= 0
+CONFIG ?= configs/gpt2-small-lora.yaml
+ARGS ?=
+PYTEST_ARGS ?=
+
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.lora-dist-installed
+
+.PHONY: setup setup-dev train smoke test clean
+
+$(BIN)/python:
+ifeq ($(USE_SYSTEM_TORCH),1)
+	$(PYTHON) -c "import torch; print('using the installed torch', torch.__version__, 'cuda', torch.version.cuda)"
+	$(PYTHON) -m venv --system-site-packages $(VENV)
+else
+	$(PYTHON) -m venv $(VENV)
+endif
+	$(BIN)/python -m pip install -q --upgrade pip
+
+# torch first and pinned: a later unpinned "torch>=..." is then already satisfied, so pip never fetches
+# a multi-GB CUDA build by accident.
+$(STAMP): $(BIN)/python pyproject.toml
+ifneq ($(USE_SYSTEM_TORCH),1)
+	$(BIN)/python -m pip install -q $(TORCH_SPEC)
+endif
+	$(BIN)/python -m pip install -q -e ".[wandb]"
+	touch $@
+
+$(STAMP)-dev: $(STAMP)
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $@
+
+setup: $(STAMP)
+
+setup-dev: $(STAMP)-dev
+
+train: setup
+	$(BIN)/lora-dist train --config $(CONFIG) $(ARGS)
+
+smoke: setup
+	$(BIN)/lora-dist train --config configs/smoke.yaml output_dir=runs/smoke overwrite=true $(ARGS)
+
+test: setup-dev
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache
