@@ -12,6 +12,7 @@ goes on: online falls back to offline, anything else to no W&B, with one warning
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -34,7 +35,7 @@ KEYS = {
     "allreduce_bytes": "train/allreduce_bytes", "step_seconds": "train/step_seconds", "gpu_mem_gb": "train/gpu_mem_gb",
     "train_loss": "eval/train_loss", "val_loss": "eval/val_loss", "train_acc": "eval/train_acc", "val_acc": "eval/val_acc",
 }
-SPLITS = {"train": "train", "validation": "val", "test": "test"}  # results.json split -> summary prefix
+SPLITS = {"train": "train", "validation": "val", "test": "test"}  # results.json confusion key -> key prefix
 
 
 def resolve_mode(mode: str, env=os.environ) -> tuple[str, str | None]:
@@ -81,18 +82,13 @@ def wandb_record(record: dict) -> dict:
 
 
 def summary_of(results: dict) -> dict:
-    """W&B summary values from results.json (or the loop's final record): per split accuracy, loss and,
-    where the confusion matrix is known, precision, recall and F1 for spam; and the run's totals."""
-    out = {}
-    for key, value in results.items():
-        split, _, metric = key.partition("_")
-        if split in SPLITS.values() and metric in ("accuracy", "loss"):
-            out[f"{split}/{metric}"] = value
-        elif isinstance(value, (int, float)) and not isinstance(value, bool):
-            out[key] = value
+    """W&B summary values from results.json (or the loop's final record), under `final/`: per split
+    accuracy, loss and, where the confusion matrix is known, precision, recall and F1 for spam; and the
+    run's totals (parameters, time, throughput)."""
+    out = {f"final/{k}": v for k, v in results.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     for split, matrix in (results.get("confusion") or {}).items():
         s = scores(matrix)
-        out |= {f"{SPLITS.get(split, split)}/{m}": s[m] for m in ("precision", "recall", "f1")}
+        out |= {f"final/{SPLITS.get(split, split)}_{m}": s[m] for m in ("precision", "recall", "f1")}
     return out
 
 
@@ -106,19 +102,23 @@ def open_wandb(cfg, run_dir: Path, info: dict, say=print) -> "WandbSink | None":
         return None
     wandb = _wandb()
     run_dir = Path(run_dir)
-    kwargs = dict(project=w.project, entity=w.entity, name=w.name or run_dir.resolve().name,
-                  group=w.group or default_group(), tags=list(w.tags) or None, job_type="train",
-                  config={**cfg.to_dict(), "run": info}, id=run_id(run_dir, cfg.train.resume != "never"),
-                  resume="allow", dir=str(run_dir))
-    if "WANDB_INIT_TIMEOUT" not in os.environ:
-        kwargs["settings"] = wandb.Settings(init_timeout=INIT_TIMEOUT_S)
+    try:
+        kwargs = dict(project=w.project, entity=w.entity, name=w.name or run_dir.resolve().name,
+                      group=w.group or default_group(), tags=list(w.tags) or None, job_type="train",
+                      config={**cfg.to_dict(), "run": info}, id=run_id(run_dir, cfg.train.resume != "never"),
+                      resume="allow", dir=str(run_dir))
+        if "WANDB_INIT_TIMEOUT" not in os.environ:
+            kwargs["settings"] = wandb.Settings(init_timeout=INIT_TIMEOUT_S)
+    except Exception as e:  # noqa: BLE001
+        say(f"warning: W&B could not start ({_line(e)}); training continues without W&B")
+        return None
     try:
         return WandbSink(wandb.init(mode=mode, **kwargs), run_dir, say)
     except Exception as e:  # noqa: BLE001 - W&B must never stop a training run
         if mode != "online":
             say(f"warning: W&B could not start ({_line(e)}); training continues without W&B")
             return None
-        say(f"warning: W&B online is not reachable ({_line(e)}); logging offline to {run_dir / 'wandb'} instead "
+        say(f"warning: W&B online could not start ({_line(e)}); logging offline to {run_dir / 'wandb'} instead "
             f"(upload later with: wandb sync {run_dir / 'wandb'}/offline-run-*)")
     _teardown(wandb)
     try:
@@ -186,7 +186,8 @@ class WandbSink:
             meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
             artifact = wandb.Artifact(f"adapter-{self.run.id}", type="model", metadata=meta,
                                       description="LoRA adapter: adapter_model.safetensors + adapter_config.json")
-            artifact.add_dir(str(adapter))
+            with _data_dir(self.dir / "wandb"):  # wandb copies the files to stage them: keep that copy in the run
+                artifact.add_dir(str(adapter))
             self.run.log_artifact(artifact)
 
     def _fail(self, e: Exception) -> None:
@@ -204,6 +205,19 @@ def _wandb():
     except Exception:  # noqa: BLE001 - missing or broken install
         return None
     return wandb
+
+
+@contextlib.contextmanager
+def _data_dir(path: Path):
+    """WANDB_DATA_DIR (where wandb stages artifact files until they are uploaded) = `path`, unless set."""
+    if "WANDB_DATA_DIR" in os.environ:
+        yield
+        return
+    os.environ["WANDB_DATA_DIR"] = str(path)
+    try:
+        yield
+    finally:
+        os.environ.pop("WANDB_DATA_DIR", None)
 
 
 def _teardown(wandb) -> None:
