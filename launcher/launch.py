@@ -144,7 +144,11 @@ def main(argv: list[str] | None = None) -> int:
     print("launch.py:", shlex.join(cmd), flush=True)
     if args.dry_run:
         return 0
-    child = subprocess.Popen(cmd)
+    # With restarts, torchrun's shared rendezvous store can hand a new round the previous round's
+    # addresses (pytorch/pytorch#135712); each round then gets a store of its own.
+    env = dict(os.environ)
+    env.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
+    child = subprocess.Popen(cmd, env=env)
     forwarded = []
 
     def forward(signum, frame):

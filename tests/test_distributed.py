@@ -173,10 +173,14 @@ def clean_long_ddp(tmp_path_factory):
 
 
 def test_killed_rank_is_restarted_and_resumes(clean_long_ddp, tmp_path):
-    """torchrun --max-restarts=1: SIGKILL one rank mid-run; the job restarts, resumes, and ends as a clean run."""
+    """torchrun --max-restarts: SIGKILL one rank mid-run; the job restarts, resumes, and ends as a clean run."""
     out = tmp_path / "faulty"
-    proc = subprocess.Popen(_torchrun_cmd(2, out, launcher_args=("--max-restarts=1",)), cwd=ROOT, env=cli_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # A short collective timeout: a survivor blocked on its dead peer gives up in seconds, not minutes.
+    # TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1: torchrun otherwise lends its rendezvous store to the workers, and a
+    # restarted round can read the previous round's gloo addresses (pytorch/pytorch#135712); launch.py sets it.
+    proc = subprocess.Popen(_torchrun_cmd(2, out, "dist.timeout_s=30", launcher_args=("--max-restarts=1",)), cwd=ROOT,
+                            env=cli_env(TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
     assert _wait_for_step(out, 150, proc)
     workers = _children(proc.pid)
     assert len(workers) == 2
