@@ -148,7 +148,9 @@ def main(argv: list[str] | None = None) -> int:
     # addresses (pytorch/pytorch#135712); each round then gets a store of its own.
     env = dict(os.environ)
     env.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
-    child = subprocess.Popen(cmd, env=env)
+    # torchrun dies of SIGUSR1 (its default action), so it starts with SIGUSR1 ignored: a USR1 sent to
+    # every process of a job (scancel --signal=USR1 JOBID) reaches the workers, whose handler overrides it.
+    child = subprocess.Popen(cmd, env=env, preexec_fn=lambda: signal.signal(signal.SIGUSR1, signal.SIG_IGN))
     forwarded = []
 
     def forward(signum, frame):

@@ -38,6 +38,18 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    code = _main(argv)
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        # Everything is written and the process group is gone; skip C++ static destructors, which at
+        # interpreter exit sometimes abort ("terminate called without an active exception") and would
+        # turn a finished rank into a failed one.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
+def _main(argv: list[str] | None) -> int:
     args = _parser().parse_args(argv)
     rank = int(os.environ.get("RANK", 0))
     try:
