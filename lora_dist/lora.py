@@ -32,8 +32,14 @@ class LoRALayer(nn.Module):
         self.scale = scale
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.scale * ((self.dropout(x) @ self.A) @ self.B)  # (..., in) -> (..., r) -> (..., out)
+    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """scale * (x @ A) @ B, or with `y` given, y + that as one addmm (the scale and the sum ride on the
+        matmul). Always entered through the module call, so hooks (DeepSpeed ZeRO-3's fetches) see it."""
+        xa = self.dropout(x) @ self.A  # (..., in) -> (..., r)
+        if y is None:
+            return self.scale * (xa @ self.B)  # (..., out)
+        out = torch.addmm(y.reshape(-1, y.shape[-1]), xa.reshape(-1, xa.shape[-1]), self.B, alpha=self.scale)
+        return out.view(y.shape)  # (..., out)
 
     def delta_weight(self) -> torch.Tensor:
         """The update in nn.Linear's (out, in) layout, computed in fp32."""
@@ -53,9 +59,12 @@ class LinearWithLoRA(nn.Module):
         return self._original is not None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.merged:
-            return self.linear(x)
-        return self.linear(x) + self.lora(x)
+        return self.add_to(x, self.linear(x))
+
+    def add_to(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
+        """The layer's output given its base layer's output `base_out` (the model may compute that for
+        several frozen layers at once, e.g. a fused Q/K/V matmul)."""
+        return base_out if self.merged else self.lora(x, base_out)
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -156,3 +165,17 @@ def count_params(model: nn.Module) -> tuple[int, int]:
     total = sum(p.numel() for n, p in model.named_parameters() if ".lora." not in f".{n}")
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return total, trainable
+
+
+@torch.no_grad()
+def cast_frozen(model: nn.Module, dtype: torch.dtype, prefix: str = "blocks.") -> int:
+    """Store the frozen Linear layers under `prefix` in `dtype` (bf16 or fp16), for training under autocast
+    to that dtype: autocast would round them to it at every use anyway, so the results are the same, and
+    each step saves the casts and half the weight memory. Adapters, norms, embeddings and the head stay as
+    they are. Returns the number of layers cast."""
+    n = 0
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Linear) and name.startswith(prefix) and not any(p.requires_grad for p in m.parameters()):
+            m.to(dtype)
+            n += 1
+    return n

@@ -3,7 +3,8 @@
     python -c "import lora_dist; m = lora_dist.load_gpt2('tiny', weights='random'); print(m)"
 
 Module names (what LoRA target patterns match): `blocks.N.att.{query,key,value,out}`,
-`blocks.N.ff.{fc,proj}` and `head`.
+`blocks.N.ff.{fc,proj}` and `head`. The blocks' Linear layers are `frozen_linear.Linear`: nn.Linear, with
+a faster CPU path once they are frozen. With `last_index`, the last block runs for those positions only.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .errors import UserError
+from .frozen_linear import Linear
 
 
 @dataclass(frozen=True)
@@ -73,27 +75,34 @@ class CausalSelfAttention(nn.Module):
         assert cfg.emb_dim % cfg.n_heads == 0, "emb_dim must be divisible by n_heads"
         d = cfg.emb_dim
         self.n_heads = cfg.n_heads
-        self.query = nn.Linear(d, d, bias=cfg.qkv_bias)
-        self.key = nn.Linear(d, d, bias=cfg.qkv_bias)
-        self.value = nn.Linear(d, d, bias=cfg.qkv_bias)
-        self.out = nn.Linear(d, d)
+        self.query = Linear(d, d, bias=cfg.qkv_bias)
+        self.key = Linear(d, d, bias=cfg.qkv_bias)
+        self.value = Linear(d, d, bias=cfg.qkv_bias)
+        self.out = Linear(d, d)
         self.drop_rate = cfg.drop_rate
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, last: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T, C) -> (B, T, C); with `last` (B,), only the query at each row's last real token: (B, 1, C)."""
         B, T, C = x.shape
-        # (B, T, C) -> (B, nh, T, hs)
-        q, k, v = (proj(x).view(B, T, self.n_heads, C // self.n_heads).transpose(1, 2) for proj in (self.query, self.key, self.value))
+        heads = lambda t: t.view(B, t.shape[1], self.n_heads, C // self.n_heads).transpose(1, 2)  # (B, nh, T, hs)
         drop = self.drop_rate if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=drop, is_causal=True)  # (B, nh, T, hs)
-        y = y.transpose(1, 2).reshape(B, T, C)
+        if last is None:
+            q, k, v = heads(self.query(x)), heads(self.key(x)), heads(self.value(x))
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=drop, is_causal=True)  # (B, nh, T, hs)
+        else:
+            x_last = x[torch.arange(B, device=x.device), last].unsqueeze(1)  # (B, 1, C)
+            q, k, v = heads(self.query(x_last)), heads(self.key(x)), heads(self.value(x))
+            visible = (torch.arange(T, device=x.device) <= last[:, None]).view(B, 1, 1, T)  # causal, for one query
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=visible, dropout_p=drop)  # (B, nh, 1, hs)
+        y = y.transpose(1, 2).reshape(B, -1, C)
         return self.out(y)
 
 
 class FeedForward(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
-        self.fc = nn.Linear(cfg.emb_dim, 4 * cfg.emb_dim)
-        self.proj = nn.Linear(4 * cfg.emb_dim, cfg.emb_dim)
+        self.fc = Linear(cfg.emb_dim, 4 * cfg.emb_dim)
+        self.proj = Linear(4 * cfg.emb_dim, cfg.emb_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.proj(F.gelu(self.fc(x), approximate="tanh"))  # GPT-2's "gelu_new"
@@ -108,8 +117,12 @@ class Block(nn.Module):
         self.ff = FeedForward(cfg)
         self.drop = nn.Dropout(cfg.drop_rate)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop(self.att(self.norm1(x)))
+    def forward(self, x: torch.Tensor, last: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T, C) -> (B, T, C); with `last` (B,), only each row's last real token: (B, 1, C)."""
+        if last is None:
+            x = x + self.drop(self.att(self.norm1(x)))
+        else:  # keys and values need every position; the rest is position-wise
+            x = x[torch.arange(x.shape[0], device=x.device), last].unsqueeze(1) + self.drop(self.att(self.norm1(x), last))
         return x + self.drop(self.ff(self.norm2(x)))
 
 
@@ -146,21 +159,22 @@ class GPT2(nn.Module):
         """Replace the tied LM head by a fresh `num_classes` Linear layer (with bias, as the book does)."""
         self.head = nn.Linear(self.cfg.emb_dim, num_classes)
 
-    def features(self, idx: torch.Tensor) -> torch.Tensor:
+    def features(self, idx: torch.Tensor, last_index: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T) ids -> (B, T, C) hidden states; with `last_index`, (B, C) at those positions only. Nothing
+        after a row's last index can reach it (attention is causal), so the last block runs for it alone."""
         B, T = idx.shape
         if T > self.cfg.context_length:
             raise ValueError(f"sequence of {T} tokens exceeds the context length {self.cfg.context_length}")
         pos = torch.arange(T, device=idx.device)
         x = self.drop(self.tok_emb(idx) + self.pos_emb(pos))  # (B, T, C)
-        for block in self.blocks:
+        for i, block in enumerate(self.blocks):
+            last = last_index if i == len(self.blocks) - 1 else None
             if self.activation_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(block, x, use_reentrant=False)
+                x = checkpoint(block, x, last, use_reentrant=False)
             else:
-                x = block(x)
-        return self.final_norm(x)  # (B, T, C)
+                x = block(x, last)
+        x = self.final_norm(x)  # (B, T, C), or (B, 1, C) with last_index
+        return x if last_index is None else x.squeeze(1)
 
     def forward(self, idx: torch.Tensor, last_index: torch.Tensor | None = None) -> torch.Tensor:
-        x = self.features(idx)  # (B, T, C)
-        if last_index is not None:
-            x = x[torch.arange(x.shape[0], device=x.device), last_index]  # (B, C)
-        return self.head(x)
+        return self.head(self.features(idx, last_index))  # (B, T, classes) or (B, classes)

@@ -1,0 +1,229 @@
+"""The contenders of `train_throughput.py`: each builds its model, data and optimizer, then takes steps.
+
+    (a)  lora-dist at its defaults (DataConfig's padding and bucketing)
+    (b)  lora-dist in the book's exact mode: every message padded to the longest training message
+    (c)  transformers GPT2ForSequenceClassification + PEFT LoRA, padded per batch (DataCollatorWithPadding)
+
+Variants of (a) switch one optimisation off (config overrides, or a patch that restores the plain code),
+so that each is measured in the same run: see VARIANTS.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from lora_dist.config import DataConfig, load_config
+from lora_dist.data import build_datasets, make_loaders, prepare_splits
+from lora_dist.lora import cast_frozen
+from lora_dist.model import SIZES
+from lora_dist.strategy import make_strategy, pick_device
+from lora_dist.tokenizer import get_tokenizer
+from lora_dist.train import build_model, seed_everything
+
+RECIPE = "configs/gpt2-small-lora.yaml"  # the book's recipe: rank 16, alpha 16, every Linear, batch 8, AdamW
+
+
+@dataclass(frozen=True)
+class Spec:
+    kind: str  # "lora-dist" or "peft"
+    what: str
+    overrides: tuple[str, ...] = ()
+    patches: tuple[str, ...] = ()
+
+
+def _defaults() -> tuple[str, ...]:
+    d = DataConfig()
+    return (f"data.padding={d.padding}", f"data.bucket={str(d.bucket).lower()}")
+
+
+VARIANTS: dict[str, Spec] = {
+    "a": Spec("lora-dist", "lora-dist, defaults", _defaults()),
+    "b": Spec("lora-dist", "lora-dist, book mode (padding: longest)", ("data.padding=longest", "data.bucket=false")),
+    "c": Spec("peft", "transformers + PEFT, padded per batch"),
+    "c-bf16": Spec("peft", "(c) in bf16 autocast", ("train.precision=bf16",)),
+    # one optimisation off at a time
+    "a-nobucket": Spec("lora-dist", "(a) without length buckets", _defaults() + ("data.bucket=false",)),
+    "a-mkl": Spec("lora-dist", "(a) with frozen Linears on MKL (plain nn.Linear)", _defaults(), ("plain_linear",)),
+    "a-fullseq": Spec("lora-dist", "(a) with the last block run at every position", _defaults(), ("full_last_block",)),
+    "a-noaddmm": Spec("lora-dist", "(a) with LoRA as y + scale * ((x @ A) @ B)", _defaults(), ("plain_lora",)),
+    "a-plain": Spec("lora-dist", "(a) with none of the model changes", _defaults(), ("plain_linear", "full_last_block", "plain_lora")),
+    "a-compile": Spec("lora-dist", "(a) with torch.compile", _defaults() + ("train.compile=true",)),
+    "a-workers": Spec("lora-dist", "(a) with one DataLoader worker", _defaults() + ("train.num_workers=1",)),
+    "a-adamw-fused": Spec("lora-dist", "(a) with the fused AdamW kernel", _defaults(), ("fused_adamw",)),
+    "a-bf16": Spec("lora-dist", "(a) in bf16 autocast, frozen weights stored in bf16", _defaults() + ("train.precision=bf16",), ("cast_frozen",)),
+    "a-bf16-autocast": Spec("lora-dist", "(a) in bf16 autocast (train.precision=bf16)", _defaults() + ("train.precision=bf16",)),
+    "a-ckpt": Spec("lora-dist", "(a) with activation checkpointing", _defaults() + ("model.activation_checkpointing=true",)),
+    "b-plain": Spec("lora-dist", "(b) with none of the model changes", ("data.padding=longest", "data.bucket=false"), ("plain_linear", "full_last_block", "plain_lora")),
+    "b-ckpt": Spec("lora-dist", "(b) with activation checkpointing", ("data.padding=longest", "data.bucket=false", "model.activation_checkpointing=true")),
+}
+
+
+@dataclass
+class Step:
+    examples: int
+    tokens: int  # real (non-pad) tokens
+    padded: int  # tokens the model ran over, padding included
+    lengths: list[int] = field(default_factory=list)
+    width: int = 0  # the padded length T
+
+
+def apply_patches(names: tuple[str, ...]) -> None:
+    """Restore the plain computation for an ablation (in the worker process only)."""
+    from lora_dist import frozen_linear, lora, model
+
+    if "plain_linear" in names:
+        frozen_linear.enabled = False
+    if "full_last_block" in names:
+        features = model.GPT2.features
+
+        def forward(self, idx, last_index=None):
+            x = features(self, idx)  # (B, T, C): every block at every position
+            if last_index is not None:
+                x = x[torch.arange(x.shape[0], device=x.device), last_index]
+            return self.head(x)
+
+        model.GPT2.forward = forward
+    if "plain_lora" in names:
+        lora.LoRALayer.add_to = lambda self, x, y: y + self.forward(x)
+    if "fused_adamw" in names:
+        from lora_dist import strategy
+
+        def adamw(self, params):
+            t = self.cfg.train
+            return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay, betas=tuple(t.betas), fused=True)
+
+        strategy.Local._adamw = adamw
+
+
+def common_overrides(args) -> list[str]:
+    return [f"model.name={args.model}", "model.weights=random", "data.download=false", f"train.batch_size={args.batch}",
+            f"train.device={args.device}", f"train.precision={args.precision}", "tracking.wandb.mode=disabled"]
+
+
+class LoraDist:
+    """lora-dist's own step, as train.py takes it: strategy forward at the last real token, CE loss,
+    backward, AdamW step (with the gradient-norm computation), and the loss read back."""
+
+    def __init__(self, spec: Spec, args):
+        apply_patches(spec.patches)
+        self.cfg = load_config(RECIPE, common_overrides(args) + list(spec.overrides))
+        cfg, t = self.cfg, self.cfg.train
+        seed_everything(args.seed)
+        splits = prepare_splits(cfg.data, say=lambda *a: None)
+        model, _ = build_model(cfg)
+        if "cast_frozen" in spec.patches:
+            cast_frozen(model, {"bf16": torch.bfloat16, "fp16": torch.float16}[t.precision])
+        self.model_cfg = model.cfg
+        datasets, length = build_datasets(splits, get_tokenizer(), cfg.data, model.cfg.context_length)
+        self.loaders = make_loaders(datasets, length, cfg.data, t.batch_size, 1, 1, 0, t.seed, t.num_workers,
+                                    pin_memory=args.device.startswith("cuda"))
+        self.steps_per_epoch = self.loaders.sampler.steps
+        if t.compile:
+            model = torch.compile(model)
+        self.s = make_strategy(cfg)
+        self.s.prepare(model, t.batch_size, 1)
+        self.s.model.train()
+        self.lr = t.lr
+        self.reset(0)
+
+    def reset(self, epoch: int) -> None:
+        """Start epoch `epoch` from its first batch (the same batches every time)."""
+        self.loaders.sampler.set_epoch(epoch)
+        self.batches = iter(self.loaders.train)
+
+    def _next(self):
+        return next(self.batches)
+
+    def step(self) -> Step:
+        s = self.s
+        batch = self._next()
+        lengths = (batch.last + 1).tolist()
+        batch = batch.to(s.device)
+        logits = s.forward(batch.ids, batch.last)
+        loss = F.cross_entropy(logits.float(), batch.labels)
+        s.backward(loss, True)
+        s.step(self.lr)
+        loss.item()
+        return Step(len(batch), batch.tokens, batch.ids.numel(), lengths, batch.ids.shape[1])
+
+
+class Peft:
+    """transformers' GPT2ForSequenceClassification with PEFT LoRA (rank 16, alpha 16, dropout 0) on
+    c_attn, c_proj and c_fc, the score head trained in full; the same messages, tokenized by transformers'
+    GPT-2 tokenizer, in random batches padded as DataCollatorWithPadding pads them."""
+
+    def __init__(self, spec: Spec, args):
+        import json
+        from importlib import resources
+
+        import transformers
+        from peft import LoraConfig, TaskType, get_peft_model
+        from transformers import DataCollatorWithPadding, GPT2TokenizerFast
+
+        from lora_dist.data import ShardedSampler
+
+        cfg = load_config(RECIPE, common_overrides(args) + ["data.padding=batch", "data.bucket=false"] + list(spec.overrides))
+        self.cfg = cfg
+        seed_everything(args.seed)
+        splits = prepare_splits(cfg.data, say=lambda *a: None)
+        assets = resources.files("lora_dist") / "assets"
+        vocab = json.loads((assets / "encoder.json").read_text())
+        merges = [tuple(line.split()) for line in (assets / "vocab.bpe").read_text().split("\n")[1:] if line.strip()]
+        tok = GPT2TokenizerFast(vocab=vocab, merges=merges)
+        tok.pad_token = tok.eos_token
+        texts, labels = splits["train"]["text"].tolist(), splits["train"]["label"].tolist()
+        self.examples = [{"input_ids": ids, "labels": int(y == "spam")} for ids, y in zip(tok(texts)["input_ids"], labels)]
+        self.collate = DataCollatorWithPadding(tok)
+        g = SIZES[args.model]
+        hf = transformers.GPT2Config(vocab_size=g.vocab_size, n_positions=g.context_length, n_embd=g.emb_dim,
+                                     n_layer=g.n_layers, n_head=g.n_heads, num_labels=2, pad_token_id=tok.pad_token_id,
+                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+        self.model_cfg = g
+        torch.manual_seed(args.seed)
+        model = transformers.GPT2ForSequenceClassification(hf)
+        lcfg = LoraConfig(task_type=TaskType.SEQ_CLS, r=16, lora_alpha=16, lora_dropout=0.0, fan_in_fan_out=True,
+                          target_modules=["c_attn", "c_proj", "c_fc"], modules_to_save=["score"])
+        self.device = pick_device(args.device, 0)
+        self.model = get_peft_model(model, lcfg).to(self.device)
+        self.model.train()
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        t = cfg.train
+        self.opt = torch.optim.AdamW(self.params, lr=t.lr, weight_decay=t.weight_decay, betas=tuple(t.betas))
+        self.amp = {"fp32": None, "bf16": torch.bfloat16}[t.precision]
+        self.sampler = ShardedSampler(self.examples, 1, 0, t.batch_size, 1, t.seed)  # random batches, as (b)
+        self.steps_per_epoch = self.sampler.steps
+        self.batch_size = t.batch_size
+        self.reset(0)
+
+    def reset(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+        self.order = iter(self.sampler)
+
+    def _next(self):
+        return self.collate([self.examples[next(self.order)] for _ in range(self.batch_size)])
+
+    def step(self) -> Step:
+        b = self._next()
+        mask = b["attention_mask"]
+        lengths = mask.sum(1).tolist()
+        b = {k: v.to(self.device, non_blocking=True) for k, v in b.items()}
+        with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
+            logits = self.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+        loss = F.cross_entropy(logits.float(), b["labels"])
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.params, float("inf"))
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        loss.item()
+        return Step(len(lengths), int(sum(lengths)), mask.numel(), lengths, mask.shape[1])
+
+
+def build(name: str, args):
+    spec = VARIANTS[name]
+    start = time.perf_counter()
+    runner = (Peft if spec.kind == "peft" else LoraDist)(spec, args)
+    return runner, time.perf_counter() - start
