@@ -1,6 +1,6 @@
 """Accuracy parity: do the speed defaults reach the book mode's test accuracy? Smoke config, several seeds.
 
-    python bench/accuracy_parity.py                                  # seeds 123 124 125; defaults, no buckets, book mode
+    python bench/accuracy_parity.py                                  # seeds 123 124 125; defaults, defaults in fp32, book mode
     python bench/accuracy_parity.py --seeds 1 2 3 4 5 --modes defaults book
     python bench/accuracy_parity.py --config configs/gpt2-small-lora.yaml --extra model.weights=random
 
@@ -29,19 +29,19 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
 MODES = {
-    "defaults": [],  # DataConfig's padding and bucket, whatever they are
+    "defaults": [],  # DataConfig's padding and bucket and TrainConfig's precision, whatever they are
     "no-bucket": ["data.padding=batch", "data.bucket=false"],
-    "book": ["data.padding=longest", "data.bucket=false"],
-    "defaults-bf16": ["train.precision=bf16"],
+    "defaults-fp32": ["train.precision=fp32"],
+    "book": ["data.padding=longest", "data.bucket=false", "train.precision=fp32"],
 }
 
 
 def train(config: str, mode: str, seed: int, extra: list[str], out: Path) -> dict:
-    # The smoke config pins data.padding; "defaults" means DataConfig's own values, so set them explicitly.
-    from lora_dist.config import DataConfig
+    # The smoke config pins data.padding and fp32; "defaults" means the dataclasses' own values, so set them.
+    from lora_dist.config import DataConfig, TrainConfig
 
-    d = DataConfig()
-    base = [f"data.padding={d.padding}", f"data.bucket={str(d.bucket).lower()}"]
+    d, t = DataConfig(), TrainConfig()
+    base = [f"data.padding={d.padding}", f"data.bucket={str(d.bucket).lower()}", f"train.precision={t.precision}"]
     overrides = base + MODES[mode] + [f"train.seed={seed}", f"output_dir={out}", "overwrite=true",
                                       "data.download=false", "tracking.wandb.mode=disabled"] + extra
     env = dict(os.environ, PYTHONUNBUFFERED="1")
@@ -76,7 +76,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default="configs/smoke.yaml")
     ap.add_argument("--seeds", type=int, nargs="+", default=[123, 124, 125])
-    ap.add_argument("--modes", nargs="+", default=["defaults", "no-bucket", "book"], choices=list(MODES))
+    ap.add_argument("--modes", nargs="+", default=["defaults", "defaults-fp32", "book"], choices=list(MODES))
     ap.add_argument("--extra", nargs="*", default=[], help="more key=value overrides for every run")
     ap.add_argument("--out", default=str(HERE / "results"))
     args = ap.parse_args()

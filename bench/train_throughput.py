@@ -63,7 +63,7 @@ def worker(name: str, args: argparse.Namespace, conn) -> None:
     conn.send(("ready", {"build_s": build_s, "steps_per_epoch": runner.steps_per_epoch, "mean_tokens": mean_tokens,
                          "what": VARIANTS[name].what, "overrides": list(VARIANTS[name].overrides),
                          "patches": list(VARIANTS[name].patches), "threads": torch.get_num_threads(),
-                         "device": str(runner_device(runner))}))
+                         "device": str(runner_device(runner)), "precision": runner_precision(runner)}))
     passes_len = args.batches or runner.steps_per_epoch
     pos = 0
     while True:
@@ -98,6 +98,11 @@ def worker(name: str, args: argparse.Namespace, conn) -> None:
             cuda_mb = torch.cuda.max_memory_allocated() / 2**20 if cuda else None
             conn.send({"peak_rss_mb": rss_mb, "cuda_max_allocated_mb": cuda_mb, "batches_per_pass": passes_len})
             return
+
+
+def runner_precision(runner) -> str:
+    """The precision the contender really trains in (lora-dist resolves train.precision=auto)."""
+    return runner.s.precision if hasattr(runner, "s") else runner.cfg.train.precision
 
 
 def runner_device(runner):
@@ -142,10 +147,12 @@ def run(args: argparse.Namespace) -> dict:
         info[name]["warmup_step_s"] = conns[name].recv()
         say(f"warm-up {name}: " + ", ".join(f"{t:.2f}s" for t in info[name]["warmup_step_s"]))
     device = info[names[0]]["device"]
-    dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    # a probe per precision in use (and the issue's fp32 one): each contender's limit is at its own dtype
+    precisions = sorted({args.precision, "fp32"} | {info[n]["precision"] for n in names})
     total = {n: args.passes * (args.batches or info[n]["steps_per_epoch"]) for n in names}
     timed = {n: [] for n in names}  # one list of step records per round
-    probes = []
+    probes = {p: [] for p in precisions}
     r = 0
     while any(sum(len(x) for x in timed[n]) < total[n] for n in names):
         order = names[r % len(names):] + names[: r % len(names)]
@@ -153,12 +160,13 @@ def run(args: argparse.Namespace) -> dict:
             left = total[name] - sum(len(x) for x in timed[name])
             conns[name].send(("run", min(args.steps, left)) if left > 0 else ("run", 0))
             timed[name].append(conns[name].recv())
-        probes.append(matmul_gflops(dtype, device if device.startswith("cuda") else "cpu", seconds=args.probe_seconds))
+        for p in precisions:
+            probes[p].append(matmul_gflops(dtypes[p], device if device.startswith("cuda") else "cpu", seconds=args.probe_seconds))
         load["rounds"].append({"loadavg_1m": os.getloadavg()[0], "cpu_pressure_some_avg10": cpu_pressure()})
         r += 1
         if r % args.print_every == 0:
             say(f"round {r}: " + ", ".join(f"{n} {rate([x for rnd in timed[n] for x in rnd]):.2f} ex/s" for n in names)
-                + f" so far; matmul {probes[-1]:.0f} GFLOP/s; load {load['rounds'][-1]['loadavg_1m']:.2f}, "
+                + f" so far; matmul " + ", ".join(f"{p} {v[-1]:.0f}" for p, v in probes.items()) + " GFLOP/s; load {load['rounds'][-1]['loadavg_1m']:.2f}, "
                 f"CPU pressure {load['rounds'][-1]['cpu_pressure_some_avg10']}%")
     for name in names:
         conns[name].send(("stats", 0))
@@ -170,8 +178,8 @@ def run(args: argparse.Namespace) -> dict:
     load["cpu_pressure_median"] = statistics.median(pressures) if pressures else None
 
     results = {}
-    matmul = {"dtype": args.precision, "per_round_gflops": probes, "best_gflops": max(probes),
-              "median_gflops": statistics.median(probes)}
+    by_precision = {p: {"per_round_gflops": v, "best_gflops": max(v), "median_gflops": statistics.median(v)} for p, v in probes.items()}
+    matmul = {"dtype": args.precision, **by_precision[args.precision], "by_precision": by_precision}
     peak = nominal_peak(device) if device.startswith("cuda") else None
     for name in names:
         recs = [x for rnd in timed[name] for x in rnd]
@@ -209,11 +217,16 @@ def run(args: argparse.Namespace) -> dict:
         from lora_dist.model import SIZES
 
         cfg = SIZES[args.model]
-        for key, g in (("limit_examples_per_s", matmul["median_gflops"]), ("limit_examples_per_s_best_probe", matmul["best_gflops"])):
+        own = by_precision[i["precision"]]
+        res["precision"] = i["precision"]
+        # the limit at the contender's own matmul dtype, and the issue's fp32 one
+        for key, g in (("limit_examples_per_s", own["median_gflops"]), ("limit_examples_per_s_best_probe", own["best_gflops"]),
+                       ("limit_examples_per_s_fp32", by_precision["fp32"]["median_gflops"])):
             res[key] = limit_examples_per_s(cfg, i["mean_tokens"], g)
         res["fraction_of_limit"] = res["examples_per_s"] / res["limit_examples_per_s"]
         res["fraction_of_limit_best"] = res["examples_per_s_best"] / res["limit_examples_per_s_best_probe"]
-        res["model_flops_utilisation_vs_probe"] = res["model_gflops_per_s"] / matmul["median_gflops"]
+        res["fraction_of_fp32_limit"] = res["examples_per_s"] / res["limit_examples_per_s_fp32"]
+        res["model_flops_utilisation_vs_probe"] = res["model_gflops_per_s"] / own["median_gflops"]
         if peak:
             res["mfu"] = res["model_gflops_per_s"] / (peak * 1e3)
         results[name] = res
@@ -310,17 +323,18 @@ def git_state() -> dict:
 def table(doc: dict) -> str:
     """The results as a markdown table, with the command that made them."""
     gpu = doc["settings"]["device"].startswith("cuda")
-    head = ["contender", "examples/s", "best", "real tokens/s", "padding", "step (median)", "epoch", "peak RSS"]
-    head += ["CUDA peak", "MFU"] if gpu else ["of limit (best)"]
+    head = ["contender", "precision", "examples/s", "best", "real tokens/s", "padding", "step (median)", "epoch", "peak RSS"]
+    head += ["CUDA peak", "MFU"] if gpu else ["of limit at its precision (best)", "of the fp32 limit"]
     rows = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
     for name, r in doc["contenders"].items():
-        cells = [f"({name}) {r['what']}", f"{r['examples_per_s']:.2f}", f"{r['examples_per_s_best']:.2f}",
+        cells = [f"({name}) {r['what']}", r.get("precision", s_precision(doc)), f"{r['examples_per_s']:.2f}", f"{r['examples_per_s_best']:.2f}",
                  f"{r['tokens_per_s']:.0f}", f"{r['padding_fraction'] * 100:.0f}%", f"{r['step_s_median'] * 1e3:.0f} ms",
                  f"{r['epoch_s']:.0f} s", f"{r['peak_rss_mb'] / 1024:.2f} GiB"]
         if gpu:
             cells += [f"{(r['cuda_max_allocated_mb'] or 0) / 1024:.2f} GiB", f"{r['mfu'] * 100:.0f}%" if "mfu" in r else "n/a"]
         else:
-            cells += [f"{r['fraction_of_limit'] * 100:.0f}% ({r['fraction_of_limit_best'] * 100:.0f}%)"]
+            cells += [f"{r['fraction_of_limit'] * 100:.0f}% ({r['fraction_of_limit_best'] * 100:.0f}%)",
+                      f"{r['fraction_of_fp32_limit'] * 100:.0f}%" if "fraction_of_fp32_limit" in r else "n/a"]
         rows.append("| " + " | ".join(cells) + " |")
     s, m, load = doc["settings"], doc["matmul"], doc["load"]
     first = next(iter(doc["contenders"].values()))
@@ -329,12 +343,19 @@ def table(doc: dict) -> str:
              f"{s['model']}, batch {s['batch']}, {s['precision']}, {where}; {first['batches_per_pass']} batches x "
              f"{s['passes']} passes per contender, in turns of {s['steps']} steps, after {s['warmup']} warm-up steps; "
              f"{doc['date']}. Load average {load['before'][0]:.1f} before, {load['after'][0]:.1f} after; CPU pressure "
-             f"(PSI some, avg10) median {load.get('cpu_pressure_median')}%. Matmul probe {m['median_gflops']:.0f} "
-             f"GFLOP/s median, {m['best_gflops']:.0f} best. \"best\": each batch at its fastest pass.", ""]
+             f"(PSI some, avg10) median {load.get('cpu_pressure_median')}%. Matmul probe (median, best): "
+             + ", ".join(f"{p} {v['median_gflops']:.0f}, {v['best_gflops']:.0f} GFLOP/s"
+                         for p, v in m.get("by_precision", {s['precision']: m}).items())
+             + ". \"best\": each batch at its fastest pass; the limit is the issue's 4 x (Linear parameters) FLOPs per "
+             "real token at the probe's rate.", ""]
     lines += rows
     if doc["ratios"]:
         lines += ["", "; ".join(f"{k} = {v:.2f}" for k, v in doc["ratios"].items())]
     return "\n".join(lines)
+
+
+def s_precision(doc: dict) -> str:
+    return doc["settings"]["precision"]
 
 
 def say(msg: str) -> None:

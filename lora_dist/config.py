@@ -90,7 +90,7 @@ class TrainConfig:
     eval_batches: int = 5  # batches used for those estimates and the per-epoch accuracies
     seed: int = 123
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 where native (strategy.resolve_precision)
     compile: bool = False
     num_workers: int = 0
     checkpoint_every: int = 0  # steps between checkpoints (0: only at epoch ends)

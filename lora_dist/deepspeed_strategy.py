@@ -23,7 +23,7 @@ from .strategy import DDP
 TAG = "state"
 
 
-def deepspeed_config(cfg, micro: int, accum: int, world: int, device_type: str = "cuda") -> dict:
+def deepspeed_config(cfg, micro: int, accum: int, world: int, device_type: str = "cuda", precision: str | None = None) -> dict:
     """The DeepSpeed config dict: the user's file with the project's values filled in."""
     path = cfg.dist.deepspeed_config
     user: dict = {}
@@ -36,14 +36,15 @@ def deepspeed_config(cfg, micro: int, accum: int, world: int, device_type: str =
         except yaml.YAMLError as e:
             raise UserError(f"{path} is not valid JSON/YAML ({str(e).splitlines()[0]})")
     t = cfg.train
+    precision = precision or t.precision  # the resolved precision (train.precision may say "auto")
     ours = {
         "train_batch_size": t.batch_size,
         "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": accum,
         "gradient_clipping": t.max_grad_norm or 0.0,
         "optimizer": {"type": "AdamW", "params": {"lr": t.lr, "betas": list(t.betas), "eps": 1e-8, "weight_decay": t.weight_decay}},
-        "bf16": {"enabled": t.precision == "bf16"},
-        "fp16": {"enabled": t.precision == "fp16"},
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": precision == "fp16"},
     }
     if device_type == "cpu":  # torch's AdamW: no C++ op to compile, and the same update as the DDP path
         ours["optimizer"]["params"]["torch_adam"] = True
@@ -80,7 +81,7 @@ class DeepSpeed(DDP):
         import deepspeed
 
         self.accum = accum
-        self.ds_config = deepspeed_config(self.cfg, micro, accum, self.world_size, self.device.type)
+        self.ds_config = deepspeed_config(self.cfg, micro, accum, self.world_size, self.device.type, self.precision)
         self.stage = int(self.ds_config.get("zero_optimization", {}).get("stage", 0))
         model = model.to(self.device)
         trainable = [p for p in model.parameters() if p.requires_grad]

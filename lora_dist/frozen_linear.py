@@ -59,14 +59,20 @@ def _fast_dtype(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 def _onednn_available() -> bool:
     global _onednn
     if _onednn is None:
-        try:
-            w = torch.randn(4, 3)
-            y = torch.ops.mkldnn._linear_pointwise(torch.ones(2, 3), torch.ops.mkldnn._reorder_linear_weight(w, None),
-                                                   None, "none", [], "")
-            _onednn = bool(torch.allclose(y, torch.ones(2, 3) @ w.t(), atol=1e-5))
+        try:  # the probe must not run under autocast: its bf16 rounding would fail the fp32 comparison
+            with torch.autocast("cpu", enabled=False):
+                _onednn = _probe_onednn()
         except (AttributeError, RuntimeError):
             _onednn = False
     return _onednn
+
+
+def _probe_onednn() -> bool:
+    """Whether this build has the packed oneDNN linear ops, and they compute x @ W^T."""
+    w = torch.randn(4, 3)
+    y = torch.ops.mkldnn._linear_pointwise(torch.ones(2, 3), torch.ops.mkldnn._reorder_linear_weight(w, None),
+                                           None, "none", [], "")
+    return bool(torch.allclose(y, torch.ones(2, 3) @ w.t(), atol=1e-5))
 
 
 @torch.no_grad()

@@ -51,6 +51,29 @@ def pick_device(name: str, local_rank: int) -> torch.device:
     return dev
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 matmuls natively (AVX512-BF16 or AMX-BF16), where they run at about
+    twice the fp32 rate. Elsewhere bf16 on the CPU is emulated and no faster than fp32."""
+    try:
+        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
+    except (OSError, StopIteration):
+        return False  # not Linux: no cheap way to tell, so take fp32
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_precision(precision: str, device: torch.device, strategy: str = "none") -> str:
+    """`train.precision=auto` -> bf16 autocast where the hardware runs it natively (CUDA with bf16 support,
+    CPUs with AVX512-BF16/AMX), fp32 elsewhere (MPS, older GPUs and CPUs, and DeepSpeed on the CPU).
+    Adapters, optimizer state and gradients stay fp32 either way. Other values are kept as they are."""
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    if device.type == "cpu" and strategy != "deepspeed":
+        return "bf16" if cpu_has_native_bf16() else "fp32"
+    return "fp32"
+
+
 def make_strategy(cfg: Config, env: DistEnv | None = None) -> "Local":
     env = env or DistEnv.from_environ()
     kind = cfg.dist.strategy
@@ -76,7 +99,7 @@ class Local:
         self.rank, self.world_size = env.rank, env.world_size
         self.model: nn.Module | None = None
         self.optimizer: torch.optim.Optimizer | None = None
-        precision = cfg.train.precision
+        self.precision = precision = resolve_precision(cfg.train.precision, device, self.name)
         self.amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
         if precision == "fp16" and device.type == "cpu":
             raise UserError("train.precision=fp16 needs a GPU; use bf16 or fp32 on the CPU")
@@ -104,7 +127,10 @@ class Local:
 
     def _adamw(self, params) -> torch.optim.Optimizer:
         t = self.cfg.train
-        return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay, betas=tuple(t.betas))
+        # The fused kernel: one pass over all adapter tensors. On the CPU torch would otherwise loop over
+        # them one op at a time (about 8 ms a step for gpt2-small's 146 adapter tensors, against 2 fused).
+        fused = self.device.type in ("cpu", "cuda")
+        return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay, betas=tuple(t.betas), fused=fused)
 
     def autocast(self):
         if self.amp_dtype is None:

@@ -109,7 +109,7 @@ class Trainer:
         s.prepare(model, self.micro, t.grad_accum)
         out.print(
             f"lora-dist: {cfg.model.name} ({cfg.model.weights}), {self.world} process(es), strategy {s.name}, "
-            f"device {s.device}, precision {t.precision}\n"
+            f"device {s.device}, precision {s.precision}{' (auto)' if t.precision == 'auto' else ''}\n"
             f"parameters: {self.total_params:,} total, {self.trainable_params:,} trainable "
             f"({len(self.lora_modules)} LoRA layers, rank {cfg.lora.rank}, alpha {cfg.lora.alpha:g}, scaling {cfg.lora.scaling})\n"
             f"data: {', '.join(f'{k} {len(v)}' for k, v in splits.items())}; padding {cfg.data.padding}"
@@ -118,7 +118,7 @@ class Trainer:
         )
         out.start(cfg, {"model": cfg.model.name, "total_params": self.total_params, "trainable_params": self.trainable_params,
                         "lora_layers": len(self.lora_modules), "world_size": self.world, "strategy": s.name,
-                        "device": str(s.device), "precision": t.precision, "steps_per_epoch": self.steps_per_epoch,
+                        "device": str(s.device), "precision": s.precision, "steps_per_epoch": self.steps_per_epoch,
                         "total_steps": self.total_steps})
         self.step, self.epoch, self.step_in_epoch, self.examples_seen, self.tokens_seen = 0, 0, 0, 0, 0
         self.train_seconds = 0.0

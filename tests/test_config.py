@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+import torch
 
 from lora_dist import UserError, load_config
 from lora_dist.config import Config, valid_keys
@@ -68,3 +69,18 @@ def test_resolved_config_round_trips(tmp_path):
     assert load_config(tmp_path / "c.yaml") == cfg
     assert cfg.digest() == load_config(tmp_path / "c.yaml").digest()
     assert "train.resume" in valid_keys() and "tracking.wandb.mode" in valid_keys()
+
+
+def test_precision_auto_resolves_by_hardware(monkeypatch):
+    from lora_dist import strategy
+    from lora_dist.strategy import resolve_precision
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(strategy, "cpu_has_native_bf16", lambda: True)
+    assert resolve_precision("auto", cpu) == "bf16"
+    assert resolve_precision("auto", cpu, "deepspeed") == "fp32"  # DeepSpeed's bf16 is for GPUs
+    assert resolve_precision("fp32", cpu) == "fp32" and resolve_precision("bf16", cpu, "deepspeed") == "bf16"
+    assert resolve_precision("auto", torch.device("mps")) == "fp32"
+    monkeypatch.setattr(strategy, "cpu_has_native_bf16", lambda: False)
+    assert resolve_precision("auto", cpu) == "fp32"
+

@@ -154,3 +154,26 @@ def test_sampler_resumes_inside_an_epoch():
     full = list(s)
     s.start_step = 3
     assert list(s) == full[12:]
+
+
+def test_length_buckets_cut_padding_and_keep_batches_random():
+    """transformers' group_by_length window (min(steps / 4, 50) batches): little padding, batches in random
+    order, and every example still seen once per epoch."""
+    cfg = DataConfig(download=False)
+    train = SpamDataset(split(balance(read_sms(shipped_sms_path()), cfg.seed), 0.7, 0.1)["train"], get_tokenizer(), 1024)
+    lens = train.lengths
+
+    def padding(lengths):
+        s = ShardedSampler(train, 1, 0, 8, 1, seed=123, lengths=lengths)
+        s.set_epoch(0)
+        batches = s.global_batches()
+        real = sum(lens[i] for b in batches for i in b)
+        return s, batches, 1 - real / sum(8 * max(lens[i] for i in b) for b in batches)
+
+    s, batches, bucketed = padding(lens)
+    _, plain_batches, plain = padding(None)
+    assert s.steps == 130 and s.bucket_window == 32
+    assert bucketed < 0.08 and plain > 0.3, (bucketed, plain)
+    assert sorted(i for b in batches for i in b) == sorted(i for b in plain_batches for i in b)
+    widths = [max(lens[i] for i in b) for b in batches]
+    assert widths != sorted(widths) and widths != sorted(widths, reverse=True)  # not long-to-short or back

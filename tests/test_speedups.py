@@ -143,3 +143,37 @@ def test_cast_frozen_is_what_autocast_computes():
     assert m.blocks[0].att.query.linear.weight.dtype == torch.bfloat16
     assert m.blocks[0].att.query.lora.A.dtype == torch.float32 and m.head.linear.weight.dtype == torch.float32
     assert torch.equal(before, after)
+
+
+def test_onednn_probe_is_not_fooled_by_autocast(monkeypatch):
+    """The first frozen Linear of a bf16 run is called under autocast: the availability probe must still say
+    yes (it once said no there, and every bf16 run took the slow path)."""
+    if not frozen_linear._onednn_available():
+        pytest.skip("this torch build has no packed oneDNN linear ops")
+    monkeypatch.setattr(frozen_linear, "_onednn", None)
+    lin = Linear(8, 4).requires_grad_(False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert frozen_linear._fast_dtype(torch.randn(2, 8), lin.weight, lin.bias) == torch.bfloat16
+        lin(torch.randn(2, 8))
+    assert lin.weight in frozen_linear._packed
+
+
+def test_cpu_bf16_attention_runs_in_fp32():
+    """Under CPU autocast the attention of bf16 q, k, v is computed in fp32 (bf16 out), and its gradients
+    are those of that fp32 computation."""
+    from lora_dist.model import attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 9, 16, generator=g).bfloat16().requires_grad_(True) for _ in range(3))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = attention(q, k, v, is_causal=True)
+    assert y.dtype == torch.bfloat16
+    ref_in = [t.detach().float().requires_grad_(True) for t in (q, k, v)]
+    ref = F.scaled_dot_product_attention(*ref_in, is_causal=True)
+    assert torch.equal(y, ref.bfloat16())
+    w = torch.randn(ref.shape, generator=g)
+    (y.float() * w).sum().backward()
+    (ref.bfloat16().float() * w).sum().backward()
+    for t, r in zip((q, k, v), ref_in):
+        assert torch.allclose(t.grad.float(), r.grad, atol=1e-2, rtol=1e-2)
+        assert not torch.equal(t.grad.float(), torch.zeros_like(r.grad))

@@ -88,3 +88,20 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, make, override, message):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_precision_auto_trains_in_what_the_hardware_runs_natively(tmp_path):
+    """The default precision: bf16 autocast on CPUs with native bf16 (AVX512-BF16/AMX), fp32 elsewhere."""
+    import torch
+
+    from lora_dist.strategy import resolve_precision
+
+    want = resolve_precision("auto", torch.device("cpu"))
+    out = tmp_path / "run"
+    proc = run_cli("train", "--config", str(SMOKE), f"output_dir={out}", "train.precision=auto", "train.max_steps=40")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"precision {want} (auto)" in proc.stdout
+    results = json.loads((out / "results.json").read_text())
+    steps = [r["train_loss_step"] for r in read_metrics(out) if "train_loss_step" in r]
+    assert len(steps) == 40 and all(s == s and s < 5 for s in steps)  # finite, no blow-up
+    assert results["test_accuracy"] > 0.5
