@@ -33,11 +33,20 @@ def step_losses(run_dir):
     return [out[k] for k in sorted(out)]
 
 
-def assert_same_adapter(a, b, rtol=1e-5):
+def assert_same_adapter(a, b, rtol=1e-5, atol=1e-5):
+    """Equal up to the order of float sums: each tensor within `rtol` relative norm, or each element within
+    `atol`. AdamW's first steps move an element by about lr (1e-3 in the smoke config) whatever the size of
+    its gradient, so the rounding of a near-zero gradient can leave one element a few 1e-6 apart (measured:
+    4.2e-6 in one of 2,048, a relative norm of 1.7e-5) while a different batch, a lost micro-batch or a
+    skipped all-reduce moves elements by about 1e-3. rtol=0 means bit-identical."""
     assert a.keys() == b.keys()
     for k in a:
+        if rtol == 0.0:
+            assert torch.equal(a[k], b[k]), k
+            continue
         rel = ((a[k] - b[k]).norm() / a[k].norm().clamp_min(1e-12)).item()
-        assert rel <= rtol, (k, rel)
+        worst = (a[k] - b[k]).abs().max().item()
+        assert rel <= rtol or worst <= atol, (k, rel, worst)
 
 
 @pytest.fixture(scope="module")
