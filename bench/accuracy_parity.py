@@ -1,7 +1,7 @@
 """Accuracy parity: do the speed defaults reach the book mode's test accuracy? Smoke config, several seeds.
 
     python bench/accuracy_parity.py                                  # seeds 123 124 125; defaults, defaults in fp32, book mode
-    python bench/accuracy_parity.py --seeds 1 2 3 4 5 --modes defaults book
+    python bench/accuracy_parity.py --seeds 1 2 3 4 5 6 7 8 9 10 --modes defaults book --tag 10-seeds
     python bench/accuracy_parity.py --config configs/gpt2-small-lora.yaml --extra model.weights=random
 
 Each run is `lora-dist train` as a user runs it (a subprocess, the full 5,574-message pipeline, final
@@ -79,6 +79,7 @@ def main() -> None:
     ap.add_argument("--modes", nargs="+", default=["defaults", "defaults-fp32", "book"], choices=list(MODES))
     ap.add_argument("--extra", nargs="*", default=[], help="more key=value overrides for every run")
     ap.add_argument("--out", default=str(HERE / "results"))
+    ap.add_argument("--tag", default="", help="appended to the results file name")
     args = ap.parse_args()
     from train_throughput import machine, slug
 
@@ -98,7 +99,7 @@ def main() -> None:
     doc = {"command": "python bench/accuracy_parity.py " + " ".join(sys.argv[1:]), "date": started.strftime("%Y-%m-%d %H:%M"),
            "config": args.config, "seeds": args.seeds, "extra": args.extra, "machine": m,
            "test_accuracy": stats, "comparisons": comparisons, "runs": {k: {str(s): v for s, v in r.items()} for k, r in runs.items()}}
-    path = Path(args.out) / f"accuracy-parity-{slug(m, 'cpu')}-{started.strftime('%Y-%m-%d')}.json"
+    path = Path(args.out) / f"accuracy-parity-{slug(m, 'cpu')}-{started.strftime('%Y-%m-%d')}{'-' + args.tag if args.tag else ''}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(doc, indent=2) + "\n")
     print(f"\n| mode | test accuracy, seeds {' '.join(map(str, args.seeds))} | mean ± sd |\n|---|---|---|")

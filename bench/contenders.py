@@ -49,6 +49,7 @@ VARIANTS: dict[str, Spec] = {
     "c-bf16": Spec("peft", "(c) in bf16 autocast", ("train.precision=bf16",)),
     # one optimisation off at a time
     "a-nobucket": Spec("lora-dist", "(a) without length buckets", _defaults() + ("data.bucket=false",)),
+    "a-bf16-sdpa": Spec("lora-dist", "(a) with attention of bf16 inputs in bf16 (torch's CPU kernel)", _defaults(), ("bf16_sdpa",)),
     "a-mkl": Spec("lora-dist", "(a) with frozen Linears on MKL (plain nn.Linear)", _defaults(), ("plain_linear",)),
     "a-fullseq": Spec("lora-dist", "(a) with the last block run at every position", _defaults(), ("full_last_block",)),
     "a-noaddmm": Spec("lora-dist", "(a) with LoRA as y + scale * ((x @ A) @ B)", _defaults(), ("plain_lora",)),
@@ -80,6 +81,8 @@ def apply_patches(names: tuple[str, ...]) -> None:
 
     if "plain_linear" in names:
         frozen_linear.enabled = False
+    if "bf16_sdpa" in names:
+        model.attention = F.scaled_dot_product_attention
     if "full_last_block" in names:
         features = model.GPT2.features
 

@@ -24,13 +24,13 @@ if [ $DRY = 1 ]; then
     DIR=$(mktemp -d)/gpu-check-dry-run
     DEVICE=cpu; SMALL=tiny; XL=tiny; XL_BATCH=8
     E2E_EXTRA=(train.max_steps=3 train.epochs=1 train.eval_batches=1)
-    XL_STEPS=(--rounds 1 --steps 1 --warmup 1 --probe-seconds 0.1)
-    SMALL_STEPS=(--rounds 1 --steps 1 --warmup 1 --probe-seconds 0.1)
+    XL_STEPS=(--batches 1 --passes 1 --steps 1 --warmup 1 --probe-seconds 0.1)
+    SMALL_STEPS=(--batches 2 --passes 1 --steps 1 --warmup 1 --probe-seconds 0.1)
 else
     DEVICE=cuda; SMALL=gpt2-small; XL=gpt2-xl; XL_BATCH=32
     E2E_EXTRA=()
-    XL_STEPS=(--rounds 4 --steps 10 --warmup 5 --probe-seconds 1)
-    SMALL_STEPS=(--rounds 5 --steps 20 --warmup 10 --probe-seconds 1)
+    XL_STEPS=(--batches 8 --passes 3 --steps 4 --warmup 5 --probe-seconds 1)
+    SMALL_STEPS=(--passes 2 --steps 20 --warmup 10 --probe-seconds 1)
 fi
 mkdir -p "$DIR"
 LOG=$DIR/gpu_check.log

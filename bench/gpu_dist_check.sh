@@ -14,7 +14,8 @@ STEPS=200; PREC=bf16; DEV=cuda
 if [ "${1:-}" = "--dry-run" ]; then STEPS=5; PREC=fp32; DEV=cpu; fi
 STAMP=$(date +%Y-%m-%d-%H%M)
 WORK=$(mktemp -d)
-OUTFILE=bench/results/gpu-dist-$STAMP${1:+-dry-run}.json
+OUTFILE=bench/results/gpu-dist-$STAMP.json
+[ "${1:-}" = "--dry-run" ] && OUTFILE=$WORK/gpu-dist-$STAMP-dry-run.json  # a dry run is no result
 mkdir -p bench/results
 for config in smoke gpt2-small; do
   if [ $config = smoke ]; then CFG=configs/smoke.yaml; MODEL=(); else CFG=configs/gpt2-small-lora.yaml; MODEL=(model.weights=random); fi

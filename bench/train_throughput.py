@@ -135,7 +135,7 @@ def run(args: argparse.Namespace) -> dict:
     say(f"load average before: {load['before']}")
     for name in names:  # built one at a time, so the builds do not compete
         parent, child = ctx.Pipe()
-        p = ctx.Process(target=worker, args=(name, args, child), daemon=True)
+        p = ctx.Process(target=worker, args=(name, args, child))  # not daemonic: a contender may start DataLoader workers
         p.start()
         kind, payload = parent.recv()
         if kind == "error":
@@ -166,7 +166,7 @@ def run(args: argparse.Namespace) -> dict:
         r += 1
         if r % args.print_every == 0:
             say(f"round {r}: " + ", ".join(f"{n} {rate([x for rnd in timed[n] for x in rnd]):.2f} ex/s" for n in names)
-                + f" so far; matmul " + ", ".join(f"{p} {v[-1]:.0f}" for p, v in probes.items()) + " GFLOP/s; load {load['rounds'][-1]['loadavg_1m']:.2f}, "
+                + f" so far; matmul " + ", ".join(f"{p} {v[-1]:.0f}" for p, v in probes.items()) + f" GFLOP/s; load {load['rounds'][-1]['loadavg_1m']:.2f}, "
                 f"CPU pressure {load['rounds'][-1]['cpu_pressure_some_avg10']}%")
     for name in names:
         conns[name].send(("stats", 0))
@@ -223,9 +223,12 @@ def run(args: argparse.Namespace) -> dict:
         for key, g in (("limit_examples_per_s", own["median_gflops"]), ("limit_examples_per_s_best_probe", own["best_gflops"]),
                        ("limit_examples_per_s_fp32", by_precision["fp32"]["median_gflops"])):
             res[key] = limit_examples_per_s(cfg, i["mean_tokens"], g)
-        res["fraction_of_limit"] = res["examples_per_s"] / res["limit_examples_per_s"]
-        res["fraction_of_limit_best"] = res["examples_per_s_best"] / res["limit_examples_per_s_best_probe"]
-        res["fraction_of_fp32_limit"] = res["examples_per_s"] / res["limit_examples_per_s_fp32"]
+        # in real tokens, so that a part of an epoch whose messages are shorter or longer than the mean is
+        # not flattered or penalised (over whole epochs it is the examples/s ratio)
+        tok = i["mean_tokens"]
+        res["fraction_of_limit"] = res["tokens_per_s"] / (res["limit_examples_per_s"] * tok)
+        res["fraction_of_limit_best"] = res["tokens_per_s_best"] / (res["limit_examples_per_s_best_probe"] * tok)
+        res["fraction_of_fp32_limit"] = res["tokens_per_s"] / (res["limit_examples_per_s_fp32"] * tok)
         res["model_flops_utilisation_vs_probe"] = res["model_gflops_per_s"] / own["median_gflops"]
         if peak:
             res["mfu"] = res["model_gflops_per_s"] / (peak * 1e3)

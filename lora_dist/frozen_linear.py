@@ -5,8 +5,9 @@
 On the CPU in fp32, PyTorch runs every Linear through MKL's sgemm, which re-packs the weight at each call
 and, on AMD CPUs, runs well below the machine's peak. LoRA never changes the base weights, so they are
 packed once for oneDNN, both ways: W for the forward pass (x @ W^T) and W^T for the input gradient (dY @ W).
-On a 2-core AMD EPYC (Zen 4) that is 215-220 GFLOP/s at every GPT-2 shape, against 110-190 for MKL
-(bench/README.md). The cost is memory: two packed copies of the frozen weights. Under CPU autocast to bf16
+On a 2-core AMD EPYC (Zen 4) that is 229 GFLOP/s against MKL's 200 on a 1024^3 matmul (bench/flops.py), and
+1.07x on a whole gpt2-small training step (bench/README.md). The cost is memory: two packed copies of the
+frozen weights. Under CPU autocast to bf16
 the packed copies are bf16 (autocast would round the weights to bf16 at every call anyway).
 
 The packed copies live in a cache keyed by the weight tensor, outside the module (no state_dict entries, and

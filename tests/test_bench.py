@@ -38,3 +38,18 @@ def test_harness_smoke(tmp_path):
         assert r["examples_per_s"] > 0 and r["peak_rss_mb"] > 0 and r["model_flops_per_step"] > 0
     assert "a/c examples_per_s" in doc["ratios"] and doc["command"].startswith("python bench/train_throughput.py")
     assert "| (a) lora-dist, defaults |" in proc.stdout
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_run_on_the_cpu(tmp_path):
+    """The GPU check is one prepared script; its --dry-run takes every step on the CPU with the tiny model, so
+    a broken flag or path shows up here and not on the rented GPU."""
+    pytest.importorskip("peft", reason="peft is a bench/test dependency (pip install -e .[dev])")
+    env = cli_env() | {"OUT": str(tmp_path), "PYTHON": sys.executable}
+    proc = subprocess.run(["bash", "bench/gpu_check.sh", "--dry-run"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=900, env=env)
+    assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])
+    results = list(tmp_path.rglob("*.json"))
+    assert results, proc.stdout[-2000:]
+    for path in results:
+        json.loads(path.read_text())  # every result file parses
