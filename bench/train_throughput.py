@@ -330,7 +330,7 @@ def table(doc: dict) -> str:
     head += ["CUDA peak", "MFU"] if gpu else ["of limit at its precision (best)", "of the fp32 limit"]
     rows = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
     for name, r in doc["contenders"].items():
-        cells = [f"({name}) {r['what']}", r.get("precision", s_precision(doc)), f"{r['examples_per_s']:.2f}", f"{r['examples_per_s_best']:.2f}",
+        cells = [f"({name}) {r['what']}", r.get("precision", doc["settings"]["precision"]), f"{r['examples_per_s']:.2f}", f"{r['examples_per_s_best']:.2f}",
                  f"{r['tokens_per_s']:.0f}", f"{r['padding_fraction'] * 100:.0f}%", f"{r['step_s_median'] * 1e3:.0f} ms",
                  f"{r['epoch_s']:.0f} s", f"{r['peak_rss_mb'] / 1024:.2f} GiB"]
         if gpu:
@@ -355,10 +355,6 @@ def table(doc: dict) -> str:
     if doc["ratios"]:
         lines += ["", "; ".join(f"{k} = {v:.2f}" for k, v in doc["ratios"].items())]
     return "\n".join(lines)
-
-
-def s_precision(doc: dict) -> str:
-    return doc["settings"]["precision"]
 
 
 def say(msg: str) -> None:

@@ -7,8 +7,8 @@ and, on AMD CPUs, runs well below the machine's peak. LoRA never changes the bas
 packed once for oneDNN, both ways: W for the forward pass (x @ W^T) and W^T for the input gradient (dY @ W).
 On a 2-core AMD EPYC (Zen 4) that is 229 GFLOP/s against MKL's 200 on a 1024^3 matmul (bench/flops.py), and
 1.07x on a whole gpt2-small training step (bench/README.md). The cost is memory: two packed copies of the
-frozen weights. Under CPU autocast to bf16
-the packed copies are bf16 (autocast would round the weights to bf16 at every call anyway).
+frozen weights. Under CPU autocast to bf16 the packed copies are bf16 (autocast would round the weights to
+bf16 at every call anyway).
 
 The packed copies live in a cache keyed by the weight tensor, outside the module (no state_dict entries, and
 copies of the module stay plain), and are rebuilt whenever the weight changes: merge and unmerge,

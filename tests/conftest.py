@@ -52,3 +52,15 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
 
     torch.manual_seed(0)
     return save_hf_checkpoint(load_gpt2("tiny", weights="random"), tmp_path_factory.mktemp("tiny-gpt2"))
+
+
+@pytest.fixture(scope="session")
+def baseline(tmp_path_factory) -> dict:
+    """results.json of the smoke config on the host, one process, without Slurm or containers: what the
+    Slurm templates and the container image must reproduce (tests/test_slurm.py, tests/test_docker.py)."""
+    out = tmp_path_factory.mktemp("smoke-baseline") / "run"
+    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
+    p = subprocess.run([sys.executable, "-m", "lora_dist", "train", "--config", str(SMOKE), f"output_dir={out}"],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return json.loads((out / "results.json").read_text())

@@ -127,19 +127,6 @@ def image(engine, tmp_path_factory, request) -> str:
     return IMAGE
 
 
-@pytest.fixture(scope="module")
-def baseline(tmp_path_factory) -> dict:
-    """The smoke config on the host without Slurm or containers, one process. Computed once per
-    session: tests/test_docker.py and tests/test_slurm.py share it through the same folder."""
-    out = tmp_path_factory.getbasetemp() / "smoke-baseline"
-    if not (out / "results.json").exists():
-        env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
-        p = subprocess.run([sys.executable, "-m", "lora_dist", "train", "--config", SMOKE, f"output_dir={out}",
-                            "overwrite=true"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-        assert p.returncode == 0, p.stderr[-3000:]
-    return json.loads((out / "results.json").read_text())
-
-
 @pytest.mark.slow
 def test_cpu_image_trains_the_smoke_config_offline(engine, image, baseline, tmp_path):
     """The entrypoint is the launcher, which runs torchrun with 2 workers inside the container."""

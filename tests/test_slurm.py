@@ -116,19 +116,6 @@ def cluster(tmp_path_factory):
         subprocess.run([str(MINICLUSTER), "stop", str(state)], timeout=60)
 
 
-@pytest.fixture(scope="module")
-def baseline(tmp_path_factory) -> dict:
-    """The smoke config on the host without Slurm or containers, one process. Computed once per
-    session: tests/test_docker.py and tests/test_slurm.py share it through the same folder."""
-    out = tmp_path_factory.getbasetemp() / "smoke-baseline"
-    if not (out / "results.json").exists():
-        env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
-        p = subprocess.run([sys.executable, "-m", "lora_dist", "train", "--config", SMOKE, f"output_dir={out}",
-                            "overwrite=true"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-        assert p.returncode == 0, p.stderr[-3000:]
-    return json.loads((out / "results.json").read_text())
-
-
 def wandb_groups(out: Path) -> list[str]:
     """The W&B group of each (offline) run in OUT/wandb, read from the RunRecord near the start of its
     .wandb file: 7-byte records headers (crc, length, type) after a 7-byte file header."""
