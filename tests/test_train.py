@@ -19,7 +19,7 @@ def smoke_run(tmp_path_factory):
 def test_smoke_run_learns(smoke_run):
     out, proc = smoke_run
     results = json.loads((out / "results.json").read_text())
-    # A 2-layer random GPT-2 with LoRA reaches about 90% here; chance is 50% on the balanced test split.
+    # A 2-layer random GPT-2 with LoRA reaches 83-91% here (seed 123: 88%); chance is 50% on the balanced test split.
     assert results["test_accuracy"] >= 0.80, results
     steps = [r["train_loss_step"] for r in read_metrics(out) if "train_loss_step" in r]
     assert len(steps) == results["steps"] == 3 * (1045 // 8)
