@@ -1,9 +1,12 @@
-"""Command line: `lora-dist train|params|report|eval ...` (also `python -m lora_dist ...`).
+"""Command line: `lora-dist train|params|report|eval|classify|adapter|export ...` (also `python -m lora_dist ...`).
 
     lora-dist train --config configs/smoke.yaml output_dir=runs/smoke
     lora-dist params --config configs/gpt2-small-lora.yaml
     lora-dist report runs/smoke
     lora-dist eval runs/smoke --split test
+    lora-dist classify --adapter runs/smoke "WINNER!! Claim your prize" "see you at 6"
+    lora-dist adapter info runs/smoke
+    lora-dist export runs/smoke --format peft --out exports/smoke-peft
 """
 
 from __future__ import annotations
@@ -33,7 +36,20 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--split", default="test", choices=("train", "validation", "test"), help="the run's split (default: test)")
     e.add_argument("--data", default=None, help="a CSV/TSV with text and label columns instead of a split")
     e.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
+    e.add_argument("--precision", default="fp32", choices=("auto", "fp32", "bf16", "fp16"), help="(default: fp32)")
+    e.add_argument("--batch-size", type=int, default=32, help="messages per forward pass (default: 32)")
     e.add_argument("--json", action="store_true", help="print the result as JSON")
+    from .classify import add_arguments
+
+    add_arguments(sub.add_parser("classify", help="label new messages with a trained adapter (table, JSON or JSON lines)"))
+    a = sub.add_parser("adapter", help="inspect a saved adapter").add_subparsers(dest="action", required=True)
+    a.add_parser("info", help="print what an adapter is: base, layers, labels, tensors, size").add_argument(
+        "path", help="a training run or its adapter/ directory")
+    x = sub.add_parser("export", help="export an adapter for transformers + PEFT, or as a merged Hugging Face model")
+    x.add_argument("path", help="a training run or its adapter/ (weights/) directory")
+    x.add_argument("--format", required=True, choices=("peft", "merged"), help="peft: a PEFT LoRA adapter; merged: a full model")
+    x.add_argument("--out", required=True, help="the directory to write (must not exist, or be empty)")
+    x.add_argument("--base", help="a directory holding the adapter's base weights, if not where training found them")
     return p
 
 
@@ -53,7 +69,7 @@ def _main(argv: list[str] | None) -> int:
     args = _parser().parse_args(argv)
     rank = int(os.environ.get("RANK", 0))
     try:
-        if args.command in ("report", "eval"):
+        if args.command in ("report", "eval", "classify", "adapter", "export"):
             return _tool(args)
         from .config import load_config
 
@@ -69,10 +85,26 @@ def _main(argv: list[str] | None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `lora-dist ... | head`: the reader left; say nothing more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 def _tool(args) -> int:
-    """`report` and `eval` (`report.py`, `evaluate.py`): they read a run directory, no config."""
+    """The commands that read a run or an adapter, no config: report, eval, classify, adapter, export."""
+    if args.command == "classify":
+        from .classify import main as classify
+
+        return classify(args)
+    if args.command == "adapter":
+        from .adapter import info
+
+        print(info(args.path))
+        return 0
+    if args.command == "export":
+        from .export import main as export
+
+        return export(args.path, args.format, args.out, args.base)
     if args.command == "report":
         from .report import write_report
 
@@ -82,22 +114,28 @@ def _tool(args) -> int:
         return 0
     from .evaluate import main as evaluate
 
-    return evaluate(args.run_dir, args.split, args.data, args.device, args.json)
+    return evaluate(args.run_dir, args.split, args.data, args.device, args.json, args.precision, args.batch_size)
 
 
 def _params(cfg) -> int:
-    """Counts come from the model's structure alone: built on the meta device, no weights read."""
+    """Counts come from the model's structure alone: built on the meta device, no weights read. The number
+    of classes comes from the data's labels (or model.num_classes)."""
     import torch
 
+    from .build import build_model
+    from .data import prepare_splits, split_labels
     from .lora import count_params
-    from .train import build_model
+    from .train import num_classes
 
     m = cfg.model
+    labels = split_labels(prepare_splits(cfg.data, say=lambda *_: None), cfg.data)
     structure = replace(m, weights="random", name=m.name if m.weights in ("pretrained", "random") else m.weights)
     with torch.device("meta"):
-        model, wrapped = build_model(replace(cfg, model=structure))
+        model, wrapped = build_model(replace(cfg, model=structure), num_classes(cfg, labels))
     total, trainable = count_params(model)
-    print(f"model: {cfg.model.name}  LoRA: rank {cfg.lora.rank}, alpha {cfg.lora.alpha:g}, {len(wrapped)} layers")
+    what = (f"LoRA: rank {cfg.lora.rank}, alpha {cfg.lora.alpha:g}, {len(wrapped)} layers" if cfg.train.trainable == "lora"
+            else f"trained: {cfg.train.trainable}")
+    print(f"model: {cfg.model.name}  {what}  labels: {', '.join(labels)}")
     print(f"total parameters: {total:,}")
     print(f"trainable parameters: {trainable:,}")
     return 0

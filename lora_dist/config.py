@@ -25,13 +25,17 @@ from .errors import UserError
 class ModelConfig:
     name: str = "gpt2-small"  # gpt2-small|medium|large|xl, the book's "gpt2-small (124M)", or tiny
     weights: str = "pretrained"  # pretrained | random | a directory with config.json + model.safetensors
-    num_classes: int = 2
+    num_classes: Optional[int] = None  # default: the number of labels in the data
     dropout: float = 0.0  # the book fine-tunes with drop_rate 0.0
     context_length: Optional[int] = None  # shorten the positional table (tiny/random models only)
     activation_checkpointing: bool = False
+    # Which hidden state the head classifies: the last real token (default), the last position after
+    # padding (the book), the first token, or the mean over the real tokens (or over every position).
+    pooling: Literal["last_real", "last", "first", "mean", "mean_all"] = "last_real"
+    causal_mask: bool = True  # false: every token attends to every position (the book's row 17)
 
     def __post_init__(self):
-        _check(self.num_classes >= 2, "model.num_classes must be >= 2")
+        _check(self.num_classes is None or self.num_classes >= 2, "model.num_classes must be >= 2 (or null: from the data)")
         _check(0.0 <= self.dropout < 1.0, "model.dropout must be in [0, 1)")
 
 
@@ -40,12 +44,15 @@ class DataConfig:
     source: str = "sms"  # "sms" (UCI SMS Spam Collection) or a path to a CSV/TSV with text,label columns
     url: str = "https://archive.ics.uci.edu/static/public/228/sms+spam+collection.zip"
     download: bool = True  # try the UCI download first; fall back to the copy shipped in the package
-    balance: bool = True  # undersample the majority class, as the book does
+    balance: bool = True  # undersample every class to the smallest one, as the book does
+    labels: Optional[tuple[str, ...]] = None  # the class labels in order (default: the data's, sorted)
     train_frac: float = 0.7
     val_frac: float = 0.1
     seed: int = 123
     max_length: Optional[int] = None  # truncate messages to this many tokens (default: the context)
-    padding: Literal["longest", "batch"] = "batch"
+    # longest: every message padded to the longest training message (the book); batch: each batch to its
+    # own longest; context: to the model's context length (the book's row 13)
+    padding: Literal["longest", "batch", "context"] = "batch"
     bucket: bool = True  # length-bucketed batches (padding=batch only); global batches stay random
     pad_token_id: int = 50256
 
@@ -53,6 +60,8 @@ class DataConfig:
         _check(0 < self.train_frac < 1 and 0 < self.val_frac < 1, "data.train_frac and data.val_frac must be in (0, 1)")
         _check(self.train_frac + self.val_frac < 1, f"data.train_frac + data.val_frac = {self.train_frac + self.val_frac:g} leaves no test set; make their sum < 1")
         _check(self.max_length is None or self.max_length > 0, "data.max_length must be > 0")
+        _check(self.labels is None or (len(self.labels) >= 2 and len(set(self.labels)) == len(self.labels)),
+               "data.labels must list at least two distinct labels (or be null: the labels found in the data)")
 
 
 @dataclass(frozen=True)
@@ -79,6 +88,9 @@ class TrainConfig:
     epochs: int = 5
     batch_size: int = 8  # the GLOBAL batch: per-rank micro-batch = batch_size / (world_size * grad_accum)
     grad_accum: int = 1
+    # What is trained: LoRA adapters (lora.*), or, as the book's --trainable_layers, the head alone
+    # (last_layer), the head with the final LayerNorm and the last one or two blocks, or everything.
+    trainable: Literal["lora", "last_layer", "last_block", "last_two_blocks", "all"] = "lora"
     lr: float = 5e-5
     weight_decay: float = 0.1
     betas: tuple[float, ...] = (0.9, 0.999)

@@ -1,5 +1,8 @@
 """The SMS Spam Collection (or a user's own labelled file): download, read, balance, split, batch.
 
+Labels are data: any strings (`ham`/`spam`, `positive`/`negative`/`neutral`, `0`/`1`), ordered as
+`data.labels` lists them, else sorted (numerically where they are all integers).
+
     python -c "from lora_dist.data import load_frame; print(load_frame('sms').label.value_counts())"
 
 Data preparation is pure functions; `make_loaders` turns the splits into per-rank DataLoaders whose global
@@ -26,8 +29,7 @@ from .config import DataConfig
 from .errors import UserError
 
 SMS_SHA256 = "7d039a24a6083ed9ef0f806ebad56bbb976e3aeb8de05669173bfdc4996c239d"
-LABELS = {"ham": 0, "spam": 1}
-CLASS_NAMES = ("ham", "spam")
+SMS_LABELS = ("ham", "spam")
 
 
 # ------------------------------------------------------------------------------------------- reading
@@ -115,13 +117,12 @@ def _read_utf8(path: Path) -> str:
 
 def _validate(frame: pd.DataFrame, path: Path) -> pd.DataFrame:
     frame = frame.copy()
-    frame["label"] = frame["label"].astype(str).str.strip().str.lower().replace({"0": "ham", "1": "spam"})
-    bad = sorted(set(frame["label"]) - set(LABELS))
-    if bad:
-        row = int(frame.index[frame["label"] == bad[0]][0]) + 1
-        raise UserError(f"{path} has label {bad[0]!r} (row {row}); labels must be ham/spam (or 0/1)")
-    if frame["label"].nunique() < 2:
-        raise UserError(f"{path} holds only '{frame['label'].iloc[0]}' messages; both classes (ham and spam) are needed")
+    frame["label"] = frame["label"].astype(str).str.strip()
+    if len(frame) == 0:
+        raise UserError(f"{path} holds a header but no messages; add rows of text and label")
+    if (frame["label"].str.len() == 0).any():
+        row = int(frame.index[frame["label"].str.len() == 0][0]) + 1
+        raise UserError(f"{path} has a message without a label at row {row}; label it or remove it")
     if (frame["text"].str.len() == 0).any():
         row = int(frame.index[frame["text"].str.len() == 0][0]) + 1
         raise UserError(f"{path} has an empty message at row {row}; remove it")
@@ -135,15 +136,42 @@ def load_frame(source: str, cfg: DataConfig | None = None, say=print) -> pd.Data
     return read_table(source)
 
 
+# ----------------------------------------------------------------------------------------- labels
+
+
+def _label_key(label: str):
+    return (0, int(label), "") if label.lstrip("-").isdigit() else (1, 0, label)
+
+
+def label_order(labels, wanted: tuple[str, ...] | None = None, source: str = "the data") -> tuple[str, ...]:
+    """The class labels, in order: `wanted` (data.labels), checked against the data's, or the data's
+    own, sorted (numerically when they are all integers). At least two are needed."""
+    found = set(labels)
+    if wanted:
+        unknown = sorted(found - set(wanted), key=_label_key)
+        if unknown:
+            raise UserError(f"{source} has label {unknown[0]!r}, which data.labels {list(wanted)} does not name; "
+                            f"add it to data.labels or fix the data")
+        return tuple(wanted)
+    if len(found) < 2:
+        raise UserError(f"{source} holds only {sorted(found) or 'no'} labels; a classifier needs at least two classes")
+    return tuple(sorted(found, key=_label_key))
+
+
+def split_labels(splits: dict[str, pd.DataFrame], cfg: DataConfig) -> tuple[str, ...]:
+    """The class labels of a run: those of all its splits together, ordered by `label_order`."""
+    return label_order(pd.concat(splits.values())["label"], cfg.labels, source=f"data.source={cfg.source}")
+
+
 # ----------------------------------------------------------------------------- balancing and splits
 
 
 def balance(frame: pd.DataFrame, seed: int = 123) -> pd.DataFrame:
-    """Undersample ham to the number of spam messages (the book's `create_balanced_dataset`)."""
-    spam = frame[frame["label"] == "spam"]
-    ham = frame[frame["label"] == "ham"]
-    n = min(len(spam), len(ham))
-    return pd.concat([ham.sample(n, random_state=seed), spam.sample(n, random_state=seed) if len(spam) > n else spam])
+    """Undersample every class to the size of the smallest one (the book's `create_balanced_dataset`,
+    which samples ham down to the 747 spam messages), classes in sorted order."""
+    groups = [frame[frame["label"] == c] for c in sorted(frame["label"].unique(), key=_label_key)]
+    n = min(len(g) for g in groups)
+    return pd.concat([g if len(g) == n else g.sample(n, random_state=seed) for g in groups])
 
 
 def split(frame: pd.DataFrame, train_frac: float, val_frac: float, seed: int = 123) -> dict[str, pd.DataFrame]:
@@ -169,11 +197,17 @@ def prepare_splits(cfg: DataConfig, say=print) -> dict[str, pd.DataFrame]:
 
 
 class SpamDataset(Dataset):
-    """Token ids (truncated to `max_length`) and integer labels."""
+    """Token ids (truncated to `max_length`) and class indices into `labels`."""
 
-    def __init__(self, frame: pd.DataFrame, tokenizer, max_length: int):
+    def __init__(self, frame: pd.DataFrame, tokenizer, max_length: int, labels: tuple[str, ...] = SMS_LABELS,
+                 source: str = "the data"):
         self.ids = [tokenizer.encode(t, disallowed_special=())[:max_length] for t in frame["text"]]  # text, never control tokens
-        self.labels = [LABELS[label] for label in frame["label"]]
+        index = {label: i for i, label in enumerate(labels)}
+        unknown = sorted(set(frame["label"]) - set(index))
+        if unknown:
+            raise UserError(f"{source} has label {unknown[0]!r}, which is not one of the model's labels {list(labels)}; "
+                            f"relabel the data or use a model trained on these labels")
+        self.labels = [index[label] for label in frame["label"]]
         self.lengths = [max(1, len(i)) for i in self.ids]
 
     def __len__(self) -> int:
@@ -297,13 +331,20 @@ class Loaders:
     max_length: int
 
 
-def build_datasets(splits: dict[str, pd.DataFrame], tokenizer, cfg: DataConfig, context_length: int) -> tuple[dict[str, SpamDataset], int]:
+def build_datasets(splits: dict[str, pd.DataFrame], tokenizer, cfg: DataConfig, context_length: int,
+                   labels: tuple[str, ...] = SMS_LABELS) -> tuple[dict[str, SpamDataset], int]:
+    """The tokenized splits and the length messages are truncated to (and padded to, see `fixed_length`)."""
     limit = min(cfg.max_length or context_length, context_length)
-    train = SpamDataset(splits["train"], tokenizer, limit)
+    train = SpamDataset(splits["train"], tokenizer, limit, labels)
     # The book pads every split to the longest training message, truncating longer ones to it.
     length = max(train.lengths) if cfg.padding == "longest" else limit
-    datasets = {"train": train} | {k: SpamDataset(splits[k], tokenizer, length) for k in ("validation", "test")}
+    datasets = {"train": train} | {k: SpamDataset(splits[k], tokenizer, length, labels) for k in ("validation", "test")}
     return datasets, length
+
+
+def fixed_length(cfg: DataConfig, length: int) -> int | None:
+    """What every batch is padded to: `length` for padding longest/context, None (each batch's own) for batch."""
+    return length if cfg.padding in ("longest", "context") else None
 
 
 def make_loaders(datasets: dict[str, SpamDataset], length: int, cfg: DataConfig, micro: int, accum: int,
@@ -317,7 +358,7 @@ def make_loaders(datasets: dict[str, SpamDataset], length: int, cfg: DataConfig,
         )
     lengths = train.lengths if (cfg.padding == "batch" and cfg.bucket) else None
     sampler = ShardedSampler(train, world, rank, micro, accum, seed, lengths)
-    collate = Collate(cfg.pad_token_id, length if cfg.padding == "longest" else None)
+    collate = Collate(cfg.pad_token_id, fixed_length(cfg, length))
     loader = DataLoader(train, batch_size=micro, sampler=sampler, collate_fn=collate, drop_last=False,
                         num_workers=num_workers, pin_memory=pin_memory, persistent_workers=num_workers > 0)
     return Loaders(loader, sampler, datasets, collate, length)

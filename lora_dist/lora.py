@@ -136,13 +136,14 @@ def unmerge(model: nn.Module) -> None:
 
 
 def adapter_state_dict(model: nn.Module, head_name: str = "head") -> dict[str, torch.Tensor]:
-    """What an adapter file holds: every LoRA tensor, plus the classification head's own weights (it is
-    freshly initialised, so the base checkpoint cannot restore it)."""
-    out = {n: p.detach() for n, p in model.named_parameters() if ".lora." in f".{n}"}
+    """What an adapter file holds: every LoRA tensor and every other trained tensor, plus the
+    classification head's own weights (it is freshly initialised, so the base checkpoint cannot restore
+    it), in the model's parameter order."""
     head = _head(model, head_name)
     prefix = head_name + (".linear." if isinstance(model.get_submodule(head_name), LinearWithLoRA) else ".")
-    out |= {prefix + n: p.detach() for n, p in head.named_parameters()}
-    return out
+    head_names = {prefix + n for n, _ in head.named_parameters()}
+    return {n: p.detach() for n, p in model.named_parameters()
+            if ".lora." in f".{n}" or p.requires_grad or n in head_names}
 
 
 def load_adapter_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: str = "adapter") -> None:

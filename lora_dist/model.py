@@ -31,6 +31,7 @@ class GPTConfig:
     drop_rate: float = 0.0
     qkv_bias: bool = True
     layer_norm_eps: float = 1e-5
+    causal: bool = True  # False: every position attends to every position, padding included (book row 17)
 
 
 SIZES = {
@@ -90,6 +91,7 @@ class CausalSelfAttention(nn.Module):
         self.value = Linear(d, d, bias=cfg.qkv_bias)
         self.out = Linear(d, d)
         self.drop_rate = cfg.drop_rate
+        self.causal = cfg.causal
 
     def forward(self, x: torch.Tensor, last: torch.Tensor | None = None) -> torch.Tensor:
         """(B, T, C) -> (B, T, C); with `last` (B,), only the query at each row's last real token: (B, 1, C)."""
@@ -98,11 +100,13 @@ class CausalSelfAttention(nn.Module):
         drop = self.drop_rate if self.training else 0.0
         if last is None:
             q, k, v = heads(self.query(x)), heads(self.key(x)), heads(self.value(x))
-            y = attention(q, k, v, dropout_p=drop, is_causal=True)  # (B, nh, T, hs)
+            y = attention(q, k, v, dropout_p=drop, is_causal=self.causal)  # (B, nh, T, hs)
         else:
             x_last = x[torch.arange(B, device=x.device), last].unsqueeze(1)  # (B, 1, C)
             q, k, v = heads(self.query(x_last)), heads(self.key(x)), heads(self.value(x))
-            visible = (torch.arange(T, device=x.device) <= last[:, None]).view(B, 1, 1, T)  # causal, for one query
+            visible = None  # without the causal mask the one query sees every position
+            if self.causal:
+                visible = (torch.arange(T, device=x.device) <= last[:, None]).view(B, 1, 1, T)  # (B, 1, 1, T)
             y = attention(q, k, v, attn_mask=visible, dropout_p=drop)  # (B, nh, 1, hs)
         y = y.transpose(1, 2).reshape(B, -1, C)
         return self.out(y)
@@ -136,9 +140,14 @@ class Block(nn.Module):
         return x + self.drop(self.ff(self.norm2(x)))
 
 
+POOLING = ("last_real", "last", "first", "mean", "mean_all")
+
+
 class GPT2(nn.Module):
-    """GPT-2. `forward(ids)` gives logits (B, T, vocab); after `set_classifier(n)`, (B, T, n), or (B, n)
-    at the positions given by `last_index` (the last real token of each right-padded sequence)."""
+    """GPT-2. `forward(ids)` gives logits (B, T, vocab); after `set_classifier(n)`, (B, T, n), or with
+    `last_index` (each right-padded row's last real token) (B, n), read where `pooling` says:
+    `last_real` (that token), `last` (the last position, padding or not: the book), `first`, `mean` (over
+    the real tokens) or `mean_all` (over every position, padding included: the book's row 19)."""
 
     def __init__(self, cfg: GPTConfig):
         super().__init__()
@@ -151,6 +160,7 @@ class GPT2(nn.Module):
         self.head = nn.Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
         self.head.weight = self.tok_emb.weight  # GPT-2 ties the output layer to the token embedding
         self.activation_checkpointing = False
+        self.pooling = "last_real"
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # GPT-2's scaled init of the residual projections
             if name.endswith(("att.out.weight", "ff.proj.weight")):
@@ -165,9 +175,12 @@ class GPT2(nn.Module):
         elif isinstance(m, nn.Embedding):
             nn.init.normal_(m.weight, mean=0.0, std=0.02)
 
-    def set_classifier(self, num_classes: int) -> None:
+    def set_classifier(self, num_classes: int, pooling: str = "last_real") -> None:
         """Replace the tied LM head by a fresh `num_classes` Linear layer (with bias, as the book does)."""
+        if pooling not in POOLING:
+            raise UserError(f"unknown pooling {pooling!r}; use one of {', '.join(POOLING)}")
         self.head = nn.Linear(self.cfg.emb_dim, num_classes)
+        self.pooling = pooling
 
     def features(self, idx: torch.Tensor, last_index: torch.Tensor | None = None) -> torch.Tensor:
         """(B, T) ids -> (B, T, C) hidden states; with `last_index`, (B, C) at those positions only. Nothing
@@ -186,5 +199,20 @@ class GPT2(nn.Module):
         x = self.final_norm(x)  # (B, T, C), or (B, 1, C) with last_index
         return x if last_index is None else x.squeeze(1)
 
+    def pooled(self, idx: torch.Tensor, last_index: torch.Tensor) -> torch.Tensor:
+        """(B, T) ids, (B,) last real positions -> (B, C): the hidden state the head reads (`pooling`)."""
+        B, T = idx.shape
+        if self.pooling in ("mean", "mean_all"):
+            x = self.features(idx)  # (B, T, C)
+            if self.pooling == "mean_all":
+                return x.mean(dim=1)
+            real = (torch.arange(T, device=idx.device) <= last_index[:, None]).unsqueeze(-1).to(x.dtype)  # (B, T, 1)
+            return (x * real).sum(dim=1) / real.sum(dim=1)
+        where = {"last_real": lambda: last_index, "last": lambda: torch.full_like(last_index, T - 1),
+                 "first": lambda: torch.zeros_like(last_index)}[self.pooling]()
+        return self.features(idx, where)
+
     def forward(self, idx: torch.Tensor, last_index: torch.Tensor | None = None) -> torch.Tensor:
-        return self.head(self.features(idx, last_index))  # (B, T, classes) or (B, classes)
+        if last_index is None:
+            return self.head(self.features(idx))  # (B, T, classes)
+        return self.head(self.pooled(idx, last_index))  # (B, classes)

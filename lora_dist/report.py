@@ -1,9 +1,9 @@
-"""`report.md` for a finished run: scores per split, confusion matrices, parameters, time, plots.
+"""`report.md` for a finished run: scores per split and per class, confusion matrices, parameters, time, plots.
 
     lora-dist report runs/smoke         # (re)writes runs/smoke/report.md and runs/smoke/plots/, prints the report
 
-Training writes it at the end too. Every number comes from `results.json` (precision, recall and F1 are
-computed from its confusion matrices); the header comes from `config.yaml` and the run's start record.
+Training writes it at the end too. Every number comes from `results.json` (precision, recall and F1, per
+class and macro, are computed from its confusion matrices); the header comes from `config.yaml` and the run's start record.
 """
 
 from __future__ import annotations
@@ -44,19 +44,24 @@ def render(run_dir: Path, results: dict, plots: list[Path] = ()) -> str:
     """The report as Markdown."""
     run_dir = Path(run_dir)
     lines = [f"# lora-dist report: {run_dir.resolve().name}", "", *_header(run_dir, results), ""]
-    lines += ["## Scores per split (positive class: spam)", "",
+    classes = results.get("classes") or ["ham", "spam"]
+    confusion = results.get("confusion") or {}
+    lines += ["## Scores per split (precision, recall and F1: macro, the mean over the classes)", "",
               "| split | examples | accuracy | precision | recall | F1 | loss |",
               "|---|---:|---:|---:|---:|---:|---:|"]
-    confusion = results.get("confusion") or {}
     for split, prefix in SPLITS:
         acc, loss = results.get(f"{prefix}_accuracy"), results.get(f"{prefix}_loss")
         if split in confusion:
-            s = scores(confusion[split])
-            lines.append(f"| {split} | {s['count']:,} | {_pct(acc)} | {_pct(s['precision'])} | {_pct(s['recall'])} "
-                         f"| {_pct(s['f1'])} | {_num(loss, 4)} |")
+            s = scores(confusion[split], classes)
+            m = s["macro"]
+            lines.append(f"| {split} | {s['count']:,} | {_pct(acc)} | {_pct(m['precision'])} | {_pct(m['recall'])} "
+                         f"| {_pct(m['f1'])} | {_num(loss, 4)} |")
         else:
             lines.append(f"| {split} | | {_pct(acc)} | | | | {_num(loss, 4)} |")
-    classes = results.get("classes") or ["ham", "spam"]
+    if "test" in confusion:
+        lines += ["", "## Per class, test split", "", "| class | messages | precision | recall | F1 |", "|---|---:|---:|---:|---:|"]
+        for name, v in scores(confusion["test"], classes)["per_class"].items():
+            lines.append(f"| {name} | {v['support']:,} | {_pct(v['precision'])} | {_pct(v['recall'])} | {_pct(v['f1'])} |")
     if confusion:
         lines += ["", "## Confusion matrices (rows: true class, columns: predicted class)"]
         for split, _ in SPLITS:
@@ -68,7 +73,7 @@ def render(run_dir: Path, results: dict, plots: list[Path] = ()) -> str:
     total, trainable = results.get("total_params"), results.get("trainable_params")
     share = f" ({trainable / total * 100:.3f}% of total)" if total and trainable else ""
     lines += ["", "## Parameters", "", "| | count |", "|---|---:|",
-              f"| total (base model) | {_int(total)} |", f"| trainable (adapters and head) | {_int(trainable)}{share} |"]
+              f"| total (base model) | {_int(total)} |", f"| trainable | {_int(trainable)}{share} |"]
     lines += ["", "## Time and throughput", "", "| | value |", "|---|---:|",
               f"| wall time | {_num(results.get('wall_seconds'), 1)} s |",
               f"| training time | {_num(results.get('train_seconds'), 1)} s |",
@@ -111,9 +116,11 @@ def _header(run_dir: Path, results: dict) -> list[str]:
     if (run_dir / "metrics.jsonl").is_file():
         start = next((r for r in reversed(read_metrics(run_dir / "metrics.jsonl")) if r.get("event") == "start"), {})
     model, lora, train = cfg.get("model", {}), cfg.get("lora", {}), cfg.get("train", {})
-    out = [f"- model: {model.get('name', '?')} ({model.get('weights', '?')} weights); LoRA rank {lora.get('rank', '?')}, "
-           f"alpha {lora.get('alpha', '?')}, scaling {lora.get('scaling', '?')}"
-           + (f", {start['lora_layers']} layers" if "lora_layers" in start else ""),
+    trained = (f"LoRA rank {lora.get('rank', '?')}, alpha {lora.get('alpha', '?')}, scaling {lora.get('scaling', '?')}"
+               + (f", {start['lora_layers']} layers" if "lora_layers" in start else "")
+               if train.get("trainable", "lora") == "lora" else f"trained: {train['trainable']} (no LoRA)")
+    out = [f"- model: {model.get('name', '?')} ({model.get('weights', '?')} weights); {trained}; "
+           f"pooling {model.get('pooling', 'last_real')}" + ("" if model.get("causal_mask", True) else ", no causal mask"),
            f"- run: strategy {results.get('strategy', '?')}, {results.get('world_size', '?')} process(es), "
            f"precision {train.get('precision', '?')}, global batch {train.get('batch_size', '?')}, lr {train.get('lr', '?')}"]
     if start.get("git_commit"):

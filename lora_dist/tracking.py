@@ -16,7 +16,7 @@ from typing import Any, Callable, Protocol
 
 from .errors import UserError
 
-RESULT_FILES = ("results.json", "metrics.jsonl", "checkpoints", "adapter", "config.yaml", "report.md", "plots", "splits",
+RESULT_FILES = ("results.json", "metrics.jsonl", "checkpoints", "adapter", "weights", "config.yaml", "report.md", "plots", "splits",
                 "wandb", "wandb_run_id")
 
 
@@ -39,31 +39,32 @@ class JsonlSink:
 
 
 class Progress:
-    """A one-line bar on a terminal; a plain line every `every` steps on a file or pipe."""
+    """A tqdm bar on a terminal; a plain line every `every` steps on a file or pipe."""
 
     def __init__(self, stream=None, every: int = 10):
         self.stream = stream or sys.stdout
         self.tty = self.stream.isatty()
         self.every = every
-        self.last_len = 0
+        self.bar = None
 
     def update(self, step: int, total: int, epoch: int, epochs: int, loss: float, ex_per_s: float) -> None:
-        text = f"epoch {epoch + 1}/{epochs} step {step}/{total} loss {loss:.4f} {ex_per_s:.1f} ex/s"
         if self.tty:
-            width = 24
-            done = int(width * step / max(1, total))
-            line = f"\r[{'#' * done}{'.' * (width - done)}] {text}"
-            self.stream.write(line + " " * max(0, self.last_len - len(line)))
-            self.last_len = len(line)
-            self.stream.flush()
+            if self.bar is None:
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=total, initial=step - 1, file=self.stream, unit="step", dynamic_ncols=True, leave=False)
+            self.bar.set_description(f"epoch {epoch + 1}/{epochs}", refresh=False)
+            self.bar.set_postfix(loss=f"{loss:.4f}", ex_s=f"{ex_per_s:.1f}", refresh=False)
+            self.bar.update(step - self.bar.n)
         elif step % self.every == 0 or step == total:
+            text = f"epoch {epoch + 1}/{epochs} step {step}/{total} loss {loss:.4f} {ex_per_s:.1f} ex/s"
             print(text, file=self.stream, flush=True)
 
     def clear(self) -> None:
-        if self.tty and self.last_len:
-            self.stream.write("\r" + " " * self.last_len + "\r")
-            self.stream.flush()
-            self.last_len = 0
+        """Take the bar off the screen before other output (it comes back at the next update)."""
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
 
 class RunOutput:

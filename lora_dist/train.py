@@ -10,43 +10,34 @@ Backends differ only in the strategy object (`strategy.py`); rank-0 side effects
 from __future__ import annotations
 
 import math
-import random
 import signal
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import adapter as adapters
 from . import checkpoint as ckpt
+from .build import build_model, seed_everything
 from .config import Config
-from .data import CLASS_NAMES, build_datasets, eval_loader, make_loaders, micro_batch_size, prepare_splits, write_splits
+from .data import build_datasets, eval_loader, make_loaders, micro_batch_size, prepare_splits, split_labels, write_splits
 from .errors import UserError
-from .lora import adapter_state_dict, count_params, inject_lora
-from .model import GPT2
+from .lora import adapter_state_dict, count_params
 from .report import finish_report
 from .schedule import lr_at
 from .strategy import DistEnv, make_strategy
 from .tokenizer import get_tokenizer
 from .tracking import JsonlSink, NullOutput, RunOutput, prepare_run_dir
-from .weights import load_gpt2
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def build_model(cfg: Config) -> tuple[GPT2, list[str]]:
-    """The frozen GPT-2 with a fresh classification head and LoRA adapters (same on every rank)."""
-    m = cfg.model
-    model = load_gpt2(m.name, m.weights, dropout=m.dropout, context_length=m.context_length)
-    model.set_classifier(m.num_classes)
-    model.activation_checkpointing = m.activation_checkpointing
-    wrapped = inject_lora(model, cfg.lora)
-    return model, wrapped
+def num_classes(cfg: Config, labels: tuple[str, ...]) -> int:
+    """`model.num_classes`, which follows from the data unless set (and must then agree with it)."""
+    n = cfg.model.num_classes
+    if n is not None and n != len(labels):
+        raise UserError(f"model.num_classes={n} but the data has {len(labels)} labels ({', '.join(labels)}); "
+                        f"drop model.num_classes (it follows from the data) or set data.labels")
+    return len(labels)
 
 
 class StopRequested:
@@ -91,11 +82,14 @@ class Trainer:
         seed_everything(cfg.train.seed)
 
         splits = prepare_splits(cfg.data, say=out.print)
+        self.labels = split_labels(splits, cfg.data)
+        self.num_classes = num_classes(cfg, self.labels)
         out.call(write_splits, splits, out.path("splits"))
-        model, self.lora_modules = build_model(cfg)
+        model, self.lora_modules = build_model(cfg, self.num_classes)
         self.total_params, self.trainable_params = count_params(model)
         self.adapter_names = list(adapter_state_dict(model))
-        datasets, length = build_datasets(splits, get_tokenizer(), cfg.data, model.cfg.context_length)
+        datasets, self.length = build_datasets(splits, get_tokenizer(), cfg.data, model.cfg.context_length, self.labels)
+        length = self.length
         t = cfg.train
         self.micro = micro_batch_size(t.batch_size, self.world, t.grad_accum)
         self.loaders = make_loaders(datasets, length, cfg.data, self.micro, t.grad_accum, self.world, self.rank,
@@ -111,9 +105,9 @@ class Trainer:
             f"lora-dist: {cfg.model.name} ({cfg.model.weights}), {self.world} process(es), strategy {s.name}, "
             f"device {s.device}, precision {s.precision}{' (auto)' if t.precision == 'auto' else ''}\n"
             f"parameters: {self.total_params:,} total, {self.trainable_params:,} trainable "
-            f"({len(self.lora_modules)} LoRA layers, rank {cfg.lora.rank}, alpha {cfg.lora.alpha:g}, scaling {cfg.lora.scaling})\n"
-            f"data: {', '.join(f'{k} {len(v)}' for k, v in splits.items())}; padding {cfg.data.padding}"
-            f"{' (' + str(length) + ' tokens)' if cfg.data.padding == 'longest' else ''}; "
+            f"({self._trained_text()}); pooling {cfg.model.pooling}{'' if cfg.model.causal_mask else ', no causal mask'}\n"
+            f"data: {', '.join(f'{k} {len(v)}' for k, v in splits.items())}; labels {', '.join(self.labels)}; padding {cfg.data.padding}"
+            f"{' (' + str(length) + ' tokens)' if cfg.data.padding != 'batch' else ''}; "
             f"global batch {t.batch_size} = {self.world} x {self.micro} x {t.grad_accum}; {self.total_steps} steps"
         )
         out.start(cfg, {"model": cfg.model.name, "total_params": self.total_params, "trainable_params": self.trainable_params,
@@ -123,6 +117,12 @@ class Trainer:
         self.step, self.epoch, self.step_in_epoch, self.examples_seen, self.tokens_seen = 0, 0, 0, 0, 0
         self.train_seconds = 0.0
         self._resume()
+
+    def _trained_text(self) -> str:
+        cfg = self.cfg
+        if cfg.train.trainable != "lora":
+            return f"train.trainable={cfg.train.trainable}, no LoRA"
+        return f"{len(self.lora_modules)} LoRA layers, rank {cfg.lora.rank}, alpha {cfg.lora.alpha:g}, scaling {cfg.lora.scaling}"
 
     def _resume(self) -> None:
         found = ckpt.resolve(self.cfg.train.resume, self.out.dir, say=self.out.print)
@@ -244,7 +244,7 @@ class Trainer:
         loader = eval_loader(self.loaders, split, self.micro * self.cfg.train.grad_accum, self.world, self.rank, limit)
         # Every rank runs the same number of forward passes (ZeRO-3 gathers weights collectively).
         n_batches = int(s.all_reduce(torch.tensor([len(loader)], dtype=torch.float64), op="max")[0])
-        k = self.cfg.model.num_classes
+        k = self.num_classes
         sums = torch.zeros(2 + k * k, dtype=torch.float64)  # loss sum, count, confusion (true x predicted)
         s.model.eval()
         batches = iter(loader)
@@ -287,6 +287,12 @@ class Trainer:
         if path is not None:
             out.log({"event": "checkpoint", "step": self.step, "path": str(path)})
 
+    def save_result(self, tensors: dict[str, torch.Tensor]) -> None:
+        """adapter/ (LoRA) or weights/ (trained layers), described so they can be used without the run."""
+        spec = adapters.AdapterSpec.for_run(self.cfg, self.labels, self.length, self.lora_modules,
+                                            adapters.base_of(self.cfg))
+        adapters.save(self.out.dir, spec, tensors)
+
     # ----------------------------------------------------------------------------------------- finish
     def finish(self, wall_seconds: float) -> dict:
         s, out, cfg = self.strategy, self.out, self.cfg
@@ -300,10 +306,10 @@ class Trainer:
             "world_size": self.world, "strategy": s.name, "steps": self.step, "epochs": self.epoch,
             "examples_seen": self.examples_seen, "wall_seconds": wall_seconds, "train_seconds": self.train_seconds,
             "examples_per_second": self.examples_seen / secs, "tokens_per_second": tokens / secs,
-            "classes": list(CLASS_NAMES), "confusion": {k: v["confusion"] for k, v in ev.items()},
+            "classes": list(self.labels), "confusion": {k: v["confusion"] for k, v in ev.items()},
         }
-        adapter = s.adapter_state(self.adapter_names)
-        out.call(save_adapter, out.path("adapter"), adapter, cfg, self.lora_modules)
+        tensors = s.adapter_state(self.adapter_names)
+        out.call(self.save_result, tensors)
         out.write_json("results.json", results)
         out.log({"step": self.step, "epoch": self.epoch, "examples_seen": self.examples_seen,
                  **{f"final_{k}": v for k, v in results.items() if isinstance(v, (int, float))}})
@@ -314,23 +320,6 @@ class Trainer:
             f"{results['examples_per_second']:.1f} examples/s; results in {out.dir}"
         )
         return results
-
-
-def save_adapter(path: Path, tensors: dict[str, torch.Tensor], cfg: Config, modules: list[str]) -> None:
-    """`adapter/adapter_model.safetensors` + `adapter/adapter_config.json` (names the base model)."""
-    import json
-    import os
-
-    from safetensors.torch import save_file
-
-    path.mkdir(parents=True, exist_ok=True)
-    tmp = path / ".adapter_model.safetensors.tmp"
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
-    os.replace(tmp, path / "adapter_model.safetensors")
-    meta = {"base_model": cfg.model.name, "weights": cfg.model.weights, "num_classes": cfg.model.num_classes,
-            "classes": list(CLASS_NAMES), "target_modules": modules, "lora": cfg.to_dict()["lora"],
-            "context_length": cfg.model.context_length, "format": "lora-dist/1"}
-    (path / "adapter_config.json").write_text(json.dumps(meta, indent=2))
 
 
 def run(cfg: Config) -> dict | None:

@@ -20,7 +20,7 @@ import string
 import sys
 from pathlib import Path
 
-from .scores import scores
+from .scores import METRICS, scores
 
 RUN_ID_FILE = "wandb_run_id"
 # A job id shared by every rank and kept across reruns of the job, most specific first.
@@ -83,12 +83,16 @@ def wandb_record(record: dict) -> dict:
 
 def summary_of(results: dict) -> dict:
     """W&B summary values from results.json (or the loop's final record), under `final/`: per split
-    accuracy, loss and, where the confusion matrix is known, precision, recall and F1 for spam; and the
-    run's totals (parameters, time, throughput)."""
+    accuracy, loss and, where the confusion matrix is known, precision, recall and F1 per class (by label
+    name, e.g. `final/test_spam_f1`) and macro (`final/test_macro_f1`); and the run's totals (parameters,
+    time, throughput)."""
     out = {f"final/{k}": v for k, v in results.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    classes = results.get("classes")
     for split, matrix in (results.get("confusion") or {}).items():
-        s = scores(matrix)
-        out |= {f"final/{SPLITS.get(split, split)}_{m}": s[m] for m in ("precision", "recall", "f1")}
+        s = scores(matrix, classes)
+        prefix = f"final/{SPLITS.get(split, split)}"
+        out |= {f"{prefix}_macro_{m}": s["macro"][m] for m in METRICS}
+        out |= {f"{prefix}_{name}_{m}": v[m] for name, v in s["per_class"].items() for m in METRICS}
     return out
 
 
@@ -180,14 +184,17 @@ class WandbSink:
         plots = sorted((self.dir / "plots").glob("*.png"))
         if plots:
             self.run.log({f"plots/{p.stem}": wandb.Image(str(p)) for p in plots})
-        adapter = self.dir / "adapter"
-        if (adapter / "adapter_model.safetensors").is_file():
-            meta_path = adapter / "adapter_config.json"
-            meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
-            artifact = wandb.Artifact(f"adapter-{self.run.id}", type="model", metadata=meta,
-                                      description="LoRA adapter: adapter_model.safetensors + adapter_config.json")
+        from .adapter import LAYOUT
+
+        for sub, tensors, desc in LAYOUT.values():  # adapter/ (LoRA) or weights/ (trained layers)
+            folder = self.dir / sub
+            if not (folder / tensors).is_file():
+                continue
+            meta = json.loads((folder / desc).read_text()) if (folder / desc).is_file() else {}
+            artifact = wandb.Artifact(f"{sub}-{self.run.id}", type="model", metadata=meta,
+                                      description=f"{sub}/: {tensors} + {desc} (lora-dist adapter info describes it)")
             with _data_dir(self.dir / "wandb"):  # wandb copies the files to stage them: keep that copy in the run
-                artifact.add_dir(str(adapter))
+                artifact.add_dir(str(folder))
             self.run.log_artifact(artifact)
 
     def _fail(self, e: Exception) -> None:

@@ -25,37 +25,49 @@ from .model import GPT2, HUB_REPOS, SIZES, GPTConfig, canonical_name
 
 
 
-def load_gpt2(name_or_path: str, weights: str = "pretrained", *, dropout: float = 0.0, context_length: int | None = None) -> GPT2:
+def load_gpt2(name_or_path: str, weights: str = "pretrained", *, dropout: float = 0.0, context_length: int | None = None,
+              causal: bool = True) -> GPT2:
     """GPT-2 by name ("gpt2-small", "gpt2-small (124M)", ..., "tiny") or from a local directory.
 
     `weights` is "pretrained" (hub download, or the directory's own file), "random", or a directory.
     """
+    adjust = dict(dropout=dropout, context_length=context_length, causal=causal)
     if weights not in ("pretrained", "random"):
-        return _from_dir(Path(weights), dropout, context_length)
+        return _from_dir(Path(weights), **adjust)
     if _looks_like_path(name_or_path):
         if weights == "random":
             cfg = _config_from_json(Path(name_or_path) / "config.json")
-            return GPT2(_adjust(cfg, dropout, context_length))
-        return _from_dir(Path(name_or_path), dropout, context_length)
+            return GPT2(_adjust(cfg, **adjust))
+        return _from_dir(Path(name_or_path), **adjust)
     name = canonical_name(name_or_path)
-    cfg = _adjust(SIZES[name], dropout, context_length)
+    cfg = _adjust(SIZES[name], **adjust)
     if weights == "random":
         return GPT2(cfg)
+    return _from_dir(base_dir(name, weights), **adjust)
+
+
+def base_dir(name: str, weights: str = "pretrained") -> Path:
+    """The directory that holds the base weights: the hub download's (for "pretrained"), or `weights`."""
+    if weights not in ("pretrained", "random"):
+        return Path(weights)
+    if _looks_like_path(name):
+        return Path(name)
+    name = canonical_name(name)
     if name not in HUB_REPOS:
         raise UserError(f"model {name!r} has no pretrained weights; set model.weights=random")
-    return _from_dir(download(HUB_REPOS[name]), dropout, context_length)
+    return download(HUB_REPOS[name])
 
 
 def _looks_like_path(s: str) -> bool:
     return os.sep in s or s.startswith(".") or Path(s).is_dir()
 
 
-def _adjust(cfg: GPTConfig, dropout: float, context_length: int | None) -> GPTConfig:
+def _adjust(cfg: GPTConfig, dropout: float, context_length: int | None, causal: bool = True) -> GPTConfig:
     from dataclasses import replace
 
     if context_length is not None and context_length > cfg.context_length:
         raise UserError(f"model.context_length={context_length} exceeds the model's {cfg.context_length}")
-    return replace(cfg, drop_rate=dropout, context_length=context_length or cfg.context_length)
+    return replace(cfg, drop_rate=dropout, context_length=context_length or cfg.context_length, causal=causal)
 
 
 def _config_from_json(path: Path) -> GPTConfig:
@@ -75,10 +87,10 @@ def _config_from_json(path: Path) -> GPTConfig:
         raise UserError(f"{path} is not a GPT-2 config.json ({type(e).__name__}: {e}); use the file from the hub repository")
 
 
-def _from_dir(path: Path, dropout: float, context_length: int | None) -> GPT2:
+def _from_dir(path: Path, dropout: float, context_length: int | None, causal: bool = True) -> GPT2:
     if not path.is_dir():
         raise UserError(f"weights directory {path} not found; point model.weights at a directory with config.json + model.safetensors")
-    cfg = _adjust(_config_from_json(path / "config.json"), dropout, context_length)
+    cfg = _adjust(_config_from_json(path / "config.json"), dropout, context_length, causal)
     file = path / "model.safetensors"
     if not file.is_file():
         raise UserError(f"{file} not found; the weights directory needs model.safetensors (pytorch_model.bin is not read: it is a pickle)")
@@ -216,7 +228,7 @@ def _verify_blob(file: Path) -> None:
     expected = blob.name
     if len(expected) != 64 or any(c not in "0123456789abcdef" for c in expected):
         return  # not content-addressed (a small git file): nothing to check against
-    marker = Path(os.environ.get("LORA_DIST_CACHE", Path.home() / ".cache" / "lora_dist")) / "verified" / expected
+    marker = _cache_dir() / "verified" / expected
     if marker.exists():
         return
     digest = hashlib.sha256()
@@ -228,3 +240,35 @@ def _verify_blob(file: Path) -> None:
         raise UserError(f"downloaded {file.name} is corrupt (sha256 mismatch); it was removed, run again to download it anew")
     marker.parent.mkdir(parents=True, exist_ok=True)
     marker.touch()
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("LORA_DIST_CACHE", Path.home() / ".cache" / "lora_dist"))
+
+
+def weights_sha256(directory: str | Path) -> str:
+    """SHA-256 of `directory/model.safetensors`: the name of its HF cache blob (content-addressed and
+    checked on download), else computed once and remembered by path, size and modification time."""
+    file = Path(directory) / "model.safetensors"
+    if not file.is_file():
+        raise UserError(f"{file} not found; the weights directory needs model.safetensors")
+    blob = file.resolve()
+    if len(blob.name) == 64 and all(c in "0123456789abcdef" for c in blob.name):
+        return blob.name
+    st = blob.stat()
+    key = hashlib.sha256(f"{blob}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()
+    memo = _cache_dir() / "sha256" / key
+    if memo.is_file():
+        return memo.read_text().strip()
+    digest = hashlib.sha256()
+    with open(blob, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            digest.update(chunk)
+    try:
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        tmp = memo.with_name(f".{key}.{os.getpid()}")
+        tmp.write_text(digest.hexdigest())
+        os.replace(tmp, memo)
+    except OSError:
+        pass  # a read-only home: compute again next time
+    return digest.hexdigest()

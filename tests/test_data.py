@@ -6,13 +6,15 @@ import threading
 import zipfile
 from functools import partial
 
+import pandas as pd
 import pytest
 import torch
 
 from lora_dist import UserError
 from lora_dist.config import DataConfig
-from lora_dist.data import (Collate, ShardedSampler, SpamDataset, balance, build_datasets, download_sms, load_frame,
-                            prepare_splits, read_sms, read_table, shipped_sms_path, sms_path, split)
+from lora_dist.data import (Collate, ShardedSampler, SpamDataset, balance, build_datasets, download_sms, label_order,
+                            load_frame, prepare_splits, read_sms, read_table, shipped_sms_path, sms_path, split,
+                            split_labels)
 from lora_dist.tokenizer import get_tokenizer
 
 
@@ -58,18 +60,42 @@ def test_user_csv_and_tsv(tmp_path):
     csv_file.write_text("text,label\n" + "".join(f'"{t}",{label}\n' for t, label in rows))
     tsv_file = tmp_path / "mine.tsv"
     tsv_file.write_text("label\ttext\n" + "".join(f"{1 if label == 'spam' else 0}\t{t}\n" for t, label in rows))
+    assert read_table(csv_file)["label"].tolist() == [label for _, label in rows]
+    assert read_table(tsv_file)["label"].tolist() == ["0", "1", "0", "1"]  # labels are data: kept as written
     for f in (csv_file, tsv_file):
-        frame = read_table(f)
-        assert frame["label"].tolist() == [label for _, label in rows]
-        assert frame["text"].tolist() == [t for t, _ in rows]
+        assert read_table(f)["text"].tolist() == [t for t, _ in rows]
     assert len(load_frame(str(csv_file))) == 4
+
+
+def test_any_label_strings_in_sorted_or_configured_order(tmp_path):
+    """Three classes with their own names: sorted (numerically for integers) unless data.labels orders
+    them; balance undersamples every class to the smallest; a label the config does not name is refused."""
+    rows = [(f"message {i}", label) for i, label in enumerate(["positive"] * 9 + ["negative"] * 5 + ["neutral"] * 7)]
+    f = tmp_path / "sentiment.csv"
+    f.write_text("text,label\n" + "".join(f"{t},{label}\n" for t, label in rows))
+    cfg = DataConfig(source=str(f), train_frac=0.6, val_frac=0.2)
+    splits = prepare_splits(cfg)
+    assert split_labels(splits, cfg) == ("negative", "neutral", "positive")
+    assert sum(len(v) for v in splits.values()) == 15  # 3 classes x the 5 of the smallest
+    assert pd.concat(splits.values())["label"].value_counts().to_dict() == {"negative": 5, "neutral": 5, "positive": 5}
+    ordered = DataConfig(source=str(f), labels=("positive", "neutral", "negative"), balance=False)
+    assert split_labels(prepare_splits(ordered), ordered) == ("positive", "neutral", "negative")
+    ds = SpamDataset(splits["train"], get_tokenizer(), 16, ("positive", "neutral", "negative"))
+    assert ds.labels == [("positive", "neutral", "negative").index(x) for x in splits["train"]["label"]]
+    assert label_order(["10", "9", "2"]) == ("2", "9", "10")
+    with pytest.raises(UserError, match="'neutral', which data.labels"):
+        split_labels(splits, DataConfig(source=str(f), labels=("positive", "negative")))
+    with pytest.raises(UserError, match="not one of the model's labels"):
+        SpamDataset(splits["train"], get_tokenizer(), 16, ("ham", "spam"))
+    with pytest.raises(UserError, match="at least two classes"):
+        label_order(["ham", "ham"])
 
 
 @pytest.mark.parametrize("content,message", [
     (b"", "is empty"),
     (b"message,kind\nhi,ham\n", "needs columns 'text' and 'label'"),
-    (b"text,label\nhi,ham\nbuy,maybe\n", "label 'maybe'"),
-    (b"text,label\nhi,ham\nyo,ham\n", "only 'ham' messages"),
+    (b"text,label\n", "a header but no messages"),
+    (b"text,label\nhi,ham\nbuy,\n", "without a label at row 2"),
     ("text,label\ncaf\u00e9,ham\nx,spam\n".encode("latin-1"), "not UTF-8"),
 ])
 def test_bad_files(tmp_path, content, message):

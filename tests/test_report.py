@@ -32,20 +32,33 @@ def finished_run(tmp_path_factory):
 
 def test_scores_match_a_hand_computed_confusion_matrix():
     # 100 messages: 60 ham (50 right, 10 called spam), 40 spam (35 caught, 5 missed).
-    s = scores([[50, 10], [5, 35]])
+    s = scores([[50, 10], [5, 35]], ["ham", "spam"])
     assert s["count"] == 100
     assert s["accuracy"] == pytest.approx(85 / 100)
-    assert s["precision"] == pytest.approx(35 / 45)  # tp / (tp + fp)
-    assert s["recall"] == pytest.approx(35 / 40)  # tp / (tp + fn)
-    assert s["f1"] == pytest.approx(14 / 17)  # 2 tp / (2 tp + fp + fn) = 70 / 85
-    assert scores([[50, 10], [5, 35]], positive=0)["precision"] == pytest.approx(50 / 55)
+    spam, ham = s["per_class"]["spam"], s["per_class"]["ham"]
+    assert spam["precision"] == pytest.approx(35 / 45)  # tp / (tp + fp)
+    assert spam["recall"] == pytest.approx(35 / 40)  # tp / (tp + fn)
+    assert spam["f1"] == pytest.approx(14 / 17)  # 2 tp / (2 tp + fp + fn) = 70 / 85
+    assert ham["precision"] == pytest.approx(50 / 55) and ham["recall"] == pytest.approx(50 / 60)
+    assert ham["f1"] == pytest.approx(100 / 115) and (ham["support"], spam["support"]) == (60, 40)
+    assert s["macro"]["f1"] == pytest.approx((14 / 17 + 100 / 115) / 2)
+    assert s["macro"]["precision"] == pytest.approx((35 / 45 + 50 / 55) / 2)
 
 
-def test_scores_without_predicted_or_actual_spam_are_zero():
-    assert scores([[7, 0], [3, 0]]) == {"count": 10, "accuracy": 0.7, "precision": 0.0, "recall": 0.0, "f1": 0.0}
+def test_scores_of_three_classes_and_of_empty_classes():
+    # true neg/neu/pos (rows) against predicted (columns).
+    s = scores([[4, 1, 0], [2, 2, 1], [0, 0, 5]], ["neg", "neu", "pos"])
+    assert s["accuracy"] == pytest.approx(11 / 15)
+    assert s["per_class"]["neu"] == pytest.approx({"precision": 2 / 3, "recall": 2 / 5, "f1": 0.5, "support": 5})
+    assert s["per_class"]["pos"]["precision"] == pytest.approx(5 / 6)
+    never = scores([[7, 0], [3, 0]], ["ham", "spam"])  # spam never predicted: its precision is 0 (zero_division=0)
+    assert never["per_class"]["spam"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 3}
+    assert never["macro"]["recall"] == pytest.approx(0.5)
     assert scores([[0, 0], [0, 0]])["accuracy"] == 0.0
     with pytest.raises(ValueError):
         scores([[1, 2, 3], [4, 5, 6]])
+    with pytest.raises(ValueError):
+        scores([[1, 2], [3, 4]], ["only-one"])
 
 
 # ---------------------------------------------------------------------------------------- report
@@ -65,18 +78,22 @@ def test_report_numbers_equal_results_json(finished_run):
     text = (finished_run / "report.md").read_text()
     for split, prefix in (("train", "train"), ("validation", "val"), ("test", "test")):
         (row,) = table_rows(text, split)
-        s = scores(results["confusion"][split])
+        s = scores(results["confusion"][split], results["classes"])
         assert number(row[1]) == sum(map(sum, results["confusion"][split]))
         assert number(row[2]) == round(results[f"{prefix}_accuracy"] * 100, 2)
         assert number(row[2]) == round(s["accuracy"] * 100, 2)
-        assert [number(c) for c in row[3:6]] == [round(s[k] * 100, 2) for k in ("precision", "recall", "f1")]
+        assert [number(c) for c in row[3:6]] == [round(s["macro"][k] * 100, 2) for k in ("precision", "recall", "f1")]
         assert number(row[6]) == round(results[f"{prefix}_loss"], 4)
     ham_rows, spam_rows = table_rows(text, "ham"), table_rows(text, "spam")
+    per_class = scores(results["confusion"]["test"], results["classes"])["per_class"]
+    for name, row in (("ham", ham_rows.pop(0)), ("spam", spam_rows.pop(0))):  # the per-class table comes first
+        assert number(row[1]) == per_class[name]["support"]
+        assert [number(c) for c in row[2:5]] == [round(per_class[name][k] * 100, 2) for k in ("precision", "recall", "f1")]
     for i, split in enumerate(("train", "validation", "test")):  # the confusion tables, in this order
         (hh, hs), (sh, ss) = results["confusion"][split]
         assert [number(c) for c in ham_rows[i][1:]] == [hh, hs] and [number(c) for c in spam_rows[i][1:]] == [sh, ss]
     (total,) = table_rows(text, "total (base model)")
-    (trainable,) = table_rows(text, "trainable (adapters and head)")
+    (trainable,) = table_rows(text, "trainable")
     assert number(total[1]) == results["total_params"] and number(trainable[1]) == results["trainable_params"]
     for label, key, digits in (("wall time", "wall_seconds", 1), ("training time", "train_seconds", 1),
                                ("examples per second", "examples_per_second", 1),
@@ -164,10 +181,13 @@ def test_eval_on_a_users_own_file(finished_run, tmp_path, capsys):
     assert main(["eval", str(finished_run), "--data", str(data), "--json"]) == 0
     r = json.loads(capsys.readouterr().out)
     assert r["source"] == str(data) and r["count"] == 3 and sum(map(sum, r["confusion"])) == 3
-    assert r["classes"] == ["ham", "spam"] and 0 <= r["f1"] <= 1
+    assert r["classes"] == ["ham", "spam"]
+    expected = scores(r["confusion"], ["ham", "spam"])
+    assert r["per_class"] == expected["per_class"] and r["macro"] == expected["macro"]
+    assert r["per_class"]["spam"]["support"] == 1 and r["per_class"]["ham"]["support"] == 2
 
 
 def test_eval_without_a_saved_adapter_is_a_clear_error(finished_run, tmp_path):
     (tmp_path / "config.yaml").write_text((finished_run / "config.yaml").read_text())
-    with pytest.raises(UserError, match="no saved adapter"):
+    with pytest.raises(UserError, match="not a lora-dist adapter"):
         evaluate_run(tmp_path)

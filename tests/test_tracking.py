@@ -115,7 +115,15 @@ def test_wandb_run_ends_with_summary_and_adapter_artifact(ddp_run):
     for split, prefix in (("train", "train"), ("validation", "val"), ("test", "test")):
         assert s[f"final/{prefix}_accuracy"] == pytest.approx(results[f"{prefix}_accuracy"])
         assert s[f"final/{prefix}_loss"] == pytest.approx(results[f"{prefix}_loss"])
-        assert 0 <= s[f"final/{prefix}_f1"] <= 1
+        # Per class by label name, and macro: from the confusion matrix, counted by hand here.
+        (hh, hs), (sh, ss) = results["confusion"][split]
+        spam_p, spam_r = ss / (ss + hs), ss / (ss + sh)
+        ham_p, ham_r = hh / (hh + sh), hh / (hh + hs)
+        assert s[f"final/{prefix}_spam_precision"] == pytest.approx(spam_p)
+        assert s[f"final/{prefix}_spam_recall"] == pytest.approx(spam_r)
+        assert s[f"final/{prefix}_ham_f1"] == pytest.approx(2 * ham_p * ham_r / (ham_p + ham_r))
+        assert s[f"final/{prefix}_macro_f1"] == pytest.approx(
+            (2 * ham_p * ham_r / (ham_p + ham_r) + 2 * spam_p * spam_r / (spam_p + spam_r)) / 2)
     assert s["final/trainable_params"] == results["trainable_params"]
     (artifact,) = of_type(records, "artifact")
     assert artifact["type"] == "model"

@@ -43,7 +43,8 @@ def test_smoke_run_writes_its_files(smoke_run):
         assert {"step", "epoch", "examples_seen"} <= set(m)
     adapter = load_file(str(out / "adapter" / "adapter_model.safetensors"))
     cfg = json.loads((out / "adapter" / "adapter_config.json").read_text())
-    assert cfg["base_model"] == "tiny" and cfg["lora"]["rank"] == 16
+    assert cfg["base"] == {"name": "tiny", "source": "random", "sha256": None, "seed": 123, "context_length": None}
+    assert cfg["lora"]["rank"] == 16 and cfg["labels"] == ["ham", "spam"] and cfg["format"] == "lora-dist/2"
     assert sum(v.numel() for k, v in adapter.items() if ".lora." in k) == results["trainable_params"] - 128 * 2 - 2
     for split, n in (("train", 1045), ("validation", 149), ("test", 300)):
         assert len((out / "splits" / f"{split}.csv").read_text().strip().splitlines()) >= n + 1
@@ -73,7 +74,7 @@ def test_trains_from_a_local_weights_directory(tiny_checkpoint, tmp_path):
 
 
 @pytest.mark.parametrize("make,override,message", [
-    (lambda d: (d / "bad.csv").write_bytes(b"text,label\nhello,ham\nbuy,maybe\n"), "data.source={d}/bad.csv", "label 'maybe'"),
+    (lambda d: (d / "bad.csv").write_bytes(b"text,label\nhello,ham\nbuy,\n"), "data.source={d}/bad.csv", "without a label"),
     (lambda d: (d / "bad.csv").write_bytes("text,label\ncaf\u00e9,ham\n".encode("latin-1")), "data.source={d}/bad.csv", "not UTF-8"),
     (lambda d: (d / "empty.csv").write_bytes(b""), "data.source={d}/empty.csv", "is empty"),
     (lambda d: None, "model.weights={d}/no-such-dir", "weights directory"),

@@ -1,0 +1,282 @@
+"""What a run leaves behind to be used: the trained tensors, and a description that rebuilds the model.
+
+    lora-dist adapter info runs/smoke          # or runs/smoke/adapter
+
+A LoRA run writes `adapter/` (`adapter_model.safetensors` + `adapter_config.json`); a run that trains
+whole layers (`train.trainable: last_block`, ...) writes `weights/` (`model.safetensors` +
+`weights_config.json`) instead. Both descriptions have one schema, `AdapterSpec`: the base model (its name,
+where its weights come from, their SHA-256, or for random weights the seed that redraws them), what is
+trained (LoRA layers, rank, alpha, scaling), the labels in order, the tokenizer, the truncation and padding
+lengths and the pooling rule. That is everything needed to use it without the run directory. Adapters of
+the first format (`lora-dist/1`) are read through their run's `config.yaml`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from .config import Config, DataConfig, LoRAConfig, ModelConfig, TrainConfig, load_config
+from .errors import UserError
+
+FORMAT = "lora-dist/2"
+TOKENIZER = "gpt2-bpe"  # GPT-2's byte-level BPE (tiktoken's "gpt2"), shipped in lora_dist/assets
+# kind -> (directory in a run, tensor file, description file)
+LAYOUT = {"lora": ("adapter", "adapter_model.safetensors", "adapter_config.json"),
+          "weights": ("weights", "model.safetensors", "weights_config.json")}
+
+
+@dataclass(frozen=True)
+class BaseModel:
+    """Which frozen GPT-2 an adapter belongs to."""
+
+    name: str  # gpt2-small | gpt2-medium | gpt2-large | gpt2-xl | tiny (or the name the run gave)
+    source: str  # a hub repo id ("openai-community/gpt2"), a local directory, or "random"
+    sha256: str | None = None  # of model.safetensors (pretrained and local weights)
+    seed: int | None = None  # random weights: torch.manual_seed(seed) before the model is built redraws them
+    context_length: int | None = None  # a shortened positional table (model.context_length)
+
+    def describe(self) -> str:
+        if self.source == "random":
+            return f"{self.name} with random weights (seed {self.seed})"
+        digest = f", sha256 {self.sha256[:12]}..." if self.sha256 else ""
+        return f"{self.name} from {self.source}{digest}"
+
+    def mismatch(self, other: "BaseModel") -> str | None:
+        """Why `other` is not this base, or None when it is."""
+        from .model import ALIASES
+
+        canon = lambda n: ALIASES.get(n.strip().lower(), n.strip().lower())  # noqa: E731
+        if canon(self.name) != canon(other.name) and not (self.sha256 and self.sha256 == other.sha256):
+            return "another model"
+        if (self.source == "random") != (other.source == "random"):
+            return "random against pretrained weights"
+        if self.source == "random" and self.seed != other.seed:
+            return "random weights of another seed"
+        if self.sha256 and other.sha256 and self.sha256 != other.sha256:
+            return "other weights (SHA-256 differs)"
+        if (self.context_length or 0) != (other.context_length or 0):
+            return "another context length"
+        return None
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    kind: str  # lora | weights
+    base: BaseModel
+    labels: tuple[str, ...]
+    trainable: str = "lora"  # train.trainable
+    lora: dict | None = None  # rank, alpha, scaling, scale, targets (module names), head, train_head
+    pooling: str = "last_real"
+    causal_mask: bool = True
+    max_length: int = 1024  # messages are truncated to this many tokens
+    pad_to: int | None = None  # every batch padded to this length (padding longest/context), else dynamic
+    pad_token_id: int = 50256
+    # Base tensors (lora-dist names) that the tensor file replaces, e.g. `final_norm.bias` from a PEFT
+    # adapter's modules_to_save; empty for adapters lora-dist trains.
+    overrides: tuple[str, ...] = ()
+    tokenizer: str = TOKENIZER
+    format: str = FORMAT
+    extra: dict = field(default_factory=dict, compare=False)  # informative: training config, counts
+
+    # ------------------------------------------------------------------------------------ building
+    @classmethod
+    def for_run(cls, cfg: Config, labels, length: int, modules: list[str], base: BaseModel) -> "AdapterSpec":
+        """The description of what `cfg` trains (train.py calls this when it saves the result)."""
+        from .data import fixed_length
+        from .lora import scale_factor
+
+        lora = None
+        if cfg.train.trainable == "lora":
+            lora = {"rank": cfg.lora.rank, "alpha": cfg.lora.alpha, "scaling": cfg.lora.scaling,
+                    "scale": scale_factor(cfg.lora), "dropout": cfg.lora.dropout, "targets": list(modules),
+                    "head": "head" in modules, "train_head": cfg.lora.train_head}
+        return cls(kind="lora" if lora else "weights", base=base, labels=tuple(labels), trainable=cfg.train.trainable,
+                       lora=lora, pooling=cfg.model.pooling, causal_mask=cfg.model.causal_mask, max_length=length,
+                       pad_to=fixed_length(cfg.data, length), pad_token_id=cfg.data.pad_token_id)
+
+    def to_config(self) -> Config:
+        """A Config from which `build.build_model` rebuilds this model (base, head, adapters)."""
+        b = self.base
+        weights = "random" if b.source == "random" else ("pretrained" if _is_hub_id(b.source) else b.source)
+        model = ModelConfig(name=b.name, weights=weights, num_classes=len(self.labels), context_length=b.context_length,
+                            pooling=self.pooling, causal_mask=self.causal_mask)
+        lora = LoRAConfig()
+        if self.lora:
+            targets = tuple(t for t in self.lora["targets"] if t != "head") or ("head",)
+            lora = LoRAConfig(rank=int(self.lora["rank"]), alpha=float(self.lora["alpha"]), scaling=self.lora["scaling"],
+                              targets=targets, head=bool(self.lora["head"]), train_head=bool(self.lora["train_head"]))
+        return Config(model=model, lora=lora, data=DataConfig(pad_token_id=self.pad_token_id),
+                      train=TrainConfig(trainable=self.trainable, seed=b.seed if b.seed is not None else 123))
+
+    # ---------------------------------------------------------------------------------------- JSON
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["labels"] = list(self.labels)
+        d["overrides"] = list(self.overrides)
+        extra = d.pop("extra")
+        return {"format": d.pop("format"), **d, **extra}
+
+    @classmethod
+    def from_json(cls, d: dict, source: str) -> "AdapterSpec":
+        try:
+            known = {f for f in cls.__dataclass_fields__ if f != "extra"}
+            kw = {k: v for k, v in d.items() if k in known}
+            kw["base"] = BaseModel(**d["base"])
+            kw["labels"] = tuple(str(x) for x in d["labels"])
+            kw["overrides"] = tuple(d.get("overrides") or ())
+            spec = cls(**kw, extra={k: v for k, v in d.items() if k not in known})
+        except (KeyError, TypeError, ValueError) as e:
+            raise UserError(f"{source} is not a lora-dist adapter description ({type(e).__name__}: {e}); "
+                            f"retrain, or restore the file the run wrote")
+        if spec.kind not in LAYOUT or len(spec.labels) < 2 or (spec.kind == "lora") != bool(spec.lora):
+            raise UserError(f"{source} is not a valid lora-dist adapter description (kind {spec.kind!r}); restore the file the run wrote")
+        return spec
+
+
+def _is_hub_id(source: str) -> bool:
+    from .model import HUB_REPOS
+
+    return source in HUB_REPOS.values()
+
+
+# ------------------------------------------------------------------------------------------- on disk
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """An adapter (or trained weights) on disk: its directory, description and tensor file."""
+
+    dir: Path
+    spec: AdapterSpec
+
+    @property
+    def tensor_file(self) -> Path:
+        return self.dir / LAYOUT[self.spec.kind][1]
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(self.tensor_file))
+        except (SafetensorError, OSError) as e:
+            raise UserError(f"{self.tensor_file} cannot be read ({e}); it is damaged, retrain or restore it")
+
+
+def find(path: str | Path) -> Adapter:
+    """PATH may be a run directory or its adapter/ (weights/) directory."""
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"adapter path {p} not found; pass a training run's output_dir or its adapter/ directory")
+    for kind, (sub, tensors, desc) in LAYOUT.items():
+        for d in (p, p / sub):
+            if (d / desc).is_file():
+                if not (d / tensors).is_file():
+                    raise UserError(f"{d} has {desc} but no {tensors}; the run did not finish, resume it with train.resume=auto")
+                return Adapter(d, _read_spec(d / desc, d))
+    hint = ("it holds checkpoints but never finished: resume it with train.resume=auto"
+            if (p / "checkpoints").is_dir() else "pass the output_dir of a run that finished training, or its adapter/ directory")
+    raise UserError(f"{p} is not a lora-dist adapter (no adapter/adapter_config.json or weights/weights_config.json); {hint}")
+
+
+def _read_spec(file: Path, directory: Path) -> AdapterSpec:
+    try:
+        d = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{file} is not valid JSON ({type(e).__name__}); restore the file the run wrote")
+    if not isinstance(d, dict):
+        raise UserError(f"{file} is not a lora-dist adapter description; restore the file the run wrote")
+    if "peft_type" in d:
+        raise UserError(f"{file} is a PEFT adapter; load it with Classifier.from_pretrained or lora-dist classify, "
+                        f"which read PEFT exports")
+    if d.get("format") == "lora-dist/1":
+        return _legacy_spec(d, directory.parent)
+    return AdapterSpec.from_json(d, str(file))
+
+
+def _legacy_spec(d: dict, run_dir: Path) -> AdapterSpec:
+    """A first-format adapter: rebuilt from its run's config.yaml and splits, as training wrote them."""
+    from .data import build_datasets, read_table
+    from .tokenizer import get_tokenizer
+    from .weights import load_gpt2
+
+    cfg_file = run_dir / "config.yaml"
+    if not cfg_file.is_file():
+        raise UserError(f"{run_dir / 'adapter'} is an adapter of the first format, which needs its run's config.yaml; "
+                        f"pass the whole run directory")
+    cfg = load_config(cfg_file)
+    labels = tuple(d.get("classes") or ("ham", "spam"))
+    with torch.device("meta"):
+        ctx = load_gpt2(cfg.model.name, "random", context_length=cfg.model.context_length).cfg.context_length
+    length = min(cfg.data.max_length or ctx, ctx)
+    if cfg.data.padding == "longest" and (run_dir / "splits" / "train.csv").is_file():
+        splits = {k: read_table(run_dir / "splits" / "train.csv") for k in ("train", "validation", "test")}
+        _, length = build_datasets(splits, get_tokenizer(), cfg.data, ctx, labels)
+    return AdapterSpec.for_run(cfg, labels, length, list(d.get("target_modules") or []), base_of(cfg, hash_weights=False))
+
+
+def base_of(cfg: Config, hash_weights: bool = True) -> BaseModel:
+    """The base model a run's config names (the weights' SHA-256 read from the HF cache, or computed once)."""
+    from .model import HUB_REPOS, canonical_name
+    from .weights import base_dir, weights_sha256
+
+    m = cfg.model
+    if m.weights == "random":
+        return BaseModel(m.name, "random", None, cfg.train.seed, m.context_length)
+    if m.weights == "pretrained" and not _looks_local(m.name):
+        name = canonical_name(m.name)
+        sha = weights_sha256(base_dir(name)) if hash_weights else None
+        return BaseModel(name, HUB_REPOS.get(name, name), sha, None, m.context_length)
+    directory = Path(m.weights if m.weights != "pretrained" else m.name).resolve()
+    sha = weights_sha256(directory) if hash_weights else None
+    return BaseModel(m.name, str(directory), sha, None, m.context_length)
+
+
+def _looks_local(name: str) -> bool:
+    return os.sep in name or name.startswith(".") or Path(name).is_dir()
+
+
+def save(run_dir: Path, spec: AdapterSpec, tensors: dict[str, torch.Tensor]) -> Path:
+    """Write the tensors, then the description, each under a temporary name renamed into place."""
+    from safetensors.torch import save_file
+
+    sub, tensor_name, desc = LAYOUT[spec.kind]
+    d = Path(run_dir) / sub
+    d.mkdir(parents=True, exist_ok=True)
+    tmp = d / f".{tensor_name}.tmp"
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp),
+              metadata={"format": "pt", "lora_dist": spec.format})
+    os.replace(tmp, d / tensor_name)
+    counts = {"tensors": len(tensors), "parameters": int(sum(t.numel() for t in tensors.values()))}
+    spec = replace(spec, extra={**spec.extra, **counts})
+    tmp = d / f".{desc}.tmp"
+    tmp.write_text(json.dumps(spec.to_json(), indent=2) + "\n")
+    os.replace(tmp, d / desc)
+    return d
+
+
+def info(path: str | Path) -> str:
+    """`lora-dist adapter info PATH`: the description, the tensor count and the size on disk."""
+    a = find(path)
+    s = a.spec
+    tensors = a.tensors()
+    size = a.tensor_file.stat().st_size
+    what = (f"LoRA rank {s.lora['rank']}, alpha {s.lora['alpha']:g} ({s.lora['scaling']}, scale {s.lora['scale']:g}) on "
+            f"{len(s.lora['targets'])} layers" + (", head trained in full" if s.lora["train_head"] else "")
+            if s.lora else f"trained weights ({s.trainable})")
+    lines = [f"{a.dir}  ({s.format}, {s.kind})",
+             f"base:      {s.base.describe()}",
+             f"trained:   {what}",
+             f"labels:    {', '.join(s.labels)}",
+             f"input:     tokenizer {s.tokenizer}, truncated to {s.max_length} tokens, "
+             + (f"padded to {s.pad_to}" if s.pad_to else "padded per batch") + f" with {s.pad_token_id}, "
+             f"pooling {s.pooling}" + ("" if s.causal_mask else ", no causal mask"),
+             f"tensors:   {len(tensors)} ({sum(t.numel() for t in tensors.values()):,} values) in {a.tensor_file.name}, "
+             f"{size:,} bytes ({size / 2**20:.2f} MiB)",
+             "", json.dumps(s.to_json(), indent=2)]
+    return "\n".join(lines)

@@ -1,0 +1,209 @@
+"""`lora-dist classify`: label new messages with a trained adapter, from the shell.
+
+    lora-dist classify --adapter runs/smoke "WINNER!! Claim your prize" "see you at 6"
+    lora-dist classify --adapter runs/smoke --file messages.txt                 # one message per line
+    lora-dist classify --adapter runs/smoke --file data.csv --text-column text --jsonl --out predictions.jsonl
+    cat messages.txt | lora-dist classify --adapter runs/smoke -
+    torchrun --nproc_per_node=8 -m lora_dist classify --adapter runs/smoke --file big.csv --out out.jsonl
+
+Under torchrun the input is cut into rounds of `--shard-size` messages per rank; rank 0 gathers each
+round and writes it, in input order, exactly once (to a temporary file renamed into place at the end).
+"""
+
+from __future__ import annotations
+
+import datetime
+import io
+import json
+import os
+import sys
+from pathlib import Path
+
+from .errors import UserError
+
+
+def add_arguments(p) -> None:
+    p.add_argument("texts", nargs="*", help='messages to classify; "-" reads them from stdin, one per line')
+    p.add_argument("--adapter", required=True, help="a training run, its adapter/ directory, or a PEFT export")
+    p.add_argument("--file", help="a text file (one message per line) or a CSV/TSV (see --text-column)")
+    p.add_argument("--text-column", default="text", help="the CSV/TSV column that holds the messages (default: text)")
+    fmt = p.add_mutually_exclusive_group()
+    fmt.add_argument("--json", action="store_true", help="print a JSON list")
+    fmt.add_argument("--jsonl", action="store_true", help="print one JSON object per line")
+    p.add_argument("--out", help="write the output to this file instead of stdout")
+    p.add_argument("--batch-size", type=int, default=32, help="messages per forward pass (default: 32)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
+                   help="auto: bf16 where the hardware runs it natively, else fp32")
+    p.add_argument("--merge", action="store_true", help="fold LoRA into the base weights first (faster, same outputs)")
+    p.add_argument("--base", help="a directory holding the adapter's base weights, if not where training found them")
+    p.add_argument("--shard-size", type=int, default=4096, help="messages per rank per round under torchrun")
+
+
+def main(args) -> int:
+    from .classifier import Classifier, results
+    from .strategy import DistEnv, pick_device
+
+    if args.batch_size < 1 or args.shard_size < 1:
+        raise UserError("--batch-size and --shard-size must be >= 1")
+    texts = read_texts(args)
+    env = DistEnv.from_environ()
+    device = pick_device(args.device, env.local_rank)
+    clf = Classifier.from_pretrained(args.adapter, device=device, precision=args.precision, merge=args.merge, base=args.base)
+    fmt = "json" if args.json else "jsonl" if args.jsonl else "table"
+    group = _init_group(device) if env.world_size > 1 else None
+    sink = Writer(args.out, fmt, clf.labels) if env.rank == 0 else None
+    truncated = 0
+    try:
+        R, size = env.world_size, args.shard_size
+        for start in range(0, max(len(texts), 1), R * size):
+            mine = texts[start + env.rank * size: start + (env.rank + 1) * size]
+            probs = clf.logits(mine, args.batch_size, progress=None if R == 1 else False).softmax(-1) if mine else None
+            truncated += clf.truncated if mine else 0
+            parts = [probs]
+            if group is not None:
+                parts = [None] * R if env.rank == 0 else None
+                group.gather_object(probs, parts, dst=0)
+            if sink is not None:
+                for p in parts:  # rank order is input order: rank r holds the r-th slice of this round
+                    if p is not None:
+                        sink.write(results(texts[sink.count: sink.count + len(p)], p, clf.labels))
+        if group is not None:
+            counts = [0] * R if env.rank == 0 else None
+            group.gather_object(truncated, counts, dst=0)
+            truncated = sum(counts) if env.rank == 0 else truncated
+        if sink is not None:
+            sink.close()
+            empty = sum(1 for t in texts if not t.strip())
+            if truncated:
+                print(f"note: {truncated} message(s) longer than {clf.spec.max_length} tokens were truncated to it, "
+                      f"as in training", file=sys.stderr)
+            if empty:
+                print(f"note: {empty} message(s) were empty or whitespace only; they were classified as they are",
+                      file=sys.stderr)
+            if args.out:
+                print(f"written: {args.out} ({sink.count} messages)", file=sys.stderr)
+    finally:
+        if sink is not None:
+            sink.abort()
+        if group is not None:
+            group.destroy_process_group()
+    return 0
+
+
+# --------------------------------------------------------------------------------------------- input
+
+
+def read_texts(args) -> list[str]:
+    texts = list(args.texts)
+    if "-" in texts:
+        texts.remove("-")
+        texts += _lines(sys.stdin.buffer.read(), "stdin")
+    if args.file:
+        texts += _from_file(Path(args.file), args.text_column)
+    if not texts and not args.file:
+        raise UserError('nothing to classify; give messages as arguments, --file FILE, or "-" to read stdin')
+    return texts
+
+
+def _decode(raw: bytes, source: str) -> str:
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise UserError(f"{source} is not UTF-8 (bad byte at line {line}); re-save it as UTF-8, e.g. iconv -f latin1 -t utf-8")
+
+
+def _lines(raw: bytes, source: str) -> list[str]:
+    return _decode(raw, source).splitlines()
+
+
+def _from_file(path: Path, column: str) -> list[str]:
+    import pandas as pd
+
+    if not path.is_file():
+        raise UserError(f"--file {path} not found; pass an existing text, CSV or TSV file")
+    raw = path.read_bytes()
+    if path.suffix.lower() not in (".csv", ".tsv", ".tab"):
+        return _lines(raw, str(path))
+    text = _decode(raw, str(path))
+    sep = "," if path.suffix.lower() == ".csv" else "\t"
+    try:
+        frame = pd.read_csv(io.StringIO(text), sep=sep, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError) as e:
+        raise UserError(f"{path} is not a well-formed {'CSV' if sep == ',' else 'TSV'} file "
+                        f"({str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__}); "
+                        f"quote fields that hold the separator")
+    if column not in frame.columns:
+        raise UserError(f"{path} has no column {column!r} (found {list(frame.columns)}); pass --text-column NAME")
+    return frame[column].tolist()
+
+
+# -------------------------------------------------------------------------------------------- output
+
+
+class Writer:
+    """Rank 0's output: a table, a JSON list or JSON lines, to stdout or to a file renamed into place."""
+
+    def __init__(self, out: str | None, fmt: str, labels: list[str]):
+        self.fmt, self.labels, self.count = fmt, labels, 0
+        self.target = Path(out) if out else None
+        if self.target is not None:
+            if self.target.is_dir():
+                raise UserError(f"--out {self.target} is a directory; give a file name")
+            self.tmp = self.target.with_name(f".{self.target.name}.{os.getpid()}.tmp")
+            try:
+                self.stream = open(self.tmp, "w", encoding="utf-8")
+            except OSError as e:
+                raise UserError(f"cannot write --out {self.target} ({e.strerror}); pick a writable path")
+        else:
+            self.stream = sys.stdout
+        if fmt == "json":
+            self.stream.write("[")
+        elif fmt == "table":
+            width = max(5, *(len(x) for x in labels))
+            self.width = width
+            self.stream.write(f"{'#':>6}  {'label':<{width}}  {'prob':>6}  text\n")
+
+    def write(self, rows: list[dict]) -> None:
+        for r in rows:
+            if self.fmt == "jsonl":
+                self.stream.write(json.dumps(r, ensure_ascii=False) + "\n")
+            elif self.fmt == "json":
+                self.stream.write(("," if self.count else "") + "\n  " + json.dumps(r, ensure_ascii=False))
+            else:
+                text = " ".join(r["text"].split())
+                text = text if len(text) <= 70 else text[:67] + "..."
+                self.stream.write(f"{self.count + 1:>6}  {r['label']:<{self.width}}  {r['probs'][r['label']]:>6.3f}  {text}\n")
+            self.count += 1
+
+    def close(self) -> None:
+        if self.fmt == "json":
+            self.stream.write("\n]\n" if self.count else "]\n")
+        self.stream.flush()
+        if self.target is not None:
+            self.stream.close()
+            os.replace(self.tmp, self.target)
+            self.target = None
+
+    def abort(self) -> None:
+        """After an error: remove the partial temporary file; never touch an existing --out."""
+        if self.target is not None:
+            self.stream.close()
+            self.tmp.unlink(missing_ok=True)
+            self.target = None
+
+
+# ----------------------------------------------------------------------------------------- processes
+
+
+def _init_group(device):
+    """The process group torchrun set up the environment for (gloo on CPU, nccl on CUDA)."""
+    import torch.distributed as dist
+
+    if "MASTER_ADDR" not in os.environ:
+        raise UserError("WORLD_SIZE > 1 but MASTER_ADDR is not set; launch with torchrun")
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=600),
+                            device_id=device if backend == "nccl" else None)
+    return dist
