@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from lora_dist.config import DataConfig, TrainConfig, load_config
-from lora_dist.data import build_datasets, make_loaders, prepare_splits
+from lora_dist.data import build_datasets, make_loaders, prepare_splits, split_labels
 from lora_dist.lora import cast_frozen
 from lora_dist.model import SIZES
 from lora_dist.strategy import make_strategy, pick_device
@@ -120,11 +120,12 @@ class LoraDist:
         cfg, t = self.cfg, self.cfg.train
         seed_everything(args.seed)
         splits = prepare_splits(cfg.data, say=lambda *a: None)
-        model, _ = build_model(cfg)
+        labels = split_labels(splits, cfg.data)
+        model, _ = build_model(cfg, len(labels))
         if "cast_frozen" in spec.patches:
             cast_frozen(model, {"bf16": torch.bfloat16, "fp16": torch.float16}[t.precision])
         self.model_cfg = model.cfg
-        datasets, length = build_datasets(splits, get_tokenizer(), cfg.data, model.cfg.context_length)
+        datasets, length = build_datasets(splits, get_tokenizer(), cfg.data, model.cfg.context_length, labels)
         self.loaders = make_loaders(datasets, length, cfg.data, t.batch_size, 1, 1, 0, t.seed, t.num_workers,
                                     pin_memory=args.device.startswith("cuda"))
         self.steps_per_epoch = self.loaders.sampler.steps

@@ -60,9 +60,9 @@ def matmul_gflops(dtype: torch.dtype = torch.float32, device: str = "cpu", n: in
     b = torch.randn(n, n, dtype=dtype, device=device)
     f = lambda: a @ b
     if kernel == "onednn" and device == "cpu":
-        from lora_dist.frozen_linear import _onednn_available
+        from lora_dist.frozen_linear import onednn_available
 
-        if not _onednn_available():
+        if not onednn_available(dtype):
             return 0.0
         packed = torch.ops.mkldnn._reorder_linear_weight(b, None)
         f = lambda: torch.ops.mkldnn._linear_pointwise(a, packed, None, "none", [], "")

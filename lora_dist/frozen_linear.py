@@ -25,7 +25,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 enabled = True  # the switch, for benchmarks and for ruling this path out when debugging
 _packed: WeakIdKeyDictionary = WeakIdKeyDictionary()  # weight -> {dtype: (its identity, packed W, packed W^T)}
-_onednn: bool | None = None
+_onednn: dict[torch.dtype, bool] = {}  # dtype -> whether this CPU and build run the packed ops in it
 
 
 class Linear(nn.Linear):
@@ -47,33 +47,38 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 def _fast_dtype(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.dtype | None:
     """fp32 (no autocast), bf16 (under CPU autocast to bf16), or None: take nn.Linear's path."""
-    trains = torch.is_grad_enabled() and (weight.requires_grad or (bias is not None and bias.requires_grad))
+    # Only frozen weights: an optimizer step changes a trainable weight in place without always bumping the
+    # version the cache checks (fused AdamW), so even a no_grad evaluation of one must read it directly.
+    trains = weight.requires_grad or (bias is not None and bias.requires_grad)
     if (not enabled or trains or x.device.type != "cpu" or x.dim() < 2 or torch.compiler.is_compiling()
-            or hasattr(weight, "ds_id") or not _onednn_available()):
+            or hasattr(weight, "ds_id")):
         return None
     if torch.is_autocast_enabled("cpu"):
         auto = torch.get_autocast_dtype("cpu")
-        return auto if auto == torch.bfloat16 and weight.dtype in (torch.float32, torch.bfloat16) else None
-    return torch.float32 if x.dtype == weight.dtype == torch.float32 else None
+        ok = auto == torch.bfloat16 and weight.dtype in (torch.float32, torch.bfloat16)
+    else:
+        auto, ok = torch.float32, x.dtype == weight.dtype == torch.float32
+    return auto if ok and onednn_available(auto) else None
 
 
-def _onednn_available() -> bool:
-    global _onednn
-    if _onednn is None:
+def onednn_available(dtype: torch.dtype = torch.float32) -> bool:
+    """Whether this build and CPU run the packed oneDNN linear ops in `dtype` (bf16 needs AVX-512 or
+    AVX-NE-CONVERT: oneDNN refuses it on CPUs without them, e.g. AMD Zen 3)."""
+    if dtype not in _onednn:
         try:  # the probe must not run under autocast: its bf16 rounding would fail the fp32 comparison
             with torch.autocast("cpu", enabled=False):
-                _onednn = _probe_onednn()
+                _onednn[dtype] = _probe_onednn(dtype)
         except (AttributeError, RuntimeError):
-            _onednn = False
-    return _onednn
+            _onednn[dtype] = False
+    return _onednn[dtype]
 
 
-def _probe_onednn() -> bool:
-    """Whether this build has the packed oneDNN linear ops, and they compute x @ W^T."""
-    w = torch.randn(4, 3)
-    y = torch.ops.mkldnn._linear_pointwise(torch.ones(2, 3), torch.ops.mkldnn._reorder_linear_weight(w, None),
-                                           None, "none", [], "")
-    return bool(torch.allclose(y, torch.ones(2, 3) @ w.t(), atol=1e-5))
+def _probe_onednn(dtype: torch.dtype) -> bool:
+    """Whether the packed oneDNN linear ops exist for `dtype` and compute x @ W^T."""
+    w = torch.randn(4, 3).to(dtype)
+    y = torch.ops.mkldnn._linear_pointwise(torch.ones(2, 3, dtype=dtype),
+                                           torch.ops.mkldnn._reorder_linear_weight(w, None), None, "none", [], "")
+    return bool(torch.allclose(y.float(), torch.ones(2, 3) @ w.float().t(), atol=1e-2))
 
 
 @torch.no_grad()

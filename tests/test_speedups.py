@@ -56,7 +56,7 @@ def close(a, b, ga, gb):
 def test_packed_frozen_linear_matches_nn_linear(targets, plain_linear):
     m = model(targets)
     a, ga = loss_and_grads(m)
-    assert len(frozen_linear._packed) > 0 or not frozen_linear._onednn_available()
+    assert len(frozen_linear._packed) > 0 or not frozen_linear.onednn_available()
     plain_linear()
     b, gb = loss_and_grads(m)
     close(a, b, ga, gb)
@@ -146,16 +146,20 @@ def test_cast_frozen_is_what_autocast_computes():
 
 
 def test_onednn_probe_is_not_fooled_by_autocast(monkeypatch):
-    """The first frozen Linear of a bf16 run is called under autocast: the availability probe must still say
-    yes (it once said no there, and every bf16 run took the slow path)."""
-    if not frozen_linear._onednn_available():
-        pytest.skip("this torch build has no packed oneDNN linear ops")
-    monkeypatch.setattr(frozen_linear, "_onednn", None)
+    """The first frozen Linear of a bf16 run is called under autocast: the availability probe must give the
+    same answer there as outside (it once said no there, and every bf16 run took the slow path). Where the CPU
+    has no bf16 oneDNN kernels (they need AVX-512 or AVX-NE-CONVERT), the layer must take nn.Linear's path
+    instead of failing inside oneDNN."""
+    expected = frozen_linear.onednn_available(torch.bfloat16)
+    monkeypatch.setattr(frozen_linear, "_onednn", {})
     lin = Linear(8, 4).requires_grad_(False)
+    x = torch.randn(2, 8)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert frozen_linear._fast_dtype(torch.randn(2, 8), lin.weight, lin.bias) == torch.bfloat16
-        lin(torch.randn(2, 8))
-    assert lin.weight in frozen_linear._packed
+        assert frozen_linear._fast_dtype(x, lin.weight, lin.bias) == (torch.bfloat16 if expected else None)
+        y = lin(x)
+        ref = torch.nn.functional.linear(x, lin.weight, lin.bias)
+    assert (lin.weight in frozen_linear._packed) == expected
+    assert y.dtype == torch.bfloat16 and torch.allclose(y.float(), ref.float(), atol=2e-2)
 
 
 def test_cpu_bf16_attention_runs_in_fp32():
