@@ -1,8 +1,10 @@
 """lora-dist: LoRA fine-tuning of GPT-2 in plain PyTorch, from one CPU process to many GPUs on many nodes.
 
     lora-dist train --config configs/smoke.yaml
+    python -c "from lora_dist import Classifier; print(Classifier.from_pretrained('runs/smoke').predict(['see you at 6']))"
 """
 
+from .classifier import Classifier
 from .config import Config, LoRAConfig, load_config
 from .errors import UserError
 from .lora import LinearWithLoRA, LoRALayer, count_params, inject_lora, merge, unmerge
@@ -12,6 +14,6 @@ from .weights import load_gpt2, save_hf_checkpoint
 
 __version__ = "0.1.0"
 __all__ = [
-    "Config", "LoRAConfig", "load_config", "UserError", "LinearWithLoRA", "LoRALayer", "count_params",
+    "Classifier", "Config", "LoRAConfig", "load_config", "UserError", "LinearWithLoRA", "LoRALayer", "count_params",
     "inject_lora", "merge", "unmerge", "GPT2", "GPTConfig", "get_tokenizer", "load_gpt2", "save_hf_checkpoint",
 ]

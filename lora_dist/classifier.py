@@ -76,6 +76,8 @@ class Classifier:
         from .data import Collate
 
         collate = Collate(self.spec.pad_token_id, self.spec.pad_to)
+        if self.spec.pad_to is None and not padding_free(self.spec):
+            batch_size = 1  # padding would change what the head reads: each message alone, as it trained
         order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
         for start in range(0, len(order), batch_size):
             chunk = order[start: start + batch_size]
@@ -103,6 +105,12 @@ class Classifier:
         """[{"text", "label", "probs": {label: p}}], in input order."""
         probs = self.logits(texts, batch_size, progress).softmax(dim=-1)
         return results(texts, probs, self.spec.labels)
+
+
+def padding_free(spec: AdapterSpec) -> bool:
+    """Whether right-padding leaves a message's prediction unchanged: causal attention read at the last
+    real token, the first token, or the mean over real tokens."""
+    return spec.causal_mask and spec.pooling in ("last_real", "first", "mean")
 
 
 def results(texts: list[str], probs: torch.Tensor, labels) -> list[dict]:

@@ -241,7 +241,8 @@ class Trainer:
         """Loss and accuracy over a split (or its first `limit` examples), exact across ranks: counts are
         all-reduced and each example is read by exactly one rank."""
         s = self.strategy
-        loader = eval_loader(self.loaders, split, self.micro * self.cfg.train.grad_accum, self.world, self.rank, limit)
+        # Micro-batches, as in training: a padding-sensitive pooling (`last` with padding batch) sees the same shapes.
+        loader = eval_loader(self.loaders, split, self.micro, self.world, self.rank, limit)
         # Every rank runs the same number of forward passes (ZeRO-3 gathers weights collectively).
         n_batches = int(s.all_reduce(torch.tensor([len(loader)], dtype=torch.float64), op="max")[0])
         k = self.num_classes
