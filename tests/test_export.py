@@ -216,3 +216,61 @@ def test_export_never_writes_into_a_full_directory(tiny_checkpoint, tmp_path, ca
     assert export(run, "merged", tmp_path / "out") == 2
     assert "exists and is not an empty directory" in capsys.readouterr().err
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["keep.txt"]
+
+
+# ------------------------------------------------------------------ bad adapters, through the CLI
+
+
+def _damage(adapter_dir, how):
+    from safetensors.torch import load_file, save_file
+
+    f, cfg = adapter_dir / "adapter_model.safetensors", adapter_dir / "adapter_config.json"
+    if how == "corrupt":
+        f.write_bytes(b"\x13\x37" * 500)
+    elif how == "truncated":
+        f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    elif how == "wrong-shape":
+        save_file(load_file(f) | {"blocks.0.att.query.lora.A": torch.zeros(128, 8)}, f)
+    elif how in ("missing-key", "newer-format"):
+        d = json.loads(cfg.read_text())
+        cfg.write_text(json.dumps({k: v for k, v in d.items() if k != "labels"} if how == "missing-key"
+                                  else d | {"format": "lora-dist/3"}))
+
+
+@pytest.mark.parametrize("how,message", [
+    ("corrupt", "cannot be read"), ("truncated", "cannot be read"),
+    ("wrong-shape", "tensor 'blocks.0.att.query.lora.A' has shape [128, 8], expected [128, 16]"),
+    ("missing-key", "is not a lora-dist adapter description (KeyError: 'labels')"),
+    ("newer-format", "is of format lora-dist/3, newer than this lora-dist reads"),
+])
+def test_a_damaged_adapter_is_one_line(how, message, tiny_checkpoint, tmp_path, capsys):
+    run = make_adapter(tmp_path / "run", tiny_checkpoint)
+    _damage(run / "adapter", how)
+    for args in (["classify", "--adapter", str(run), "hi"], ["adapter", "info", str(run)], ["export", str(run), "--format", "merged", "--out", str(tmp_path / "x")]):
+        if how == "wrong-shape" and args[0] == "adapter":
+            continue  # info reads the file, not the model: the shape is only wrong for the model
+        assert main(args) == 2, args
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("how", ["corrupt", "truncated"])
+def test_a_damaged_peft_adapter_is_one_line(how, tiny_checkpoint, tmp_path, capsys):
+    run = make_adapter(tmp_path / "run", tiny_checkpoint)
+    assert export(run, "peft", tmp_path / "peft") == 0
+    _damage(tmp_path / "peft", how)
+    assert main(["classify", "--adapter", str(tmp_path / "peft"), "hi"]) == 2
+    assert "adapter_model.safetensors cannot be read" in capsys.readouterr().err
+
+
+def test_the_wrong_base_is_refused_by_the_cli(tiny_checkpoint, tmp_path, capsys):
+    run = make_adapter(tmp_path / "run", tiny_checkpoint)
+    torch.manual_seed(99)
+    from lora_dist import save_hf_checkpoint
+
+    other = save_hf_checkpoint(load_gpt2("tiny", weights="random"), tmp_path / "other")
+    for args in (["classify", "--adapter", str(run), "--base", str(other), "hi"],
+                 ["export", str(run), "--format", "peft", "--out", str(tmp_path / "x"), "--base", str(other)]):
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert "was trained on tiny from" in err and "other weights (SHA-256 differs)" in err and "--base" in err, err
