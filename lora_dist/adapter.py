@@ -196,6 +196,12 @@ def _read_spec(file: Path, directory: Path) -> AdapterSpec:
                         f"which read PEFT exports")
     if d.get("format") == "lora-dist/1":
         return _legacy_spec(d, directory.parent)
+    if d.get("format") != FORMAT:
+        fmt = d.get("format")
+        if isinstance(fmt, str) and fmt.startswith("lora-dist/"):
+            raise UserError(f"{file} is of format {fmt}, newer than this lora-dist reads (lora-dist/1, {FORMAT}); "
+                            f"upgrade lora-dist")
+        raise UserError(f"{file} names no lora-dist format (format: {fmt!r}); restore the file the run wrote")
     return AdapterSpec.from_json(d, str(file))
 
 

@@ -43,7 +43,7 @@ class Classifier:
     def from_pretrained(cls, path: str | Path, *, device: str = "auto", precision: str = "auto", merge: bool = False,
                         base: str | None = None) -> "Classifier":
         """PATH: a training run, its adapter/ (or weights/) directory, or a PEFT export of one."""
-        spec, tensors, source = read(path)
+        spec, tensors, source = read(path, base)
         from .build import load_trained
 
         return cls(load_trained(spec, tensors, source, base), spec, device, precision, merge)
@@ -121,13 +121,14 @@ def results(texts: list[str], probs: torch.Tensor, labels) -> list[dict]:
             for t, b, row in zip(texts, best, rows)]
 
 
-def read(path: str | Path) -> tuple[AdapterSpec, dict[str, torch.Tensor], str]:
-    """(description, tensors in lora-dist's names, source) of a run, an adapter, or a PEFT export."""
+def read(path: str | Path, base: str | None = None) -> tuple[AdapterSpec, dict[str, torch.Tensor], str]:
+    """(description, tensors in lora-dist's names, source) of a run, an adapter, or a PEFT adapter (whose
+    base `base` replaces the one it names)."""
     from . import adapter as adapters
     from .export import is_peft_dir, read_peft
 
     if is_peft_dir(path):
-        spec, tensors = read_peft(Path(path))
+        spec, tensors = read_peft(Path(path), base)
         return spec, tensors, str(path)
     a = adapters.find(path)
     return a.spec, a.tensors(), str(a.tensor_file)

@@ -1,15 +1,268 @@
 """Export an adapter to the Hugging Face ecosystem, and read PEFT adapters back.
 
-    lora-dist export runs/smoke --format peft --out exports/smoke-peft
-    lora-dist export runs/smoke --format merged --out exports/smoke-merged
+    lora-dist export runs/smoke --format peft --out exports/smoke-peft      # a PEFT LoRA adapter
+    lora-dist export runs/smoke --format merged --out exports/smoke-merged  # a whole Hugging Face model
+
+Both are for transformers' `GPT2ForSequenceClassification`. Its GPT-2 keeps `Conv1D` weights (in, out)
+and fuses query, key and value into one `c_attn`, so our three adapters become one LoRA block on `c_attn`
+of rank r_q + r_k + r_v: lora_A stacks their A's, lora_B is block-diagonal (the query's output rows read
+only the query's B; a projection without an adapter gives zero rows). Where ranks differ from PEFT's `r`,
+`rank_pattern`/`alpha_pattern` say so, with the alpha that gives each block our scale exactly.
+
+The head becomes `score` (PEFT's `modules_to_save`), its LoRA merged in. `score` has no bias and ours has
+one, b: it is absorbed into the bias of the final LayerNorm, which nothing but the head reads:
+W (ln_f(x) + d) = W ln_f(x) + b for d = pinv(W) b, exact when W (classes x width) has full row rank. So
+`ln_f` is saved too. transformers reads the last token that is not padding, our `last_real` pooling.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import os
+import shutil
+from collections import Counter
+from importlib import resources
 from pathlib import Path
 
+import torch
+
 from .errors import UserError
+
+SIDECAR = "lora_dist.json"  # the lora-dist description beside a PEFT export: labels, base, input rules
+PREFIX = "base_model.model."  # what PEFT puts before the model's own parameter names
+
+
+def hf_modules(n_layers: int) -> dict[str, tuple[str, int | None]]:
+    """Our LoRA-able Linear layers -> (module of GPT2ForSequenceClassification, slot in the fused c_attn)."""
+    m = {}
+    for i in range(n_layers):
+        b, h = f"blocks.{i}.", f"transformer.h.{i}."
+        m |= {b + "att.query": (h + "attn.c_attn", 0), b + "att.key": (h + "attn.c_attn", 1),
+              b + "att.value": (h + "attn.c_attn", 2), b + "att.out": (h + "attn.c_proj", None),
+              b + "ff.fc": (h + "mlp.c_fc", None), b + "ff.proj": (h + "mlp.c_proj", None)}
+    return m
+
+
+def main(path: str, fmt: str, out: str, base: str | None = None) -> int:
+    """`lora-dist export PATH --format peft|merged --out DIR`."""
+    from .build import load_trained
+    from .classifier import read
+
+    spec, tensors, source = read(path, base)
+    check_exportable(spec, fmt, source)
+    target = Path(out)
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+        raise UserError(f"--out {target} exists and is not an empty directory; choose a new one")
+    model = load_trained(spec, tensors, source, base)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        if fmt == "peft":
+            notes = write_peft(model, spec, set(tensors), source, tmp, target, base)
+        else:
+            notes = write_merged(model, spec, tmp)
+        write_tokenizer(tmp, spec)
+        if target.exists():
+            target.rmdir()
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"written: {target} ({fmt}: {', '.join(sorted(p.name for p in target.iterdir()))})")
+    for note in notes:
+        print(f"note: {note}")
+    return 0
+
+
+def check_exportable(spec, fmt: str, source: str) -> None:
+    """What transformers' GPT2ForSequenceClassification cannot do is refused, never approximated."""
+    if spec.pooling != "last_real":
+        raise UserError(f"{source} pools '{spec.pooling}', but GPT2ForSequenceClassification reads the last token that "
+                        f"is not padding (pooling last_real); use it with lora-dist classify, or retrain with model.pooling=last_real")
+    if not spec.causal_mask:
+        raise UserError(f"{source} was trained without the causal mask (model.causal_mask: false), which GPT-2 in "
+                        f"transformers always applies; use it with lora-dist classify, or retrain with the mask")
+    if fmt == "peft" and spec.kind != "lora":
+        raise UserError(f"{source} trains whole layers (train.trainable={spec.trainable}), not LoRA adapters, so it "
+                        f"has no PEFT LoRA form; export it with --format merged")
+
+
+# ------------------------------------------------------------------------------------------- writing
+
+
+def _plain_state(model) -> dict[str, torch.Tensor]:
+    """The model's own weights under the plain GPT2 names (LoRA wrappers' `.linear.` dropped, adapters left out)."""
+    return {k.replace(".linear.", "."): v for k, v in model.state_dict().items() if ".lora." not in k}
+
+
+def _save(tensors: dict[str, torch.Tensor], file: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file({k: v.detach().float().contiguous().clone() for k, v in tensors.items()}, str(file), metadata={"format": "pt"})
+
+
+@torch.no_grad()
+def head_without_bias(model, source: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(score weight (classes, C), final LayerNorm bias (C,)): the head, its LoRA merged, with its bias
+    moved into the LayerNorm's bias, so that the bias-free `score` gives the same logits."""
+    from .lora import LinearWithLoRA
+
+    head = model.head
+    if isinstance(head, LinearWithLoRA):
+        head.merge()
+        head = head.linear
+    W, b, beta = head.weight.float(), head.bias, model.final_norm.bias.float()
+    if b is None or not b.any():
+        return W.clone(), beta.clone()
+    d = torch.linalg.pinv(W.double()) @ b.double()  # (C,): W d = b
+    new = (beta.double() + d).float()
+    err = (W.double() @ (new.double() - beta.double()) - b.double()).abs().max().item()
+    if err > 1e-6 * (1.0 + b.abs().max().item()):
+        raise UserError(f"{source}: the head's bias cannot be moved into GPT-2's final LayerNorm (the head's rows are "
+                        f"linearly dependent, error {err:.2g}), and transformers' score layer has no bias; "
+                        f"use the adapter with lora-dist classify")
+    return W.clone(), new
+
+
+def write_merged(model, spec, out: Path) -> list[str]:
+    """config.json (GPT2ForSequenceClassification) and model.safetensors, LoRA folded into the weights."""
+    from .lora import merge
+    from .weights import hf_state_dict
+
+    merge(model)
+    score, ln_f_bias = head_without_bias(model, "the adapter")
+    body = hf_state_dict(model.cfg, _plain_state(model))
+    body["ln_f.bias"] = ln_f_bias
+    tensors = {f"transformer.{k}": v for k, v in body.items()} | {"score.weight": score}
+    _save(tensors, out / "model.safetensors")
+    (out / "config.json").write_text(json.dumps(classifier_config(model.cfg, spec), indent=2) + "\n")
+    return []
+
+
+def classifier_config(cfg, spec) -> dict:
+    from .weights import hf_config
+
+    return hf_config(cfg) | {
+        "architectures": ["GPT2ForSequenceClassification"], "id2label": dict(enumerate(spec.labels)),
+        "label2id": {label: i for i, label in enumerate(spec.labels)}, "pad_token_id": spec.pad_token_id,
+        "bos_token_id": 50256, "eos_token_id": 50256, "problem_type": "single_label_classification",
+        "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0, "torch_dtype": "float32"}
+
+
+def write_peft(model, spec, names: set[str], source: str, out: Path, final: Path, base: str | None) -> list[str]:
+    """adapter_config.json + adapter_model.safetensors (PEFT's names), and lora-dist's description beside them."""
+    from .lora import LinearWithLoRA
+
+    table, C, notes = hf_modules(model.cfg.n_layers), model.cfg.emb_dim, []
+    groups: dict[str, dict] = {}  # HF module -> {slot: LoRALayer}
+    used = set()
+    for name, m in model.named_modules():
+        if isinstance(m, LinearWithLoRA):
+            used |= {f"{name}.lora.A", f"{name}.lora.B"}
+            if name != "head":
+                if name not in table:
+                    raise UserError(f"{source}: layer '{name}' has a LoRA adapter that PEFT cannot place on "
+                                    f"GPT2ForSequenceClassification; export --format merged")
+                hf, slot = table[name]
+                groups.setdefault(hf, {})[slot] = m.lora
+    used |= {"head.weight", "head.bias", "head.linear.weight", "head.linear.bias", *spec.overrides}
+    if names - used:
+        raise UserError(f"{source} holds {sorted(names - used)[:3]}, which this export cannot represent in PEFT's "
+                        f"format; export --format merged")
+    tensors, ranks, scales = {}, {}, {}
+    for hf, parts in groups.items():
+        if None in parts:
+            lora = parts[None]
+            A, B, s = lora.A.t(), lora.B.t(), lora.scale  # (r, in), (out, r)
+        else:  # the fused c_attn: one block of the summed rank, block-diagonal B
+            s = parts[min(parts)].scale
+            A = torch.cat([parts[k].A.t() for k in sorted(parts)])  # (R, C)
+            B = torch.zeros(3 * C, A.shape[0])  # (3C, R)
+            col = 0
+            for k in sorted(parts):
+                r = parts[k].A.shape[1]
+                B[k * C:(k + 1) * C, col:col + r] = parts[k].B.t() * (parts[k].scale / s)
+                col += r
+        tensors[f"{PREFIX}{hf}.lora_A.weight"], tensors[f"{PREFIX}{hf}.lora_B.weight"] = A, B
+        ranks[hf], scales[hf] = A.shape[0], s
+    rslora = bool(spec.lora) and spec.lora.get("scaling") == "rslora"
+    alphas = {hf: scales[hf] * (math.sqrt(ranks[hf]) if rslora else ranks[hf]) for hf in groups}  # PEFT: alpha / r
+    r0, a0 = Counter((ranks[hf], alphas[hf]) for hf in groups).most_common(1)[0][0]
+    score, ln_f_bias = head_without_bias(model, source)
+    tensors[f"{PREFIX}score.weight"] = score
+    saved = ["score"]
+    if ln_f_bias is not None and (not torch.equal(ln_f_bias, model.final_norm.bias) or any(
+            k.startswith("final_norm.") for k in spec.overrides)):
+        tensors[f"{PREFIX}transformer.ln_f.weight"] = model.final_norm.weight
+        tensors[f"{PREFIX}transformer.ln_f.bias"] = ln_f_bias
+        saved.append("ln_f")
+    saved += _saved_overrides(model, spec, groups, tensors, source)
+    _save(tensors, out / "adapter_model.safetensors")
+    config = {
+        "peft_type": "LORA", "task_type": "SEQ_CLS", "base_model_name_or_path": _base_ref(model, spec, out, final, base, notes),
+        "revision": None, "r": r0, "lora_alpha": a0, "use_rslora": rslora, "lora_dropout": spec.lora.get("dropout", 0.0),
+        "target_modules": list(groups), "fan_in_fan_out": True, "bias": "none", "modules_to_save": saved,
+        "rank_pattern": {hf: ranks[hf] for hf in groups if ranks[hf] != r0},
+        "alpha_pattern": {hf: alphas[hf] for hf in groups if (ranks[hf], alphas[hf]) != (r0, a0)},
+        "init_lora_weights": True, "inference_mode": True, "use_dora": False, "layers_to_transform": None,
+        "layers_pattern": None}
+    (out / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (out / SIDECAR).write_text(json.dumps(spec.to_json(), indent=2) + "\n")
+    return notes
+
+
+def _saved_overrides(model, spec, groups, tensors, source) -> list[str]:
+    """Base tensors the adapter replaces (read from another PEFT adapter's modules_to_save), saved the same way."""
+    from .weights import hf_state_dict, key_map
+
+    extra = [k for k in spec.overrides if not k.startswith("final_norm.")]
+    if not extra:
+        return []
+    ours_to_hf = {o: hf for hf, (ours, _) in key_map(model.cfg).items() for o in ours}
+    modules = sorted({ours_to_hf[k].rsplit(".", 1)[0] for k in extra if k in ours_to_hf})
+    body = hf_state_dict(model.cfg, _plain_state(model))
+    for module in modules:
+        if f"transformer.{module}" in groups:
+            raise UserError(f"{source} both replaces and adapts transformer.{module}, which PEFT cannot hold; export --format merged")
+        tensors |= {f"{PREFIX}transformer.{k}": v for k, v in body.items() if k.startswith(module + ".")}
+    return [f"transformer.{m}" for m in modules]
+
+
+def _base_ref(model, spec, out: Path, final: Path, base: str | None, notes: list[str]) -> str:
+    """base_model_name_or_path: the hub repo, the local base directory, or for random weights a copy of them."""
+    from .weights import hf_state_dict
+
+    if base is not None:
+        return str(Path(base).resolve())
+    if spec.base.source != "random":
+        return spec.base.source
+    where = out / "base-model"  # the body as training drew it (the PEFT export leaves it unmerged)
+    where.mkdir()
+    body = hf_state_dict(model.cfg, _plain_state(model))
+    _save(body, where / "model.safetensors")
+    (where / "config.json").write_text(json.dumps(classifier_config(model.cfg, spec), indent=2) + "\n")
+    write_tokenizer(where, spec)
+    notes.append(f"the base model has random weights ({spec.base.describe()}); they are written to "
+                 f"{final / 'base-model'}, which base_model_name_or_path names: move the two together, or load "
+                 f"the base from wherever base-model/ goes")
+    return str((final / "base-model").resolve())
+
+
+def write_tokenizer(out: Path, spec) -> None:
+    """GPT-2's tokenizer files (vocab.json, merges.txt: the BPE lora-dist ships), padding with <|endoftext|>."""
+    assets = resources.files("lora_dist") / "assets"
+    (out / "vocab.json").write_bytes((assets / "encoder.json").read_bytes())
+    (out / "merges.txt").write_bytes((assets / "vocab.bpe").read_bytes())
+    eot = "<|endoftext|>"
+    config = {"tokenizer_class": "GPT2Tokenizer", "model_max_length": spec.max_length, "bos_token": eot, "eos_token": eot,
+              "unk_token": eot, "add_prefix_space": False, "padding_side": "right", "truncation_side": "right"}
+    if spec.pad_token_id == 50256:
+        config["pad_token"] = eot
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+# ------------------------------------------------------------------------------------------- reading
 
 
 def is_peft_dir(path) -> bool:
@@ -21,5 +274,9 @@ def is_peft_dir(path) -> bool:
         return False
 
 
-def read_peft(path: Path):
-    raise UserError(f"{path}: reading PEFT adapters is not built yet")
+def read_peft(path: Path, base: str | None = None):
+    """(AdapterSpec, tensors in lora-dist's names) of a PEFT LoRA adapter for GPT2ForSequenceClassification:
+    a lora-dist export (its lora_dist.json gives labels, base and input rules) or one trained elsewhere."""
+    from .peft_read import read
+
+    return read(Path(path), base)

@@ -109,16 +109,10 @@ def load_hf_state_dict(model: GPT2, state: dict[str, torch.Tensor], source: str 
     ours = model.state_dict()
     mapped: dict[str, torch.Tensor] = {}
     C = model.cfg.emb_dim
-    for hf_key, (our_keys, kind) in _key_map(model.cfg).items():
+    for hf_key, (our_keys, kind) in key_map(model.cfg).items():
         if hf_key not in state:
             raise UserError(f"{source} is missing tensor '{hf_key}'; it is not a complete GPT-2 checkpoint")
-        t = state[hf_key]
-        if kind in ("t", "qkv") and t.dim() == 2:
-            t = t.t()  # Conv1D (in, out) -> Linear (out, in)
-        tensors = t.split(C, dim=0) if kind == "qkv" and t.shape[0] == 3 * C else (t,)
-        if len(tensors) != len(our_keys):
-            tensors = (t,) * len(our_keys)  # let the shape check below name the problem
-        for key, t in zip(our_keys, tensors):
+        for key, t in zip(our_keys, from_hf(state[hf_key], kind, len(our_keys), C)):
             if key == "pos_emb.weight" and t.shape[0] >= ours[key].shape[0]:
                 t = t[: ours[key].shape[0]]  # a shortened context keeps the first positions
             if tuple(t.shape) != tuple(ours[key].shape):
@@ -132,7 +126,15 @@ def load_hf_state_dict(model: GPT2, state: dict[str, torch.Tensor], source: str 
             ours[key].copy_(t)
 
 
-def _key_map(cfg: GPTConfig) -> dict[str, tuple[list[str], str]]:
+def from_hf(t: torch.Tensor, kind: str, n: int, C: int) -> tuple[torch.Tensor, ...]:
+    """One hub tensor as the `n` tensors of our keys (`key_map`'s kind: same, t or qkv)."""
+    if kind in ("t", "qkv") and t.dim() == 2:
+        t = t.t()  # Conv1D (in, out) -> Linear (out, in)
+    tensors = t.split(C, dim=0) if kind == "qkv" and t.shape[0] == 3 * C else (t,)
+    return tensors if len(tensors) == n else (t,) * n  # a misfit: the caller's shape check names it
+
+
+def key_map(cfg: GPTConfig) -> dict[str, tuple[list[str], str]]:
     """HF key -> (our keys, kind): "same", "t" (Conv1D, transposed) or "qkv" (fused c_attn, split)."""
     m = {"wte.weight": (["tok_emb.weight"], "same"), "wpe.weight": (["pos_emb.weight"], "same"),
          "ln_f.weight": (["final_norm.weight"], "same"), "ln_f.bias": (["final_norm.bias"], "same")}
@@ -155,20 +157,29 @@ def save_hf_checkpoint(model: GPT2, path: str | Path) -> Path:
     """Write `model`'s body in the hub's GPT-2 layout (config.json + model.safetensors)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    cfg, sd = model.cfg, model.state_dict()
+    out = hf_state_dict(model.cfg, model.state_dict())
+    save_file({k: v.detach().contiguous().clone() for k, v in out.items()}, str(path / "model.safetensors"))
+    (path / "config.json").write_text(json.dumps(hf_config(model.cfg), indent=2))
+    return path
+
+
+def hf_state_dict(cfg: GPTConfig, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The body of a state dict in lora-dist's names, in the hub's names and layouts (`key_map` backwards)."""
     out: dict[str, torch.Tensor] = {}
-    for hf_key, (our_keys, kind) in _key_map(cfg).items():
+    for hf_key, (our_keys, kind) in key_map(cfg).items():
         t = torch.cat([sd[k] for k in our_keys], dim=0)
         out[hf_key] = t.t() if kind in ("t", "qkv") and t.dim() == 2 else t
-    save_file({k: v.detach().contiguous().clone() for k, v in out.items()}, str(path / "model.safetensors"))
-    hf_config = {
+    return out
+
+
+def hf_config(cfg: GPTConfig) -> dict:
+    """The hub's config.json for a GPT-2 of this shape."""
+    return {
         "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "activation_function": "gelu_new",
         "vocab_size": cfg.vocab_size, "n_positions": cfg.context_length, "n_ctx": cfg.context_length,
         "n_embd": cfg.emb_dim, "n_layer": cfg.n_layers, "n_head": cfg.n_heads,
         "layer_norm_epsilon": cfg.layer_norm_eps, "tie_word_embeddings": True,
     }
-    (path / "config.json").write_text(json.dumps(hf_config, indent=2))
-    return path
 
 
 # ------------------------------------------------------------------------------------------ download

@@ -53,3 +53,19 @@ def test_gpu_check_dry_run_on_the_cpu(tmp_path):
     assert results, proc.stdout[-2000:]
     for path in results:
         json.loads(path.read_text())  # every result file parses
+
+
+@pytest.mark.slow
+def test_classify_benchmark_quick(tmp_path):
+    """bench/classify_throughput.py end to end on the tiny model: (a) and (b) in their own processes, and they agree."""
+    pytest.importorskip("peft", reason="peft is a bench/test dependency (pip install -e .[dev])")
+    proc = subprocess.run([sys.executable, "bench/classify_throughput.py", "--quick", "--contenders", "a-fp32,b",
+                           "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=600, env=cli_env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads((tmp_path / "classify_throughput.json").read_text())
+    assert doc["messages"] == {"sms-test": 24, "collection-40": 40} and doc["adapter_bytes"] > 0
+    for name in ("a-fp32", "b"):
+        r = doc["contenders"][name]
+        assert r["peak_rss_mb"] > 0 and all(d["messages_per_s"] > 0 for d in r["datasets"].values())
+    assert doc["agreement"]["a-fp32 vs b"] == {"sms-test": 1.0, "collection-40": 1.0}
+    assert "| (b) transformers pipeline, PEFT model |" in (tmp_path / "classify_throughput.md").read_text()
