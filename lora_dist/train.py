@@ -98,12 +98,12 @@ class Trainer:
         self.total_steps = self.steps_per_epoch * t.epochs
         if t.max_steps:
             self.total_steps = min(self.total_steps, t.max_steps)
-        if t.compile:
-            model = torch.compile(model)
+        if t.compile:  # in place: the forward is compiled, parameter names keep no `_orig_mod.` prefix
+            model.compile()
         s.prepare(model, self.micro, t.grad_accum)
         out.print(
             f"lora-dist: {cfg.model.name} ({cfg.model.weights}), {self.world} process(es), strategy {s.name}, "
-            f"device {s.device}, precision {s.precision}{' (auto)' if t.precision == 'auto' else ''}\n"
+            f"device {s.device}, precision {s.precision_text()}, optimizer {s.optimizer_text()}\n"
             f"parameters: {self.total_params:,} total, {self.trainable_params:,} trainable "
             f"({self._trained_text()}); pooling {cfg.model.pooling}{'' if cfg.model.causal_mask else ', no causal mask'}\n"
             f"data: {', '.join(f'{k} {len(v)}' for k, v in splits.items())}; labels {', '.join(self.labels)}; padding {cfg.data.padding}"
@@ -112,7 +112,7 @@ class Trainer:
         )
         out.start(cfg, {"model": cfg.model.name, "total_params": self.total_params, "trainable_params": self.trainable_params,
                         "lora_layers": len(self.lora_modules), "world_size": self.world, "strategy": s.name,
-                        "device": str(s.device), "precision": s.precision, "steps_per_epoch": self.steps_per_epoch,
+                        "device": str(s.device), "precision": s.precision, "optimizer": s.optimizer_text(), "steps_per_epoch": self.steps_per_epoch,
                         "total_steps": self.total_steps})
         self.step, self.epoch, self.step_in_epoch, self.examples_seen, self.tokens_seen = 0, 0, 0, 0, 0
         self.train_seconds = 0.0
