@@ -135,7 +135,7 @@ class Trainer:
         if state.get("optimizer") is not None:
             self.strategy.load_optimizer_state(ckpt.optimizer_state(path, state["optimizer"]))
         self.strategy.load_sharded(path)
-        ckpt.restore_rng(path, state, self.rank)
+        ckpt.restore_rng(path, state, self.rank, self.world, say=self.out.print)
         for k in ("step", "epoch", "step_in_epoch", "examples_seen", "tokens_seen", "train_seconds"):
             setattr(self, k, state[k])
         self.out.print(f"resumed from {path} (step {self.step}, epoch {self.epoch + 1}, {self.step_in_epoch} steps into it)")
@@ -211,10 +211,12 @@ class Trainer:
         t = cfg.train
         record = {"step": self.step, "epoch": self.epoch, "examples_seen": self.examples_seen, "train_loss_step": loss,
                   "lr": lr_at(self.step - 1, t.lr, self.total_steps, t.schedule, t.warmup_steps), "grad_norm": grad_norm,
-                  "allreduce_bytes": self.strategy.comm_bytes(), "step_seconds": seconds,
+                  "step_seconds": seconds,
                   # running averages since step 0; tokens/s is this rank's tokens x world size (an estimate)
                   "examples_per_s": self.examples_seen / max(self.train_seconds, 1e-9),
                   "tokens_per_s": self.tokens_seen * self.world / max(self.train_seconds, 1e-9)}
+        if (comm := self.strategy.comm_bytes()) is not None:  # DeepSpeed counts only sampled steps
+            record["allreduce_bytes"] = comm
         if self.strategy.device.type == "cuda":
             record["gpu_mem_gb"] = torch.cuda.max_memory_allocated(self.strategy.device) / 2**30
         if (self.step - 1) % t.eval_every == 0:  # the book evaluates after steps 1, 51, 101, ...
