@@ -101,3 +101,17 @@ def test_dataloader_pins_each_batch(monkeypatch):
     batch = next(iter(loaders.train))
     assert isinstance(batch, Batch) and len(batch) == 4
     assert [t.data_ptr() for t in pinned] == [batch.ids.data_ptr(), batch.last.data_ptr(), batch.labels.data_ptr()]
+
+
+def test_mfu_peak_matches_device_names_exactly():
+    """An L40 is not an L4, an H100 PCIe not an H100 SXM; an unknown card gets a measured peak instead."""
+    import sys
+
+    from conftest import ROOT
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    from train_throughput import nominal_peak
+
+    assert nominal_peak("NVIDIA L40") == 181.0 and nominal_peak("NVIDIA L4") == 121.0
+    assert nominal_peak("NVIDIA H100 PCIe") == 756.0 and nominal_peak("NVIDIA H100 80GB HBM3") == 989.0
+    assert nominal_peak("NVIDIA A10G") is None and nominal_peak("NVIDIA A100-SXM4-80GB") == 312.0
