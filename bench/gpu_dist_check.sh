@@ -11,7 +11,8 @@
 #   - DeepSpeed runs torch's fused AdamW (first line of the run), and nothing compiles FusedAdam;
 #   - DeepSpeed bf16 saves the fp32 master adapter weights (values that bf16 cannot hold);
 #   - DeepSpeed counts collectives only on sampled steps (1, 11, 21, ...: no GPU sync on the others);
-#   - fp32 on CUDA says "TF32 matmuls" in its first line, and train.tf32=false does not.
+#   - fp32 on CUDA says "TF32 matmuls" in its first line, and train.tf32=false does not;
+#   - ZeRO-3 with optimizer offload runs (torch's fused AdamW on the CPU, nothing compiled).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
@@ -39,6 +40,8 @@ for config in smoke gpt2-small; do
     run "$config-$strategy" $STEPS $PREC $CFG "${MODEL[@]}" "${DIST[@]}"
   done
 done
+# ZeRO-3 with optimizer offload: torch's fused AdamW steps on the CPU (DeepSpeedCPUAdam is not built)
+[ $DEV = cuda ] && run smoke-zero3-offload 50 $PREC configs/smoke.yaml dist.strategy=deepspeed dist.deepspeed_config=configs/deepspeed/zero3-offload.json
 FP32_STEPS=$((STEPS / 2)); FP32=(configs/gpt2-small-lora.yaml model.weights=random)
 [ $DEV = cpu ] && FP32=(configs/smoke.yaml)  # a dry run: the tiny model
 run gpt2-small-fp32-tf32 $FP32_STEPS fp32 "${FP32[@]}" dist.strategy=ddp
@@ -73,7 +76,7 @@ def check(ok, what):
     ok or failed.append(what)
 def first_line(name):
     return next(l for l in (work / f"{name}.log").read_text().splitlines() if l.startswith("lora-dist: "))
-for name in ("smoke-zero2", "gpt2-small-zero2"):
+for name in ("smoke-zero2", "gpt2-small-zero2") + (("smoke-zero3-offload",) if dev == "cuda" else ()):
     log = (work / f"{name}.log").read_text()
     check("optimizer torch AdamW (fused)" in first_line(name), f"{name}: {first_line(name)!r} names torch's fused AdamW")
     check("FusedAdam" not in log and "fused_adam" not in log, f"{name}: nothing built or used DeepSpeed's FusedAdam")
