@@ -9,7 +9,9 @@
 
 Unset options come from the environment: Slurm (SLURM_NNODES, SLURM_NODEID, SLURM_JOB_ID,
 SLURM_GPUS_ON_NODE), or NNODES / NODE_RANK / MASTER_ADDR / MASTER_PORT as Kubernetes operators set them.
-Multi-node runs use torchrun's c10d rendezvous. SIGUSR1 or SIGTERM sent to this script is passed to the
+Multi-node runs use torchrun's c10d rendezvous, with each node's own address as --local-addr (under Slurm
+its NodeAddr), which the workers take as MASTER_ADDR. `--launcher deepspeed` keeps to CUDA_VISIBLE_DEVICES
+(--include localhost:2,3). SIGUSR1 or SIGTERM sent to this script is passed to the
 training workers as SIGUSR1: they save a checkpoint at the next step and exit 0 (Slurm preemption).
 Standard library only, so it runs before anything is installed.
 """
