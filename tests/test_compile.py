@@ -47,6 +47,7 @@ def train(cfg) -> Trainer:
         trainer.strategy.cleanup(True)
 
 
+@pytest.mark.slow
 def test_compiled_run_checkpoints_resumes_and_saves_its_adapter(tmp_path, eager_compile, capsys):
     out = tmp_path / "run"
     train(load_config(SMOKE, [f"output_dir={out}", *SHORT, "train.max_steps=2"]))
