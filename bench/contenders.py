@@ -130,7 +130,7 @@ class LoraDist:
                                     pin_memory=args.device.startswith("cuda"))
         self.steps_per_epoch = self.loaders.sampler.steps
         if t.compile:
-            model = torch.compile(model)
+            model.compile()
         self.s = make_strategy(cfg)
         self.s.prepare(model, t.batch_size, 1)
         self.s.model.train()

@@ -35,8 +35,14 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
-# bf16 dense peak (TFLOP/s) by device name, for model FLOPs utilisation on GPUs.
-NOMINAL_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10": 125.0}
+# bf16 dense peak (TFLOP/s, no sparsity) by exact device name (torch.cuda.get_device_name without "NVIDIA "),
+# for model FLOPs utilisation on GPUs. Names differ by form factor (H100 SXM reads "H100 80GB HBM3"); a
+# name not listed here gets the rate of a measured large bf16 matmul instead (peak_source "measured").
+NOMINAL_BF16_TFLOPS = {
+    "H200": 989.0, "H100 80GB HBM3": 989.0, "H100 PCIe": 756.0, "H100 NVL": 835.0, "GH200 480GB": 989.0,
+    "A100-SXM4-40GB": 312.0, "A100-SXM4-80GB": 312.0, "A100-PCIE-40GB": 312.0, "A100 80GB PCIe": 312.0,
+    "L40S": 362.0, "L40": 181.0, "L4": 121.0, "A10": 125.0,
+}
 
 
 # ------------------------------------------------------------------------------------------- worker
@@ -180,7 +186,7 @@ def run(args: argparse.Namespace) -> dict:
     results = {}
     by_precision = {p: {"per_round_gflops": v, "best_gflops": max(v), "median_gflops": statistics.median(v)} for p, v in probes.items()}
     matmul = {"dtype": args.precision, **by_precision[args.precision], "by_precision": by_precision}
-    peak = nominal_peak(device) if device.startswith("cuda") else None
+    peak, peak_source = peak_tflops(device) if device.startswith("cuda") else (None, None)
     for name in names:
         recs = [x for rnd in timed[name] for x in rnd]
         secs = sum(x["seconds"] for x in recs)
@@ -233,7 +239,7 @@ def run(args: argparse.Namespace) -> dict:
         if peak:
             res["mfu"] = res["model_gflops_per_s"] / (peak * 1e3)
         results[name] = res
-    return {"contenders": results, "matmul": matmul, "load": load, "nominal_peak_tflops": peak,
+    return {"contenders": results, "matmul": matmul, "load": load, "nominal_peak_tflops": peak, "peak_source": peak_source,
             "ratios": ratios(results), "targets": targets(results, args)}
 
 
@@ -277,11 +283,20 @@ def cpu_pressure() -> float | None:
         return None
 
 
-def nominal_peak(device: str) -> float | None:
-    import torch
+def nominal_peak(name: str) -> float | None:
+    """The listed bf16 peak of the GPU called `name` (exact match: "L40" is not an "L4"), or None."""
+    return NOMINAL_BF16_TFLOPS.get(name.strip().removeprefix("NVIDIA ").strip())
 
-    name = torch.cuda.get_device_name(torch.device(device))
-    return next((v for k, v in NOMINAL_BF16_TFLOPS.items() if k in name), None)
+
+def peak_tflops(device: str) -> tuple[float, str]:
+    """(bf16 peak in TFLOP/s, "nominal" or "measured"): the listed figure, else an 8192^3 bf16 matmul's rate."""
+    import torch
+    from flops import matmul_gflops
+
+    peak = nominal_peak(torch.cuda.get_device_name(torch.device(device)))
+    if peak is not None:
+        return peak, "nominal"
+    return matmul_gflops(torch.bfloat16, device, n=8192, seconds=2.0) / 1e3, "measured"
 
 
 # ------------------------------------------------------------------------------------------ reporting

@@ -9,7 +9,9 @@
 
 Unset options come from the environment: Slurm (SLURM_NNODES, SLURM_NODEID, SLURM_JOB_ID,
 SLURM_GPUS_ON_NODE), or NNODES / NODE_RANK / MASTER_ADDR / MASTER_PORT as Kubernetes operators set them.
-Multi-node runs use torchrun's c10d rendezvous. SIGUSR1 or SIGTERM sent to this script is passed to the
+Multi-node runs use torchrun's c10d rendezvous, with each node's own address as --local-addr (under Slurm
+its NodeAddr), which the workers take as MASTER_ADDR. `--launcher deepspeed` keeps to CUDA_VISIBLE_DEVICES
+(--include localhost:2,3). SIGUSR1 or SIGTERM sent to this script is passed to the
 training workers as SIGUSR1: they save a checkpoint at the next step and exit 0 (Slurm preemption).
 Standard library only, so it runs before anything is installed.
 """
@@ -49,6 +51,34 @@ def _gpu_count() -> int:
         return 0
 
 
+def _slurm_node_addr() -> str | None:
+    """This node's NodeAddr under Slurm (what slurmd listens on; its name need not resolve), else None."""
+    name = os.environ.get("SLURMD_NODENAME")
+    if not name:
+        return None
+    try:
+        out = subprocess.run(["scontrol", "show", "node", name], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    addr = next((w.split("=", 1)[1] for w in out.split() if w.startswith("NodeAddr=")), "")
+    return addr or None
+
+
+def _deepspeed_gpus(nproc: int) -> list[str]:
+    """deepspeed's runner starts `--num_gpus N` on GPUs 0..N-1 and resets CUDA_VISIBLE_DEVICES to them, so
+    GPUs that Slurm or the user set aside are named by id instead: --include localhost:2,3."""
+    visible = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    if not visible or visible == ["-1"]:
+        return ["--num_gpus", str(nproc)]
+    if not all(d.isdigit() for d in visible):
+        raise SystemExit(f"launch.py: error: CUDA_VISIBLE_DEVICES={','.join(visible)} names GPUs by UUID, which "
+                         "deepspeed's --include cannot take; give indices (e.g. 0,1) or use --launcher torchrun")
+    if nproc > len(visible):
+        raise SystemExit(f"launch.py: error: {nproc} processes per node but CUDA_VISIBLE_DEVICES shows "
+                         f"{len(visible)} GPU(s) ({','.join(visible)}); use --nproc-per-node {len(visible)}")
+    return ["--include", "localhost:" + ",".join(visible[:nproc])]
+
+
 def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     if "--" in argv:
         i = argv.index("--")
@@ -62,6 +92,9 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--node-rank", type=int, default=None, help="default: SLURM_NODEID / NODE_RANK, else 0")
     p.add_argument("--rdzv-endpoint", default=None, help="HOST:PORT of the first node (multi-node)")
     p.add_argument("--rdzv-id", default=None, help="default: SLURM_JOB_ID, else 'lora-dist'")
+    p.add_argument("--local-addr", default=None,
+                   help="this node's address as the other nodes reach it (multi-node); default: under Slurm the "
+                        "node's NodeAddr, else torchrun's guess, this host's FQDN, which must resolve everywhere")
     p.add_argument("--max-restarts", type=int, default=0, help="torchrun restarts the whole group this often")
     p.add_argument("--python", default=sys.executable, help="the Python that runs torchrun/deepspeed")
     p.add_argument("--dry-run", action="store_true", help="print the command instead of running it")
@@ -88,7 +121,7 @@ def build_command(args: argparse.Namespace, rest: list[str]) -> list[str]:
             raise SystemExit("launch.py: error: for several nodes use the torchrun launcher with dist.strategy=deepspeed "
                              "(deepspeed's own multi-node launcher needs pdsh and a hostfile)")
         port = endpoint.rsplit(":", 1)[1] if endpoint else str(DEFAULT_PORT)
-        return [args.python, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc), "--master_port", port,
+        return [args.python, "-m", "deepspeed.launcher.runner", *_deepspeed_gpus(nproc), "--master_port", port,
                 "--module", "lora_dist", *rest]
     cmd = [args.python, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", f"--max-restarts={args.max_restarts}"]
     if nnodes == 1 and endpoint is None:
@@ -96,6 +129,11 @@ def build_command(args: argparse.Namespace, rest: list[str]) -> list[str]:
     else:
         cmd += [f"--nnodes={nnodes}", f"--node-rank={node_rank}", "--rdzv-backend=c10d",
                 f"--rdzv-endpoint={endpoint}", f"--rdzv-id={run_id}"]
+        # The agent that hosts the workers' store advertises this address as MASTER_ADDR; without it,
+        # its FQDN, and where node names do not resolve, init_process_group then hangs on every worker.
+        local_addr = args.local_addr or (_slurm_node_addr() if nnodes > 1 else None)
+        if local_addr:
+            cmd.append(f"--local-addr={local_addr}")
     return cmd + ["-m", "lora_dist", *rest]
 
 

@@ -176,18 +176,44 @@ def rng_state() -> dict:
     }
 
 
-def restore_rng(path: Path, state: dict, rank: int) -> None:
+def restore_rng(path: Path, state: dict, rank: int, world: int | None = None, say: Callable[[str], None] = print) -> None:
+    """This rank's generators as saved. A rank the checkpoint has no state for (more ranks now), or a GPU
+    count that differs from the saved one, gets states derived from the saved ones and this rank's number:
+    distinct on every rank, the same on every resume. `say` (rank 0's print) names what was not restored."""
     saved = state["rng"]
-    if rank >= len(saved):  # a different world size: seed the new ranks deterministically
-        rank = rank % len(saved)
+    world = len(saved) if world is None else world
+    tensors = load_tensors(path, "rng.safetensors")
+    if world != len(saved):
+        say(f"warning: checkpoint {path} holds the random states of {len(saved)} rank(s), this run has {world}; "
+            f"{'ranks ' + str(len(saved)) + '-' + str(world - 1) + ' start from new states derived from them' if world > len(saved) else 'the others are dropped'} "
+            f"(resume with {len(saved)} rank(s) for the exact continuation)")
+    if rank >= len(saved):
+        seed = _derived_seed(tensors[f"rank{rank % len(saved)}.torch"], rank)
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        torch.manual_seed(seed)
+        if torch.cuda.is_available():
+            torch.cuda.manual_seed_all(seed)
+        return
     py, npy = saved[rank]["python"], saved[rank]["numpy"]
     random.setstate((py[0], tuple(py[1]), py[2]))
     np.random.set_state((npy[0], np.array(npy[1], dtype=np.uint32), npy[2], npy[3], npy[4]))
-    tensors = load_tensors(path, "rng.safetensors")
     torch.set_rng_state(tensors[f"rank{rank}.torch"])
     cuda = [tensors[k] for k in sorted((k for k in tensors if k.startswith(f"rank{rank}.cuda")), key=lambda k: int(k.rsplit("cuda", 1)[1]))]
-    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+    if not torch.cuda.is_available():
+        return
+    if len(cuda) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(cuda)
+        return
+    say(f"warning: checkpoint {path} holds CUDA random states for {len(cuda)} GPU(s) per rank, this node shows "
+        f"{torch.cuda.device_count()}; each rank's CUDA generators start from a new state derived from its saved one")
+    torch.cuda.manual_seed_all(_derived_seed(tensors[f"rank{rank}.torch"], rank, salt=b"cuda"))
+
+
+def _derived_seed(saved: torch.Tensor, rank: int, salt: bytes = b"") -> int:
+    """A 63-bit seed from a saved generator state and a rank number (sha256: no two ranks alike)."""
+    h = hashlib.sha256(saved.numpy().tobytes() + salt + rank.to_bytes(4, "little"))
+    return int.from_bytes(h.digest()[:8], "little") >> 1
 
 
 # ------------------------------------------------------------------------------------------ helpers

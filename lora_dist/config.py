@@ -103,7 +103,8 @@ class TrainConfig:
     seed: int = 123
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 where native (strategy.resolve_precision)
-    compile: bool = False
+    tf32: bool = True  # fp32 on CUDA: TF32 tensor-core matmuls (A100 and newer); false: full fp32
+    compile: bool = False  # torch.compile the model's forward (parameter names stay as they are)
     num_workers: int = 0
     checkpoint_every: int = 0  # steps between checkpoints (0: only at epoch ends)
     keep_checkpoints: int = 2
@@ -131,6 +132,9 @@ class DistConfig:
     backend: Literal["auto", "nccl", "gloo"] = "auto"
     timeout_s: int = 600  # collective timeout: a dead rank never leaves the others hanging forever
     deepspeed_config: Optional[str] = None  # configs/deepspeed/zero2.yaml etc.
+    # torch: torch's fused AdamW (nothing to compile); deepspeed: DeepSpeed's own, FusedAdam on GPUs or
+    # DeepSpeedCPUAdam under optimizer offload, compiled at first use (nvcc matching torch's CUDA; ninja)
+    deepspeed_optimizer: Literal["torch", "deepspeed"] = "torch"
 
     def __post_init__(self):
         _check(self.timeout_s > 0, "dist.timeout_s must be > 0")

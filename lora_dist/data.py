@@ -228,6 +228,11 @@ class Batch:
         nb = device.type == "cuda"
         return Batch(self.ids.to(device, non_blocking=nb), self.last.to(device, non_blocking=nb), self.labels.to(device, non_blocking=nb), self.tokens)
 
+    def pin_memory(self) -> "Batch":
+        """Page-locked copies, so that `to(cuda)` copies asynchronously. DataLoader(pin_memory=True) calls
+        this on every batch it yields; without it the batch would stay in pageable memory."""
+        return Batch(self.ids.pin_memory(), self.last.pin_memory(), self.labels.pin_memory(), self.tokens)
+
     def __len__(self) -> int:
         return self.ids.shape[0]
 

@@ -11,6 +11,7 @@ file that sets them to something else is refused, so the two never disagree.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from pathlib import Path
 
 import torch
@@ -21,6 +22,7 @@ from .errors import UserError
 from .strategy import DDP
 
 TAG = "state"
+COMMS_SAMPLE_EVERY = 10  # steps 1, 11, 21, ... count their collectives
 
 
 def deepspeed_config(cfg, micro: int, accum: int, world: int, device_type: str = "cuda", precision: str | None = None) -> dict:
@@ -46,13 +48,17 @@ def deepspeed_config(cfg, micro: int, accum: int, world: int, device_type: str =
         "bf16": {"enabled": precision == "bf16"},
         "fp16": {"enabled": precision == "fp16"},
     }
-    if device_type == "cpu":  # torch's AdamW: no C++ op to compile, and the same update as the DDP path
-        ours["optimizer"]["params"]["torch_adam"] = True
+    if cfg.dist.deepspeed_optimizer == "torch":
+        # torch's AdamW, fused, as the DDP path runs it: nothing to compile. DeepSpeed's FusedAdam would be
+        # JIT-built at first use and needs nvcc of torch's CUDA version (MissingCUDAException, or
+        # CUDAMismatchException beside a `module load cuda` of another version).
+        ours["optimizer"]["params"] |= {"torch_adam": True, "fused": True}
     merged = _fill(user, ours, path or "the DeepSpeed config")
     merged.setdefault("zero_optimization", {"stage": 0})
     merged.setdefault("steps_per_print", 10**9)
     merged.setdefault("wall_clock_breakdown", False)
-    # DeepSpeed's own counters of every collective's size, read after each step (allreduce_bytes metric).
+    # DeepSpeed's own counters of every collective's size (allreduce_bytes metric). The logger synchronises
+    # the GPU after each collective while it is enabled, so it is enabled for one step in COMMS_SAMPLE_EVERY.
     merged.setdefault("comms_logger", {"enabled": True, "verbose": False, "prof_all": True, "debug": False})
     merged.setdefault("zero_allow_untested_optimizer", True)
     return merged
@@ -88,7 +94,15 @@ class DeepSpeed(DDP):
         self.model, self.optimizer, _, _ = deepspeed.initialize(
             model=model, model_parameters=trainable, config=self.ds_config, dist_init_required=False
         )
-        self._logged_bytes = _reduced_bytes()
+        self._steps = 0
+        self._counting = False
+        _count_collectives(False)
+        self._count_next = True
+
+    def optimizer_text(self) -> str:
+        from .strategy import _optimizer_text
+
+        return _optimizer_text(self.model.basic_optimizer)
 
     @property
     def module(self) -> nn.Module:
@@ -98,6 +112,10 @@ class DeepSpeed(DDP):
         return self.model(ids, last)  # DeepSpeed applies its own bf16/fp16
 
     def micro_step(self, boundary: bool):
+        if self._count_next and not self._counting:  # a sampled step: count from its first micro-batch on
+            self._counting = True
+            self._logged_bytes = _reduced_bytes()
+            _count_collectives(True)
         return contextlib.nullcontext()  # DeepSpeed knows the accumulation boundary itself
 
     def backward(self, loss: torch.Tensor, boundary: bool) -> None:
@@ -109,20 +127,41 @@ class DeepSpeed(DDP):
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.model.step()
-        now = _reduced_bytes()
-        self._comm_bytes += now - self._logged_bytes
-        self._logged_bytes = now
+        self._steps += 1
+        if self._counting:
+            _count_collectives(False)
+            self._counting = False
+            self._comm_bytes = _reduced_bytes() - self._logged_bytes
+        self._count_next = self._steps % COMMS_SAMPLE_EVERY == 0
         norm = self.model.get_global_grad_norm()
         return float(norm) if norm is not None else float("nan")
 
+    def comm_bytes(self) -> int | None:
+        """Bytes reduced in the last sampled step (steps 1, 11, 21, ...), None on the steps between."""
+        out, self._comm_bytes = self._comm_bytes, None
+        return out
+
     def adapter_state(self, names: list[str]) -> dict[str, torch.Tensor]:
-        """Full tensors, gathered from their ZeRO-3 partitions (every rank must call this)."""
+        """Full fp32 tensors: under bf16/fp16 the optimizer's fp32 master weights, not the module's 16-bit
+        copy; under ZeRO-3 gathered from their partitions. Every rank must call this."""
         import deepspeed
+        from deepspeed.utils import safe_get_full_fp32_param
 
         params = dict(self.module.named_parameters())
         chosen = [params[n] for n in names]
-        with deepspeed.zero.GatheredParameters(chosen, modifier_rank=None, enabled=self.stage == 3):
-            return {n: p.detach().float().cpu().clone() for n, p in zip(names, chosen)}
+        out = {}
+        for n, p in zip(names, chosen):
+            master = safe_get_full_fp32_param(p)  # collective under ZeRO; None where no master copy exists
+            if master is not None:
+                out[n] = master.detach().float().cpu().clone()
+        rest = [(n, p) for n, p in zip(names, chosen) if n not in out]
+        if rest and self.precision != "fp32" and self.rank == 0:  # ZeRO stage 0 with fp16 keeps no mapping
+            warnings.warn(f"DeepSpeed exposes no fp32 master copy of {rest[0][0]} (and {len(rest) - 1} more) under "
+                          f"ZeRO stage {self.stage} with {self.precision}; saving the {self.precision} copy. "
+                          f"ZeRO stage 1-3, or bf16, save fp32.")
+        with deepspeed.zero.GatheredParameters([p for _, p in rest], modifier_rank=None, enabled=self.stage == 3 and bool(rest)):
+            out |= {n: p.detach().float().cpu().clone() for n, p in rest}
+        return {n: out[n] for n in names}
 
     def load_adapter(self, state, source: str) -> None:
         """Nothing to do: `load_sharded` restores every trainable tensor from DeepSpeed's own module state
@@ -138,6 +177,15 @@ class DeepSpeed(DDP):
         load_path, _ = self.model.load_checkpoint(str(Path(path) / "deepspeed"), tag=TAG, load_module_strict=False)
         if load_path is None:
             raise UserError(f"checkpoint {path} has no DeepSpeed state; resume it with the strategy it was written with")
+
+
+def _count_collectives(on: bool) -> None:
+    """DeepSpeed's comms logger on or off. While on it synchronises the GPU after every collective (which
+    removes the overlap of communication with compute, ZeRO-3's prefetch above all), so it is on only for
+    the sampled steps."""
+    from deepspeed.comm.comm import comms_logger
+
+    comms_logger.enabled = on
 
 
 def _reduced_bytes() -> int:

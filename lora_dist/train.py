@@ -98,12 +98,12 @@ class Trainer:
         self.total_steps = self.steps_per_epoch * t.epochs
         if t.max_steps:
             self.total_steps = min(self.total_steps, t.max_steps)
-        if t.compile:
-            model = torch.compile(model)
+        if t.compile:  # in place: the forward is compiled, parameter names keep no `_orig_mod.` prefix
+            model.compile()
         s.prepare(model, self.micro, t.grad_accum)
         out.print(
             f"lora-dist: {cfg.model.name} ({cfg.model.weights}), {self.world} process(es), strategy {s.name}, "
-            f"device {s.device}, precision {s.precision}{' (auto)' if t.precision == 'auto' else ''}\n"
+            f"device {s.device}, precision {s.precision_text()}, optimizer {s.optimizer_text()}\n"
             f"parameters: {self.total_params:,} total, {self.trainable_params:,} trainable "
             f"({self._trained_text()}); pooling {cfg.model.pooling}{'' if cfg.model.causal_mask else ', no causal mask'}\n"
             f"data: {', '.join(f'{k} {len(v)}' for k, v in splits.items())}; labels {', '.join(self.labels)}; padding {cfg.data.padding}"
@@ -112,7 +112,7 @@ class Trainer:
         )
         out.start(cfg, {"model": cfg.model.name, "total_params": self.total_params, "trainable_params": self.trainable_params,
                         "lora_layers": len(self.lora_modules), "world_size": self.world, "strategy": s.name,
-                        "device": str(s.device), "precision": s.precision, "steps_per_epoch": self.steps_per_epoch,
+                        "device": str(s.device), "precision": s.precision, "optimizer": s.optimizer_text(), "steps_per_epoch": self.steps_per_epoch,
                         "total_steps": self.total_steps})
         self.step, self.epoch, self.step_in_epoch, self.examples_seen, self.tokens_seen = 0, 0, 0, 0, 0
         self.train_seconds = 0.0
@@ -135,7 +135,7 @@ class Trainer:
         if state.get("optimizer") is not None:
             self.strategy.load_optimizer_state(ckpt.optimizer_state(path, state["optimizer"]))
         self.strategy.load_sharded(path)
-        ckpt.restore_rng(path, state, self.rank)
+        ckpt.restore_rng(path, state, self.rank, self.world, say=self.out.print)
         for k in ("step", "epoch", "step_in_epoch", "examples_seen", "tokens_seen", "train_seconds"):
             setattr(self, k, state[k])
         self.out.print(f"resumed from {path} (step {self.step}, epoch {self.epoch + 1}, {self.step_in_epoch} steps into it)")
@@ -211,10 +211,12 @@ class Trainer:
         t = cfg.train
         record = {"step": self.step, "epoch": self.epoch, "examples_seen": self.examples_seen, "train_loss_step": loss,
                   "lr": lr_at(self.step - 1, t.lr, self.total_steps, t.schedule, t.warmup_steps), "grad_norm": grad_norm,
-                  "allreduce_bytes": self.strategy.comm_bytes(), "step_seconds": seconds,
+                  "step_seconds": seconds,
                   # running averages since step 0; tokens/s is this rank's tokens x world size (an estimate)
                   "examples_per_s": self.examples_seen / max(self.train_seconds, 1e-9),
                   "tokens_per_s": self.tokens_seen * self.world / max(self.train_seconds, 1e-9)}
+        if (comm := self.strategy.comm_bytes()) is not None:  # DeepSpeed counts only sampled steps
+            record["allreduce_bytes"] = comm
         if self.strategy.device.type == "cuda":
             record["gpu_mem_gb"] = torch.cuda.max_memory_allocated(self.strategy.device) / 2**30
         if (self.step - 1) % t.eval_every == 0:  # the book evaluates after steps 1, 51, 101, ...

@@ -72,6 +72,48 @@ def test_rng_round_trip(tmp_path):
     assert torch.equal(torch.rand(4), expected)
 
 
+def _state(path):
+    return json.loads((path / "state.json").read_text())
+
+
+def _draw(path, rank, world, said):
+    torch.manual_seed(99)
+    ckpt.restore_rng(path, _state(path), rank=rank, world=world, say=said.append)
+    return tuple(torch.rand(3).tolist())
+
+
+def test_rng_on_more_ranks_than_saved_is_distinct_per_rank_and_said(tmp_path):
+    """A checkpoint of 2 ranks resumed on 4: ranks 2 and 3 get states of their own (not ranks 0 and 1's)."""
+    staging = ckpt.staging_dir(tmp_path, 1)
+    ckpt.begin(staging)
+    states = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        states.append(ckpt.rng_state())
+    path = ckpt.commit(staging, adapter={"a": torch.ones(1)}, optimizer=None, rng_states=states, meta={"step": 1}, keep=2)
+    said = []
+    draws = [_draw(path, r, 4, said) for r in range(4)]
+    assert len(set(draws)) == 4, draws
+    assert draws == [_draw(path, r, 4, []) for r in range(4)]  # the same on every resume
+    assert said and all("2 rank(s), this run has 4" in m for m in said)
+    quiet = []
+    assert _draw(path, 1, 2, quiet) == draws[1] and not quiet  # same world size: exact, and nothing to say
+
+
+def test_cuda_rng_with_another_gpu_count_is_derived_and_said(tmp_path, monkeypatch):
+    torch.manual_seed(3)
+    path = _write(tmp_path, 5)  # written without CUDA: no CUDA states
+    seeded = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: pytest.fail("restored states of another GPU count"))
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", seeded.append)
+    said = []
+    ckpt.restore_rng(path, _state(path), rank=0, world=1, say=said.append)
+    assert len(said) == 1 and "CUDA random states for 0 GPU(s)" in said[0] and "shows 2" in said[0]
+    assert len(seeded) == 1
+
+
 def test_resume_argument(tmp_path):
     assert ckpt.resolve("never", tmp_path) is None
     assert ckpt.resolve("auto", tmp_path) is None  # nothing yet: a fresh start

@@ -11,7 +11,7 @@ import torch
 
 from conftest import ROOT, SMOKE, cli_env, read_metrics, torchrun
 from lora_dist import UserError, load_config
-from lora_dist.deepspeed_strategy import deepspeed_config
+from lora_dist.deepspeed_strategy import COMMS_SAMPLE_EVERY, deepspeed_config
 from test_distributed import _children, _wait_for_step, adapter, assert_same_adapter, results
 
 deepspeed = pytest.importorskip("deepspeed", reason="DeepSpeed is an extra: pip install -e .[deepspeed]")
@@ -50,6 +50,9 @@ def test_zero2_reduces_only_adapter_gradients(zero2_run):
     per_step = [m["allreduce_bytes"] for m in read_metrics(zero2_run) if "allreduce_bytes" in m]
     # Gradient buckets plus a few scalars (gradient norm, overflow flag); never a frozen tensor.
     assert per_step and all(grad_bytes <= b <= grad_bytes + 64 for b in per_step), (per_step[:3], grad_bytes)
+    # Counted on steps 1, 11, 21, ... only: DeepSpeed's logger synchronises the GPU after every collective.
+    counted = [m["step"] for m in read_metrics(zero2_run) if "allreduce_bytes" in m]
+    assert counted == list(range(1, 61, COMMS_SAMPLE_EVERY)), counted
 
 
 def test_zero3_saves_full_adapter_and_resumes(zero2_run, tmp_path):
@@ -98,6 +101,16 @@ def test_project_config_fills_deepspeed_config():
     assert ds["optimizer"]["params"]["lr"] == 3e-4 and ds["gradient_clipping"] == 1.0
     assert ds["bf16"]["enabled"] is True and ds["fp16"]["enabled"] is False
     assert ds["zero_optimization"]["stage"] == 3 and ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+
+
+def test_torch_fused_adamw_unless_deepspeed_optimizer_is_asked_for():
+    """DeepSpeed's FusedAdam is JIT-compiled with nvcc at first use; torch's fused AdamW needs nothing."""
+    cfg = load_config(SMOKE, ["dist.deepspeed_config=configs/deepspeed/zero2.json"])
+    params = deepspeed_config(cfg, micro=4, accum=1, world=2, device_type="cuda")["optimizer"]["params"]
+    assert params["torch_adam"] is True and params["fused"] is True
+    cfg = load_config(SMOKE, ["dist.deepspeed_config=configs/deepspeed/zero2.json", "dist.deepspeed_optimizer=deepspeed"])
+    params = deepspeed_config(cfg, micro=4, accum=1, world=2, device_type="cuda")["optimizer"]["params"]
+    assert "torch_adam" not in params and "fused" not in params
 
 
 def test_disagreeing_deepspeed_config_is_refused(tmp_path):

@@ -161,3 +161,74 @@ def test_image_runs_as_non_root_and_takes_secrets_only_at_run_time(engine, image
     p = docker(engine, "run", "--rm", "--network=none", "-e", "WANDB_API_KEY=from-the-host", image,
                "python", "-c", "import os; print(os.environ['WANDB_API_KEY'])")
     assert p.stdout.strip() == "from-the-host"
+
+
+# ------------------------------------------------------------------- output volume and caches
+
+# Every cache the entrypoint sets up, written to (a shell command: no Python needed as another user).
+CHECK_WRITABLE = ('for v in HOME TORCH_EXTENSIONS_DIR HF_HOME MPLCONFIGDIR WANDB_DIR TRITON_CACHE_DIR; do '
+                  'd=$(printenv "$v") && touch "$d/probe" || exit 1; done; echo caches writable')
+
+
+def as_user(uid: int) -> list[str]:
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        pytest.skip("running the entrypoint as another user needs root and setpriv (util-linux)")
+    return ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups"]
+
+
+@pytest.fixture
+def open_tmp():
+    """A directory other users can reach (pytest's tmp_path sits under a root-only directory)."""
+    d = Path(tempfile.mkdtemp(prefix="lde-user-", dir="/tmp"))
+    d.chmod(0o777)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def test_entrypoint_refuses_an_output_directory_it_cannot_write(open_tmp):
+    """On the host, as UID 4321: a root-owned /runs (what Docker makes of a missing runs/) is named at once."""
+    runs = open_tmp / "runs"
+    runs.mkdir(mode=0o755)  # root's
+    env = {**os.environ, "LORA_DIST_RUNS": str(runs), "TMPDIR": str(open_tmp)}
+    p = subprocess.run([*as_user(4321), "bash", str(ROOT / "docker" / "entrypoint.sh"), "true"], env=env,
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2, p.stderr
+    errors = [line for line in p.stderr.splitlines() if "error" in line]
+    assert len(errors) == 1 and f"{runs} is not writable by UID 4321" in errors[0] and "chown 4321" in errors[0]
+
+
+def test_entrypoint_moves_caches_to_a_writable_place(open_tmp):
+    """On the host, as UID 4321 with HOME and TORCH_EXTENSIONS_DIR where it cannot write (--user, Apptainer)."""
+    runs = open_tmp / "runs"
+    runs.mkdir()
+    os.chown(runs, 4321, 4321)
+    locked = open_tmp / "locked"
+    locked.mkdir(mode=0o755)
+    env = {**os.environ, "LORA_DIST_RUNS": str(runs), "TMPDIR": str(open_tmp), "HOME": str(locked),
+           "TORCH_EXTENSIONS_DIR": str(locked / "torch_extensions"), "WANDB_DIR": str(locked / "wandb")}
+    for k in ("XDG_CACHE_HOME", "HF_HOME", "MPLCONFIGDIR", "TRITON_CACHE_DIR"):
+        env.pop(k, None)
+    p = subprocess.run([*as_user(4321), "bash", str(ROOT / "docker" / "entrypoint.sh"), "sh", "-c",
+                        CHECK_WRITABLE], env=env, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0 and "caches writable" in p.stdout, p.stderr
+    assert not any(locked.iterdir())
+
+
+@pytest.mark.slow
+def test_image_with_a_root_owned_output_volume_says_how_to_fix_it(engine, image, tmp_path):
+    runs = tmp_path / "runs"
+    runs.mkdir(mode=0o755)  # root's, as Docker creates a missing runs/
+    p = docker(engine, "run", "--rm", "--network=none", "-v", f"{runs}:/runs", image, "train", "--config", SMOKE,
+               "output_dir=/runs/smoke", check=False)
+    assert p.returncode == 2 and "/runs is not writable by UID 1000" in p.stderr and "chown 1000" in p.stderr, p.stderr
+    assert "Traceback" not in p.stderr
+
+
+@pytest.mark.slow
+def test_image_under_another_uid_writes_results_and_caches(engine, image, tmp_path):
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    os.chown(runs, 4321, 4321)
+    p = docker(engine, "run", "--rm", "--network=none", "--user", "4321:4321", "-v", f"{runs}:/runs", image,
+               "sh", "-c", CHECK_WRITABLE + "; echo ok > /runs/out")
+    assert "caches writable" in p.stdout and (runs / "out").read_text() == "ok\n"

@@ -42,6 +42,16 @@ def test_slurm_multi_node_command(monkeypatch):
     assert "--standalone" not in cmd
 
 
+def test_multi_node_command_passes_the_local_address(monkeypatch):
+    """Workers learn MASTER_ADDR from the agent that hosts their store: its --local-addr, else its FQDN."""
+    argv = ["--nnodes", "2", "--node-rank", "1", "--rdzv-endpoint", "10.0.0.1:29500", "--", "train"]
+    assert "--local-addr=10.0.0.2" in build(["--local-addr", "10.0.0.2", *argv], monkeypatch)
+    monkeypatch.setattr(launch, "_slurm_node_addr", lambda: "10.0.0.3")  # scontrol show node: NodeAddr
+    assert "--local-addr=10.0.0.3" in build(argv, monkeypatch)
+    monkeypatch.setattr(launch, "_slurm_node_addr", lambda: None)  # not under Slurm: torchrun's default
+    assert not any(a.startswith("--local-addr") for a in build(argv, monkeypatch))
+
+
 def test_deepspeed_command(monkeypatch):
     cmd = build(["--launcher", "deepspeed", "--nproc-per-node", "4", "--", "train", "--config", "c.yaml"], monkeypatch)
     assert cmd[1:7] == ["-m", "deepspeed.launcher.runner", "--num_gpus", "4", "--master_port", "29500"]
@@ -56,6 +66,21 @@ def test_deepspeed_command(monkeypatch):
 def test_impossible_layouts(monkeypatch, argv, env, message):
     with pytest.raises(SystemExit, match=message):
         build(argv, monkeypatch, **env)
+
+
+def test_deepspeed_launcher_keeps_to_the_visible_gpus():
+    """deepspeed's runner would start on GPUs 0..N-1 (and reset CUDA_VISIBLE_DEVICES) given --num_gpus."""
+    proc = subprocess.run([sys.executable, "launcher/launch.py", "--dry-run", "--launcher", "deepspeed", "--", "train",
+                           "--config", "configs/smoke.yaml"], cwd=ROOT, capture_output=True, text=True,
+                          env={**cli_env(), "CUDA_VISIBLE_DEVICES": "2,3"})
+    assert proc.returncode == 0, proc.stderr
+    assert "deepspeed.launcher.runner --include localhost:2,3 --master_port" in proc.stdout and "--num_gpus" not in proc.stdout
+    one = subprocess.run([sys.executable, "launcher/launch.py", "--dry-run", "--launcher", "deepspeed", "--nproc-per-node",
+                          "1", "--", "train"], cwd=ROOT, capture_output=True, text=True, env={**cli_env(), "CUDA_VISIBLE_DEVICES": "5,6"})
+    assert "--include localhost:5 " in one.stdout
+    too_many = subprocess.run([sys.executable, "launcher/launch.py", "--dry-run", "--launcher", "deepspeed", "--nproc-per-node",
+                               "3", "--", "train"], cwd=ROOT, capture_output=True, text=True, env={**cli_env(), "CUDA_VISIBLE_DEVICES": "5,6"})
+    assert too_many.returncode != 0 and "CUDA_VISIBLE_DEVICES shows 2 GPU(s)" in too_many.stderr
 
 
 def test_dry_run_prints_the_command():

@@ -171,6 +171,9 @@ def test_multi_node_template_runs_one_torchrun_per_node(cluster, baseline):
     assert info["NodeList"] == "n[1-2]"
     # The head node's address is its NodeAddr (127.0.0.1 here), not its name (n1 does not resolve).
     assert re.search(r"rendezvous at 127\.0\.0\.1:\d+", job.log_text())
+    # Each node's launcher tells torchrun its own NodeAddr, which the workers then take as MASTER_ADDR
+    # (not the agent's FQDN: node names need not resolve). Both nodes here have NodeAddr 127.0.0.1.
+    assert job.log_text().count("--local-addr=127.0.0.1") == 2, job.log_text()[-3000:]
 
 
 def test_deepspeed_template_completes(cluster, baseline):

@@ -1,0 +1,117 @@
+"""What the code does on a GPU, checked on the CPU with the GPU's answers mocked (issue 13).
+
+    pytest tests/test_cuda_paths.py
+
+bf16 from the compute capability of this rank's own GPU, TF32 for fp32, pinned batches, and the CUDA RNG
+restore when the GPU count changes. bench/gpu_check.sh runs the same paths on a real GPU.
+"""
+
+import contextlib
+
+import pandas as pd
+import pytest
+import torch
+
+from lora_dist import load_config
+from lora_dist.data import Batch, DataConfig, SpamDataset, make_loaders
+from lora_dist.strategy import DistEnv, Local
+from lora_dist.tokenizer import get_tokenizer
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """A CUDA build's answers for a GPU of the capability set in `calls["capability"]`; every call logged."""
+    calls = {"log": [], "capability": (8, 0)}
+
+    def set_device(dev):
+        calls["log"].append(("set_device", torch.device(dev)))
+
+    def get_device_capability(dev=None):
+        calls["log"].append(("capability", None if dev is None else torch.device(dev)))
+        return calls["capability"]
+
+    def is_bf16_supported(*a, **k):  # would count emulated bf16 (V100, T4) as support, and ask cuda:0
+        calls["log"].append(("is_bf16_supported", None))
+        return True
+
+    monkeypatch.setattr(torch.cuda, "set_device", set_device)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", get_device_capability)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", is_bf16_supported)
+    with tf32_flags_restored():
+        yield calls
+
+
+@contextlib.contextmanager
+def tf32_flags_restored():
+    """torch's TF32 flags, off for the test and put back after (monkeypatch cannot: they are properties)."""
+    flags = (torch.backends.cuda.matmul, torch.backends.cudnn)
+    saved = [f.allow_tf32 for f in flags]
+    try:
+        for f in flags:
+            f.allow_tf32 = False
+        yield
+    finally:
+        for f, v in zip(flags, saved):
+            f.allow_tf32 = v
+
+
+def strategy(*overrides: str) -> Local:
+    return Local(load_config(None, list(overrides)), DistEnv(rank=1, world_size=2, local_rank=1), torch.device("cuda", 1))
+
+
+@pytest.mark.parametrize("capability, expected", [((7, 0), "fp32"), ((7, 5), "fp32"), ((8, 0), "bf16"), ((9, 0), "bf16")],
+                         ids=["V100", "T4", "A100", "H100"])
+def test_auto_precision_follows_compute_capability(fake_gpu, capability, expected):
+    fake_gpu["capability"] = capability
+    s = strategy("train.precision=auto")
+    assert s.precision == expected
+    # set_device first, then the capability of this rank's GPU (cuda:1), never of the current device
+    assert fake_gpu["log"][:2] == [("set_device", torch.device("cuda", 1)), ("capability", torch.device("cuda", 1))]
+    assert ("is_bf16_supported", None) not in fake_gpu["log"]
+
+
+def test_fp32_on_cuda_uses_tf32_unless_switched_off(fake_gpu):
+    s = strategy("train.precision=fp32")
+    assert s.tf32 and torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    assert s.precision_text() == "fp32 (TF32 matmuls)"
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    off = strategy("train.precision=fp32", "train.tf32=false")
+    assert not off.tf32 and not torch.backends.cuda.matmul.allow_tf32 and off.precision_text() == "fp32"
+    bf16 = strategy("train.precision=auto")  # capability 8.0: bf16, and TF32 does not apply
+    assert bf16.precision_text() == "bf16 (auto)" and not bf16.tf32
+
+
+def test_tf32_is_left_alone_on_the_cpu():
+    with tf32_flags_restored():
+        s = Local(load_config(None, ["train.precision=fp32"]), DistEnv(), torch.device("cpu"))
+    assert not s.tf32 and not torch.backends.cuda.matmul.allow_tf32 and s.precision_text() == "fp32"
+
+
+def test_dataloader_pins_each_batch(monkeypatch):
+    """DataLoader(pin_memory=True) pins what has a pin_memory() method and leaves anything else pageable."""
+    pinned = []
+    monkeypatch.setattr(torch.accelerator, "is_available", lambda: True)
+    monkeypatch.setattr(torch.accelerator, "current_accelerator", lambda *a, **k: torch.device("cuda"))
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda t, *a, **k: pinned.append(t) or t)  # no CUDA here to pin
+    frame = pd.DataFrame({"text": ["win a prize now", "see you at lunch", "call me", "free entry"] * 2,
+                          "label": ["spam", "ham", "ham", "spam"] * 2})
+    ds = SpamDataset(frame, get_tokenizer(), 16)
+    loaders = make_loaders({"train": ds}, 16, DataConfig(), 4, 1, 1, 0, 123, pin_memory=True)
+    batch = next(iter(loaders.train))
+    assert isinstance(batch, Batch) and len(batch) == 4
+    assert [t.data_ptr() for t in pinned] == [batch.ids.data_ptr(), batch.last.data_ptr(), batch.labels.data_ptr()]
+
+
+def test_mfu_peak_matches_device_names_exactly():
+    """An L40 is not an L4, an H100 PCIe not an H100 SXM; an unknown card gets a measured peak instead."""
+    import sys
+
+    from conftest import ROOT
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    from train_throughput import nominal_peak
+
+    assert nominal_peak("NVIDIA L40") == 181.0 and nominal_peak("NVIDIA L4") == 121.0
+    assert nominal_peak("NVIDIA H100 PCIe") == 756.0 and nominal_peak("NVIDIA H100 80GB HBM3") == 989.0
+    assert nominal_peak("NVIDIA A10G") is None and nominal_peak("NVIDIA A100-SXM4-80GB") == 312.0
