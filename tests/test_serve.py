@@ -127,6 +127,39 @@ def same(answer: dict, expected: list[dict]) -> None:
 # ------------------------------------------------------------------------------------------ answers
 
 
+def test_batcher_gathers_concurrent_requests_and_returns_each_its_own():
+    """In-process, no timing: a batch that fills runs at once; one that would overflow waits for the next."""
+    from lora_dist.batcher import Batcher
+
+    calls = []
+
+    def run(texts, adapters):
+        calls.append(list(zip(adapters, texts)))
+        if "boom" in texts:
+            raise RuntimeError("model failed")
+        return [f"{a}:{t}" for a, t in zip(adapters, texts)]
+
+    async def scenario():
+        b = Batcher(run, max_batch=8, max_wait_ms=600_000)  # waits "forever" unless full or flushed
+        b.start()
+        reqs = [(f"a{i % 3}", [f"t{i}"]) for i in range(8)]
+        got = await asyncio.gather(*(b.submit(a, t) for a, t in reqs))
+        assert got == [[f"{a}:{t[0]}"] for a, t in reqs] and len(calls) == 1 and len(calls[0]) == 8
+        three = asyncio.ensure_future(b.submit("x", ["1", "2", "3"]))
+        six = asyncio.ensure_future(b.submit("y", list("abcdef")))
+        while b.queued:
+            await asyncio.sleep(0)
+        b.flush()
+        assert await three == ["x:1", "x:2", "x:3"] and await six == [f"y:{c}" for c in "abcdef"]
+        assert [len(c) for c in calls[1:]] == [3, 6]
+        with pytest.raises(RuntimeError, match="model failed"):
+            await b.submit("z", ["boom"])
+        await b.stop()
+
+    asyncio.run(scenario())
+
+
+
 def test_classify_answers_what_predict_gives(open_server, truth):
     r = post(open_server, {"adapter": "support", "texts": TEXTS[:5]})
     assert r.status_code == 200, r.text
