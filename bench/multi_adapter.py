@@ -9,6 +9,7 @@ adapter count N, in its own process (so peak memory is its own):
   - loop:   the same model, each adapter's rows as their own batches;
   - merged: one Classifier per adapter with LoRA merged into its own copy of the base (measured up to
             --merged-max adapters; beyond that the memory is N x one merged model, marked "estimated").
+The three take turns pass by pass, so that drift in a shared machine's load hits them alike.
 "one adapter" is N=1's mixed figure: the same rows through a single adapter. Messages/s is the best of
 --repeats passes. Results go to bench/results/multi-adapter-<machine>-<date>.json.
 """
@@ -47,14 +48,16 @@ def messages(n: int, seed: int = 0) -> list[str]:
     return random.Random(seed).sample(texts, n)
 
 
-def best_rate(fn, rows: int, repeats: int, warm=None) -> float:
-    (warm or fn)()  # warm-up (weight packing, allocator)
-    best = float("inf")
+def best_rates(contenders: dict, rows: int, repeats: int) -> dict[str, float]:
+    """Messages/s of each contender, best of `repeats` passes; the passes take turns (a, b, c, a, b, c, ...)
+    so that drift in the machine's load hits every contender alike."""
+    best = {name: float("inf") for name in contenders}
     for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return rows / best
+        for name, fn in contenders.items():
+            t = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - t)
+    return {name: rows / s for name, s in best.items()}
 
 
 def measure(n: int, paths: dict, texts: list[str], which: list[str], a, queue) -> None:
@@ -67,35 +70,26 @@ def measure(n: int, paths: dict, texts: list[str], which: list[str], a, queue) -
     before = rss_mb()
     m = MultiAdapterClassifier.from_pretrained(None, paths, device="cpu", precision="fp32")
     base_bytes = sum(p.numel() * p.element_size() for p in m.model.parameters())
-    held = adapter_bytes(m.model)
     loaded = rss_mb()
-    out = {"adapters": n, "rows": len(texts), "base_mb": base_bytes / 2**20, "stacked_adapters_mb": held / 2**20,
-           "rss_model_mb": loaded - before}
-    warm = lambda: m.logits(texts[: a.batch], which[: a.batch], a.batch)  # noqa: E731
-    out["mixed_msg_s"] = best_rate(lambda: m.logits(texts, which, a.batch), len(texts), a.repeats, warm)
+    out = {"adapters": n, "rows": len(texts), "base_mb": base_bytes / 2**20,
+           "stacked_adapters_mb": adapter_bytes(m.model) / 2**20, "rss_model_mb": loaded - before}
     groups: dict[str, list[int]] = {}
     for i, w in enumerate(which):
         groups.setdefault(w, []).append(i)
-
-    def loop():
-        for name, rows in groups.items():
-            m.logits([texts[i] for i in rows], name, a.batch)
-
-    out["loop_msg_s"] = best_rate(loop, len(texts), a.repeats, warm)
-    del m
+    contenders = {"mixed": lambda: m.logits(texts, which, a.batch),
+                  "loop": lambda: [m.logits([texts[i] for i in rows], name, a.batch) for name, rows in groups.items()]}
+    m.logits(texts[: a.batch], which[: a.batch], a.batch)  # warm-up: weight packing, allocator
     if n <= a.merged_max:
         start = rss_mb()
         merged = {name: Classifier.from_pretrained(paths[name], device="cpu", precision="fp32", merge=True)
                   for name in groups}
-
-        def run_merged():
-            for name, rows in groups.items():
-                merged[name].logits([texts[i] for i in rows], a.batch)
-
         out["merged_rss_mb"] = rss_mb() - start
-        out["merged_msg_s"] = best_rate(run_merged, len(texts), a.repeats,
-                                        lambda: [c.logits(texts[:2], a.batch) for c in merged.values()])
         out["merged_models"] = len(merged)
+        contenders["merged"] = lambda: [merged[name].logits([texts[i] for i in rows], a.batch) for name, rows in groups.items()]
+        for c in merged.values():
+            c.logits(texts[:2], a.batch)
+    for name, rate in best_rates(contenders, len(texts), a.repeats).items():
+        out[f"{name}_msg_s"] = rate
     queue.put(out)
 
 
@@ -103,11 +97,11 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="gpt2-small")
     p.add_argument("--counts", default="1,4,16,64")
-    p.add_argument("--rows", type=int, default=256, help="messages per pass")
+    p.add_argument("--rows", type=int, default=64, help="messages per pass")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--merged-max", type=int, default=4, help="measure merged models up to this many adapters")
+    p.add_argument("--merged-max", type=int, default=2, help="measure merged models up to this many adapters")
     p.add_argument("--threads", type=int, default=max(1, os.cpu_count() or 1))
     p.add_argument("--out", default=str(HERE / "results"))
     a = p.parse_args()
