@@ -32,11 +32,11 @@ $(STAMP): $(BIN)/python pyproject.toml
 ifneq ($(USE_SYSTEM_TORCH),1)
 	$(BIN)/python -m pip install -q $(TORCH_SPEC)
 endif
-	$(BIN)/python -m pip install -q -e ".[wandb]"
+	$(BIN)/python -m pip install -q -e ".[wandb,serve]"
 	touch $@
 
 $(STAMP)-dev: $(STAMP)
-	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip install -q -e ".[dev,serve]"
 	touch $@
 
 setup: $(STAMP)

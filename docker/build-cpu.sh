@@ -18,8 +18,9 @@ py=${PYTHON:-python3}
 
 mkdir -p "$wheels"
 if [[ -n ${TORCH_WHEEL:-} ]]; then cp -u "$TORCH_WHEEL" "$wheels/"; fi
-# The project's runtime dependencies resolved with the image's pins, plus the build backend.
-deps=$("$py" -c 'import tomllib; print(" ".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]))')
+# The project's runtime dependencies (and the [serve] extra's) resolved with the image's pins, plus the build backend.
+# The [serve] extra too: the image runs `lora-dist serve`.
+deps=$("$py" -c 'import tomllib; p = tomllib.load(open("pyproject.toml", "rb"))["project"]; print(" ".join(p["dependencies"] + p["optional-dependencies"]["serve"]))')
 # shellcheck disable=SC2086  # $deps is a list of requirement specifiers
 "$py" -m pip download --quiet --dest "$wheels" --only-binary=:all: --find-links "$wheels" \
   -c docker/requirements.txt torch==2.13.0+cpu setuptools $deps

@@ -4,6 +4,7 @@
 #   docker run IMAGE train --config configs/smoke.yaml ...      -> launcher/launch.py -- train ...
 #   docker run IMAGE --nproc-per-node 2 -- train --config ...   -> launcher/launch.py --nproc-per-node 2 -- ...
 #   docker run IMAGE torchrun --nproc_per_node=2 -m lora_dist train ...   -> runs as given
+#   docker run IMAGE serve --adapters spam=/runs/smoke --host 0.0.0.0      -> lora-dist serve, one process
 set -euo pipefail
 
 # Apptainer/Singularity run in the host's directories, so nothing is lost there.
@@ -48,6 +49,11 @@ fi
 # network (--network=none); its rendezvous would hang. Use the loopback address there.
 if ! getent hosts "$(< /proc/sys/kernel/hostname)" > /dev/null 2>&1; then
   export PET_LOCAL_ADDR=${PET_LOCAL_ADDR:-127.0.0.1} GLOO_SOCKET_IFNAME=${GLOO_SOCKET_IFNAME:-lo}
+fi
+
+# serve is one process that listens on a port: never under the launcher's one-worker-per-GPU torchrun.
+if [[ ${1:-} == serve ]]; then
+  exec lora-dist "$@"
 fi
 
 launcher=(python /opt/lora-dist/launcher/launch.py)

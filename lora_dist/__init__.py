@@ -7,6 +7,7 @@
 from .classifier import Classifier
 from .config import Config, LoRAConfig, load_config
 from .errors import UserError
+from .multi_adapter import MultiAdapterClassifier
 from .lora import LinearWithLoRA, LoRALayer, count_params, inject_lora, merge, unmerge
 from .model import GPT2, GPTConfig
 from .tokenizer import get_tokenizer
@@ -14,6 +15,6 @@ from .weights import load_gpt2, save_hf_checkpoint
 
 __version__ = "0.1.0"
 __all__ = [
-    "Classifier", "Config", "LoRAConfig", "load_config", "UserError", "LinearWithLoRA", "LoRALayer", "count_params",
+    "Classifier", "MultiAdapterClassifier", "Config", "LoRAConfig", "load_config", "UserError", "LinearWithLoRA", "LoRALayer", "count_params",
     "inject_lora", "merge", "unmerge", "GPT2", "GPTConfig", "get_tokenizer", "load_gpt2", "save_hf_checkpoint",
 ]

@@ -54,9 +54,9 @@ def make_trainable(model: GPT2, cfg: Config) -> list[str]:
     return []
 
 
-def load_trained(spec, tensors: dict[str, torch.Tensor], source: str, base: str | None = None) -> GPT2:
-    """The model an adapter description (`adapter.AdapterSpec`) names, with its tensors loaded, frozen and
-    in eval mode. `base` points at another directory holding the same base weights (checked by SHA-256)."""
+def base_config(spec, source: str, base: str | None = None) -> Config:
+    """The config that rebuilds an adapter's model, once its base weights are found to be the ones it was
+    trained on. `base` points at another directory holding them (checked by SHA-256)."""
     from dataclasses import replace
 
     from .adapter import base_of
@@ -70,6 +70,13 @@ def load_trained(spec, tensors: dict[str, torch.Tensor], source: str, base: str 
         if why:
             raise UserError(f"{source} was trained on {spec.base.describe()}, but the base found is {found.describe()} "
                             f"({why}); use the base it was trained on (--base DIR)")
+    return cfg
+
+
+def load_trained(spec, tensors: dict[str, torch.Tensor], source: str, base: str | None = None) -> GPT2:
+    """The model an adapter description (`adapter.AdapterSpec`) names, with its tensors loaded, frozen and
+    in eval mode. `base` points at another directory holding the same base weights (checked by SHA-256)."""
+    cfg = base_config(spec, source, base)
     seed_everything(cfg.train.seed)  # random base weights are redrawn exactly as training drew them
     model, _ = build_model(cfg, len(spec.labels))
     tensors = dict(tensors)

@@ -1,4 +1,4 @@
-"""Command line: `lora-dist train|params|report|eval|classify|adapter|export ...` (also `python -m lora_dist ...`).
+"""Command line: `lora-dist train|params|report|eval|classify|adapter|export|serve ...` (also `python -m lora_dist ...`).
 
     lora-dist train --config configs/smoke.yaml output_dir=runs/smoke
     lora-dist params --config configs/gpt2-small-lora.yaml
@@ -7,6 +7,7 @@
     lora-dist classify --adapter runs/smoke "WINNER!! Claim your prize" "see you at 6"
     lora-dist adapter info runs/smoke
     lora-dist export runs/smoke --format peft --out exports/smoke-peft
+    lora-dist serve --adapters spam=runs/smoke,support=runs/support --port 8000
 """
 
 from __future__ import annotations
@@ -50,6 +51,9 @@ def _parser() -> argparse.ArgumentParser:
     x.add_argument("--format", required=True, choices=("peft", "merged"), help="peft: a PEFT LoRA adapter; merged: a full model")
     x.add_argument("--out", required=True, help="the directory to write (must not exist, or be empty)")
     x.add_argument("--base", help="a directory holding the adapter's base weights, if not where training found them")
+    from .serve import add_arguments as serve_arguments
+
+    serve_arguments(sub.add_parser("serve", help="serve adapters of one base over HTTP, with dynamic batching and a web page"))
     return p
 
 
@@ -69,7 +73,7 @@ def _main(argv: list[str] | None) -> int:
     args = _parser().parse_args(argv)
     rank = int(os.environ.get("RANK", 0))
     try:
-        if args.command in ("report", "eval", "classify", "adapter", "export"):
+        if args.command in ("report", "eval", "classify", "adapter", "export", "serve"):
             return _tool(args)
         from .config import load_config
 
@@ -96,6 +100,10 @@ def _tool(args) -> int:
         from .classify import main as classify
 
         return classify(args)
+    if args.command == "serve":
+        from .serve import main as serve
+
+        return serve(args)
     if args.command == "adapter":
         from .adapter import info
 

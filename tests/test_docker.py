@@ -232,3 +232,50 @@ def test_image_under_another_uid_writes_results_and_caches(engine, image, tmp_pa
     p = docker(engine, "run", "--rm", "--network=none", "--user", "4321:4321", "-v", f"{runs}:/runs", image,
                "sh", "-c", CHECK_WRITABLE + "; echo ok > /runs/out")
     assert "caches writable" in p.stdout and (runs / "out").read_text() == "ok\n"
+
+
+# ------------------------------------------------------------------------------------------ serve
+
+def test_images_and_compose_can_serve():
+    """Both images install the [serve] extra and expose 8000; the entrypoint runs serve as one process (not
+    under the launcher's torchrun); compose's serve service is checked for readiness by /readyz."""
+    yaml = pytest.importorskip("yaml")
+    for dockerfile in DOCKERFILES:
+        text = dockerfile.read_text()
+        assert re.search(r'"\.\[[a-z,]*serve[a-z,]*\]"', text), dockerfile.name  # pip install ".[...serve]"
+        assert re.search(r"^EXPOSE 8000$", text, re.M), dockerfile.name
+    entry = (ROOT / "docker" / "entrypoint.sh").read_text()
+    assert entry.index('exec lora-dist "$@"') < entry.index("launcher=(")
+    assert "serve" in (ROOT / "docker" / "build-cpu.sh").read_text()
+    serve = yaml.safe_load((ROOT / "docker" / "compose.yaml").read_text())["services"]["serve"]
+    assert serve["command"][0] == "serve" and "0.0.0.0" in serve["command"] and serve["init"] is True
+    assert serve["ports"] == ["127.0.0.1:8000:8000"] and "../runs:/runs:ro" in serve["volumes"]
+    assert "/readyz" in " ".join(serve["healthcheck"]["test"]) and "LORA_DIST_TOKEN" in serve["environment"]
+
+
+@pytest.mark.slow
+def test_cpu_image_serves_an_adapter(engine, image, tmp_path):
+    """The image built above (no second build) serves an adapter: ready, answers, exits 0 on docker stop."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from fake_adapters import make_adapter
+
+    make_adapter(tmp_path / "spam")
+    tmp_path.chmod(0o755)
+    name = f"lora-dist-serve-test-{os.getpid()}"
+    docker(engine, "run", "-d", "--init", "--name", name, "--network=none", "-v", f"{tmp_path}:/runs:ro", image,
+           "serve", "--adapters", "spam=/runs/spam", "--port", "8000")
+    try:
+        probe = ("import json, time, urllib.request as u\n"
+                 "for _ in range(300):\n"
+                 "    try:\n"
+                 "        u.urlopen('http://127.0.0.1:8000/readyz', timeout=2); break\n"
+                 "    except OSError: time.sleep(0.2)\n"
+                 "r = u.Request('http://127.0.0.1:8000/v1/classify', data=json.dumps({'adapter': 'spam', 'texts': ['hi']}).encode(),"
+                 " headers={'content-type': 'application/json'})\n"
+                 "print(json.load(u.urlopen(r, timeout=30))['results'][0]['label'])\n")
+        p = docker(engine, "exec", name, "python", "-c", probe, timeout=120)
+        assert p.stdout.strip() in ("ham", "spam")
+        docker(engine, "stop", "-t", "30", name, timeout=60)
+        assert docker(engine, "wait", name).stdout.strip() == "0"
+    finally:
+        docker(engine, "rm", "-f", name, check=False)

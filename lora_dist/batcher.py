@@ -1,0 +1,145 @@
+"""Dynamic batching: concurrent requests, for one adapter or several, gathered into one forward pass.
+
+    python -c "import asyncio; from lora_dist.batcher import Batcher; print(asyncio.run(Batcher(lambda t, a: [x.upper() for x in t]).run_once('a', ['hi'])))"
+
+`submit(adapter, texts)` queues a request and waits for its results. One task takes the first request in
+the queue, then everything else that arrives within `max_wait_ms` (or already waits) while the batch holds
+fewer than `max_batch` messages, and runs the whole batch through `run(texts, adapters)` in one worker
+thread, off the event loop (torch releases the GIL, so the loop keeps reading requests meanwhile). Each
+caller gets back its own slice. A request larger than `max_batch` runs alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Request:
+    adapter: str
+    texts: list[str]
+    future: asyncio.Future
+    queued: float = field(default_factory=time.perf_counter)
+
+
+class Batcher:
+    def __init__(self, run: Callable[[list[str], list[str]], list], max_batch: int = 32, max_wait_ms: float = 5.0,
+                 on_batch: Callable[[list[Request]], None] | None = None):
+        if max_batch < 1 or max_wait_ms < 0:
+            raise ValueError("max_batch must be >= 1 and max_wait_ms >= 0")
+        self.run, self.max_batch, self.max_wait = run, max_batch, max_wait_ms / 1000
+        self.on_batch = on_batch or (lambda batch: None)
+        self.queue: asyncio.Queue[Request] | None = None
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
+        self.task: asyncio.Task | None = None
+        self.flushing = False  # shutting down: stop waiting for more requests
+        self.wake: asyncio.Event | None = None
+        self.busy = False  # a batch is gathered or running
+        self.held: Request | None = None  # taken from the queue, did not fit the last batch
+
+    @property
+    def queued(self) -> int:
+        return self.queue.qsize() if self.queue else 0
+
+    def start(self) -> None:
+        self.queue, self.wake = asyncio.Queue(), asyncio.Event()
+        self.loop = asyncio.get_running_loop()
+        self.task = self.loop.create_task(self._loop())
+
+    def flush(self) -> None:
+        """Run what is queued now, without waiting out `max_wait_ms` (at shutdown)."""
+        self.flushing = True
+        if self.wake:  # callable from a signal handler or another thread
+            self.loop.call_soon_threadsafe(self.wake.set)
+
+    async def stop(self) -> None:
+        """Finish every queued request, then stop."""
+        self.flush()
+        while self.queue and (not self.queue.empty() or self.held is not None or self.busy):
+            await asyncio.sleep(0.01)
+        if self.task:
+            self.task.cancel()
+            try:
+                await self.task
+            except asyncio.CancelledError:
+                pass
+        self.pool.shutdown(wait=True)
+
+    async def submit(self, adapter: str, texts: list[str]) -> list:
+        future = asyncio.get_running_loop().create_future()
+        await self.queue.put(Request(adapter, list(texts), future))
+        return await future
+
+    async def run_once(self, adapter: str, texts: list[str]) -> list:
+        """Start, run one request, stop: for trying it out."""
+        self.start()
+        try:
+            return await self.submit(adapter, texts)
+        finally:
+            await self.stop()
+
+    async def _next(self, deadline: float) -> Request | None:
+        """The next request: one held back from the last batch, one queued, or one arriving before
+        `deadline`; None once the deadline passes (or at a flush)."""
+        if self.held is not None:
+            r, self.held = self.held, None
+            return r
+        if not self.queue.empty():
+            return self.queue.get_nowait()
+        left = deadline - time.perf_counter()
+        if left <= 0 or self.flushing:
+            return None
+        getter = asyncio.ensure_future(self.queue.get())
+        waker = asyncio.ensure_future(self.wake.wait())
+        await asyncio.wait({getter, waker}, timeout=left, return_when=asyncio.FIRST_COMPLETED)
+        waker.cancel()
+        if getter.done():
+            return getter.result()
+        getter.cancel()
+        return None
+
+    async def _gather(self) -> list[Request]:
+        first = await self.queue.get() if self.held is None else self._take_held()
+        self.busy = True
+        batch, size = [first], len(first.texts)
+        deadline = time.perf_counter() + self.max_wait
+        while size < self.max_batch:
+            nxt = await self._next(deadline)
+            if nxt is None:
+                break
+            if size + len(nxt.texts) > self.max_batch:
+                self.held = nxt  # it starts the next batch
+                break
+            batch.append(nxt)
+            size += len(nxt.texts)
+        return batch
+
+    def _take_held(self) -> Request:
+        r, self.held = self.held, None
+        return r
+
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = await self._gather()
+            texts = [t for r in batch for t in r.texts]
+            adapters = [r.adapter for r in batch for _ in r.texts]
+            try:
+                out = await loop.run_in_executor(self.pool, self.run, texts, adapters)
+            except Exception as e:  # every caller of the batch gets the error
+                for r in batch:
+                    if not r.future.done():
+                        r.future.set_exception(e)
+                self.busy = False
+                continue
+            self.on_batch(batch)
+            start = 0
+            for r in batch:
+                if not r.future.done():  # the caller may have gone away
+                    r.future.set_result(out[start: start + len(r.texts)])
+                start += len(r.texts)
+            self.busy = False

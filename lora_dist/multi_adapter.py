@@ -1,0 +1,211 @@
+"""Many trained adapters over one frozen base, a batch mixing them in one forward pass (what `serve` runs).
+
+    from lora_dist import MultiAdapterClassifier
+    m = MultiAdapterClassifier.from_pretrained(None, {"spam": "runs/a", "support": "runs/b"})
+    m.predict(["WINNER!! Claim your prize", "my order never came"], adapters=["spam", "support"])
+
+`base`: None (the base each adapter names) or a directory holding it, as `Classifier.from_pretrained`'s.
+The model is the one training builds (`build.build_model`, base checked by `build.base_config`); each
+adapter's tensors are checked against its own model structure by `lora.load_adapter_state_dict` (on the
+meta device: no copy of the base), then stacked by `multi_lora`. Each row gives what that adapter alone
+gives through `Classifier` (to float rounding), labels, truncation and padding included.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from .adapter import AdapterSpec
+from .errors import UserError
+
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """One adapter as read from disk and checked: its name, description, tensors and where it came from."""
+
+    name: str
+    spec: AdapterSpec
+    tensors: dict
+    source: str
+
+
+def read_adapters(adapters: dict[str, str | Path]) -> list[Loaded]:
+    """Read and check every adapter (cheap: no base weights): names, kinds, one base, one input rule."""
+    from .classifier import read
+
+    if not adapters:
+        raise UserError("no adapters given; name at least one, e.g. spam=runs/smoke")
+    out = []
+    for name, path in adapters.items():
+        if not NAME.match(name):
+            raise UserError(f"adapter name {name!r} must be 1-64 letters, digits, '_', '-' or '.', starting with a letter or digit")
+        spec, tensors, source = read(path)
+        if spec.kind != "lora":
+            raise UserError(f"adapter '{name}' ({source}) trains whole layers (train.trainable={spec.trainable}), which "
+                            f"replace base weights; only LoRA adapters share a base: use `lora-dist classify` for it")
+        if spec.overrides:
+            raise UserError(f"adapter '{name}' ({source}) replaces base tensors ({', '.join(spec.overrides[:3])}); "
+                            f"only adapters that leave the base untouched can share it")
+        out.append(Loaded(name, spec, tensors, source))
+    first = out[0]
+    for a in out[1:]:
+        why = first.spec.base.mismatch(a.spec.base)
+        if why:
+            raise UserError(f"adapter '{a.name}' ({a.source}) was trained on {a.spec.base.describe()}, but adapter "
+                            f"'{first.name}' ({first.source}) on {first.spec.base.describe()} ({why}); serve adapters "
+                            f"of one base together, one service per base")
+        for key in ("pooling", "causal_mask"):
+            if getattr(a.spec, key) != getattr(first.spec, key):
+                raise UserError(f"adapter '{a.name}' reads the model with {key}={getattr(a.spec, key)}, adapter "
+                                f"'{first.name}' with {key}={getattr(first.spec, key)}; serve them separately")
+    return out
+
+
+def lora_parts(a: Loaded) -> tuple[dict[str, tuple], tuple[torch.Tensor, torch.Tensor]]:
+    """({layer: (A, B, scale)}, (head weight, head bias)) of one adapter, its head's LoRA folded in (fp32)."""
+    from .build import build_model
+    from .lora import load_adapter_state_dict
+
+    cfg = a.spec.to_config()
+    structure = replace(cfg.model, weights="random", name=a.spec.base.name)
+    with torch.device("meta"):  # the adapter's own model structure: names and shapes, no weights
+        model, wrapped = build_model(replace(cfg, model=structure), len(a.spec.labels))
+    load_adapter_state_dict(model, a.tensors, source=a.source)
+    t, scale = a.tensors, float(a.spec.lora["scale"])
+    layers = {n: (t[f"{n}.lora.A"], t[f"{n}.lora.B"], scale) for n in wrapped if n != "head"}
+    if "head" in wrapped:
+        w = t["head.linear.weight"].float() + scale * (t["head.lora.A"].float() @ t["head.lora.B"].float()).t()
+        return layers, (w, t["head.linear.bias"].float())
+    return layers, (t["head.weight"].float(), t["head.bias"].float())
+
+
+def chunks(rows: list[int], ids: list[list[int]], batch_size: int, dynamic: bool, slack: float = 1.25):
+    """`rows` longest first, cut into batches of at most `batch_size`; with dynamic padding a batch also
+    ends where padding would exceed `slack` x its real tokens (SMS lengths vary 10x: one long message
+    would otherwise make a whole batch pay for its length)."""
+    order = sorted(rows, key=lambda i: -len(ids[i]))
+    chunk: list[int] = []
+    real = 0
+    for i in order:
+        n = max(len(ids[i]), 1)
+        longest = max(len(ids[chunk[0]]), 1) if chunk else n
+        if chunk and (len(chunk) == batch_size or (dynamic and longest * (len(chunk) + 1) > slack * (real + n))):
+            yield chunk
+            chunk, real = [], 0
+        chunk.append(i)
+        real += n
+    if chunk:
+        yield chunk
+
+
+class MultiAdapterClassifier:
+    def __init__(self, model, adapters: list[Loaded], rows, device: torch.device, amp_dtype):
+        self.model, self.rows, self.device, self.amp_dtype = model, rows, device, amp_dtype
+        self.specs = {a.name: a.spec for a in adapters}
+        self.number = {a.name: i for i, a in enumerate(adapters)}
+        self.sources = {a.name: a.source for a in adapters}
+
+    @classmethod
+    def from_pretrained(cls, base: str | Path | None, adapters: dict[str, str | Path], *, device: str = "auto",
+                        precision: str = "fp32") -> "MultiAdapterClassifier":
+        return cls.from_loaded(read_adapters(adapters), base, device=device, precision=precision)
+
+    @classmethod
+    def from_loaded(cls, loaded: list[Loaded], base: str | Path | None = None, *, device: str = "auto",
+                    precision: str = "fp32") -> "MultiAdapterClassifier":
+        from .build import base_config, build_model, seed_everything
+        from .multi_lora import Rows, stack_adapters
+        from .strategy import pick_device, resolve_precision
+
+        parts = [lora_parts(a) for a in loaded]
+        first = loaded[0]
+        cfg = base_config(first.spec, first.source, None if base is None else str(base))
+        seed_everything(cfg.train.seed)  # random base weights are redrawn exactly as training drew them
+        frozen = replace(cfg, train=replace(cfg.train, trainable="last_layer"))  # no LoRA: the bare base
+        model, _ = build_model(frozen, len(first.spec.labels))
+        dev = pick_device(device, 0)
+        precision = resolve_precision(precision, dev)
+        if precision == "fp16" and dev.type != "cuda":
+            raise UserError("precision fp16 needs a GPU; use bf16 or fp32 on the CPU")
+        model = model.requires_grad_(False).eval().to(dev)
+        rows = Rows()
+        stack_adapters(model, [p[0] for p in parts], [p[1] for p in parts], rows)
+        amp = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+        return cls(model, loaded, rows, dev, amp)
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.specs)
+
+    def labels(self, name: str) -> list[str]:
+        return list(self.specs[name].labels)
+
+    def check(self, adapters: list[str]) -> None:
+        unknown = sorted(set(adapters) - set(self.specs))
+        if unknown:
+            raise UserError(f"unknown adapter {unknown[0]!r}; loaded: {', '.join(self.specs)}")
+
+    # --------------------------------------------------------------------------------------- batches
+    def encode(self, texts: list[str], adapters: list[str]) -> list[list[int]]:
+        """Token ids as `Classifier.encode` makes them, each truncated to its adapter's max_length."""
+        from .tokenizer import get_tokenizer
+
+        tok = get_tokenizer()
+        return [tok.encode_ordinary(str(t))[: self.specs[a].max_length] for t, a in zip(texts, adapters)]
+
+    def groups(self, adapters: list[str]) -> dict[tuple, list[int]]:
+        """Rows that may share a padded batch: all of them when padding changes nothing (`padding_free`);
+        else per (pad length, pad token), and with no pad length each row alone, as `Classifier` does."""
+        from .classifier import padding_free
+
+        out: dict[tuple, list[int]] = {}
+        for i, a in enumerate(adapters):
+            s = self.specs[a]
+            key = () if padding_free(s) else ((s.pad_to, s.pad_token_id) if s.pad_to else ("alone", i))
+            out.setdefault(key, []).append(i)
+        return out
+
+    @torch.inference_mode()
+    def logits(self, texts: list[str], adapters: list[str] | str, batch_size: int = 32) -> torch.Tensor:
+        """(N, most labels) fp32 logits in input order; a row's labels past its adapter's own are -inf."""
+        from .data import Collate
+
+        if isinstance(texts, str):
+            raise TypeError("pass a list of messages, not one string")
+        adapters = [adapters] * len(texts) if isinstance(adapters, str) else list(adapters)
+        if len(adapters) != len(texts):
+            raise UserError(f"{len(texts)} messages but {len(adapters)} adapter names; give one per message")
+        self.check(adapters)
+        ids = self.encode(texts, adapters)
+        width = self.model.head.W.shape[1]
+        out = torch.empty(len(ids), width)
+        number = torch.tensor([self.number[a] for a in adapters], dtype=torch.long)
+        for rows in self.groups(adapters).values():
+            s = self.specs[adapters[rows[0]]]
+            collate = Collate(s.pad_token_id, s.pad_to)
+            for chunk in chunks(rows, ids, batch_size, s.pad_to is None):
+                batch = collate([(ids[i], 0) for i in chunk])
+                self.rows.set(number[chunk].to(self.device))
+                with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+                    logits = self.model(batch.ids.to(self.device), batch.last.to(self.device))  # (B, L_max)
+                out[chunk] = logits.float().cpu()
+        return out
+
+    def predict(self, texts: list[str], adapters: list[str] | str, batch_size: int = 32) -> list[dict]:
+        """[{"text", "adapter", "label", "probs": {label: p}}] in input order, each over its adapter's labels."""
+        from .classifier import results
+
+        adapters = [adapters] * len(texts) if isinstance(adapters, str) else list(adapters)
+        probs = self.logits(texts, adapters, batch_size).softmax(dim=-1)
+        out = []
+        for i, (t, a) in enumerate(zip(texts, adapters)):
+            labels = self.specs[a].labels
+            row = results([t], probs[i: i + 1, : len(labels)], labels)[0]
+            out.append({"text": t, "adapter": a, "label": row["label"], "probs": row["probs"]})
+        return out

@@ -1,0 +1,86 @@
+"""Many adapters over one base: each row of a mixed batch equals its adapter alone through `Classifier`."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT
+from lora_dist import Classifier, MultiAdapterClassifier, UserError
+
+sys.path.insert(0, str(ROOT / "bench"))
+from fake_adapters import LABELS, make_adapter  # noqa: E402
+
+MESSAGES = ["WINNER!! Claim your £900 prize now", "see you at 6", "Ok lar... Joking wif u oni...",
+            "URGENT! Call 09061701461 now to claim your cash", "my invoice is wrong again", "", "x " * 400,
+            "I'll be home soon, want anything from the shop?", "<|endoftext|> is just text here"]
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory):
+    d = tmp_path_factory.mktemp("multi")
+    return {  # mixed ranks, target layers, label sets, head LoRA or not, truncation lengths
+        "spam": make_adapter(d / "spam", seed=1, rank=8, targets=("all",), labels=LABELS["spam"]),
+        "support": make_adapter(d / "support", seed=2, rank=4, targets=("*.att.*",), labels=LABELS["support"],
+                                head=False, max_length=12),
+        "lang": make_adapter(d / "lang", seed=3, rank=16, targets=("*.ff.*",), labels=LABELS["lang"], train_head=False),
+        "att1": make_adapter(d / "att1", seed=4, rank=2, targets=("blocks.1.att.query",), labels=LABELS["spam"]),
+    }
+
+
+@pytest.fixture(scope="module")
+def multi(adapters):
+    return MultiAdapterClassifier.from_pretrained(None, adapters, device="cpu", precision="fp32")
+
+
+def test_every_row_equals_its_adapter_alone(adapters, multi):
+    g = torch.Generator().manual_seed(0)
+    names = list(adapters)
+    texts = MESSAGES * 4
+    which = [names[i] for i in torch.randint(len(names), (len(texts),), generator=g).tolist()]
+    got = multi.logits(texts, which, batch_size=7)
+    preds = multi.predict(texts, which, batch_size=7)
+    for name, path in adapters.items():
+        alone = Classifier.from_pretrained(path, device="cpu", precision="fp32")
+        rows = [i for i, a in enumerate(which) if a == name]
+        want = alone.logits([texts[i] for i in rows])
+        n = len(alone.labels)
+        torch.testing.assert_close(got[rows, :n], want, atol=1e-5, rtol=0)
+        assert torch.isinf(got[rows, n:]).all()  # padding past its own labels
+        for i, p in zip(rows, alone.predict([texts[i] for i in rows])):
+            assert preds[i]["adapter"] == name and preds[i]["label"] == p["label"]
+            assert list(preds[i]["probs"]) == alone.labels
+            assert preds[i]["probs"] == pytest.approx(p["probs"], abs=1e-5)
+
+
+def test_one_adapter_batches_take_the_plain_path(adapters, multi):
+    alone = Classifier.from_pretrained(adapters["lang"], device="cpu", precision="fp32")
+    torch.testing.assert_close(multi.logits(MESSAGES, "lang")[:, :4], alone.logits(MESSAGES), atol=1e-5, rtol=0)
+
+
+def test_the_stacked_adapters_cost_their_own_size(adapters, multi):
+    from lora_dist.multi_lora import adapter_bytes
+
+    own = sum(t.numel() * 4 for p in adapters.values()
+              for t in __import__("safetensors.torch").torch.load_file(str(p / "adapter" / "adapter_model.safetensors")).values())
+    base = sum(p.numel() * 4 for p in multi.model.parameters())
+    assert own / 2 < adapter_bytes(multi.model) < 4 * own < base
+
+
+def test_an_adapter_of_another_base_is_refused(adapters, tmp_path):
+    other = make_adapter(tmp_path / "other", base_seed=7)
+    with pytest.raises(UserError, match=r"adapter 'other' .* random weights \(seed 7\).* adapter 'spam' .*seed 123"):
+        MultiAdapterClassifier.from_pretrained(None, {"spam": adapters["spam"], "other": other})
+
+
+def test_bad_names_and_unknown_adapters(adapters, multi):
+    with pytest.raises(UserError, match="adapter name"):
+        MultiAdapterClassifier.from_pretrained(None, {"../x": adapters["spam"]})
+    with pytest.raises(UserError, match="no adapters"):
+        MultiAdapterClassifier.from_pretrained(None, {})
+    with pytest.raises(UserError, match="unknown adapter 'nope'; loaded: spam, support"):
+        multi.predict(["hi"], ["nope"])
+    with pytest.raises(UserError, match="2 messages but 1 adapter"):
+        multi.predict(["a", "b"], ["spam"])
