@@ -3,6 +3,7 @@ exact resume after SIGKILL, a killed rank restarted by torchrun, preemption sign
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -216,10 +217,22 @@ def test_usr1_to_one_rank_stops_every_rank_cleanly(tmp_path):
 # ------------------------------------------------------------------------------------------ bad input
 
 
+def rank_errors(stderr: str, message: str) -> list[str]:
+    """The ranks that said `error: MESSAGE` ("0") or `error (rank N): MESSAGE` ("N"). When every rank fails,
+    torchrun ends the others as soon as the first one exits, so which ranks get to print is a matter of
+    timing: a test may only ask that some rank said it, and that rank 0 said it at most once."""
+    return re.findall(r"^error(?: \(rank (\d+)\))?: " + re.escape(message), stderr, flags=re.M)
+
+
+def assert_some_rank_said(proc, message: str) -> None:
+    said = rank_errors(proc.stderr, message)
+    assert proc.returncode != 0 and said, proc.stderr[-3000:]
+    assert said.count("") <= 1 and len(said) == len(set(said)), said  # each rank says it once at most
+
+
 def test_global_batch_that_does_not_divide(tmp_path):
     proc = torchrun(2, "train", "--config", str(SMOKE), f"output_dir={tmp_path / 'o'}", "train.batch_size=7")
-    assert proc.returncode != 0
-    assert proc.stderr.count("error: train.batch_size=7 is the global batch and must divide by world size x grad_accum = 2 x 1") == 1
+    assert_some_rank_said(proc, "train.batch_size=7 is the global batch and must divide by world size x grad_accum = 2 x 1")
 
 
 def test_world_size_larger_than_the_training_batches(tmp_path):
@@ -227,8 +240,7 @@ def test_world_size_larger_than_the_training_batches(tmp_path):
     data.write_text("text,label\n" + "".join(f"message {i},{'spam' if i % 2 else 'ham'}\n" for i in range(20)))
     proc = torchrun(2, "train", "--config", str(SMOKE), f"output_dir={tmp_path / 'o'}", f"data.source={data}",
                     "data.balance=false", "train.batch_size=16")
-    assert proc.returncode != 0
-    assert proc.stderr.count("error: the training split has 14 examples, fewer than one global batch of 16") == 1
+    assert_some_rank_said(proc, "the training split has 14 examples, fewer than one global batch of 16")
 
 
 def test_nccl_without_a_gpu(tmp_path):
@@ -259,4 +271,4 @@ def test_ranks_with_different_configs_are_refused(tmp_path):
 
 def test_strategy_none_with_several_processes(tmp_path):
     proc = torchrun(2, "train", "--config", str(SMOKE), f"output_dir={tmp_path / 'o'}", "dist.strategy=none")
-    assert proc.returncode != 0 and "error: dist.strategy=none, but 2 processes were launched" in proc.stderr
+    assert_some_rank_said(proc, "dist.strategy=none, but 2 processes were launched")
