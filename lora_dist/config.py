@@ -43,7 +43,7 @@ class ModelConfig:
 class DataConfig:
     source: str = "sms"  # "sms" (UCI SMS Spam Collection) or a path to a CSV/TSV with text,label columns
     url: str = "https://archive.ics.uci.edu/static/public/228/sms+spam+collection.zip"
-    download: bool = True  # try the UCI download first; fall back to the copy shipped in the package
+    download: bool = False  # false: the copy shipped in the package (the same file, same sha256); true: fetch it from `url`
     balance: bool = True  # undersample every class to the smallest one, as the book does
     labels: Optional[tuple[str, ...]] = None  # the class labels in order (default: the data's, sorted)
     train_frac: float = 0.7
