@@ -25,7 +25,7 @@ def test_flop_count_and_limit():
 
 @pytest.mark.slow
 def test_harness_smoke(tmp_path):
-    pytest.importorskip("peft", reason="peft is a bench/test dependency (pip install -e .[dev])")
+    import peft  # noqa: F401  (a dev extra, which contender c needs)
     proc = subprocess.run([sys.executable, "bench/train_throughput.py", "--model", "tiny", "--contenders", "a,c",
                            "--batches", "2", "--passes", "1", "--steps", "1", "--warmup", "1", "--probe-seconds", "0.05",
                            "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=120, env=cli_env())

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -161,11 +162,18 @@ def test_sigterm_checkpoints_and_exits_zero_then_resumes(clean_long, tmp_path):
 
 
 def _children(pid):
-    try:
-        out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
-    except FileNotFoundError:
-        pytest.skip("pgrep (procps) is not installed")
-    return [int(p) for p in out]
+    """The PIDs whose parent is `pid`, in order, read from /proc (no procps needed, so no test can stop
+    half-way for the lack of it and leave torchrun running)."""
+    kids = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                stat = (d / "stat").read_text()
+            except OSError:  # gone meanwhile
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:  # field 4, after the command in parentheses
+                kids.append(int(d.name))
+    return sorted(kids)
 
 
 def _torchrun_cmd(nproc, out, *extra_args, launcher_args=()):
