@@ -121,7 +121,9 @@ def test_zero3_offload_on_gpu(tmp_path):
 
 
 def test_stage_configs_exist_and_parse():
-    for name in ("zero1", "zero2", "zero3", "zero3-offload"):
+    for name, stage in (("zero1", 1), ("zero2", 2), ("zero3", 3), ("zero3-offload", 3)):
         cfg = json.loads((ROOT / "configs" / "deepspeed" / f"{name}.json").read_text())
-        assert cfg["train_batch_size"] == "auto" and "zero_optimization" in cfg
+        assert cfg["train_batch_size"] == "auto" and cfg["zero_optimization"]["stage"] == stage, name
+        offload = cfg["zero_optimization"].get("offload_optimizer", {}).get("device")
+        assert offload == ("cpu" if name.endswith("offload") else None), name
 
