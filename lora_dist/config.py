@@ -201,7 +201,11 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
         if not p.is_file():
             raise UserError(f"config file {p} not found; pass --config with an existing YAML file (see configs/)")
         try:
-            raw = yaml.safe_load(p.read_text()) or {}
+            raw = yaml.safe_load(p.read_bytes().decode("utf-8")) or {}
+        except UnicodeDecodeError as e:
+            raise UserError(f"config file {p} is not UTF-8 (bad byte at offset {e.start}); re-save it as UTF-8")
+        except OSError as e:
+            raise UserError(f"config file {p} cannot be read ({e.strerror}); check its permissions")
         except yaml.YAMLError as e:
             raise UserError(f"config file {p} is not valid YAML ({_first_line(e)}); fix the syntax")
         if not isinstance(raw, dict):
