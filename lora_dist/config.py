@@ -43,7 +43,7 @@ class ModelConfig:
 class DataConfig:
     source: str = "sms"  # "sms" (UCI SMS Spam Collection) or a path to a CSV/TSV with text,label columns
     url: str = "https://archive.ics.uci.edu/static/public/228/sms+spam+collection.zip"
-    download: bool = True  # try the UCI download first; fall back to the copy shipped in the package
+    download: bool = False  # false: the copy shipped in the package (the same file, same sha256); true: fetch it from `url`
     balance: bool = True  # undersample every class to the smallest one, as the book does
     labels: Optional[tuple[str, ...]] = None  # the class labels in order (default: the data's, sorted)
     train_frac: float = 0.7
@@ -205,7 +205,11 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
         if not p.is_file():
             raise UserError(f"config file {p} not found; pass --config with an existing YAML file (see configs/)")
         try:
-            raw = yaml.safe_load(p.read_text()) or {}
+            raw = yaml.safe_load(p.read_bytes().decode("utf-8")) or {}
+        except UnicodeDecodeError as e:
+            raise UserError(f"config file {p} is not UTF-8 (bad byte at offset {e.start}); re-save it as UTF-8")
+        except OSError as e:
+            raise UserError(f"config file {p} cannot be read ({e.strerror}); check its permissions")
         except yaml.YAMLError as e:
             raise UserError(f"config file {p} is not valid YAML ({_first_line(e)}); fix the syntax")
         if not isinstance(raw, dict):

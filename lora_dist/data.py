@@ -36,7 +36,10 @@ SMS_LABELS = ("ham", "spam")
 
 
 def shipped_sms_path() -> Path:
-    return Path(str(resources.files("lora_dist") / "assets" / "SMSSpamCollection"))
+    path = Path(str(resources.files("lora_dist") / "assets" / "SMSSpamCollection"))
+    if _sha256(path.read_bytes()) != SMS_SHA256:
+        raise UserError(f"{path} does not have the SMS data's sha256; reinstall lora-dist, or set data.download=true")
+    return path
 
 
 def download_sms(url: str, cache_dir: Path | None = None, timeout: float = 15.0) -> Path:
@@ -66,7 +69,8 @@ def download_sms(url: str, cache_dir: Path | None = None, timeout: float = 15.0)
 
 
 def sms_path(cfg: DataConfig, say=print) -> Path:
-    """The UCI file: downloaded (and cached) when possible, else the copy shipped in the package."""
+    """The UCI file: the copy shipped in the package, verified by the same SHA-256 as a download. Only with
+    `data.download: true` is it fetched from `data.url` (and cached); offline that falls back to the shipped copy."""
     if cfg.download:
         try:
             return download_sms(cfg.url)

@@ -240,7 +240,10 @@ class DDP(Local):
             raise UserError("dist.backend=nccl needs a CUDA GPU on every rank; use dist.backend=gloo (or auto) on CPU")
         if self.world_size > 1 and "MASTER_ADDR" not in os.environ:
             raise UserError("WORLD_SIZE > 1 but MASTER_ADDR is not set; launch with torchrun or launcher/launch.py")
+        self._set_env: list[str] = []
         if not dist.is_initialized():
+            if "MASTER_ADDR" not in os.environ:  # a plain process: a world of one, set up as torchrun would
+                self._set_env = _world_of_one_env()
             dist.init_process_group(backend, rank=self.rank, world_size=self.world_size,
                                     timeout=datetime.timedelta(seconds=self.cfg.dist.timeout_s),
                                     device_id=self.device if backend == "nccl" else None)
@@ -285,6 +288,23 @@ class DDP(Local):
             if ok:  # every rank is done with its collectives before any tears the group down
                 dist.barrier()
             dist.destroy_process_group()
+        for key in self._set_env:
+            os.environ.pop(key, None)
+
+
+def _world_of_one_env() -> list[str]:
+    """The environment torchrun gives a single worker (rank 0 of 1, a free port on the loopback), for
+    `dist.strategy=ddp|deepspeed` in a plain process; returns the keys it set."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    wanted = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}
+    added = [k for k in wanted if k not in os.environ]
+    for k in added:
+        os.environ[k] = wanted[k]
+    return added
 
 
 def _optimizer_text(opt) -> str:

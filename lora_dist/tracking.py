@@ -148,7 +148,14 @@ class NullOutput:
 
 
 def prepare_run_dir(run_dir: Path, overwrite: bool, resume: bool) -> None:
-    """Refuse to clobber a finished or started run unless told to overwrite or resume (rank 0 only)."""
+    """Refuse to clobber a finished or started run unless told to overwrite or resume (rank 0 only).
+
+    A run that failed before its first step (missing weights, a bad data file) leaves only its start files
+    (config.yaml, a metrics.jsonl without a step, splits/); they are no run, and its rerun replaces them."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"output_dir {run_dir} is a file, not a directory; pass another output_dir=...")
+    if failed_start(run_dir):
+        _remove(run_dir, [n for n in RESULT_FILES if (run_dir / n).exists()])
     found = [n for n in RESULT_FILES if (run_dir / n).exists()]
     if found and not (overwrite or resume):
         raise UserError(
@@ -156,7 +163,38 @@ def prepare_run_dir(run_dir: Path, overwrite: bool, resume: bool) -> None:
             f"overwrite=true to replace it, or another output_dir=..."
         )
     if found and overwrite and not resume:
-        for n in found:
-            p = run_dir / n
-            shutil.rmtree(p) if p.is_dir() else p.unlink()
-    run_dir.mkdir(parents=True, exist_ok=True)
+        _remove(run_dir, found)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / f".write-test.{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"output_dir {run_dir} cannot be created or written ({e.strerror or type(e).__name__}); "
+                        f"pass an output_dir=... in a writable place, e.g. output_dir=runs/my-run")
+
+
+# What a start that failed before step 1 leaves behind; anything else (results, adapter, checkpoints, a
+# report, a logged step) is a run worth keeping.
+START_FILES = ("metrics.jsonl", "config.yaml", "splits", "wandb", "wandb_run_id")
+
+
+def failed_start(run_dir: Path) -> bool:
+    """Whether `run_dir` holds only what a run that never took a step leaves: a metrics.jsonl without any
+    step record, and nothing but start files beside it."""
+    metrics = run_dir / "metrics.jsonl"
+    if not metrics.is_file():
+        return False
+    if any((run_dir / n).exists() for n in RESULT_FILES if n not in START_FILES):
+        return False
+    try:
+        records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    except (OSError, ValueError):
+        return False
+    return all(isinstance(r, dict) and "step" not in r for r in records)
+
+
+def _remove(run_dir: Path, names: list[str]) -> None:
+    for n in names:
+        p = run_dir / n
+        shutil.rmtree(p) if p.is_dir() else p.unlink()

@@ -25,7 +25,7 @@ def test_flop_count_and_limit():
 
 @pytest.mark.slow
 def test_harness_smoke(tmp_path):
-    pytest.importorskip("peft", reason="peft is a bench/test dependency (pip install -e .[dev])")
+    import peft  # noqa: F401  (a dev extra, which contender c needs)
     proc = subprocess.run([sys.executable, "bench/train_throughput.py", "--model", "tiny", "--contenders", "a,c",
                            "--batches", "2", "--passes", "1", "--steps", "1", "--warmup", "1", "--probe-seconds", "0.05",
                            "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=120, env=cli_env())
@@ -40,19 +40,79 @@ def test_harness_smoke(tmp_path):
     assert "| (a) lora-dist, defaults |" in proc.stdout
 
 
-@pytest.mark.slow
-def test_gpu_check_dry_run_on_the_cpu(tmp_path):
-    """The GPU check is one prepared script; its --dry-run takes every step on the CPU with the tiny model, so
-    a broken flag or path shows up here and not on the rented GPU."""
-    pytest.importorskip("peft", reason="peft is a bench/test dependency (pip install -e .[dev])")
-    env = cli_env() | {"OUT": str(tmp_path), "PYTHON": sys.executable}
+# The stand-in for `python` in the GPU check's dry run: it records every command, checks each against the
+# real parsers (the config and its overrides through load_config, bench flags through train_throughput's
+# argparse and the contender table), and writes what the real program would write; heredocs (`python -`)
+# run in the real interpreter, on those files.
+STUB = r"""
+import json, os, sys
+sys.path[:0] = [os.environ["STUB_ROOT"], os.path.join(os.environ["STUB_ROOT"], "bench")]
+args = sys.argv[1:]
+if args[:1] == ["-"]:
+    os.execv(os.environ["STUB_PYTHON"], [os.environ["STUB_PYTHON"], *args])
+with open(os.environ["STUB_LOG"], "a") as f:
+    f.write(json.dumps(args) + "\n")
+if args[:3] == ["-m", "lora_dist", "train"]:
+    from lora_dist import load_config
+    assert args[3] == "--config"
+    cfg = load_config(args[4], args[5:])
+    os.makedirs(cfg.output_dir, exist_ok=True)
+    with open(os.path.join(cfg.output_dir, "results.json"), "w") as f:
+        f.write(os.environ["STUB_RESULTS"])
+elif args[:1] == ["bench/train_throughput.py"]:
+    import train_throughput
+    from contenders import VARIANTS
+
+    def run(ns):
+        unknown = [c for c in ns.contenders.split(",") if c not in VARIANTS]
+        assert not unknown, unknown
+        path = os.path.join(ns.out, "throughput-" + ns.tag + ".json")
+        with open(path, "w") as f:
+            json.dump(vars(ns), f)
+        sys.exit(0)
+
+    train_throughput.run = run
+    train_throughput.main(args[1:])
+else:
+    sys.exit("unexpected command: " + " ".join(args))
+"""
+
+
+def test_gpu_check_dry_run_on_the_cpu(tmp_path, baseline):
+    """The GPU check is one prepared script that runs on a rented GPU; its --dry-run takes every step of the
+    script on the CPU with a stand-in interpreter (STUB), so a broken flag, path or field shows up here in
+    seconds. The programs it calls are tested for themselves (test_harness_smoke, tests/test_train.py)."""
+    stub = tmp_path / "python"
+    stub.write_text(f"#!{sys.executable}\n{STUB}")
+    stub.chmod(0o755)
+    log, out = tmp_path / "commands.jsonl", tmp_path / "out"
+    out.mkdir()
+    env = cli_env() | {"OUT": str(out), "PYTHON": str(stub), "STUB_LOG": str(log), "STUB_ROOT": str(ROOT),
+                       "STUB_PYTHON": sys.executable, "STUB_RESULTS": json.dumps(baseline)}
     proc = subprocess.run(["bash", "bench/gpu_check.sh", "--dry-run"], cwd=ROOT, capture_output=True, text=True,
-                          timeout=900, env=env)
+                          timeout=120, env=env)
     assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])
-    results = list(tmp_path.rglob("*.json"))
-    assert results, proc.stdout[-2000:]
-    for path in results:
-        json.loads(path.read_text())  # every result file parses
+    commands = [json.loads(line) for line in log.read_text().splitlines()]
+    trains = [c for c in commands if c[:3] == ["-m", "lora_dist", "train"]]
+    benches = [c for c in commands if c[:1] == ["bench/train_throughput.py"]]
+    assert len(trains) == 2 and len(benches) == 2 and len(commands) == 4, commands
+    for c in trains:
+        assert c[4] == "configs/gpt2-small-lora.yaml" and "train.precision=bf16" in c and "train.device=cpu" in c
+        assert "model.name=tiny" in c and "model.weights=random" in c and "train.max_steps=3" in c
+    assert "data.padding=longest" in trains[1] and "data.padding=batch" in trains[0]
+    settings = {doc["tag"]: doc for doc in (json.loads(p.read_text()) for p in out.rglob("throughput-*.json"))}
+    assert settings.keys() == {"xl", "small"}
+    assert settings["xl"]["contenders"] == "a,a-bf16,a-ckpt" and settings["small"]["contenders"] == "a,b,c,a-bf16,a-compile"
+    assert all(d["device"] == "cpu" and d["precision"] == "bf16" and d["model"] == "tiny" for d in settings.values())
+    # Everything came back under $OUT: the log with both end-to-end lines (read from results.json's fields).
+    (done,) = out.glob("gpu-check-dry-run")
+    assert {p.name for p in done.iterdir()} >= {"gpu_check.log", "e2e-defaults", "e2e-book", "e2e-defaults.log",
+                                                 "e2e-book.log", "throughput-xl.json", "throughput-small.json"}
+    text = (done / "gpu_check.log").read_text()
+    for mode in ("defaults", "book"):
+        line = next(x for x in text.splitlines() if x.startswith(f"{mode}: "))
+        assert f"test accuracy {baseline['test_accuracy'] * 100:.1f}%" in line and "s end to end" in line, line
+    assert text.count("== ") == 4 and "== done: " in text
 
 
 @pytest.mark.slow

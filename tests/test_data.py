@@ -146,9 +146,29 @@ def test_real_download_from_a_local_server(tmp_path):
 def test_falls_back_to_the_shipped_copy_offline(capsys, monkeypatch, tmp_path):
     monkeypatch.setenv("LORA_DIST_CACHE", str(tmp_path))
     notes = []
-    path = sms_path(DataConfig(url="http://127.0.0.1:9/sms.zip"), say=notes.append)
+    path = sms_path(DataConfig(url="http://127.0.0.1:9/sms.zip", download=True), say=notes.append)
     assert path == shipped_sms_path()
     assert notes and "shipped" in notes[0]
+
+
+def test_no_network_by_default(monkeypatch, tmp_path):
+    """The default config reads the shipped copy and never opens a URL; only data.download=true does."""
+    import urllib.request
+
+    opened = []
+
+    def no_network(url, *a, **k):
+        opened.append(url)
+        raise OSError("no network in this test")
+
+    monkeypatch.setattr(urllib.request, "urlopen", no_network)
+    monkeypatch.setenv("LORA_DIST_CACHE", str(tmp_path))
+    assert DataConfig().download is False
+    notes = []
+    assert sms_path(DataConfig(), say=notes.append) == shipped_sms_path() and not opened and not notes
+    assert len(prepare_splits(DataConfig(), say=notes.append)["train"]) == 1045 and not opened and not notes
+    assert sms_path(DataConfig(download=True), say=notes.append) == shipped_sms_path()
+    assert opened == [DataConfig().url] and "shipped" in notes[0]
 
 
 def test_global_batches_do_not_depend_on_world_size():

@@ -98,7 +98,6 @@ def test_two_processes_through_the_launcher(tmp_path):
 
 
 def test_deepspeed_launcher_runs(tmp_path):
-    pytest.importorskip("deepspeed", reason="DeepSpeed is an extra: pip install -e .[deepspeed]")
     proc = subprocess.run([sys.executable, "launcher/launch.py", "--launcher", "deepspeed", "--nproc-per-node", "2",
                            "--", "train", "--config", str(SMOKE), f"output_dir={tmp_path}", *QUICK,
                            "dist.strategy=deepspeed", "dist.deepspeed_config=configs/deepspeed/zero2.json"],

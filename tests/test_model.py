@@ -9,7 +9,7 @@ from safetensors.torch import load_file, save_file
 from lora_dist import UserError, load_gpt2, save_hf_checkpoint
 from lora_dist.model import SIZES, canonical_name
 
-transformers = pytest.importorskip("transformers", reason="transformers is a test dependency (pip install -e .[dev])")
+import transformers  # noqa: E402  (a dev extra: pip install -e .[dev])
 
 
 @pytest.fixture(scope="module")
@@ -38,15 +38,24 @@ def test_logits_match_transformers(hf_model_dir):
     assert torch.allclose(got, expected, atol=1e-4, rtol=0), (got - expected).abs().max()
 
 
-def test_prefixed_keys_and_tied_head(hf_model_dir, tmp_path):
-    """Checkpoints whose keys carry 'transformer.' load too; the output layer is the token embedding."""
-    path, _ = hf_model_dir
+@pytest.mark.parametrize("layout", ["bare", "prefixed"])
+def test_both_key_layouts_and_tied_head(hf_model_dir, tmp_path, layout):
+    """GPT-2 checkpoints name their tensors 'h.0.attn...' (the hub's original gpt2 files) or
+    'transformer.h.0.attn...' (GPT2LMHeadModel.save_pretrained); both load to transformers' own logits, and
+    the output layer is the token embedding."""
+    path, ref = hf_model_dir
     state = load_file(str(path / "model.safetensors"))
-    save_file({("transformer." + k if not k.startswith("transformer.") else k): v for k, v in state.items()},
-              str(tmp_path / "model.safetensors"))
+    bare = {k.removeprefix("transformer."): v for k, v in state.items()}
+    keys = bare if layout == "bare" else {(k if k.startswith("lm_head.") else "transformer." + k): v for k, v in bare.items()}
+    assert any(k.startswith("transformer.") for k in keys) == (layout == "prefixed") and "h.0.attn.c_attn.weight" in bare
+    save_file(keys, str(tmp_path / "model.safetensors"))
     (tmp_path / "config.json").write_text((path / "config.json").read_text())
-    model = load_gpt2(str(tmp_path))
+    model = load_gpt2(str(tmp_path)).eval()
     assert model.head.weight.data_ptr() == model.tok_emb.weight.data_ptr()
+    ids = torch.randint(0, 50257, (2, 17), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected, got = ref(ids).logits, model(ids)
+    assert torch.allclose(got, expected, atol=1e-4, rtol=0), (got - expected).abs().max()
 
 
 def test_save_and_reload_roundtrip(tmp_path):

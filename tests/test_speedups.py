@@ -45,6 +45,10 @@ def plain_linear(monkeypatch):
     return off
 
 
+def rel_err(a, b) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12))
+
+
 def close(a, b, ga, gb):
     assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()
     assert ga.keys() == gb.keys() and ga
@@ -56,7 +60,12 @@ def close(a, b, ga, gb):
 def test_packed_frozen_linear_matches_nn_linear(targets, plain_linear):
     m = model(targets)
     a, ga = loss_and_grads(m)
-    assert len(frozen_linear._packed) > 0 or not frozen_linear.onednn_available()
+    # This model's frozen weights took the packed path where oneDNN runs fp32 (most x86 CPUs, CI's too),
+    # and the plain nn.Linear path elsewhere: the path under test is the one this CPU takes.
+    frozen = [mod.weight for mod in m.modules() if isinstance(mod, Linear) and not mod.weight.requires_grad]
+    assert frozen
+    packed = [w in frozen_linear._packed and torch.float32 in frozen_linear._packed[w] for w in frozen]
+    assert packed == [frozen_linear.onednn_available(torch.float32)] * len(frozen)
     plain_linear()
     b, gb = loss_and_grads(m)
     close(a, b, ga, gb)
@@ -101,9 +110,14 @@ def test_bf16_autocast_computes_what_autocast_computes(plain_linear):
         plain_linear()
         b, gb = loss_and_grads(m)
     assert a.dtype == b.dtype == torch.bfloat16
-    assert torch.allclose(a.float(), b.float(), atol=2e-2), (a - b).abs().max()
+    # Both paths multiply the same bf16-rounded inputs (2^-8 relative) with fp32 accumulation; only the
+    # order of the sums differs. Compared as relative norms, 2% is five bf16 roundings, and a 50% error
+    # fails (the old atol=2e-2, rtol=5e-2 passed it on these small gradients). Not measured on a CPU with
+    # bf16 oneDNN (there both paths are nn.Linear and equal).
+    assert rel_err(a.float(), b.float()) <= 2e-2
+    assert ga.keys() == gb.keys() and ga
     for n in ga:
-        assert torch.allclose(ga[n], gb[n], atol=2e-2, rtol=5e-2), n
+        assert rel_err(ga[n], gb[n]) <= 2e-2, (n, rel_err(ga[n], gb[n]))
 
 
 def test_merged_adapters_stay_exact():

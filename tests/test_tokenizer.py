@@ -1,4 +1,4 @@
-"""The shipped BPE files give exactly tiktoken's own GPT-2 encoding."""
+"""The shipped BPE files give exactly tiktoken's own GPT-2 encoding, and what an independent tokenizer gives."""
 
 import hashlib
 import shutil
@@ -60,3 +60,26 @@ def test_identical_on_the_whole_sms_corpus(reference):
 
     texts = list(read_sms(shipped_sms_path())["text"])
     assert get_tokenizer().encode_batch(texts) == reference.encode_batch(texts)
+
+
+@pytest.fixture(scope="module")
+def hf_tokenizer(tmp_path_factory):
+    """transformers' GPT2TokenizerFast (Rust BPE, not tiktoken) from the same encoder.json and vocab.bpe, under
+    the hub's names (vocab.json, merges.txt): a reference that shares none of tiktoken's code."""
+    from transformers import GPT2TokenizerFast
+
+    d = tmp_path_factory.mktemp("hf-gpt2-tokenizer")
+    assets = resources.files("lora_dist") / "assets"
+    shutil.copy(str(assets / "encoder.json"), d / "vocab.json")
+    shutil.copy(str(assets / "vocab.bpe"), d / "merges.txt")
+    return GPT2TokenizerFast.from_pretrained(str(d))
+
+
+def test_identical_to_an_independent_tokenizer(hf_tokenizer):
+    from lora_dist.data import read_sms, shipped_sms_path
+
+    texts = TEXTS + list(read_sms(shipped_sms_path())["text"])
+    ours = get_tokenizer().encode_batch(texts, allowed_special="all")  # <|endoftext|> is the special token, as in HF
+    theirs = hf_tokenizer(texts, add_special_tokens=False)["input_ids"]
+    assert ours[:len(TEXTS)] == theirs[:len(TEXTS)]
+    assert [i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b] == []
