@@ -15,8 +15,8 @@ from conftest import SMOKE
 from lora_dist import Classifier, UserError, load_gpt2
 from lora_dist.cli import main
 
-transformers = pytest.importorskip("transformers", reason="transformers is a test dependency (pip install -e .[dev])")
-peft = pytest.importorskip("peft", reason="peft is a test dependency (pip install -e .[dev])")
+import peft  # noqa: E402  (test dependencies, pip install -e .[dev]: a broken install fails, not skips)
+import transformers  # noqa: E402
 
 # Different lengths, so the batch is padded (pad_token_id 50256); none empty: transformers masks an all-padding row.
 MESSAGES = ["WINNER!! As a valued network customer you have been selected to receive a £900 prize reward!",

@@ -31,7 +31,6 @@ def test_multi_adapter_bench_quick(tmp_path):
 
 @pytest.mark.slow
 def test_serve_load_bench_quick(tmp_path):
-    pytest.importorskip("fastapi", reason="serve needs the [serve] extra (pip install -e .[serve])")
     p = bench("bench/serve_load.py", "--model", "tiny", "--adapters", "2", "--requests", "6", "--clients", "1,3",
               "--threads", "1", "--out", str(tmp_path))
     assert "a quick run, not the benchmark" in p.stderr
