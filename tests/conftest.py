@@ -55,15 +55,21 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def baseline(tmp_path_factory) -> dict:
+def smoke_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """The smoke config trained once for the whole session, as a user runs it (one process, the full 3
+    epochs): (run directory, finished process). Tests that only read a finished run share it; a test that
+    changes a file in it puts the file back."""
+    out = tmp_path_factory.mktemp("smoke") / "run"
+    proc = run_cli("train", "--config", str(SMOKE), f"output_dir={out}", timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, proc
+
+
+@pytest.fixture(scope="session")
+def baseline(smoke_run) -> dict:
     """results.json of the smoke config on the host, one process, without Slurm or containers: what the
     Slurm templates and the container image must reproduce (tests/test_slurm.py, tests/test_docker.py)."""
-    out = tmp_path_factory.mktemp("smoke-baseline") / "run"
-    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
-    p = subprocess.run([sys.executable, "-m", "lora_dist", "train", "--config", str(SMOKE), f"output_dir={out}"],
-                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stderr[-3000:]
-    return json.loads((out / "results.json").read_text())
+    return json.loads((smoke_run[0] / "results.json").read_text())
 
 
 # ------------------------------------------------------------------------- CI: no unexpected skips

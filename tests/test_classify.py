@@ -22,11 +22,8 @@ MESSAGES = ["WINNER!! As a valued network customer you have been selected to rec
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("classify") / "run"
-    proc = run_cli("train", "--config", str(SMOKE), f"output_dir={out}", *SHORT)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return out
+def run(smoke_run):
+    return smoke_run[0]  # the session's smoke run (conftest.py)
 
 
 @pytest.fixture(scope="module")

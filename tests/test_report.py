@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 
-from conftest import SMOKE, run_cli
 from lora_dist.cli import main
 from lora_dist.errors import UserError
 from lora_dist.evaluate import evaluate_run
@@ -19,10 +18,9 @@ from lora_dist.scores import scores
 
 
 @pytest.fixture(scope="module")
-def finished_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("report") / "run"
-    proc = run_cli("train", "--config", str(SMOKE), f"output_dir={out}", "train.epochs=2", "tracking.wandb.mode=disabled")
-    assert proc.returncode == 0, proc.stderr[-3000:]
+def finished_run(smoke_run):
+    """The session's smoke run (conftest.py), which writes its report when it ends."""
+    out, proc = smoke_run
     assert f"report: {out / 'report.md'}" in proc.stdout
     return out
 

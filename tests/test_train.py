@@ -2,18 +2,16 @@
 
 import json
 
+import pandas as pd
 import pytest
+import yaml
 from safetensors.torch import load_file
 
 from conftest import SMOKE, read_metrics, run_cli
+from lora_dist import load_config
 
 
-@pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("smoke") / "run"
-    proc = run_cli("train", "--config", str(SMOKE), f"output_dir={out}")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return out, proc
+# smoke_run: the session's smoke run (conftest.py).
 
 
 def test_smoke_run_learns(smoke_run):
@@ -34,7 +32,8 @@ def test_smoke_run_writes_its_files(smoke_run):
                 "world_size", "wall_seconds", "examples_per_second", "tokens_per_second"):
         assert key in results, key
     assert results["world_size"] == 1 and results["examples_per_second"] > 0
-    assert "smoke" in (out / "config.yaml").read_text() or "tiny" in (out / "config.yaml").read_text()
+    # The saved config is the resolved one: the smoke file with the run's output_dir, every default filled in.
+    assert yaml.safe_load((out / "config.yaml").read_text()) == load_config(SMOKE, [f"output_dir={out}"]).to_dict()
     metrics = read_metrics(out)
     evals = [m for m in metrics if "val_loss" in m]
     accs = [m for m in metrics if "val_acc" in m]
@@ -46,8 +45,10 @@ def test_smoke_run_writes_its_files(smoke_run):
     assert cfg["base"] == {"name": "tiny", "source": "random", "sha256": None, "seed": 123, "context_length": None}
     assert cfg["lora"]["rank"] == 16 and cfg["labels"] == ["ham", "spam"] and cfg["format"] == "lora-dist/2"
     assert sum(v.numel() for k, v in adapter.items() if ".lora." in k) == results["trainable_params"] - 128 * 2 - 2
+    # The book's split of the balanced 1,494 messages (747 spam, 747 ham): 70% / 10% / the rest.
     for split, n in (("train", 1045), ("validation", 149), ("test", 300)):
-        assert len((out / "splits" / f"{split}.csv").read_text().strip().splitlines()) >= n + 1
+        frame = pd.read_csv(out / "splits" / f"{split}.csv", keep_default_na=False)
+        assert list(frame.columns) == ["text", "label"] and len(frame) == n, (split, len(frame))
     assert "parameters:" in proc.stdout and "done in" in proc.stdout
 
 
@@ -91,8 +92,9 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, make, override, message):
     assert "Traceback" not in proc.stderr
 
 
-def test_precision_auto_trains_in_what_the_hardware_runs_natively(tmp_path):
-    """The default precision: bf16 autocast on CPUs with native bf16 (AVX512-BF16/AMX), fp32 elsewhere."""
+def test_precision_auto_trains_in_what_the_hardware_runs_natively(smoke_run, tmp_path):
+    """The default precision: bf16 autocast on CPUs with native bf16 (AVX512-BF16/AMX), fp32 elsewhere. The
+    same 40 steps in fp32 are the session smoke run's first 40 (fp32, same seed, data order and constant lr)."""
     import torch
 
     from lora_dist.strategy import resolve_precision
@@ -102,7 +104,13 @@ def test_precision_auto_trains_in_what_the_hardware_runs_natively(tmp_path):
     proc = run_cli("train", "--config", str(SMOKE), f"output_dir={out}", "train.precision=auto", "train.max_steps=40")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"precision {want} (auto)" in proc.stdout
-    results = json.loads((out / "results.json").read_text())
     steps = [r["train_loss_step"] for r in read_metrics(out) if "train_loss_step" in r]
-    assert len(steps) == 40 and all(s == s and s < 5 for s in steps)  # finite, no blow-up
-    assert results["test_accuracy"] > 0.5
+    fp32 = [r["train_loss_step"] for r in read_metrics(smoke_run[0]) if "train_loss_step" in r][:40]
+    assert len(steps) == len(fp32) == 40
+    if want == "fp32":  # e.g. CI's CPU: auto must be exactly the fp32 run
+        assert steps == fp32
+    else:
+        # bf16 rounds matmul inputs to 8 mantissa bits (relative 2^-9); weights, optimizer and loss stay fp32.
+        # The tolerance is not measured (no native-bf16 CPU here): the mean loss of the last 10 steps within
+        # 0.05 of fp32's, where the loss falls from 0.74 to 0.46 over these 40 steps (fp32, seed 123).
+        assert abs(sum(steps[-10:]) / 10 - sum(fp32[-10:]) / 10) <= 0.05, (steps[-10:], fp32[-10:])
