@@ -74,10 +74,10 @@ say "3. $SMALL throughput, bf16: (a) defaults, (b) book mode, (c) transformers +
 # (c) needs the bench extras (transformers, peft), which the GPU image does not have: install them, or
 # leave (c) out and say so. GPU_CHECK_NO_INSTALL=1: never install.
 CONTENDERS=${SMALL_CONTENDERS:-a,b,c,a-bf16,a-compile}
-has_bench_extras() { $PY -c "import transformers, peft" > /dev/null 2>&1; }
+has_bench_extras() { $PY - <<< "import transformers, peft" > /dev/null 2>&1; }
 if [[ ,$CONTENDERS, == *,c,* ]] && ! has_bench_extras; then
     if [ "${GPU_CHECK_NO_INSTALL:-0}" != 1 ]; then
-        mapfile -t EXTRAS < <($PY -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']['bench']))")
+        mapfile -t EXTRAS < <($PY - <<< "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']['bench']))")
         say "3. installing the bench extras for (c): ${EXTRAS[*]}"
         timeout 180 "$PY" -m pip install --quiet --retries 1 --timeout 15 "${EXTRAS[@]}" 2>&1 | tail -3 | tee -a "$LOG" || true
     fi
