@@ -10,7 +10,8 @@ adapter count N, in its own process (so peak memory is its own):
   - merged: one Classifier per adapter with LoRA merged into its own copy of the base (measured up to
             --merged-max adapters; beyond that the memory is N x one merged model, marked "estimated").
 The three take turns pass by pass, so that drift in a shared machine's load hits them alike.
-"one adapter" is N=1's mixed figure: the same rows through a single adapter. Messages/s is the best of
+  - one:    the same rows all through one adapter, the reference for "mixed": measured in the same process,
+            in turns with the others, so that a shared machine's load hits both alike. Messages/s is the best of
 --repeats passes. Results go to bench/results/multi-adapter-<machine>-<date>.json.
 """
 
@@ -52,8 +53,10 @@ def best_rates(contenders: dict, rows: int, repeats: int) -> dict[str, float]:
     """Messages/s of each contender, best of `repeats` passes; the passes take turns (a, b, c, a, b, c, ...)
     so that drift in the machine's load hits every contender alike."""
     best = {name: float("inf") for name in contenders}
-    for _ in range(repeats):
-        for name, fn in contenders.items():
+    names = list(contenders)
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[: r % len(names)]:  # the order rotates: no seat is better
+            fn = contenders[name]
             t = time.perf_counter()
             fn()
             best[name] = min(best[name], time.perf_counter() - t)
@@ -76,7 +79,9 @@ def measure(n: int, paths: dict, texts: list[str], which: list[str], a, queue) -
     groups: dict[str, list[int]] = {}
     for i, w in enumerate(which):
         groups.setdefault(w, []).append(i)
-    contenders = {"mixed": lambda: m.logits(texts, which, a.batch),
+    first = next(iter(paths))
+    contenders = {"one": lambda: m.logits(texts, first, a.batch),  # the same rows, all through one adapter
+                  "mixed": lambda: m.logits(texts, which, a.batch),
                   "loop": lambda: [m.logits([texts[i] for i in rows], name, a.batch) for name, rows in groups.items()]}
     m.logits(texts[: a.batch], which[: a.batch], a.batch)  # warm-up: weight packing, allocator
     if n <= a.merged_max:
@@ -126,14 +131,14 @@ def main() -> None:
             proc.join()
             results.append(r)
             print(json.dumps(r), flush=True)
-    one = results[0]["mixed_msg_s"] if counts[0] == 1 else None
+    one = True
     merged_one = next((r["merged_rss_mb"] for r in results if "merged_rss_mb" in r and r["adapters"] == 1), None)
     lines = ["| adapters | mixed msg/s | vs one adapter | loop msg/s | merged msg/s | base MB | stacked adapters MB | "
              "model RSS MB | merged models RSS MB |", "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         merged_mb = (f"{r['merged_rss_mb']:.0f}" if "merged_rss_mb" in r else
                      f"~{merged_one * r['adapters']:.0f} (estimated)" if merged_one else "-")
-        lines.append(f"| {r['adapters']} | {r['mixed_msg_s']:.1f} | {r['mixed_msg_s'] / one:.2f}x | {r['loop_msg_s']:.1f} | "
+        lines.append(f"| {r['adapters']} | {r['mixed_msg_s']:.1f} | {r['mixed_msg_s'] / r['one_msg_s']:.2f}x | {r['loop_msg_s']:.1f} | "
                      f"{r.get('merged_msg_s', float('nan')):.1f} | {r['base_mb']:.0f} | {r['stacked_adapters_mb']:.1f} | "
                      f"{r['rss_model_mb']:.0f} | {merged_mb} |" if one else str(r))
     table = "\n".join(lines)
