@@ -162,13 +162,18 @@ def main(argv: list[str] | None = None) -> int:
                 return 1
             results[name] = json.loads((work / f"result-{name}.json").read_text())
             load.append(os.getloadavg()[0])
-    doc = report(args, info, results, load)
+            doc = write(args, info, results, load)  # after each contender: a run cut short keeps what it measured
+    print(markdown(doc))
+    return 0
+
+
+def write(args, info: dict, results: dict, load: list[float]) -> dict:
+    doc = report(args, info, {n: dict(r) for n, r in results.items()}, load)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "classify_throughput.json").write_text(json.dumps(doc, indent=2) + "\n")
     (out / "classify_throughput.md").write_text(markdown(doc))
-    print(markdown(doc))
-    return 0
+    return doc
 
 
 def report(args, info: dict, results: dict, load: list[float]) -> dict:
