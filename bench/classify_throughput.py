@@ -34,7 +34,6 @@ NAMES = {"a": "(a) lora-dist classify (precision auto)", "a-merge": "(a) lora-di
 
 def setup(work: Path, model: str, messages: int, test_limit: int | None) -> dict:
     """The base (HF layout), the adapter, its PEFT export, and the messages."""
-    import pandas as pd
     import torch
 
     from lora_dist import load_gpt2, save_hf_checkpoint
@@ -188,7 +187,11 @@ def report(args, info: dict, results: dict, load: list[float]) -> dict:
         if "b" in results:
             ratios[f"{a}/b"] = {k: results[a]["datasets"][k]["messages_per_s"] / results["b"]["datasets"][k]["messages_per_s"]
                                 for k in results[a]["datasets"]}
-    cmd = "python bench/classify_throughput.py " + " ".join(a for a in (sys.argv[1:]) if a)
+    argv = sys.argv[1:]
+    if "--note" in argv:  # the note has its own line
+        i = argv.index("--note")
+        argv = argv[:i] + argv[i + 2:]
+    cmd = "python bench/classify_throughput.py " + " ".join(argv)
     return {"command": cmd.strip(), "model": args.model, "batch_size": args.batch_size, "note": args.note,
             "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                         "load_avg_1min_during": load},
@@ -215,6 +218,10 @@ def markdown(doc: dict) -> str:
               "", "Padded tokens per real token at batch 32: " + "; ".join(
                   f"{k}: (a) sorted by length {p['padded_a'] / p['real_tokens']:.2f}, pipeline in input order "
                   f"{p['padded_pipeline'] / p['real_tokens']:.2f}" for k, p in doc["padding"].items()),
+              "", "What buys (a)'s lead: messages sorted by length before batching (little padding, see above; the "
+              "pipeline pads each batch of 32 in input order to its longest), the last block run for each message's "
+              "last real token only and the head read there (transformers runs every position through every block and "
+              "the score layer), and the frozen weights packed once for oneDNN (lora_dist/frozen_linear.py).",
               "", f"Machine: {doc['machine']['cores']} cores, 1-minute load average "
                   f"{', '.join(f'{x:.1f}' for x in doc['machine']['load_avg_1min_during'])} (before and after each contender). "
                   + doc["note"], ""]
