@@ -114,13 +114,25 @@ def worker(name: str, work: Path, batch: int) -> None:
         run(next(iter(texts.values()))[:batch])  # warm-up: first-call costs (weight packing, allocator)
         result = {"name": name, "precision": precision, "load_s": load_s, "datasets": {}, "labels": {}}
         for key, ts in texts.items():
-            t = time.perf_counter()
+            t, cpu = time.perf_counter(), time.process_time()
             labels = run(ts)
-            dt = time.perf_counter() - t
-            result["datasets"][key] = {"messages": len(ts), "seconds": dt, "messages_per_s": len(ts) / dt}
+            dt, dcpu = time.perf_counter() - t, time.process_time() - cpu
+            result["datasets"][key] = {"messages": len(ts), "seconds": dt, "messages_per_s": len(ts) / dt,
+                                       "cpu_seconds": dcpu, "messages_per_cpu_s": len(ts) / dcpu}
             result["labels"][key] = labels
-    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result["peak_rss_mb"] = peak_rss_mb()
     (work / f"result-{name}.json").write_text(json.dumps(result))
+
+
+def peak_rss_mb() -> float:
+    """This process's peak RSS: VmHWM (ru_maxrss survives execve on Linux, so it would include the parent's)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 # -------------------------------------------------------------------------------------------- parent
@@ -185,8 +197,9 @@ def report(args, info: dict, results: dict, load: list[float]) -> dict:
     ratios = {}
     for a in (n for n in results if n.startswith("a")):
         if "b" in results:
-            ratios[f"{a}/b"] = {k: results[a]["datasets"][k]["messages_per_s"] / results["b"]["datasets"][k]["messages_per_s"]
-                                for k in results[a]["datasets"]}
+            for unit in ("messages_per_s", "messages_per_cpu_s"):
+                ratios[f"{a}/b {unit}"] = {k: results[a]["datasets"][k][unit] / results["b"]["datasets"][k][unit]
+                                           for k in results[a]["datasets"]}
     argv = sys.argv[1:]
     if "--note" in argv:  # the note has its own line
         i = argv.index("--note")
@@ -206,11 +219,14 @@ def markdown(doc: dict) -> str:
              f"Adapter (rank 16, alpha 16, every Linear layer and the head): {doc['adapter_tensors']} tensors, "
              f"{doc['adapter_parameters']:,} values, **{doc['adapter_bytes']:,} bytes ({mb:.2f} MB, "
              f"{doc['adapter_bytes'] / 2**20:.2f} MiB)** in fp32.", "",
-             "| contender | precision | " + " | ".join(f"{k} msg/s" for k in keys) + " | load | peak RSS |",
-             "|---|---|" + "---:|" * len(keys) + "---:|---:|"]
+             "Messages per second of wall time, and per CPU-second (all of the process's threads; on a shared "
+             "machine the wall time also measures the other processes, the CPU time only the contender's work):", "",
+             "| contender | precision | " + " | ".join(f"{k} msg/s | {k} msg/CPU-s" for k in keys) + " | load | peak RSS |",
+             "|---|---|" + "---:|---:|" * len(keys) + "---:|---:|"]
     for n, r in doc["contenders"].items():
-        lines.append(f"| {NAMES[n]} | {r['precision']} | " + " | ".join(f"{r['datasets'][k]['messages_per_s']:.1f}" for k in keys)
-                     + f" | {r['load_s']:.1f} s | {r['peak_rss_mb'] / 1024:.2f} GiB |")
+        lines.append(f"| {NAMES[n]} | {r['precision']} | " + " | ".join(
+            f"{r['datasets'][k]['messages_per_s']:.2f} | {r['datasets'][k].get('messages_per_cpu_s', float('nan')):.2f}" for k in keys)
+            + f" | {r['load_s']:.1f} s | {r['peak_rss_mb'] / 1024:.2f} GiB |")
     lines += ["", "Speed-up over (b): " + "; ".join(f"{k}: " + ", ".join(f"{d} {v:.2f}x" for d, v in r.items())
                                                    for k, r in doc["speedup"].items()),
               "", "Predictions agreeing: " + "; ".join(f"{k}: " + ", ".join(f"{d} {v:.2%}" for d, v in r.items())
