@@ -125,6 +125,6 @@ def test_classify_benchmark_quick(tmp_path):
     assert doc["messages"] == {"sms-test": 24, "collection-40": 40} and doc["adapter_bytes"] > 0
     for name in ("a-fp32", "b"):
         r = doc["contenders"][name]
-        assert r["peak_rss_mb"] > 0 and all(d["messages_per_s"] > 0 for d in r["datasets"].values())
+        assert r["peak_rss_mb"] > 0 and all(d["messages_per_s"] > 0 and d["messages_per_cpu_s"] > 0 for d in r["datasets"].values())
     assert doc["agreement"]["a-fp32 vs b"] == {"sms-test": 1.0, "collection-40": 1.0}
     assert "| (b) transformers pipeline, PEFT model |" in (tmp_path / "classify_throughput.md").read_text()
