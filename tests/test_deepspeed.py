@@ -54,7 +54,8 @@ def test_zero2_reduces_only_adapter_gradients(zero2_run):
     assert per_step and all(grad_bytes <= b <= grad_bytes + 64 for b in per_step), (per_step[:3], grad_bytes)
     # Counted on steps 1, 11, 21, ... only: DeepSpeed's logger synchronises the GPU after every collective.
     counted = [m["step"] for m in read_metrics(zero2_run) if "allreduce_bytes" in m]
-    assert counted == list(range(1, 61, COMMS_SAMPLE_EVERY)), counted
+    last = max(m["step"] for m in read_metrics(zero2_run) if "step" in m)
+    assert last == 30 and counted == list(range(1, last + 1, COMMS_SAMPLE_EVERY)), (last, counted)
 
 
 def test_zero3_saves_full_adapter_and_resumes(zero2_run, tmp_path):

@@ -29,6 +29,7 @@ def test_init_follows_the_book():
 
 def test_injected_model_matches_base_before_training():
     base = classifier()
+    base.requires_grad_(False)  # frozen as inject_lora leaves it, so both passes take the same Linear path
     ids = torch.randint(0, 50257, (2, 12))
     with torch.no_grad():
         before = base(ids, torch.tensor([11, 5]))
