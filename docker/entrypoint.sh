@@ -18,7 +18,8 @@ fi
 # Docker creates a missing host directory owned by root (runs/ is not in a fresh clone), which this
 # image's user cannot write: say so now, in one line, not in a traceback after the model has loaded.
 uid=$(id -u)
-if [[ -z $apptainer && -d $runs && ! -w $runs && ${1:-} != -h && ${1:-} != --help && -n ${1:-} ]]; then
+# serve only reads adapters there (compose mounts runs/ read-only for it).
+if [[ -z $apptainer && -d $runs && ! -w $runs && ${1:-} != -h && ${1:-} != --help && ${1:-} != serve && -n ${1:-} ]]; then
   echo "lora-dist: error: $runs is not writable by UID $uid (it belongs to UID $(stat -c %u "$runs")); fix:" \
     "on the host, sudo chown $uid runs (the mounted directory), or run with --user \"\$(id -u):\$(id -g)\"" >&2
   exit 2

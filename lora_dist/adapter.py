@@ -249,7 +249,7 @@ def _looks_local(name: str) -> bool:
 
 def save(run_dir: Path, spec: AdapterSpec, tensors: dict[str, torch.Tensor]) -> Path:
     """Write the tensors, then the description, each under a temporary name renamed into place."""
-    from safetensors.torch import save_file
+    from .weights import save_file
 
     sub, tensor_name, desc = LAYOUT[spec.kind]
     d = Path(run_dir) / sub

@@ -97,7 +97,7 @@ def _plain_state(model) -> dict[str, torch.Tensor]:
 
 
 def _save(tensors: dict[str, torch.Tensor], file: Path) -> None:
-    from safetensors.torch import save_file
+    from .weights import save_file
 
     save_file({k: v.detach().float().contiguous().clone() for k, v in tensors.items()}, str(file), metadata={"format": "pt"})
 

@@ -18,10 +18,20 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save_file as _save_file
 
 from .errors import UserError
 from .model import GPT2, HUB_REPOS, SIZES, GPTConfig, canonical_name
+
+
+def save_file(tensors: dict[str, torch.Tensor], path: str, metadata: dict | None = None) -> None:
+    """safetensors' save_file, with the permissions open() gives (0666 less the umask): safetensors creates
+    its files 0600, so a run's adapter was unreadable to anyone else (a container's user, a shared cluster)."""
+    _save_file(tensors, path, metadata=metadata)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 

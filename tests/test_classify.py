@@ -244,3 +244,17 @@ def test_one_and_two_processes_write_the_same_file(run, tmp_path):
     rows = [json.loads(x) for x in two.read_text().splitlines()]
     assert len(rows) == 600 and [r["text"] for r in rows] == test["text"].tolist() * 2
     assert proc.stderr.count("written:") == 1
+
+
+def test_saved_files_are_readable_like_any_written_file(tmp_path):
+    """safetensors creates its files 0600; an adapter must be readable by other users (a container's UID,
+    a shared cluster), as open() leaves a file: 0666 less the umask."""
+    import os
+    import stat
+
+    from lora_dist.weights import save_file
+
+    save_file({"x": torch.zeros(2)}, str(tmp_path / "a.safetensors"))
+    (tmp_path / "b.txt").write_text("b")
+    mode = lambda p: stat.S_IMODE(os.stat(p).st_mode)
+    assert mode(tmp_path / "a.safetensors") == mode(tmp_path / "b.txt")

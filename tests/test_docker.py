@@ -148,6 +148,7 @@ def test_container_without_the_output_volume_warns_that_results_will_be_lost(eng
     bare = docker(engine, "run", "--rm", "--network=none", image, "python", "-c", "print('ok')")
     assert "WARNING: /runs is not a mounted volume" in bare.stderr and "lost" in bare.stderr
     assert bare.stdout.strip() == "ok"
+    os.chown(tmp_path, 1000, 1000)  # the image's user: a mount it cannot write is refused (tested below)
     mounted = docker(engine, "run", "--rm", "--network=none", "-v", f"{tmp_path}:/runs", image, "python", "-c", "print('ok')")
     assert "WARNING" not in mounted.stderr
 
@@ -273,7 +274,9 @@ def test_cpu_image_serves_an_adapter(engine, image, tmp_path):
                  "r = u.Request('http://127.0.0.1:8000/v1/classify', data=json.dumps({'adapter': 'spam', 'texts': ['hi']}).encode(),"
                  " headers={'content-type': 'application/json'})\n"
                  "print(json.load(u.urlopen(r, timeout=30))['results'][0]['label'])\n")
-        p = docker(engine, "exec", name, "python", "-c", probe, timeout=120)
+        p = docker(engine, "exec", name, "python", "-c", probe, timeout=120, check=False)
+        logs = docker(engine, "logs", name, check=False)
+        assert p.returncode == 0, f"the probe failed ({p.returncode}); the service said:\n{logs.stdout[-3000:]}{logs.stderr[-3000:]}"
         assert p.stdout.strip() in ("ham", "spam")
         docker(engine, "stop", "-t", "30", name, timeout=60)
         assert docker(engine, "wait", name).stdout.strip() == "0"
