@@ -11,6 +11,8 @@ USE_SYSTEM_TORCH ?= 0
 CONFIG ?= configs/gpt2-small-lora.yaml
 ARGS ?=
 PYTEST_ARGS ?=
+# pytest-xdist workers (one per core; 0 runs the tests in this process). Each test file runs whole on one worker.
+TEST_WORKERS ?= auto
 
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.lora-dist-installed
@@ -50,7 +52,7 @@ smoke: setup
 	$(BIN)/lora-dist train --config configs/smoke.yaml output_dir=runs/smoke overwrite=true $(ARGS)
 
 test: setup-dev
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

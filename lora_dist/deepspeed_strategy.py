@@ -86,6 +86,8 @@ class DeepSpeed(DDP):
     def prepare(self, model: nn.Module, micro: int, accum: int) -> None:
         import deepspeed
 
+        if self.device.type == "cpu":
+            _skip_shm_kernel(deepspeed)
         self.accum = accum
         self.ds_config = deepspeed_config(self.cfg, micro, accum, self.world_size, self.device.type, self.precision)
         self.stage = int(self.ds_config.get("zero_optimization", {}).get("stage", 0))
@@ -177,6 +179,15 @@ class DeepSpeed(DDP):
         load_path, _ = self.model.load_checkpoint(str(Path(path) / "deepspeed"), tag=TAG, load_module_strict=False)
         if load_path is None:
             raise UserError(f"checkpoint {path} has no DeepSpeed state; resume it with the strategy it was written with")
+
+
+def _skip_shm_kernel(deepspeed) -> None:
+    """DeepSpeed's CPU backend compiles a shared-memory all-reduce kernel with gcc when it starts (one to three
+    minutes on a first run, and it needs a compiler). Only DeepSpeed's inference all-reduce uses it; ZeRO
+    training reduces through torch.distributed (gloo), so marking it unavailable changes no number."""
+    compatible = getattr(deepspeed.ops, "__compatible_ops__", None)
+    if isinstance(compatible, dict):
+        compatible["deepspeed_shm_comm"] = False  # ShareMemCommBuilder.NAME
 
 
 def _count_collectives(on: bool) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +18,10 @@ SMOKE = ROOT / "configs" / "smoke.yaml"
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Under pytest-xdist (`make test` runs `pytest -n auto`) the workers share the cores: each one's in-process
+# torch gets its share, so that N workers do not run N x cores threads. Set before any test imports torch.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
 
 
 def cli_env(**extra) -> dict:
@@ -54,22 +59,56 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     return save_hf_checkpoint(load_gpt2("tiny", weights="random"), tmp_path_factory.mktemp("tiny-gpt2"))
 
 
+def shared_across_workers(tmp_path_factory, name: str, make) -> Path:
+    """A directory that `make(dir)` fills once per test session, however many pytest-xdist workers ask for
+    it: the first worker makes it under a lock in the session's common temporary directory, the others wait
+    and read it. Without xdist it is an ordinary session directory."""
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # pytest-of-USER/pytest-N/popen-gwK -> pytest-N: the same for every worker
+    target, done = root / f"shared-{name}", root / f"shared-{name}.done"
+    with FileLock(str(root / f"shared-{name}.lock")):
+        if not done.exists():
+            shutil.rmtree(target, ignore_errors=True)
+            target.mkdir()
+            make(target)
+            done.touch()
+    return target
+
+
 @pytest.fixture(scope="session")
 def smoke_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     """The smoke config trained once for the whole session, as a user runs it (one process, the full 3
     epochs): (run directory, finished process). Tests that only read a finished run share it; a test that
-    changes a file in it puts the file back."""
-    out = tmp_path_factory.mktemp("smoke") / "run"
-    proc = run_cli("train", "--config", str(SMOKE), f"output_dir={out}", timeout=600)
+    changes a file in it puts the file back. Under pytest-xdist every worker shares the one run."""
+    def train(d: Path) -> None:
+        proc = run_cli("train", "--config", str(SMOKE), f"output_dir={d / 'run'}", timeout=600)
+        (d / "process.json").write_text(json.dumps({"args": proc.args, "returncode": proc.returncode,
+                                                    "stdout": proc.stdout, "stderr": proc.stderr}))
+
+    d = shared_across_workers(tmp_path_factory, "smoke", train)
+    proc = subprocess.CompletedProcess(**json.loads((d / "process.json").read_text()))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return out, proc
+    return d / "run", proc
+
+
+# What the Slurm templates and the container image train (their jobs append it to configs/smoke.yaml): one
+# epoch, a third of the smoke config's, because what they check is that the job reproduces a plain run.
+BASELINE_ARGS = ("train.epochs=1",)
 
 
 @pytest.fixture(scope="session")
-def baseline(smoke_run) -> dict:
-    """results.json of the smoke config on the host, one process, without Slurm or containers: what the
-    Slurm templates and the container image must reproduce (tests/test_slurm.py, tests/test_docker.py)."""
-    return json.loads((smoke_run[0] / "results.json").read_text())
+def baseline(tmp_path_factory) -> dict:
+    """results.json of the smoke config with BASELINE_ARGS on the host, one process, without Slurm or
+    containers: what the Slurm templates and the container image must reproduce (tests/test_slurm.py,
+    tests/test_docker.py). Made once, whatever the number of pytest-xdist workers."""
+    def train(d: Path) -> None:
+        proc = run_cli("train", "--config", str(SMOKE), f"output_dir={d / 'run'}", *BASELINE_ARGS, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+
+    return json.loads((shared_across_workers(tmp_path_factory, "baseline", train) / "run" / "results.json").read_text())
 
 
 # ------------------------------------------------------------------------- CI: no unexpected skips
@@ -101,3 +140,16 @@ def pytest_make_collect_report(collector):
     report = outcome.get_result()
     if _ci() and report.skipped:
         report.outcome, report.longrepr = "failed", _unexpected_skip(report)
+
+
+# ----------------------------------------------------------------------- pytest-xdist: the longest first
+# `make test` runs `pytest -n auto --dist loadfile`: each file runs whole on one worker, so its module
+# fixtures (a Slurm cluster, a Docker image, shared training runs) are made once. These files take the
+# longest, much of it waiting on daemons and subprocesses: started first, they overlap with the rest instead
+# of leaving one worker to finish them alone.
+LONGEST_FIRST = ("test_docker.py", "test_slurm.py", "test_distributed.py", "test_deepspeed.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(LONGEST_FIRST)))  # stable: the rest keep their order

@@ -174,11 +174,13 @@ def test_a_run_that_failed_before_its_first_step_does_not_block_its_rerun(tmp_pa
     assert code == 2 and "already holds a run" in err
 
 
-def test_deepspeed_in_a_plain_process_is_a_world_of_one(tmp_path, capsys):
+def test_deepspeed_in_a_plain_process_is_a_world_of_one(tmp_path, capsys, monkeypatch):
     """`lora-dist train ... dist.strategy=deepspeed` without a launcher trains as rank 0 of 1, as torchrun's
-    single worker would, and leaves this process's environment as it found it."""
+    single worker would, and leaves this process's environment as it found it. On the CPU it compiles
+    nothing: DeepSpeed's shared-memory inference kernel (minutes of gcc) is not built."""
     import os
 
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "extensions"))
     out = tmp_path / "out"
     before = {k: os.environ.get(k) for k in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
     code, err = run_main(["train", "--config", str(SMOKE), f"output_dir={out}", small_data(tmp_path), "dist.strategy=deepspeed",
@@ -190,6 +192,7 @@ def test_deepspeed_in_a_plain_process_is_a_world_of_one(tmp_path, capsys):
     losses = [m["train_loss_step"] for m in read_metrics(out) if "train_loss_step" in m]
     assert len(losses) == 3 and all(x == x for x in losses)
     assert {k: os.environ.get(k) for k in before} == before
+    assert not (tmp_path / "extensions").exists()  # nothing compiled
 
 
 # ------------------------------------------------------------------------------ config loading, fuzzed

@@ -117,7 +117,7 @@ def _wait_for_step(run_dir, step, proc, timeout=120):
     return False
 
 
-LONG = ("train.epochs=2", "train.checkpoint_every=20", "train.eval_every=1000")
+LONG = ("train.epochs=1", "train.checkpoint_every=10", "train.eval_every=1000")  # 130 steps
 
 
 @pytest.fixture(scope="module")
@@ -132,7 +132,7 @@ def test_exact_resume_after_sigkill(clean_long, tmp_path):
     out = tmp_path / "killed"
     cmd = [sys.executable, "-m", "lora_dist", "train", "--config", str(SMOKE), f"output_dir={out}", *LONG, "train.resume=auto"]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    assert _wait_for_step(out, 150, proc), "the run ended before it could be killed"
+    assert _wait_for_step(out, 75, proc), "the run ended before it could be killed"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL and not (out / "results.json").exists()
@@ -149,7 +149,7 @@ def test_sigterm_checkpoints_and_exits_zero_then_resumes(clean_long, tmp_path):
     out = tmp_path / "preempted"
     cmd = [sys.executable, "-m", "lora_dist", "train", "--config", str(SMOKE), f"output_dir={out}", *LONG, "train.resume=auto"]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    assert _wait_for_step(out, 70, proc)
+    assert _wait_for_step(out, 45, proc)
     proc.send_signal(signal.SIGTERM)
     stdout, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0 and "stop signal received" in stdout
@@ -210,7 +210,7 @@ def test_usr1_to_one_rank_stops_every_rank_then_a_killed_rank_is_restarted(clean
     out = tmp_path / "job"
     proc = subprocess.Popen(_torchrun_cmd(2, out), cwd=ROOT, env=cli_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-    assert _wait_for_step(out, 30, proc)
+    assert _wait_for_step(out, 25, proc)
     os.kill(_children(proc.pid)[-1], signal.SIGUSR1)
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 0, stderr[-3000:]
@@ -223,7 +223,7 @@ def test_usr1_to_one_rank_stops_every_rank_then_a_killed_rank_is_restarted(clean
     proc = subprocess.Popen(_torchrun_cmd(2, out, "dist.timeout_s=30", launcher_args=("--max-restarts=1",)), cwd=ROOT,
                             env=cli_env(TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-    assert _wait_for_step(out, 150, proc)
+    assert _wait_for_step(out, 75, proc)
     workers = _children(proc.pid)
     assert len(workers) == 2
     os.kill(workers[-1], signal.SIGKILL)

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import BASELINE_ARGS
+
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILES = [ROOT / "docker" / "Dockerfile", ROOT / "docker" / "Dockerfile.cpu"]
 SMOKE = "configs/smoke.yaml"
@@ -135,7 +137,7 @@ def test_cpu_image_trains_the_smoke_config_offline(engine, image, baseline, tmp_
     runs.chmod(0o777)  # the image's user (UID 1000) writes here
     p = docker(engine, "run", "--rm", "--init", "--network=none", "-v", f"{runs}:/runs", "-e", "WANDB_MODE=offline",
                image, "--nproc-per-node", "2", "--", "train", "--config", SMOKE, "output_dir=/runs/smoke",
-               timeout=600)
+               *BASELINE_ARGS, timeout=600)
     assert "WARNING" not in p.stderr
     assert "launch.py: " in p.stdout and "torch.distributed.run --nproc-per-node=2" in p.stdout, p.stdout[-2000:]
     results = json.loads((runs / "smoke" / "results.json").read_text())

@@ -4,7 +4,7 @@
 
 The cluster comes from slurm/testing/minicluster.sh (Debian's slurm-wlm, run as root); without it the
 tests skip. Each job trains configs/smoke.yaml and must finish COMPLETED with the test accuracy that
-the same config reaches without Slurm.
+the same config reaches without Slurm (one epoch of it: conftest.BASELINE_ARGS).
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from conftest import BASELINE_ARGS
 
 ROOT = Path(__file__).resolve().parents[1]
 MINICLUSTER = ROOT / "slurm" / "testing" / "minicluster.sh"
@@ -153,7 +155,7 @@ def assert_completed(job: Job, info: dict, out: Path, baseline: dict, world_size
 def single_node_run(cluster, baseline) -> dict:
     """The single-node template, 2 workers (2 fake GPUs), undisturbed."""
     out = run_dir(cluster, "single")
-    job = cluster.submit("single_node.sbatch", SMOKE, f"output_dir={out}", sbatch=("--gpus-per-node=2",))
+    job = cluster.submit("single_node.sbatch", SMOKE, f"output_dir={out}", *BASELINE_ARGS, sbatch=("--gpus-per-node=2",))
     info = job.wait()
     return {"job": job, "info": info, "out": out, "results": assert_completed(job, info, out, baseline, world_size=2)}
 
@@ -166,7 +168,7 @@ def test_single_node_template_completes_with_the_accuracy_of_a_plain_run(single_
 
 def test_multi_node_template_runs_one_torchrun_per_node(cluster, baseline):
     out = run_dir(cluster, "multi")
-    job = cluster.submit("multi_node.sbatch", SMOKE, f"output_dir={out}", sbatch=("--gpus-per-node=1",))
+    job = cluster.submit("multi_node.sbatch", SMOKE, f"output_dir={out}", *BASELINE_ARGS, sbatch=("--gpus-per-node=1",))
     info = job.wait()
     assert_completed(job, info, out, baseline, world_size=2)
     assert info["NodeList"] == "n[1-2]"
@@ -179,7 +181,7 @@ def test_multi_node_template_runs_one_torchrun_per_node(cluster, baseline):
 
 def test_deepspeed_template_completes(cluster, baseline):
     out = run_dir(cluster, "deepspeed")
-    job = cluster.submit("deepspeed.sbatch", SMOKE, f"output_dir={out}", sbatch=("--gpus-per-node=1",))
+    job = cluster.submit("deepspeed.sbatch", SMOKE, f"output_dir={out}", *BASELINE_ARGS, sbatch=("--gpus-per-node=1",))
     info = job.wait(timeout=600)  # on a fresh machine DeepSpeed first compiles its CPU ops (minutes)
     results = assert_completed(job, info, out, baseline, world_size=2)
     assert results["strategy"] == "deepspeed"
@@ -188,8 +190,8 @@ def test_deepspeed_template_completes(cluster, baseline):
 def test_usr1_checkpoints_requeues_and_resumes_to_the_same_result(cluster, single_node_run):
     """The time-limit warning (--signal=B:USR1@120), sent by hand mid-run: nothing is lost."""
     out = run_dir(cluster, "preempted")
-    job = cluster.submit("single_node.sbatch", SMOKE, f"output_dir={out}", sbatch=("--gpus-per-node=2",))
-    job.wait_for_log(r"step (1[0-9]{2})/")  # well into the first epoch
+    job = cluster.submit("single_node.sbatch", SMOKE, f"output_dir={out}", *BASELINE_ARGS, sbatch=("--gpus-per-node=2",))
+    job.wait_for_log(r"step ([4-9]0)/")  # well into the run (130 steps)
     cluster.run("scancel", "--signal=USR1", "--batch", str(job.id))
     info = job.wait()
     log = job.log_text()
