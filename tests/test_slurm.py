@@ -110,8 +110,18 @@ def cluster(tmp_path_factory):
         pytest.skip("Slurm is not installed (Debian: apt-get install slurm-wlm); the Slurm template tests need it")
     if os.geteuid() != 0:
         pytest.skip("the test cluster runs slurmctld and slurmd as root; run these tests as root")
-    state = tmp_path_factory.mktemp("slurm-cluster")
-    started = subprocess.run([str(MINICLUSTER), "start", str(state)], capture_output=True, text=True, timeout=90)
+    # The daemons' ports are picked free, then bound by slurmctld and slurmd a moment later; with the other
+    # test files running beside this one (pytest-xdist), another process can take one in between. That, and
+    # only that, is retried on fresh ports.
+    for _ in range(3):
+        state = tmp_path_factory.mktemp("slurm-cluster")
+        started = subprocess.run([str(MINICLUSTER), "start", str(state)], capture_output=True, text=True, timeout=90)
+        if started.returncode == 0:
+            break
+        subprocess.run([str(MINICLUSTER), "stop", str(state)], capture_output=True, timeout=60)
+        logs = " ".join(f.read_text(errors="replace") for f in (state / "log").glob("*.log"))
+        if "Address already in use" not in started.stderr + logs:
+            break
     assert started.returncode == 0, f"the test cluster did not start:\n{started.stderr}"
     try:
         yield Cluster(state, tmp_path_factory.mktemp("slurm-jobs"))
