@@ -78,20 +78,27 @@ def shared_across_workers(tmp_path_factory, name: str, make) -> Path:
     return target
 
 
+def shared_train(tmp_path_factory, name: str, *overrides: str) -> tuple[Path, subprocess.CompletedProcess]:
+    """`lora-dist train --config configs/smoke.yaml OVERRIDES` in a subprocess, once per session whatever the
+    number of pytest-xdist workers: (run directory, finished process). A failed run fails every test that
+    asks for it, without being retried."""
+    def train(d: Path) -> None:
+        proc = run_cli("train", "--config", str(SMOKE), f"output_dir={d / 'run'}", *overrides, timeout=600)
+        (d / "process.json").write_text(json.dumps({"args": proc.args, "returncode": proc.returncode,
+                                                    "stdout": proc.stdout, "stderr": proc.stderr}))
+
+    d = shared_across_workers(tmp_path_factory, name, train)
+    proc = subprocess.CompletedProcess(**json.loads((d / "process.json").read_text()))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return d / "run", proc
+
+
 @pytest.fixture(scope="session")
 def smoke_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     """The smoke config trained once for the whole session, as a user runs it (one process, the full 3
     epochs): (run directory, finished process). Tests that only read a finished run share it; a test that
     changes a file in it puts the file back. Under pytest-xdist every worker shares the one run."""
-    def train(d: Path) -> None:
-        proc = run_cli("train", "--config", str(SMOKE), f"output_dir={d / 'run'}", timeout=600)
-        (d / "process.json").write_text(json.dumps({"args": proc.args, "returncode": proc.returncode,
-                                                    "stdout": proc.stdout, "stderr": proc.stderr}))
-
-    d = shared_across_workers(tmp_path_factory, "smoke", train)
-    proc = subprocess.CompletedProcess(**json.loads((d / "process.json").read_text()))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return d / "run", proc
+    return shared_train(tmp_path_factory, "smoke")
 
 
 # What the Slurm templates and the container image train (their jobs append it to configs/smoke.yaml): one
@@ -104,11 +111,8 @@ def baseline(tmp_path_factory) -> dict:
     """results.json of the smoke config with BASELINE_ARGS on the host, one process, without Slurm or
     containers: what the Slurm templates and the container image must reproduce (tests/test_slurm.py,
     tests/test_docker.py). Made once, whatever the number of pytest-xdist workers."""
-    def train(d: Path) -> None:
-        proc = run_cli("train", "--config", str(SMOKE), f"output_dir={d / 'run'}", *BASELINE_ARGS, timeout=600)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-
-    return json.loads((shared_across_workers(tmp_path_factory, "baseline", train) / "run" / "results.json").read_text())
+    run, _ = shared_train(tmp_path_factory, "baseline", *BASELINE_ARGS)
+    return json.loads((run / "results.json").read_text())
 
 
 # ------------------------------------------------------------------------- CI: no unexpected skips
