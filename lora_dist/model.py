@@ -5,6 +5,8 @@
 Module names (what LoRA target patterns match): `blocks.N.att.{query,key,value,out}`,
 `blocks.N.ff.{fc,proj}` and `head`. The blocks' Linear layers are `frozen_linear.Linear`: nn.Linear, with
 a faster CPU path once they are frozen. With `last_index`, the last block runs for those positions only.
+In inference, a right-padded batch runs packed (`Packed`): its padding is dropped before the first block, so
+every matmul sees only real tokens; attention alone puts them back in rows.
 """
 
 from __future__ import annotations
@@ -80,6 +82,37 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kw) -> torch.
     return F.scaled_dot_product_attention(q, k, v, **kw)
 
 
+class Packed:
+    """A right-padded batch (B, L) laid end to end without its padding: N real tokens, row after row.
+
+    Only attention needs rows; every other layer works token by token. So the blocks run on (N, C) and
+    attention runs row by row on each row's own tokens. A batch of SMS messages of mixed lengths, as a served
+    batch is, holds 2-4x more padding than text; packed, none of it is computed, and the matmuls run on one
+    large (N, C) block, where the CPU is fastest (bench/multi_adapter.py).
+    """
+
+    def __init__(self, lengths: torch.Tensor, width: int):
+        self.lengths = lengths  # (B,) real tokens per row
+        self.sizes = lengths.tolist()
+        self.real = torch.arange(width, device=lengths.device) < lengths[:, None]  # (B, L)
+        self.starts = torch.cumsum(lengths, 0) - lengths  # (B,) each row's first token in the packed layout
+
+    def pack(self, t: torch.Tensor) -> torch.Tensor:
+        """(B, L, ...) -> (N, ...): the real positions."""
+        return t[self.real]
+
+    def mean(self, t: torch.Tensor) -> torch.Tensor:
+        """(N, C) -> (B, C): each row's mean over its real tokens."""
+        return torch.stack([row.mean(dim=0) for row in t.split(self.sizes)])
+
+
+def packs(idx: torch.Tensor, last_index: torch.Tensor | None) -> bool:
+    """Whether packing pays for a batch: inference (no autograd) on the CPU, several rows, some padding.
+    (On a GPU a padded batch costs little more, and the row-by-row attention would cost launches.)"""
+    return (last_index is not None and idx.device.type == "cpu" and not torch.is_grad_enabled()
+            and idx.shape[0] > 1 and bool((last_index < idx.shape[1] - 1).any()))
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
@@ -93,8 +126,11 @@ class CausalSelfAttention(nn.Module):
         self.drop_rate = cfg.drop_rate
         self.causal = cfg.causal
 
-    def forward(self, x: torch.Tensor, last: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, T, C) -> (B, T, C); with `last` (B,), only the query at each row's last real token: (B, 1, C)."""
+    def forward(self, x: torch.Tensor, last: torch.Tensor | None = None, packed: Packed | None = None) -> torch.Tensor:
+        """(B, T, C) -> (B, T, C); with `last` (B,), only the query at each row's last real token: (B, 1, C).
+        With `packed`, x is (N, C) packed tokens, and so is the output ((B, 1, C) with `last`)."""
+        if packed is not None:
+            return self._packed(x, last, packed)
         B, T, C = x.shape
         heads = lambda t: t.view(B, t.shape[1], self.n_heads, C // self.n_heads).transpose(1, 2)  # (B, nh, T, hs)
         drop = self.drop_rate if self.training else 0.0
@@ -110,6 +146,19 @@ class CausalSelfAttention(nn.Module):
             y = attention(q, k, v, attn_mask=visible, dropout_p=drop)  # (B, nh, 1, hs)
         y = y.transpose(1, 2).reshape(B, -1, C)
         return self.out(y)
+
+    def _packed(self, x: torch.Tensor, last: torch.Tensor | None, packed: Packed) -> torch.Tensor:
+        C, nh = x.shape[-1], self.n_heads
+        rows = lambda t: [r.view(1, -1, nh, C // nh).transpose(1, 2) for r in t.split(packed.sizes)]  # (1, nh, L_i, hs)
+        ks, vs = rows(self.key(x)), rows(self.value(x))
+        if last is None:
+            ys = [attention(q, k, v, is_causal=True) for q, k, v in zip(rows(self.query(x)), ks, vs)]
+            return self.out(torch.cat([y.transpose(1, 2).reshape(-1, C) for y in ys]))  # (N, C)
+        B = len(packed.sizes)
+        q = self.query(x[packed.starts + last]).view(B, 1, nh, C // nh).transpose(1, 2)  # (B, nh, 1, hs)
+        ys = [attention(q[i: i + 1], k[:, :, : p + 1], v[:, :, : p + 1])  # the query sees its row up to itself
+              for i, (k, v, p) in enumerate(zip(ks, vs, last.tolist()))]
+        return self.out(torch.cat(ys).transpose(1, 2).reshape(B, 1, C))  # (B, 1, C)
 
 
 class FeedForward(nn.Module):
@@ -131,12 +180,14 @@ class Block(nn.Module):
         self.ff = FeedForward(cfg)
         self.drop = nn.Dropout(cfg.drop_rate)
 
-    def forward(self, x: torch.Tensor, last: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, T, C) -> (B, T, C); with `last` (B,), only each row's last real token: (B, 1, C)."""
+    def forward(self, x: torch.Tensor, last: torch.Tensor | None = None, packed: Packed | None = None) -> torch.Tensor:
+        """(B, T, C) -> (B, T, C); with `last` (B,), only each row's last real token: (B, 1, C). With
+        `packed`, x is (N, C) packed tokens (see `Packed`)."""
         if last is None:
-            x = x + self.drop(self.att(self.norm1(x)))
+            x = x + self.drop(self.att(self.norm1(x), packed=packed))
         else:  # keys and values need every position; the rest is position-wise
-            x = x[torch.arange(x.shape[0], device=x.device), last].unsqueeze(1) + self.drop(self.att(self.norm1(x), last))
+            at = (packed.starts + last) if packed is not None else (torch.arange(x.shape[0], device=x.device), last)
+            x = x[at].unsqueeze(1) + self.drop(self.att(self.norm1(x), last, packed))
         return x + self.drop(self.ff(self.norm2(x)))
 
 
@@ -182,26 +233,36 @@ class GPT2(nn.Module):
         self.head = nn.Linear(self.cfg.emb_dim, num_classes)
         self.pooling = pooling
 
-    def features(self, idx: torch.Tensor, last_index: torch.Tensor | None = None) -> torch.Tensor:
+    def features(self, idx: torch.Tensor, last_index: torch.Tensor | None = None,
+                 packed: Packed | None = None) -> torch.Tensor:
         """(B, T) ids -> (B, T, C) hidden states; with `last_index`, (B, C) at those positions only. Nothing
-        after a row's last index can reach it (attention is causal), so the last block runs for it alone."""
+        after a row's last index can reach it (attention is causal), so the last block runs for it alone.
+        With `packed` (causal attention only), the rows' padding is never computed, and without
+        `last_index` the result is (N, C), the real tokens only."""
         B, T = idx.shape
         if T > self.cfg.context_length:
             raise ValueError(f"sequence of {T} tokens exceeds the context length {self.cfg.context_length}")
-        pos = torch.arange(T, device=idx.device)
-        x = self.drop(self.tok_emb(idx) + self.pos_emb(pos))  # (B, T, C)
+        pos = torch.arange(T, device=idx.device).expand(B, T)
+        if packed is not None:
+            idx, pos = packed.pack(idx), packed.pack(pos)  # (N,)
+        x = self.drop(self.tok_emb(idx) + self.pos_emb(pos))  # (B, T, C), or (N, C) packed
         for i, block in enumerate(self.blocks):
             last = last_index if i == len(self.blocks) - 1 else None
             if self.activation_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(block, x, last, use_reentrant=False)
+                x = checkpoint(block, x, last, packed, use_reentrant=False)
             else:
-                x = block(x, last)
+                x = block(x, last, packed)
         x = self.final_norm(x)  # (B, T, C), or (B, 1, C) with last_index
         return x if last_index is None else x.squeeze(1)
 
     def pooled(self, idx: torch.Tensor, last_index: torch.Tensor) -> torch.Tensor:
         """(B, T) ids, (B,) last real positions -> (B, C): the hidden state the head reads (`pooling`)."""
         B, T = idx.shape
+        # Packing drops the padding, so only where padding changes nothing: causal attention, read at real tokens.
+        packed = (Packed(last_index + 1, T) if self.cfg.causal and self.pooling in ("last_real", "first", "mean")
+                  and packs(idx, last_index) else None)
+        if packed is not None and self.pooling == "mean":
+            return packed.mean(self.features(idx, packed=packed))
         if self.pooling in ("mean", "mean_all"):
             x = self.features(idx)  # (B, T, C)
             if self.pooling == "mean_all":
@@ -210,7 +271,7 @@ class GPT2(nn.Module):
             return (x * real).sum(dim=1) / real.sum(dim=1)
         where = {"last_real": lambda: last_index, "last": lambda: torch.full_like(last_index, T - 1),
                  "first": lambda: torch.zeros_like(last_index)}[self.pooling]()
-        return self.features(idx, where)
+        return self.features(idx, where, packed)
 
     def forward(self, idx: torch.Tensor, last_index: torch.Tensor | None = None) -> torch.Tensor:
         if last_index is None:

@@ -85,25 +85,6 @@ def lora_parts(a: Loaded) -> tuple[dict[str, tuple], tuple[torch.Tensor, torch.T
     return layers, (t["head.weight"].float(), t["head.bias"].float())
 
 
-def chunks(rows: list[int], ids: list[list[int]], batch_size: int, dynamic: bool, slack: float = 1.25):
-    """`rows` longest first, cut into batches of at most `batch_size`; with dynamic padding a batch also
-    ends where padding would exceed `slack` x its real tokens (SMS lengths vary 10x: one long message
-    would otherwise make a whole batch pay for its length)."""
-    order = sorted(rows, key=lambda i: -len(ids[i]))
-    chunk: list[int] = []
-    real = 0
-    for i in order:
-        n = max(len(ids[i]), 1)
-        longest = max(len(ids[chunk[0]]), 1) if chunk else n
-        if chunk and (len(chunk) == batch_size or (dynamic and longest * (len(chunk) + 1) > slack * (real + n))):
-            yield chunk
-            chunk, real = [], 0
-        chunk.append(i)
-        real += n
-    if chunk:
-        yield chunk
-
-
 class MultiAdapterClassifier:
     def __init__(self, model, adapters: list[Loaded], rows, device: torch.device, amp_dtype):
         self.model, self.rows, self.device, self.amp_dtype = model, rows, device, amp_dtype
@@ -189,9 +170,11 @@ class MultiAdapterClassifier:
         for rows in self.groups(adapters).values():
             s = self.specs[adapters[rows[0]]]
             collate = Collate(s.pad_token_id, s.pad_to)
-            for chunk in chunks(rows, ids, batch_size, s.pad_to is None):
+            rows = sorted(rows, key=lambda i: number[i])  # one LoRA segment per adapter in a batch
+            for start in range(0, len(rows), batch_size):
+                chunk = rows[start: start + batch_size]  # the model packs it: its padding costs nothing
                 batch = collate([(ids[i], 0) for i in chunk])
-                self.rows.set(number[chunk].to(self.device))
+                self.rows.set(number[chunk].to(self.device), [max(len(ids[i]), 1) for i in chunk])
                 with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
                     logits = self.model(batch.ids.to(self.device), batch.last.to(self.device))  # (B, L_max)
                 out[chunk] = logits.float().cpu()

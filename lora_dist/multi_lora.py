@@ -2,14 +2,18 @@
 
     python -c "import lora_dist as L; print(L.MultiAdapterClassifier.from_pretrained(None, {'a': 'runs/smoke'}).predict(['hi'], ['a']))"
 
-The idea of punica's SGMV and S-LoRA's batched LoRA, in plain PyTorch: every wrapped Linear layer holds the
-adapters stacked, A as (n, in, r_max) and B as (n, r_max, out), zero-padded to the largest rank; B carries
-its adapter's scale. A row's update is gathered by its adapter index and applied with one batched matmul,
-so the base matmul is shared by every row. An adapter without this layer has zeros there and adds nothing.
-The classification heads are stacked the same way, padded to the largest label set.
+The idea of punica's SGMV (segmented gather matrix-vector) and S-LoRA's batched LoRA, in plain PyTorch: every
+wrapped Linear layer holds the adapters stacked, A as (n, in, r_max) and B as (n, r_max, out), zero-padded
+to the largest rank; B carries its adapter's scale. The base matmul runs once for the whole batch; then each
+segment of consecutive rows (or packed tokens) that share an adapter adds its update, x[s:e] @ A_i @ B_i,
+with that adapter's own rank. Callers order rows by adapter, so a batch has one segment per adapter in it.
+An adapter without this layer adds nothing. The classification heads are stacked the same way, padded to the
+largest label set, and gathered per row.
 """
 
 from __future__ import annotations
+
+import itertools
 
 import torch
 from torch import nn
@@ -20,13 +24,29 @@ class Rows:
 
     def __init__(self):
         self.index: torch.Tensor | None = None  # (B,) adapter numbers
-        self.single: int | None = None  # every row uses this adapter: plain matmuls, no gather
+        self.single: int | None = None  # every row uses this adapter: plain matmuls
+        self.by_row: list[tuple[int, int, int]] = []  # (adapter, first row, end row) per run of one adapter
+        self.by_token: list[tuple[int, int, int]] = []  # the same runs over the packed tokens
+        self.count = 0  # rows in the batch
 
-    def set(self, index: torch.Tensor) -> "Rows":
+    def set(self, index: torch.Tensor, lengths: list[int] | None = None) -> "Rows":
+        """`index` (B,): each row's adapter; `lengths`: each row's real tokens (for a packed batch)."""
         self.index = index
-        first = int(index[0])
-        self.single = first if bool((index == first).all()) else None
+        numbers = index.tolist()
+        self.single = numbers[0] if len(set(numbers)) == 1 else None
+        lengths = lengths or [1] * len(numbers)
+        self.by_row, self.by_token, row, token = [], [], 0, 0
+        for number, run in itertools.groupby(zip(numbers, lengths), key=lambda p: p[0]):
+            run = [n for _, n in run]
+            self.by_row.append((number, row, row + len(run)))
+            self.by_token.append((number, token, token + sum(run)))
+            row, token = row + len(run), token + sum(run)
+        self.count = row
         return self
+
+    def segments(self, first_dim: int) -> list[tuple[int, int, int]]:
+        """The runs over x's first dimension: rows ((B, T, C) or (B, 1, C)) or packed tokens ((N, C))."""
+        return self.by_row if first_dim == self.count else self.by_token  # (when N == B every row is one token)
 
 
 class MultiLoRALinear(nn.Module):
@@ -46,20 +66,21 @@ class MultiLoRALinear(nn.Module):
                 B[i, : b.shape[0]] = b.float() * scale
         self.register_buffer("A", A.to(w.device), persistent=False)
         self.register_buffer("B", B.to(w.device), persistent=False)
-        self.present = [u is not None for u in updates]
+        self.rank = [0 if u is None else u[0].shape[1] for u in updates]  # 0: the adapter lacks this layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.linear(x)  # (B, T, out): shared by every row
+        y = self.linear(x)  # (B, T, out) or (N, out): shared by every row
         s = self.rows.single
-        if s is not None:
-            if not self.present[s]:
-                return y
-            xa = x @ self.A[s]  # (B, T, r)
-            return torch.addmm(y.reshape(-1, y.shape[-1]), xa.reshape(-1, xa.shape[-1]), self.B[s]).view(y.shape)
-        idx = self.rows.index
-        x3 = x if x.dim() == 3 else x.unsqueeze(1)  # (B, T, in)
-        xa = torch.bmm(x3, self.A[idx].to(x3.dtype))  # (B, T, in) @ (B, in, r) -> (B, T, r)
-        return y + torch.bmm(xa, self.B[idx].to(xa.dtype)).view(y.shape)  # (B, T, out)
+        runs = [(s, 0, x.shape[0])] if s is not None else self.rows.segments(x.shape[0])
+        for i, start, end in runs:
+            r = self.rank[i]
+            if r:  # (rows, [T,] in) @ (in, r) @ (r, out), in x's dtype (autocast's, or the model's)
+                xa = x[start:end] @ self.A[i, :, :r].to(x.dtype)
+                if y.dim() == 2:  # packed tokens: accumulate in place
+                    y[start:end].addmm_(xa, self.B[i, :r].to(xa.dtype))
+                else:
+                    y[start:end] += xa @ self.B[i, :r].to(xa.dtype)
+        return y
 
 
 class MultiHead(nn.Module):

@@ -157,3 +157,52 @@ def test_prediction_ignores_padding():
         a = model(plain.ids, plain.last)
         b = model(padded.ids, padded.last)
     assert torch.allclose(a, b, atol=1e-5), (a, b)
+
+
+@pytest.mark.parametrize("pooling", ["last_real", "first", "mean"])
+def test_a_padded_batch_runs_packed_and_equals_each_row_alone(pooling):
+    """In inference a right-padded batch is packed: the blocks see only its real tokens (N, C), and each
+    row's logits equal that row run alone, unpadded (the path checked against transformers above)."""
+    from lora_dist import LoRAConfig, inject_lora
+    from lora_dist.data import Collate
+
+    torch.manual_seed(0)
+    model = load_gpt2("tiny", weights="random").eval()
+    model.set_classifier(3, pooling)
+    inject_lora(model, LoRAConfig(rank=4))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.1)
+    msgs = [list(range(100, 100 + n)) for n in (7, 1, 30, 12, 2)]
+    batch = Collate(50256)([(m, 0) for m in msgs])
+    seen = []
+    model.blocks[0].ff.fc.register_forward_hook(lambda mod, args, out: seen.append(tuple(args[0].shape)))
+    with torch.inference_mode():
+        got = model(batch.ids, batch.last)
+        alone = torch.cat([model(torch.tensor([m]), torch.tensor([len(m) - 1])) for m in msgs])
+    assert seen[0] == (sum(map(len, msgs)), 128)  # packed: 52 real tokens, not 5 x 30
+    torch.testing.assert_close(got, alone, atol=1e-5, rtol=1e-5)
+    with torch.enable_grad():  # training keeps the padded rows (and its bit-exact resumes)
+        seen.clear()
+        model(batch.ids, batch.last)
+        assert seen[0] == (5, 30, 128)
+
+
+@pytest.mark.parametrize("pooling,causal", [("last", True), ("mean_all", True), ("last_real", False)])
+def test_padding_that_matters_is_never_packed(pooling, causal):
+    """Where padding changes the answer (the book's last-position pooling, no causal mask), rows stay padded."""
+    from dataclasses import replace
+
+    from lora_dist.data import Collate
+    from lora_dist.model import GPT2
+
+    torch.manual_seed(0)
+    model = GPT2(replace(SIZES["tiny"], causal=causal)).eval()
+    model.set_classifier(2, pooling)
+    batch = Collate(50256)([([5, 6, 7], 0), ([8], 0)])
+    seen = []
+    model.blocks[0].ff.fc.register_forward_hook(lambda mod, args, out: seen.append(tuple(args[0].shape)))
+    with torch.inference_mode():
+        model(batch.ids, batch.last)
+    assert seen == [(2, 3, 128)]

@@ -209,6 +209,10 @@ def test_unknown_paths_and_methods(open_server):
     assert r.status_code == 404 and "no such endpoint /v1/nothing" in r.json()["error"]
     r = httpx.get(open_server.url + "/v1/classify")
     assert r.status_code == 405 and "GET is not allowed" in r.json()["error"]
+    # the errors are counted, the adapter named where it is a loaded one (this test's own two errors:
+    # it must not depend on which other tests ran first, or on the same worker)
+    httpx.post(open_server.url + "/v1/classify", content=b"{not json", headers={"content-type": "application/json"})
+    httpx.post(open_server.url + "/v1/classify", json={"adapter": "spam", "texts": ["x"] * 9})
     text = httpx.get(open_server.url + "/metrics").text
     assert 'lora_dist_errors_total{adapter="-",reason="bad_json"}' in text
     assert 'lora_dist_errors_total{adapter="spam",reason="too_many_texts"}' in text
