@@ -7,6 +7,11 @@ the queue, then everything else that arrives within `max_wait_ms` (or already wa
 fewer than `max_batch` messages, and runs the whole batch through `run(texts, adapters)` in one worker
 thread, off the event loop (torch releases the GIL, so the loop keeps reading requests meanwhile). Each
 caller gets back its own slice. A request larger than `max_batch` runs alone.
+
+That one thread must run every torch call of the process, the model's loading included (`call`). Each
+thread that runs a parallel torch op gets its own OpenMP team, and once libgomp manages more threads than
+there are cores it barely spins before sleeping, so each of the hundreds of parallel regions of a forward
+pass waits for a futex wake: gpt2-small on 2 cores ran 3-6x slower after a single op on a second thread.
 """
 
 from __future__ import annotations
@@ -40,6 +45,10 @@ class Batcher:
         self.wake: asyncio.Event | None = None
         self.busy = False  # a batch is gathered or running
         self.held: Request | None = None  # taken from the queue, did not fit the last batch
+
+    async def call(self, fn: Callable, *args):
+        """fn(*args) on the model thread (loading, warm-up: anything that runs torch)."""
+        return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
 
     @property
     def queued(self) -> int:
@@ -123,13 +132,12 @@ class Batcher:
         return r
 
     async def _loop(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             batch = await self._gather()
             texts = [t for r in batch for t in r.texts]
             adapters = [r.adapter for r in batch for _ in r.texts]
             try:
-                out = await loop.run_in_executor(self.pool, self.run, texts, adapters)
+                out = await self.call(self.run, texts, adapters)
             except Exception as e:  # every caller of the batch gets the error
                 for r in batch:
                     if not r.future.done():

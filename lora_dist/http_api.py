@@ -125,7 +125,7 @@ def create_app(service: Service) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app):
         service.batcher.start()
-        loading = asyncio.get_running_loop().run_in_executor(None, service.load)
+        loading = asyncio.ensure_future(service.batcher.call(service.load))  # on the model thread (batcher.py)
         yield
         await loading
         await service.batcher.stop()

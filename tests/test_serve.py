@@ -16,7 +16,9 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from types import SimpleNamespace
 from pathlib import Path
 
 import pytest
@@ -158,6 +160,39 @@ def test_batcher_gathers_concurrent_requests_and_returns_each_its_own():
 
     asyncio.run(scenario())
 
+
+
+def test_loading_and_every_batch_run_on_the_one_model_thread(monkeypatch):
+    """Each thread that runs torch gets its own OpenMP team, and two teams on 2 cores made every forward pass
+    3-6x slower (lora_dist/batcher.py). So the model is built, warmed up and run on one thread only."""
+    from fastapi.testclient import TestClient
+
+    from lora_dist import multi_adapter
+    from lora_dist.http_api import Service, create_app
+
+    threads = []
+
+    class Model:
+        device = "cpu"
+
+        def predict(self, texts, adapters, batch_size=None):
+            threads.append(("predict", threading.get_ident()))
+            return [{"label": "ham", "probs": {"ham": 1.0}} for _ in texts]
+
+    def from_loaded(*args, **kwargs):
+        threads.append(("load", threading.get_ident()))
+        return Model()
+
+    monkeypatch.setattr(multi_adapter.MultiAdapterClassifier, "from_loaded", staticmethod(from_loaded))
+    loaded = [SimpleNamespace(name="spam", spec=None)]
+    with TestClient(create_app(Service(loaded, log=lambda msg: None))) as client:
+        end = time.monotonic() + 60
+        while client.get("/readyz").status_code != 200 and time.monotonic() < end:
+            time.sleep(0.05)
+        for _ in range(3):
+            assert client.post("/v1/classify", json={"adapter": "spam", "texts": ["hi"]}).status_code == 200
+    assert [what for what, _ in threads] == ["load", "predict", "predict", "predict", "predict"], threads
+    assert len({ident for _, ident in threads}) == 1 and threads[0][1] != threading.get_ident(), threads
 
 
 def test_classify_answers_what_predict_gives(open_server, truth):
