@@ -11,8 +11,10 @@ USE_SYSTEM_TORCH ?= 0
 CONFIG ?= configs/gpt2-small-lora.yaml
 ARGS ?=
 PYTEST_ARGS ?=
-# pytest-xdist workers (one per core; 0 runs the tests in this process). Each test file runs whole on one worker.
-TEST_WORKERS ?= auto
+# pytest-xdist workers: one more than the cores, since the Docker, Slurm and signal tests spend much of their time
+# waiting on daemons and disk (2 cores: 516-543 s with 3 workers, 567 s with 2); 0 runs the tests in this process.
+# Each test file runs whole on one worker.
+TEST_WORKERS ?= $(shell echo $$(( $$(nproc) + 1 )))
 
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.lora-dist-installed
