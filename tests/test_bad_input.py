@@ -37,6 +37,26 @@ def _list_config(d):
     (d / "list.yaml").write_text("- 1\n- 2\n")
 
 
+def _csv_without_label(d):
+    (d / "nolabel.csv").write_bytes(b"text,label\nhello,ham\nbuy,\n")
+
+
+def _latin1_csv(d):
+    (d / "latin.csv").write_bytes("text,label\ncaf\u00e9,ham\n".encode("latin-1"))
+
+
+def _empty_csv(d):
+    (d / "empty.csv").write_bytes(b"")
+
+
+def _latin1_text(d):
+    (d / "latin.txt").write_bytes("caf\u00e9\n".encode("latin-1"))
+
+
+def _csv_without_text(d):
+    (d / "x.csv").write_text("id,body\n1,hi\n")
+
+
 def _file_empty(d):
     (d / "empty.txt").write_text("\n")
 
@@ -58,6 +78,10 @@ CASES = [
     ("train-output-dir-is-a-file", _file, ["train", "--config", str(SMOKE), "output_dir={d}/afile"], "is a file"),
     ("train-header-only-csv", _header_only, [*TRAIN, "data.source={d}/header.csv"], "header but no messages"),
     ("train-missing-data", None, [*TRAIN, "data.source={d}/nope.csv"], "not found"),
+    ("train-csv-row-without-label", _csv_without_label, [*TRAIN, "data.source={d}/nolabel.csv"], "without a label"),
+    ("train-csv-not-utf8", _latin1_csv, [*TRAIN, "data.source={d}/latin.csv"], "not UTF-8"),
+    ("train-empty-csv", _empty_csv, [*TRAIN, "data.source={d}/empty.csv"], "is empty"),
+    ("train-batch-larger-than-the-data", None, [*TRAIN, "train.batch_size=2000"], "fewer than one global batch"),
     ("train-missing-config", None, ["train", "--config", "{d}/nope.yaml"], "not found"),
     ("train-config-is-a-directory", None, ["train", "--config", "{d}"], "not found"),
     ("train-config-not-utf8", _latin1_config, ["train", "--config", "{d}/latin.yaml"], "not UTF-8"),
@@ -85,6 +109,13 @@ CASES = [
     ("eval-bad-split", None, ["eval", "{d}", "--split", "dev"], "invalid choice"),
     ("classify-missing-adapter", None, ["classify", "--adapter", "{d}/nope", "hi"], "not found"),
     ("classify-not-an-adapter", _empty_dir, ["classify", "--adapter", "{d}/empty", "hi"], "not a lora-dist adapter"),
+    # {run}: the session's smoke run (conftest.py), a real adapter
+    ("classify-file-not-utf8", _latin1_text, ["classify", "--adapter", "{run}", "--file", "{d}/latin.txt"], "not UTF-8"),
+    ("classify-csv-without-text", _csv_without_text, ["classify", "--adapter", "{run}", "--file", "{d}/x.csv"], "no column 'text'"),
+    ("classify-missing-file", None, ["classify", "--adapter", "{run}", "--file", "{d}/missing.txt"], "missing.txt not found"),
+    ("classify-nothing", None, ["classify", "--adapter", "{run}"], "nothing to classify"),
+    ("classify-batch-size-0", None, ["classify", "--adapter", "{run}", "hi", "--batch-size", "0"], "must be >= 1"),
+    ("classify-out-is-a-directory", _empty_dir, ["classify", "--adapter", "{run}", "hi", "--out", "{d}/empty"], "is a directory"),
     ("adapter-info-missing", None, ["adapter", "info", "{d}/nope"], "not found"),
     ("adapter-info-a-file", _file, ["adapter", "info", "{d}/afile"], "not a lora-dist adapter"),
     ("adapter-no-action", None, ["adapter"], "required"),
@@ -116,10 +147,11 @@ def run_main(argv, capsys) -> tuple[int, str]:
 
 
 @pytest.mark.parametrize("make,argv,words", [pytest.param(*c[1:], id=c[0]) for c in CASES])
-def test_bad_input_is_one_error_line(tmp_path, capsys, make, argv, words):
+def test_bad_input_is_one_error_line(tmp_path, capsys, request, make, argv, words):
     if make:
         make(tmp_path)
-    code, err = run_main([a.format(d=tmp_path) for a in argv], capsys)
+    run = request.getfixturevalue("smoke_run")[0] if any("{run}" in a for a in argv) else None
+    code, err = run_main([a.format(d=tmp_path, run=run) for a in argv], capsys)
     assert code not in (0, None), err
     errors = [line for line in err.splitlines() if line.startswith("error: ") or line.startswith("lora-dist")]
     assert len(errors) == 1 and "error: " in errors[0] and words in errors[0], err
