@@ -18,8 +18,8 @@ import subprocess
 import sys
 import threading
 import time
-from types import SimpleNamespace
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -159,7 +159,6 @@ def test_batcher_gathers_concurrent_requests_and_returns_each_its_own():
         await b.stop()
 
     asyncio.run(scenario())
-
 
 
 def test_loading_and_every_batch_run_on_the_one_model_thread(monkeypatch):
