@@ -17,13 +17,14 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from lora_dist.build import build_model, seed_everything
 from lora_dist.config import DataConfig, TrainConfig, load_config
-from lora_dist.data import build_datasets, make_loaders, prepare_splits, split_labels
+from lora_dist.data import build_datasets, prepare_splits, split_labels
+from lora_dist.device import pick_device
 from lora_dist.lora import cast_frozen
 from lora_dist.model import SIZES
-from lora_dist.strategy import make_strategy, pick_device
-from lora_dist.tokenizer import get_tokenizer
-from lora_dist.train import build_model, seed_everything
+from lora_dist.train.loaders import ShardedSampler, make_loaders
+from lora_dist.train.loop import make_strategy
 
 RECIPE = "configs/gpt2-small-lora.yaml"  # the book's recipe: rank 16, alpha 16, every Linear, batch 8, AdamW
 
@@ -96,7 +97,7 @@ def apply_patches(names: tuple[str, ...]) -> None:
     if "plain_lora" in names:
         lora.LoRALayer.add_to = lambda self, x, y: y + self.forward(x)
     if "unfused_adamw" in names:
-        from lora_dist import strategy
+        from lora_dist.train import strategy
 
         def adamw(self, params):
             t = self.cfg.train
@@ -125,7 +126,7 @@ class LoraDist:
         if "cast_frozen" in spec.patches:
             cast_frozen(model, {"bf16": torch.bfloat16, "fp16": torch.float16}[t.precision])
         self.model_cfg = model.cfg
-        datasets, length = build_datasets(splits, get_tokenizer(), cfg.data, model.cfg.context_length, labels)
+        datasets, length = build_datasets(splits, cfg.data, model.cfg.context_length, labels)
         self.loaders = make_loaders(datasets, length, cfg.data, t.batch_size, 1, 1, 0, t.seed, t.num_workers,
                                     pin_memory=args.device.startswith("cuda"))
         self.steps_per_epoch = self.loaders.sampler.steps
@@ -170,8 +171,6 @@ class Peft:
         import transformers
         from peft import LoraConfig, TaskType, get_peft_model
         from transformers import DataCollatorWithPadding, GPT2TokenizerFast
-
-        from lora_dist.data import ShardedSampler
 
         cfg = load_config(RECIPE, common_overrides(args) + ["data.padding=batch", "data.bucket=false"] + list(spec.overrides))
         self.cfg = cfg

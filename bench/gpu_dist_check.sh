@@ -68,7 +68,7 @@ import json, sys
 from pathlib import Path
 import torch
 from safetensors.torch import load_file
-from lora_dist.deepspeed_strategy import COMMS_SAMPLE_EVERY
+from lora_dist.train.deepspeed_strategy import COMMS_SAMPLE_EVERY
 work, dev, prec = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
 failed = []
 def check(ok, what):

@@ -4,10 +4,10 @@
     python -c "from lora_dist import Classifier; print(Classifier.from_pretrained('runs/smoke').predict(['see you at 6']))"
 """
 
-from .classifier import Classifier
 from .config import Config, LoRAConfig, load_config
 from .errors import UserError
-from .multi_adapter import MultiAdapterClassifier
+from .infer.classifier import Classifier
+from .infer.multi_adapter import MultiAdapterClassifier
 from .lora import LinearWithLoRA, LoRALayer, count_params, inject_lora, merge, unmerge
 from .model import GPT2, GPTConfig
 from .tokenizer import get_tokenizer

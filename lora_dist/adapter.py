@@ -20,8 +20,16 @@ from pathlib import Path
 
 import torch
 
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
 from .config import Config, DataConfig, LoRAConfig, ModelConfig, TrainConfig, load_config
+from .data import build_datasets, fixed_length, read_table
 from .errors import UserError
+from .files import save_file, write_atomic
+from .lora import scale_factor
+from .model import ALIASES, HUB_REPOS, canonical_name
+from .weights import base_dir, load_gpt2, weights_sha256
 
 FORMAT = "lora-dist/2"
 TOKENIZER = "gpt2-bpe"  # GPT-2's byte-level BPE (tiktoken's "gpt2"), shipped in lora_dist/assets
@@ -48,8 +56,6 @@ class BaseModel:
 
     def mismatch(self, other: "BaseModel") -> str | None:
         """Why `other` is not this base, or None when it is."""
-        from .model import ALIASES
-
         canon = lambda n: ALIASES.get(n.strip().lower(), n.strip().lower())  # noqa: E731
         if canon(self.name) != canon(other.name) and not (self.sha256 and self.sha256 == other.sha256):
             return "another model"
@@ -83,13 +89,15 @@ class AdapterSpec:
     format: str = FORMAT
     extra: dict = field(default_factory=dict, compare=False)  # informative: training config, counts
 
+    def padding_free(self) -> bool:
+        """Whether right-padding leaves a message's prediction unchanged: causal attention read at the last
+        real token, the first token, or the mean over real tokens. Such messages may share a padded batch."""
+        return self.causal_mask and self.pooling in ("last_real", "first", "mean")
+
     # ------------------------------------------------------------------------------------ building
     @classmethod
     def for_run(cls, cfg: Config, labels, length: int, modules: list[str], base: BaseModel) -> "AdapterSpec":
         """The description of what `cfg` trains (train.py calls this when it saves the result)."""
-        from .data import fixed_length
-        from .lora import scale_factor
-
         lora = None
         if cfg.train.trainable == "lora":
             lora = {"rank": cfg.lora.rank, "alpha": cfg.lora.alpha, "scaling": cfg.lora.scaling,
@@ -139,8 +147,6 @@ class AdapterSpec:
 
 
 def _is_hub_id(source: str) -> bool:
-    from .model import HUB_REPOS
-
     return source in HUB_REPOS.values()
 
 
@@ -159,9 +165,6 @@ class Adapter:
         return self.dir / LAYOUT[self.spec.kind][1]
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
         try:
             return load_file(str(self.tensor_file))
         except (SafetensorError, OSError) as e:
@@ -207,10 +210,6 @@ def _read_spec(file: Path, directory: Path) -> AdapterSpec:
 
 def _legacy_spec(d: dict, run_dir: Path) -> AdapterSpec:
     """A first-format adapter: rebuilt from its run's config.yaml and splits, as training wrote them."""
-    from .data import build_datasets, read_table
-    from .tokenizer import get_tokenizer
-    from .weights import load_gpt2
-
     cfg_file = run_dir / "config.yaml"
     if not cfg_file.is_file():
         raise UserError(f"{run_dir / 'adapter'} is an adapter of the first format, which needs its run's config.yaml; "
@@ -222,15 +221,12 @@ def _legacy_spec(d: dict, run_dir: Path) -> AdapterSpec:
     length = min(cfg.data.max_length or ctx, ctx)
     if cfg.data.padding == "longest" and (run_dir / "splits" / "train.csv").is_file():
         splits = {k: read_table(run_dir / "splits" / "train.csv") for k in ("train", "validation", "test")}
-        _, length = build_datasets(splits, get_tokenizer(), cfg.data, ctx, labels)
+        _, length = build_datasets(splits, cfg.data, ctx, labels)
     return AdapterSpec.for_run(cfg, labels, length, list(d.get("target_modules") or []), base_of(cfg, hash_weights=False))
 
 
 def base_of(cfg: Config, hash_weights: bool = True) -> BaseModel:
     """The base model a run's config names (the weights' SHA-256 read from the HF cache, or computed once)."""
-    from .model import HUB_REPOS, canonical_name
-    from .weights import base_dir, weights_sha256
-
     m = cfg.model
     if m.weights == "random":
         return BaseModel(m.name, "random", None, cfg.train.seed, m.context_length)
@@ -249,8 +245,6 @@ def _looks_local(name: str) -> bool:
 
 def save(run_dir: Path, spec: AdapterSpec, tensors: dict[str, torch.Tensor]) -> Path:
     """Write the tensors, then the description, each under a temporary name renamed into place."""
-    from .weights import save_file
-
     sub, tensor_name, desc = LAYOUT[spec.kind]
     d = Path(run_dir) / sub
     d.mkdir(parents=True, exist_ok=True)
@@ -260,9 +254,7 @@ def save(run_dir: Path, spec: AdapterSpec, tensors: dict[str, torch.Tensor]) -> 
     os.replace(tmp, d / tensor_name)
     counts = {"tensors": len(tensors), "parameters": int(sum(t.numel() for t in tensors.values()))}
     spec = replace(spec, extra={**spec.extra, **counts})
-    tmp = d / f".{desc}.tmp"
-    tmp.write_text(json.dumps(spec.to_json(), indent=2) + "\n")
-    os.replace(tmp, d / desc)
+    write_atomic(d / desc, json.dumps(spec.to_json(), indent=2) + "\n")
     return d
 
 

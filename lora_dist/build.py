@@ -1,20 +1,26 @@
-"""The classifier model as training and inference both build it: base GPT-2, fresh head, what is trained.
+"""The classifier model as training and inference both build it: base GPT-2, fresh head, what is trained;
+and the one reader of a trained adapter (lora-dist's own or PEFT's) that rebuilds it.
 
     python -c "from lora_dist.build import build_model; from lora_dist.config import load_config; print(build_model(load_config('configs/smoke.yaml'), 2)[1])"
 
 `train.trainable` picks what is trained: LoRA adapters (`lora`, injected by `lora.inject_lora`), or the
 book's `--trainable_layers`: the head alone (`last_layer`), the head with the final LayerNorm and the last
 one or two blocks (`last_block`, `last_two_blocks`), or every weight (`all`). Whatever is trained is what
-`lora.adapter_state_dict` saves, the optimizer sees and DDP all-reduces.
+`lora.adapter_state_dict` saves, the optimizer sees and DDP all-reduces. `trainable="none"` builds the bare
+frozen base with its head (what `multi_lora` stacks many adapters over).
 """
 
 from __future__ import annotations
 
 import random
+from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import torch
 
+from . import peft
+from .adapter import AdapterSpec, base_of, find
 from .config import Config
 from .errors import UserError
 from .lora import inject_lora, load_adapter_state_dict
@@ -30,19 +36,29 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_model(cfg: Config, num_classes: int) -> tuple[GPT2, list[str]]:
-    """The frozen GPT-2 with a fresh `num_classes` head, made trainable as `train.trainable` says (same on
-    every rank). Returns the model and the names of the Linear layers that carry LoRA adapters."""
+def num_classes(cfg: Config, labels: tuple[str, ...]) -> int:
+    """`model.num_classes`, which follows from the data unless set (and must then agree with it)."""
+    n = cfg.model.num_classes
+    if n is not None and n != len(labels):
+        raise UserError(f"model.num_classes={n} but the data has {len(labels)} labels ({', '.join(labels)}); "
+                        f"drop model.num_classes (it follows from the data) or set data.labels")
+    return len(labels)
+
+
+def build_model(cfg: Config, num_classes: int, trainable: str | None = None) -> tuple[GPT2, list[str]]:
+    """The frozen GPT-2 with a fresh `num_classes` head, made trainable as `trainable` (default:
+    `train.trainable`) says, the same on every rank. Returns the model and the names of the Linear layers
+    that carry LoRA adapters."""
     m = cfg.model
     model = load_gpt2(m.name, m.weights, dropout=m.dropout, context_length=m.context_length, causal=m.causal_mask)
     model.set_classifier(num_classes, m.pooling)
     model.activation_checkpointing = m.activation_checkpointing
-    return model, make_trainable(model, cfg)
+    return model, make_trainable(model, cfg, trainable or cfg.train.trainable)
 
 
-def make_trainable(model: GPT2, cfg: Config) -> list[str]:
-    """Freeze the model, then unfreeze what `train.trainable` names; returns the LoRA-wrapped layers."""
-    mode = cfg.train.trainable
+def make_trainable(model: GPT2, cfg: Config, mode: str) -> list[str]:
+    """Freeze the model, then unfreeze what `mode` names (`train.trainable`'s values, or `none`); returns the
+    LoRA-wrapped layers."""
     if mode == "lora":
         return inject_lora(model, cfg.lora)
     model.requires_grad_(mode == "all")
@@ -54,13 +70,9 @@ def make_trainable(model: GPT2, cfg: Config) -> list[str]:
     return []
 
 
-def base_config(spec, source: str, base: str | None = None) -> Config:
+def base_config(spec: AdapterSpec, source: str, base: str | None = None) -> Config:
     """The config that rebuilds an adapter's model, once its base weights are found to be the ones it was
     trained on. `base` points at another directory holding them (checked by SHA-256)."""
-    from dataclasses import replace
-
-    from .adapter import base_of
-
     cfg = spec.to_config()
     if base is not None:
         cfg = replace(cfg, model=replace(cfg.model, weights=str(base)))
@@ -73,7 +85,17 @@ def base_config(spec, source: str, base: str | None = None) -> Config:
     return cfg
 
 
-def load_trained(spec, tensors: dict[str, torch.Tensor], source: str, base: str | None = None) -> GPT2:
+def read_adapter(path: str | Path, base: str | None = None) -> tuple[AdapterSpec, dict[str, torch.Tensor], str]:
+    """(description, tensors in lora-dist's names, source) of whatever holds a trained adapter: a run, its
+    adapter/ (or weights/) directory, or a PEFT adapter directory (whose base `base` replaces the one it names)."""
+    if peft.is_peft_dir(path):
+        spec, tensors = peft.read(Path(path), base)
+        return spec, tensors, str(path)
+    a = find(path)
+    return a.spec, a.tensors(), str(a.tensor_file)
+
+
+def load_trained(spec: AdapterSpec, tensors: dict[str, torch.Tensor], source: str, base: str | None = None) -> GPT2:
     """The model an adapter description (`adapter.AdapterSpec`) names, with its tensors loaded, frozen and
     in eval mode. `base` points at another directory holding the same base weights (checked by SHA-256)."""
     cfg = base_config(spec, source, base)

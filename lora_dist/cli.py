@@ -17,7 +17,17 @@ import os
 import sys
 from dataclasses import replace
 
+import torch
+
+from . import adapter, export, report
+from .build import build_model, num_classes
+from .config import load_config
+from .data import prepare_splits, split_labels
 from .errors import UserError
+from .infer import classify, evaluate
+from .lora import count_params
+from .serve import command as serve
+from .train.loop import run
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -40,9 +50,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--precision", default="fp32", choices=("auto", "fp32", "bf16", "fp16"), help="(default: fp32)")
     e.add_argument("--batch-size", type=int, default=32, help="messages per forward pass (default: 32)")
     e.add_argument("--json", action="store_true", help="print the result as JSON")
-    from .classify import add_arguments
-
-    add_arguments(sub.add_parser("classify", help="label new messages with a trained adapter (table, JSON or JSON lines)"))
+    classify.add_arguments(sub.add_parser("classify", help="label new messages with a trained adapter (table, JSON or JSON lines)"))
     a = sub.add_parser("adapter", help="inspect a saved adapter").add_subparsers(dest="action", required=True)
     a.add_parser("info", help="print what an adapter is: base, layers, labels, tensors, size").add_argument(
         "path", help="a training run or its adapter/ directory")
@@ -51,9 +59,7 @@ def _parser() -> argparse.ArgumentParser:
     x.add_argument("--format", required=True, choices=("peft", "merged"), help="peft: a PEFT LoRA adapter; merged: a full model")
     x.add_argument("--out", required=True, help="the directory to write (must not exist, or be empty)")
     x.add_argument("--base", help="a directory holding the adapter's base weights, if not where training found them")
-    from .serve import add_arguments as serve_arguments
-
-    serve_arguments(sub.add_parser("serve", help="serve adapters of one base over HTTP, with dynamic batching and a web page"))
+    serve.add_arguments(sub.add_parser("serve", help="serve adapters of one base over HTTP, with dynamic batching and a web page"))
     return p
 
 
@@ -75,13 +81,9 @@ def _main(argv: list[str] | None) -> int:
     try:
         if args.command in ("report", "eval", "classify", "adapter", "export", "serve"):
             return _tool(args)
-        from .config import load_config
-
         cfg = load_config(args.config, args.overrides)
         if args.command == "params":
             return _params(cfg)
-        from .train import run
-
         run(cfg)
         return 0
     except UserError as e:  # every rank that fails says so; rank 0 without a prefix
@@ -97,44 +99,25 @@ def _main(argv: list[str] | None) -> int:
 def _tool(args) -> int:
     """The commands that read a run or an adapter, no config: report, eval, classify, adapter, export."""
     if args.command == "classify":
-        from .classify import main as classify
-
-        return classify(args)
+        return classify.main(args)
     if args.command == "serve":
-        from .serve import main as serve
-
-        return serve(args)
+        return serve.main(args)
     if args.command == "adapter":
-        from .adapter import info
-
-        print(info(args.path))
+        print(adapter.info(args.path))
         return 0
     if args.command == "export":
-        from .export import main as export
-
-        return export(args.path, args.format, args.out, args.base)
+        return export.main(args.path, args.format, args.out, args.base)
     if args.command == "report":
-        from .report import write_report
-
-        path = write_report(args.run_dir)
+        path = report.write_report(args.run_dir)
         print(path.read_text(), end="")
         print(f"written: {path}", file=sys.stderr)
         return 0
-    from .evaluate import main as evaluate
-
-    return evaluate(args.run_dir, args.split, args.data, args.device, args.json, args.precision, args.batch_size)
+    return evaluate.main(args.run_dir, args.split, args.data, args.device, args.json, args.precision, args.batch_size)
 
 
 def _params(cfg) -> int:
     """Counts come from the model's structure alone: built on the meta device, no weights read. The number
     of classes comes from the data's labels (or model.num_classes)."""
-    import torch
-
-    from .build import build_model
-    from .data import prepare_splits, split_labels
-    from .lora import count_params
-    from .train import num_classes
-
     m = cfg.model
     labels = split_labels(prepare_splits(cfg.data, say=lambda *_: None), cfg.data)
     structure = replace(m, weights="random", name=m.name if m.weights in ("pretrained", "random") else m.weights)

@@ -1,12 +1,12 @@
-"""The SMS Spam Collection (or a user's own labelled file): download, read, balance, split, batch.
+"""The SMS Spam Collection (or a user's own labelled file): download, read, balance, split; and the input the
+model sees, the same in training and inference: `encode`, `Collate`, `Batch`, `batch_plan`.
 
 Labels are data: any strings (`ham`/`spam`, `positive`/`negative`/`neutral`, `0`/`1`), ordered as
 `data.labels` lists them, else sorted (numerically where they are all integers).
 
     python -c "from lora_dist.data import load_frame; print(load_frame('sms').label.value_counts())"
 
-Data preparation is pure functions; `make_loaders` turns the splits into per-rank DataLoaders whose global
-batches are the same whatever the world size.
+Data preparation is pure functions. Training's per-rank loaders are in `train/loaders.py`.
 """
 
 from __future__ import annotations
@@ -23,10 +23,11 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import Dataset
 
 from .config import DataConfig
 from .errors import UserError
+from .tokenizer import get_tokenizer
 
 SMS_SHA256 = "7d039a24a6083ed9ef0f806ebad56bbb976e3aeb8de05669173bfdc4996c239d"
 SMS_LABELS = ("ham", "spam")
@@ -197,15 +198,26 @@ def prepare_splits(cfg: DataConfig, say=print) -> dict[str, pd.DataFrame]:
     return split(frame, cfg.train_frac, cfg.val_frac, cfg.seed)
 
 
-# ----------------------------------------------------------------------------------------- batching
+# ------------------------------------------------------------------------------- the model's input
+
+
+def encode(texts: list[str], max_length: int | None = None) -> tuple[list[list[int]], int]:
+    """(token ids, how many messages were cut): GPT-2's BPE over the text only (a message that spells a
+    control token such as <|endoftext|> gets it as text), each truncated to `max_length` tokens."""
+    if isinstance(texts, str):
+        raise TypeError("pass a list of messages, not one string")
+    ids = get_tokenizer().encode_batch([str(t) for t in texts], disallowed_special=())
+    if max_length is None:
+        return ids, 0
+    return [i[:max_length] for i in ids], sum(len(i) > max_length for i in ids)
 
 
 class SpamDataset(Dataset):
     """Token ids (truncated to `max_length`) and class indices into `labels`."""
 
-    def __init__(self, frame: pd.DataFrame, tokenizer, max_length: int, labels: tuple[str, ...] = SMS_LABELS,
+    def __init__(self, frame: pd.DataFrame, max_length: int, labels: tuple[str, ...] = SMS_LABELS,
                  source: str = "the data"):
-        self.ids = [tokenizer.encode(t, disallowed_special=())[:max_length] for t in frame["text"]]  # text, never control tokens
+        self.ids, _ = encode(frame["text"].tolist(), max_length)
         index = {label: i for i, label in enumerate(labels)}
         unknown = sorted(set(frame["label"]) - set(index))
         if unknown:
@@ -258,125 +270,38 @@ class Collate:
         return Batch(ids, last, labels, sum(len(s) for s in seqs))
 
 
-class ShardedSampler(DistributedSampler):
-    """A DistributedSampler whose global batches do not depend on the world size.
-
-    Each epoch (seeded by `seed + epoch`, advanced with `set_epoch`) shuffles the dataset, drops the tail
-    that does not fill a global batch, and cuts it into global batches of `world * micro * accum`
-    examples. Each global batch is split into `accum` chunks and each chunk into one contiguous
-    micro-batch per rank. So 1, 2 or 8 ranks see the same global batches, and no example is counted twice.
-    With `lengths` given, examples are grouped by length inside windows of `bucket_window` global batches
-    and the order of the global batches is shuffled again, so batches stay random but hold little padding.
-    The default window is transformers' `group_by_length` rule, min(steps / 4, 50) batches: 32 for the SMS
-    training split at batch 8, where 5.5% of the tokens are padding (16: 8.5%; no buckets: 44%).
-    """
-
-    def __init__(self, dataset, num_replicas: int, rank: int, micro: int, accum: int, seed: int,
-                 lengths: list[int] | None = None, bucket_window: int | None = None):
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True)
-        self.micro, self.accum = micro, accum
-        self.global_batch = num_replicas * micro * accum
-        self.steps = len(dataset) // self.global_batch
-        self.lengths = lengths
-        self.bucket_window = bucket_window or max(1, min(self.steps // 4, 50))
-        self.start_step = 0  # resume inside an epoch: skip the steps already taken
-
-    def global_batches(self) -> list[list[int]]:
-        g = torch.Generator()
-        g.manual_seed(self.seed + self.epoch)
-        order = torch.randperm(len(self.dataset), generator=g).tolist()[: self.steps * self.global_batch]
-        G = self.global_batch
-        if self.lengths is None:
-            return [order[i : i + G] for i in range(0, len(order), G)]
-        batches = []
-        W = G * self.bucket_window
-        for w in range(0, len(order), W):
-            window = sorted(order[w : w + W], key=lambda i: self.lengths[i])
-            batches += [window[i : i + G] for i in range(0, len(window), G)]
-        perm = torch.randperm(len(batches), generator=g).tolist()
-        return [batches[p] for p in perm]
-
-    def __iter__(self):
-        m, R = self.micro, self.num_replicas
-        for batch in self.global_batches()[self.start_step :]:
-            if self.lengths is not None:
-                batch = sorted(batch, key=lambda i: self.lengths[i])  # accumulation chunks of like lengths
-            for a in range(self.accum):
-                chunk = batch[a * R * m : (a + 1) * R * m]
-                yield from chunk[self.rank * m : (self.rank + 1) * m]
-
-    def __len__(self) -> int:
-        return (self.steps - self.start_step) * self.micro * self.accum
+def batch_plan(lengths: list[int], batch_size: int, groups: list | None = None, order: list[int] | None = None) -> list[list[int]]:
+    """Inference batches as row positions: rows of one group (`groups[i]`; default one group) may share a
+    padded batch; inside a group rows go by `order[i]` (e.g. their adapter, so a batch holds one run of
+    rows per adapter), then longest first, so that a batch holds little padding; then cut into batches of
+    at most `batch_size`."""
+    n = len(lengths)
+    groups = groups if groups is not None else [0] * n
+    order = order if order is not None else [0] * n
+    members: dict = {}
+    for i in range(n):
+        members.setdefault(groups[i], []).append(i)
+    plan = []
+    for rows in members.values():
+        rows.sort(key=lambda i: (order[i], -lengths[i]))
+        plan += [rows[s: s + batch_size] for s in range(0, len(rows), batch_size)]
+    return plan
 
 
-class ShardedEvalSampler(torch.utils.data.Sampler):
-    """Rank r reads examples r, r+R, r+2R, ... of the first `limit` ones: nothing duplicated or padded."""
-
-    def __init__(self, n: int, num_replicas: int, rank: int, limit: int | None = None):
-        self.indices = list(range(rank, min(n, limit or n), num_replicas))
-
-    def __iter__(self):
-        return iter(self.indices)
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-
-def micro_batch_size(global_batch: int, world: int, accum: int) -> int:
-    if global_batch % (world * accum):
-        raise UserError(
-            f"train.batch_size={global_batch} is the global batch and must divide by world size x grad_accum "
-            f"= {world} x {accum}; pick a multiple of {world * accum}"
-        )
-    return global_batch // (world * accum)
-
-
-@dataclass
-class Loaders:
-    train: DataLoader
-    sampler: ShardedSampler
-    datasets: dict[str, SpamDataset]
-    collate: Collate
-    max_length: int
-
-
-def build_datasets(splits: dict[str, pd.DataFrame], tokenizer, cfg: DataConfig, context_length: int,
+def build_datasets(splits: dict[str, pd.DataFrame], cfg: DataConfig, context_length: int,
                    labels: tuple[str, ...] = SMS_LABELS) -> tuple[dict[str, SpamDataset], int]:
     """The tokenized splits and the length messages are truncated to (and padded to, see `fixed_length`)."""
     limit = min(cfg.max_length or context_length, context_length)
-    train = SpamDataset(splits["train"], tokenizer, limit, labels)
+    train = SpamDataset(splits["train"], limit, labels)
     # The book pads every split to the longest training message, truncating longer ones to it.
     length = max(train.lengths) if cfg.padding == "longest" else limit
-    datasets = {"train": train} | {k: SpamDataset(splits[k], tokenizer, length, labels) for k in ("validation", "test")}
+    datasets = {"train": train} | {k: SpamDataset(splits[k], length, labels) for k in ("validation", "test")}
     return datasets, length
 
 
 def fixed_length(cfg: DataConfig, length: int) -> int | None:
     """What every batch is padded to: `length` for padding longest/context, None (each batch's own) for batch."""
     return length if cfg.padding in ("longest", "context") else None
-
-
-def make_loaders(datasets: dict[str, SpamDataset], length: int, cfg: DataConfig, micro: int, accum: int,
-                 world: int, rank: int, seed: int, num_workers: int = 0, pin_memory: bool = False) -> Loaders:
-    train = datasets["train"]
-    steps = len(train) // (micro * accum * world)
-    if steps == 0:
-        raise UserError(
-            f"the training split has {len(train)} examples, fewer than one global batch of {micro * accum * world}; "
-            f"use a smaller train.batch_size or fewer processes"
-        )
-    lengths = train.lengths if (cfg.padding == "batch" and cfg.bucket) else None
-    sampler = ShardedSampler(train, world, rank, micro, accum, seed, lengths)
-    collate = Collate(cfg.pad_token_id, fixed_length(cfg, length))
-    loader = DataLoader(train, batch_size=micro, sampler=sampler, collate_fn=collate, drop_last=False,
-                        num_workers=num_workers, pin_memory=pin_memory, persistent_workers=num_workers > 0)
-    return Loaders(loader, sampler, datasets, collate, length)
-
-
-def eval_loader(loaders: Loaders, split_name: str, batch_size: int, world: int, rank: int, limit: int | None = None) -> DataLoader:
-    ds = loaders.datasets[split_name]
-    sampler = ShardedEvalSampler(len(ds), world, rank, limit)
-    return DataLoader(ds, batch_size=batch_size, sampler=sampler, collate_fn=loaders.collate)
 
 
 def write_splits(splits: dict[str, pd.DataFrame], out_dir: Path) -> None:

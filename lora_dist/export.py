@@ -1,4 +1,4 @@
-"""Export an adapter to the Hugging Face ecosystem, and read PEFT adapters back.
+"""Export an adapter to the Hugging Face ecosystem: a PEFT LoRA adapter, or a whole merged model.
 
     lora-dist export runs/smoke --format peft --out exports/smoke-peft      # a PEFT LoRA adapter
     lora-dist export runs/smoke --format merged --out exports/smoke-merged  # a whole Hugging Face model
@@ -13,6 +13,7 @@ The head becomes `score` (PEFT's `modules_to_save`), its LoRA merged in. `score`
 one, b: it is absorbed into the bias of the final LayerNorm, which nothing but the head reads:
 W (ln_f(x) + d) = W ln_f(x) + b for d = pinv(W) b, exact when W (classes x width) has full row rank. So
 `ln_f` is saved too. transformers reads the last token that is not padding, our `last_real` pooling.
+PEFT adapters are read back by `peft.read` (through `build.read_adapter`).
 """
 
 from __future__ import annotations
@@ -27,29 +28,15 @@ from pathlib import Path
 
 import torch
 
+from .build import load_trained, read_adapter
 from .errors import UserError
-
-SIDECAR = "lora_dist.json"  # the lora-dist description beside a PEFT export: labels, base, input rules
-PREFIX = "base_model.model."  # what PEFT puts before the model's own parameter names
-
-
-def hf_modules(n_layers: int) -> dict[str, tuple[str, int | None]]:
-    """Our LoRA-able Linear layers -> (module of GPT2ForSequenceClassification, slot in the fused c_attn)."""
-    m = {}
-    for i in range(n_layers):
-        b, h = f"blocks.{i}.", f"transformer.h.{i}."
-        m |= {b + "att.query": (h + "attn.c_attn", 0), b + "att.key": (h + "attn.c_attn", 1),
-              b + "att.value": (h + "attn.c_attn", 2), b + "att.out": (h + "attn.c_proj", None),
-              b + "ff.fc": (h + "mlp.c_fc", None), b + "ff.proj": (h + "mlp.c_proj", None)}
-    return m
-
+from .lora import LinearWithLoRA, merge
+from .peft import PREFIX, SIDECAR, hf_modules
+from .weights import hf_config, hf_state_dict, key_map, save_file
 
 def main(path: str, fmt: str, out: str, base: str | None = None) -> int:
     """`lora-dist export PATH --format peft|merged --out DIR`."""
-    from .build import load_trained
-    from .classifier import read
-
-    spec, tensors, source = read(path, base)
+    spec, tensors, source = read_adapter(path, base)
     check_exportable(spec, fmt, source)
     target = Path(out)
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
@@ -97,8 +84,6 @@ def _plain_state(model) -> dict[str, torch.Tensor]:
 
 
 def _save(tensors: dict[str, torch.Tensor], file: Path) -> None:
-    from .weights import save_file
-
     save_file({k: v.detach().float().contiguous().clone() for k, v in tensors.items()}, str(file), metadata={"format": "pt"})
 
 
@@ -106,8 +91,6 @@ def _save(tensors: dict[str, torch.Tensor], file: Path) -> None:
 def head_without_bias(model, source: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(score weight (classes, C), final LayerNorm bias (C,)): the head, its LoRA merged, with its bias
     moved into the LayerNorm's bias, so that the bias-free `score` gives the same logits."""
-    from .lora import LinearWithLoRA
-
     head = model.head
     if isinstance(head, LinearWithLoRA):
         head.merge()
@@ -127,9 +110,6 @@ def head_without_bias(model, source: str) -> tuple[torch.Tensor, torch.Tensor]:
 
 def write_merged(model, spec, out: Path) -> list[str]:
     """config.json (GPT2ForSequenceClassification) and model.safetensors, LoRA folded into the weights."""
-    from .lora import merge
-    from .weights import hf_state_dict
-
     merge(model)
     score, ln_f_bias = head_without_bias(model, "the adapter")
     body = hf_state_dict(model.cfg, _plain_state(model))
@@ -141,8 +121,6 @@ def write_merged(model, spec, out: Path) -> list[str]:
 
 
 def classifier_config(cfg, spec) -> dict:
-    from .weights import hf_config
-
     return hf_config(cfg) | {
         "architectures": ["GPT2ForSequenceClassification"], "id2label": dict(enumerate(spec.labels)),
         "label2id": {label: i for i, label in enumerate(spec.labels)}, "pad_token_id": spec.pad_token_id,
@@ -152,8 +130,6 @@ def classifier_config(cfg, spec) -> dict:
 
 def write_peft(model, spec, names: set[str], source: str, out: Path, final: Path, base: str | None) -> list[str]:
     """adapter_config.json + adapter_model.safetensors (PEFT's names), and lora-dist's description beside them."""
-    from .lora import LinearWithLoRA
-
     table, C, notes = hf_modules(model.cfg.n_layers), model.cfg.emb_dim, []
     groups: dict[str, dict] = {}  # HF module -> {slot: LoRALayer}
     used = set()
@@ -214,8 +190,6 @@ def write_peft(model, spec, names: set[str], source: str, out: Path, final: Path
 
 def _saved_overrides(model, spec, groups, tensors, source) -> list[str]:
     """Base tensors the adapter replaces (read from another PEFT adapter's modules_to_save), saved the same way."""
-    from .weights import hf_state_dict, key_map
-
     extra = [k for k in spec.overrides if not k.startswith("final_norm.")]
     if not extra:
         return []
@@ -231,8 +205,6 @@ def _saved_overrides(model, spec, groups, tensors, source) -> list[str]:
 
 def _base_ref(model, spec, out: Path, final: Path, base: str | None, notes: list[str]) -> str:
     """base_model_name_or_path: the hub repo, the local base directory, or for random weights a copy of them."""
-    from .weights import hf_state_dict
-
     if base is not None:
         return str(Path(base).resolve())
     if spec.base.source != "random":
@@ -260,23 +232,3 @@ def write_tokenizer(out: Path, spec) -> None:
     if spec.pad_token_id == 50256:
         config["pad_token"] = eot
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
-
-
-# ------------------------------------------------------------------------------------------- reading
-
-
-def is_peft_dir(path) -> bool:
-    """Whether PATH is a PEFT adapter directory (adapter_config.json with a peft_type)."""
-    f = Path(path) / "adapter_config.json"
-    try:
-        return f.is_file() and "peft_type" in json.loads(f.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return False
-
-
-def read_peft(path: Path, base: str | None = None):
-    """(AdapterSpec, tensors in lora-dist's names) of a PEFT LoRA adapter for GPT2ForSequenceClassification:
-    a lora-dist export (its lora_dist.json gives labels, base and input rules) or one trained elsewhere."""
-    from .peft_read import read
-
-    return read(Path(path), base)

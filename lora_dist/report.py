@@ -15,6 +15,7 @@ from pathlib import Path
 import yaml
 
 from .errors import UserError
+from .files import write_atomic
 from .plots import read_metrics, write_plots
 from .scores import scores
 
@@ -92,11 +93,7 @@ def write_report(run_dir: Path) -> Path:
     run_dir = Path(run_dir)
     results = load_results(run_dir)
     plots = write_plots(run_dir)
-    target = run_dir / "report.md"
-    tmp = target.with_name(".report.md.tmp")
-    tmp.write_text(render(run_dir, results, plots))
-    os.replace(tmp, target)
-    return target
+    return write_atomic(run_dir / "report.md", render(run_dir, results, plots))
 
 
 def finish_report(run_dir: Path, say=print) -> None:

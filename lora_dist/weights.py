@@ -12,27 +12,19 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from dataclasses import replace
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 import torch
+from huggingface_hub import hf_hub_download, try_to_load_from_cache
 from safetensors import SafetensorError
 from safetensors.torch import load_file
-from safetensors.torch import save_file as _save_file
 
 from .errors import UserError
+from .files import save_file, sha256, write_atomic
 from .model import GPT2, HUB_REPOS, SIZES, GPTConfig, canonical_name
-
-
-def save_file(tensors: dict[str, torch.Tensor], path: str, metadata: dict | None = None) -> None:
-    """safetensors' save_file, with the permissions open() gives (0666 less the umask): safetensors creates
-    its files 0600, so a run's adapter was unreadable to anyone else (a container's user, a shared cluster)."""
-    _save_file(tensors, path, metadata=metadata)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
-
 
 
 def load_gpt2(name_or_path: str, weights: str = "pretrained", *, dropout: float = 0.0, context_length: int | None = None,
@@ -73,8 +65,6 @@ def _looks_like_path(s: str) -> bool:
 
 
 def _adjust(cfg: GPTConfig, dropout: float, context_length: int | None, causal: bool = True) -> GPTConfig:
-    from dataclasses import replace
-
     if context_length is not None and context_length > cfg.context_length:
         raise UserError(f"model.context_length={context_length} exceeds the model's {cfg.context_length}")
     return replace(cfg, drop_rate=dropout, context_length=context_length or cfg.context_length, causal=causal)
@@ -201,8 +191,6 @@ def download(repo_id: str, revision: str = "main") -> Path:
     Stops at once, with what it tried and how to proceed, when the hub cannot be reached and nothing is
     cached.
     """
-    from huggingface_hub import hf_hub_download, try_to_load_from_cache
-
     cached = [try_to_load_from_cache(repo_id, f, revision=revision) for f in ("config.json", "model.safetensors")]
     if all(isinstance(c, str) for c in cached):
         folder = Path(cached[1]).parent
@@ -252,11 +240,7 @@ def _verify_blob(file: Path) -> None:
     marker = _cache_dir() / "verified" / expected
     if marker.exists():
         return
-    digest = hashlib.sha256()
-    with open(blob, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            digest.update(chunk)
-    if digest.hexdigest() != expected:
+    if sha256(blob) != expected:
         blob.unlink()
         raise UserError(f"downloaded {file.name} is corrupt (sha256 mismatch); it was removed, run again to download it anew")
     marker.parent.mkdir(parents=True, exist_ok=True)
@@ -281,15 +265,9 @@ def weights_sha256(directory: str | Path) -> str:
     memo = _cache_dir() / "sha256" / key
     if memo.is_file():
         return memo.read_text().strip()
-    digest = hashlib.sha256()
-    with open(blob, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            digest.update(chunk)
+    digest = sha256(blob)
     try:
-        memo.parent.mkdir(parents=True, exist_ok=True)
-        tmp = memo.with_name(f".{key}.{os.getpid()}")
-        tmp.write_text(digest.hexdigest())
-        os.replace(tmp, memo)
+        write_atomic(memo, digest)
     except OSError:
         pass  # a read-only home: compute again next time
-    return digest.hexdigest()
+    return digest

@@ -86,7 +86,7 @@ def test_context_padding_pads_to_the_context():
     from lora_dist.data import build_datasets, fixed_length, prepare_splits
 
     splits = prepare_splits(cfg.data)
-    datasets, length = build_datasets(splits, get_tokenizer(), cfg.data, 256)
+    datasets, length = build_datasets(splits, cfg.data, 256)
     assert length == 256 and fixed_length(cfg.data, length) == 256
     batch = Collate(50256, fixed_length(cfg.data, length))([datasets["test"][i] for i in range(3)])
     assert batch.ids.shape == (3, 256)
@@ -147,7 +147,8 @@ def test_book_rows_cover_the_table():
 
 
 def test_only_the_named_tensors_reach_the_optimizer():
-    from lora_dist.strategy import Local, DistEnv
+    from lora_dist.device import DistEnv
+    from lora_dist.train.strategy import Local
 
     for trainable in ("last_layer", "last_block", "last_two_blocks", "all", "lora"):
         cfg = load_config(SMOKE, [f"train.trainable={trainable}", "train.device=cpu"])

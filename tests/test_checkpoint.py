@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lora_dist import UserError
-from lora_dist import checkpoint as ckpt
+from lora_dist.train import checkpoint as ckpt
 
 
 def _write(run_dir, step, keep=2, value=1.0):

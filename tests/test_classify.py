@@ -237,7 +237,7 @@ def test_saved_files_are_readable_like_any_written_file(tmp_path):
     import os
     import stat
 
-    from lora_dist.weights import save_file
+    from lora_dist.files import save_file
 
     save_file({"x": torch.zeros(2)}, str(tmp_path / "a.safetensors"))
     (tmp_path / "b.txt").write_text("b")

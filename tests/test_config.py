@@ -72,15 +72,15 @@ def test_resolved_config_round_trips(tmp_path):
 
 
 def test_precision_auto_resolves_by_hardware(monkeypatch):
-    from lora_dist import strategy
-    from lora_dist.strategy import resolve_precision
+    from lora_dist import device
+    from lora_dist.device import resolve_precision
 
     cpu = torch.device("cpu")
-    monkeypatch.setattr(strategy, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(device, "cpu_has_native_bf16", lambda: True)
     assert resolve_precision("auto", cpu) == "bf16"
     assert resolve_precision("auto", cpu, "deepspeed") == "fp32"  # DeepSpeed's bf16 is for GPUs
     assert resolve_precision("fp32", cpu) == "fp32" and resolve_precision("bf16", cpu, "deepspeed") == "bf16"
     assert resolve_precision("auto", torch.device("mps")) == "fp32"
-    monkeypatch.setattr(strategy, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(device, "cpu_has_native_bf16", lambda: False)
     assert resolve_precision("auto", cpu) == "fp32"
 

@@ -13,8 +13,10 @@ import pytest
 import torch
 
 from lora_dist import load_config
-from lora_dist.data import Batch, DataConfig, SpamDataset, make_loaders
-from lora_dist.strategy import DistEnv, Local
+from lora_dist.data import Batch, DataConfig, SpamDataset
+from lora_dist.device import DistEnv
+from lora_dist.train.loaders import make_loaders
+from lora_dist.train.strategy import Local
 from lora_dist.tokenizer import get_tokenizer
 
 
@@ -96,7 +98,7 @@ def test_dataloader_pins_each_batch(monkeypatch):
     monkeypatch.setattr(torch.Tensor, "pin_memory", lambda t, *a, **k: pinned.append(t) or t)  # no CUDA here to pin
     frame = pd.DataFrame({"text": ["win a prize now", "see you at lunch", "call me", "free entry"] * 2,
                           "label": ["spam", "ham", "ham", "spam"] * 2})
-    ds = SpamDataset(frame, get_tokenizer(), 16)
+    ds = SpamDataset(frame, 16)
     loaders = make_loaders({"train": ds}, 16, DataConfig(), 4, 1, 1, 0, 123, pin_memory=True)
     batch = next(iter(loaders.train))
     assert isinstance(batch, Batch) and len(batch) == 4

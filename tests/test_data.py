@@ -12,9 +12,9 @@ import torch
 
 from lora_dist import UserError
 from lora_dist.config import DataConfig
-from lora_dist.data import (Collate, ShardedSampler, SpamDataset, balance, build_datasets, download_sms, label_order,
-                            load_frame, prepare_splits, read_sms, read_table, shipped_sms_path, sms_path, split,
-                            split_labels)
+from lora_dist.data import (Collate, SpamDataset, balance, build_datasets, download_sms, label_order, load_frame,
+                            prepare_splits, read_sms, read_table, shipped_sms_path, sms_path, split, split_labels)
+from lora_dist.train.loaders import ShardedSampler
 from lora_dist.tokenizer import get_tokenizer
 
 
@@ -40,7 +40,7 @@ def test_book_balance_and_split():
 
 def test_longest_padding_is_the_books_120_tokens():
     splits = prepare_splits(DataConfig(download=False))
-    ds, length = build_datasets(splits, get_tokenizer(), DataConfig(padding="longest"), 1024)
+    ds, length = build_datasets(splits, DataConfig(padding="longest"), 1024)
     assert length == 120
     assert max(ds["test"].lengths) <= 120
     batch = Collate(50256, length)([ds["train"][i] for i in range(4)])
@@ -50,7 +50,7 @@ def test_longest_padding_is_the_books_120_tokens():
 
 def test_truncation_to_the_context():
     splits = prepare_splits(DataConfig(download=False))
-    ds, _ = build_datasets(splits, get_tokenizer(), DataConfig(padding="batch"), 16)
+    ds, _ = build_datasets(splits, DataConfig(padding="batch"), 16)
     assert max(ds["train"].lengths) == 16
 
 
@@ -80,13 +80,13 @@ def test_any_label_strings_in_sorted_or_configured_order(tmp_path):
     assert pd.concat(splits.values())["label"].value_counts().to_dict() == {"negative": 5, "neutral": 5, "positive": 5}
     ordered = DataConfig(source=str(f), labels=("positive", "neutral", "negative"), balance=False)
     assert split_labels(prepare_splits(ordered), ordered) == ("positive", "neutral", "negative")
-    ds = SpamDataset(splits["train"], get_tokenizer(), 16, ("positive", "neutral", "negative"))
+    ds = SpamDataset(splits["train"], 16, ("positive", "neutral", "negative"))
     assert ds.labels == [("positive", "neutral", "negative").index(x) for x in splits["train"]["label"]]
     assert label_order(["10", "9", "2"]) == ("2", "9", "10")
     with pytest.raises(UserError, match="'neutral', which data.labels"):
         split_labels(splits, DataConfig(source=str(f), labels=("positive", "negative")))
     with pytest.raises(UserError, match="not one of the model's labels"):
-        SpamDataset(splits["train"], get_tokenizer(), 16, ("ham", "spam"))
+        SpamDataset(splits["train"], 16, ("ham", "spam"))
     with pytest.raises(UserError, match="at least two classes"):
         label_order(["ham", "ham"])
 
@@ -173,7 +173,7 @@ def test_no_network_by_default(monkeypatch, tmp_path):
 
 def test_global_batches_do_not_depend_on_world_size():
     """1, 2 or 4 ranks (with or without accumulation) see the same examples in each optimizer step."""
-    ds = SpamDataset(split(read_sms(shipped_sms_path())[:203], 0.7, 0.1)["train"], get_tokenizer(), 64)
+    ds = SpamDataset(split(read_sms(shipped_sms_path())[:203], 0.7, 0.1)["train"], 64)
 
     def steps(world, accum, bucket):
         micro = 8 // (world * accum)
@@ -194,7 +194,7 @@ def test_global_batches_do_not_depend_on_world_size():
 
 
 def test_sampler_resumes_inside_an_epoch():
-    ds = SpamDataset(split(read_sms(shipped_sms_path())[:120], 0.7, 0.1)["train"], get_tokenizer(), 64)
+    ds = SpamDataset(split(read_sms(shipped_sms_path())[:120], 0.7, 0.1)["train"], 64)
     s = ShardedSampler(ds, 1, 0, 4, 1, seed=1)
     s.set_epoch(2)
     full = list(s)
@@ -206,7 +206,7 @@ def test_length_buckets_cut_padding_and_keep_batches_random():
     """transformers' group_by_length window (min(steps / 4, 50) batches): little padding, batches in random
     order, and every example still seen once per epoch."""
     cfg = DataConfig(download=False)
-    train = SpamDataset(split(balance(read_sms(shipped_sms_path()), cfg.seed), 0.7, 0.1)["train"], get_tokenizer(), 1024)
+    train = SpamDataset(split(balance(read_sms(shipped_sms_path()), cfg.seed), 0.7, 0.1)["train"], 1024)
     lens = train.lengths
 
     def padding(lengths):

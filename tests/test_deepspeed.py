@@ -11,7 +11,7 @@ import torch
 
 from conftest import ROOT, SMOKE, cli_env, read_metrics, torchrun
 from lora_dist import UserError, load_config
-from lora_dist.deepspeed_strategy import COMMS_SAMPLE_EVERY, deepspeed_config
+from lora_dist.train.deepspeed_strategy import COMMS_SAMPLE_EVERY, deepspeed_config
 from test_distributed import _children, _wait_for_step, adapter, assert_same_adapter, results
 
 import deepspeed  # noqa: E402,F401  (a dev extra: pip install -e .[dev]; a broken install fails here, it does not skip)

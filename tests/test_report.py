@@ -11,7 +11,7 @@ import pytest
 
 from lora_dist.cli import main
 from lora_dist.errors import UserError
-from lora_dist.evaluate import evaluate_run
+from lora_dist.infer.evaluate import evaluate_run
 from lora_dist.plots import latest_by_step, write_plots
 from lora_dist.report import load_results, render
 from lora_dist.scores import scores

@@ -131,7 +131,7 @@ def same(answer: dict, expected: list[dict]) -> None:
 
 def test_batcher_gathers_concurrent_requests_and_returns_each_its_own():
     """In-process, no timing: a batch that fills runs at once; one that would overflow waits for the next."""
-    from lora_dist.batcher import Batcher
+    from lora_dist.serve.batcher import Batcher
 
     calls = []
 
@@ -166,8 +166,8 @@ def test_loading_and_every_batch_run_on_the_one_model_thread(monkeypatch):
     3-6x slower (lora_dist/batcher.py). So the model is built, warmed up and run on one thread only."""
     from fastapi.testclient import TestClient
 
-    from lora_dist import multi_adapter
-    from lora_dist.http_api import Service, create_app
+    from lora_dist.infer import multi_adapter
+    from lora_dist.serve.app import Service, create_app
 
     threads = []
 
@@ -296,7 +296,7 @@ def test_bad_arguments_and_the_token_from_the_environment(adapters, tmp_path, ca
     """A bad --adapters or --token-file is one error line before anything starts; LORA_DIST_TOKEN works
     like --token-file."""
     from lora_dist.cli import main
-    from lora_dist.serve import read_token
+    from lora_dist.serve.command import read_token
 
     for args, message in ((["--token-file", str(tmp_path / "missing")], "error: --token-file"),
                           (["--max-batch", "0"], "error: --max-batch must be >= 1"),

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from conftest import SMOKE, cli_env, read_metrics, run_cli, torchrun
-from lora_dist import wandb_sink
+from lora_dist.train import wandb_sink
 from lora_dist.config import load_config
 from lora_dist.errors import UserError
 

@@ -78,7 +78,7 @@ def test_precision_auto_trains_in_what_the_hardware_runs_natively(smoke_run, tmp
     same 40 steps in fp32 are the session smoke run's first 40 (fp32, same seed, data order and constant lr)."""
     import torch
 
-    from lora_dist.strategy import resolve_precision
+    from lora_dist.device import resolve_precision
 
     want = resolve_precision("auto", torch.device("cpu"))
     out = tmp_path / "run"

@@ -3,8 +3,8 @@
     lora-dist train --config configs/gpt2-small-lora.yaml
     torchrun --nproc_per_node=8 -m lora_dist train --config configs/gpt2-small-lora.yaml
 
-Backends differ only in the strategy object (`strategy.py`); rank-0 side effects go through `self.out`
-(`tracking.py`), which is a no-op object on the other ranks.
+Backends differ only in the strategy object (`train/strategy.py`); rank-0 side effects go through `self.out`
+(`train/tracking.py`), which is a no-op object on the other ranks.
 """
 
 from __future__ import annotations
@@ -17,27 +17,35 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from . import adapter as adapters
+from .. import adapter as adapters
+from ..build import build_model, num_classes, seed_everything
+from ..config import Config
+from ..data import build_datasets, prepare_splits, split_labels, write_splits
+from ..device import DistEnv, pick_device
+from ..errors import UserError
+from ..lora import adapter_state_dict, count_params
+from ..report import finish_report
 from . import checkpoint as ckpt
-from .build import build_model, seed_everything
-from .config import Config
-from .data import build_datasets, eval_loader, make_loaders, micro_batch_size, prepare_splits, split_labels, write_splits
-from .errors import UserError
-from .lora import adapter_state_dict, count_params
-from .report import finish_report
+from .deepspeed_strategy import DeepSpeed
+from .loaders import eval_loader, make_loaders, micro_batch_size
 from .schedule import lr_at
-from .strategy import DistEnv, make_strategy
-from .tokenizer import get_tokenizer
+from .strategy import DDP, Local
 from .tracking import JsonlSink, NullOutput, RunOutput, prepare_run_dir
 
 
-def num_classes(cfg: Config, labels: tuple[str, ...]) -> int:
-    """`model.num_classes`, which follows from the data unless set (and must then agree with it)."""
-    n = cfg.model.num_classes
-    if n is not None and n != len(labels):
-        raise UserError(f"model.num_classes={n} but the data has {len(labels)} labels ({', '.join(labels)}); "
-                        f"drop model.num_classes (it follows from the data) or set data.labels")
-    return len(labels)
+def make_strategy(cfg: Config, env: DistEnv | None = None) -> Local:
+    """The backend `dist.strategy` names (auto: DDP under a launcher of several processes, else none)."""
+    env = env or DistEnv.from_environ()
+    kind = cfg.dist.strategy
+    if kind == "auto":
+        kind = "ddp" if env.world_size > 1 else "none"
+    if kind == "none" and env.world_size > 1:
+        raise UserError(f"dist.strategy=none, but {env.world_size} processes were launched; use dist.strategy=ddp or deepspeed (or auto)")
+    device = pick_device(cfg.train.device, env.local_rank)
+    if kind == "deepspeed":
+        return DeepSpeed(cfg, env, device)
+    return {"none": Local, "ddp": DDP}[kind](cfg, env, device)
+
 
 
 class StopRequested:
@@ -88,7 +96,7 @@ class Trainer:
         model, self.lora_modules = build_model(cfg, self.num_classes)
         self.total_params, self.trainable_params = count_params(model)
         self.adapter_names = list(adapter_state_dict(model))
-        datasets, self.length = build_datasets(splits, get_tokenizer(), cfg.data, model.cfg.context_length, self.labels)
+        datasets, self.length = build_datasets(splits, cfg.data, model.cfg.context_length, self.labels)
         length = self.length
         t = cfg.train
         self.micro = micro_batch_size(t.batch_size, self.world, t.grad_accum)

@@ -14,7 +14,12 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
-from .errors import UserError
+from tqdm import tqdm
+
+from ..errors import UserError
+from ..files import write_atomic
+from .provenance import git_info
+from .wandb_sink import open_wandb
 
 RESULT_FILES = ("results.json", "metrics.jsonl", "checkpoints", "adapter", "weights", "config.yaml", "report.md", "plots", "splits",
                 "wandb", "wandb_run_id")
@@ -50,8 +55,6 @@ class Progress:
     def update(self, step: int, total: int, epoch: int, epochs: int, loss: float, ex_per_s: float) -> None:
         if self.tty:
             if self.bar is None:
-                from tqdm import tqdm
-
                 self.bar = tqdm(total=total, initial=step - 1, file=self.stream, unit="step", dynamic_ncols=True, leave=False)
             self.bar.set_description(f"epoch {epoch + 1}/{epochs}", refresh=False)
             self.bar.set_postfix(loss=f"{loss:.4f}", ex_s=f"{ex_per_s:.1f}", refresh=False)
@@ -92,9 +95,6 @@ class RunOutput:
     def start(self, cfg, info: dict) -> None:
         """Once the model is built: the W&B run when configured (`wandb_sink.py`), then the start record
         (info + git commit) to every sink."""
-        from .provenance import git_info
-        from .wandb_sink import open_wandb
-
         info = {**info, **git_info()}
         sink = open_wandb(cfg, self.dir, info, say=self.print)
         if sink is not None:
@@ -111,12 +111,7 @@ class RunOutput:
         return self.dir / name
 
     def write_text(self, name: str, text: str) -> Path:
-        target = self.dir / name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.tmp")
-        tmp.write_text(text)
-        os.replace(tmp, target)
-        return target
+        return write_atomic(self.dir / name, text)
 
     def write_json(self, name: str, obj: Any) -> Path:
         return self.write_text(name, json.dumps(obj, indent=2) + "\n")

@@ -12,14 +12,19 @@ round and writes it, in input order, exactly once (to a temporary file renamed i
 
 from __future__ import annotations
 
-import datetime
 import io
 import json
 import os
 import sys
 from pathlib import Path
 
-from .errors import UserError
+import pandas as pd
+import torch.distributed as dist
+
+from ..config import DistConfig
+from ..device import DistEnv, init_process_group, leave_process_group, pick_device
+from ..errors import UserError
+from .classifier import Classifier, results
 
 
 def add_arguments(p) -> None:
@@ -38,20 +43,21 @@ def add_arguments(p) -> None:
     p.add_argument("--merge", action="store_true", help="fold LoRA into the base weights first (faster, same outputs)")
     p.add_argument("--base", help="a directory holding the adapter's base weights, if not where training found them")
     p.add_argument("--shard-size", type=int, default=4096, help="messages per rank per round under torchrun")
+    p.add_argument("--timeout-s", type=float, default=DistConfig.timeout_s,
+                   help=f"under torchrun, how long a rank waits for the others (default: {DistConfig.timeout_s}, as dist.timeout_s)")
 
 
 def main(args) -> int:
-    from .classifier import Classifier, results
-    from .strategy import DistEnv, pick_device
-
     if args.batch_size < 1 or args.shard_size < 1:
         raise UserError("--batch-size and --shard-size must be >= 1")
     texts = read_texts(args)
     env = DistEnv.from_environ()
-    device = pick_device(args.device, env.local_rank)
+    device = pick_device(args.device, env.local_rank, key="--device")
     clf = Classifier.from_pretrained(args.adapter, device=device, precision=args.precision, merge=args.merge, base=args.base)
     fmt = "json" if args.json else "jsonl" if args.jsonl else "table"
-    group = _init_group(device) if env.world_size > 1 else None
+    spread = env.world_size > 1
+    if spread:
+        init_process_group(device, args.timeout_s, env=env)
     sink = Writer(args.out, fmt, clf.labels) if env.rank == 0 else None
     truncated = 0
     try:
@@ -61,16 +67,16 @@ def main(args) -> int:
             probs = clf.logits(mine, args.batch_size, progress=None if R == 1 else False).softmax(-1) if mine else None
             truncated += clf.truncated if mine else 0
             parts = [probs]
-            if group is not None:
+            if spread:
                 parts = [None] * R if env.rank == 0 else None
-                group.gather_object(probs, parts, dst=0)
+                dist.gather_object(probs, parts, dst=0)
             if sink is not None:
                 for p in parts:  # rank order is input order: rank r holds the r-th slice of this round
                     if p is not None:
                         sink.write(results(texts[sink.count: sink.count + len(p)], p, clf.labels))
-        if group is not None:
+        if spread:
             counts = [0] * R if env.rank == 0 else None
-            group.gather_object(truncated, counts, dst=0)
+            dist.gather_object(truncated, counts, dst=0)
             truncated = sum(counts) if env.rank == 0 else truncated
         if sink is not None:
             sink.close()
@@ -86,8 +92,8 @@ def main(args) -> int:
     finally:
         if sink is not None:
             sink.abort()
-        if group is not None:
-            group.destroy_process_group()
+        if spread:
+            leave_process_group(barrier=False)
     return 0
 
 
@@ -119,8 +125,6 @@ def _lines(raw: bytes, source: str) -> list[str]:
 
 
 def _from_file(path: Path, column: str) -> list[str]:
-    import pandas as pd
-
     if not path.is_file():
         raise UserError(f"--file {path} not found; pass an existing text, CSV or TSV file")
     raw = path.read_bytes()
@@ -192,18 +196,3 @@ class Writer:
             self.stream.close()
             self.tmp.unlink(missing_ok=True)
             self.target = None
-
-
-# ----------------------------------------------------------------------------------------- processes
-
-
-def _init_group(device):
-    """The process group torchrun set up the environment for (gloo on CPU, nccl on CUDA)."""
-    import torch.distributed as dist
-
-    if "MASTER_ADDR" not in os.environ:
-        raise UserError("WORLD_SIZE > 1 but MASTER_ADDR is not set; launch with torchrun")
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=600),
-                            device_id=device if backend == "nccl" else None)
-    return dist

@@ -16,8 +16,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .errors import UserError
-from .scores import scores
+from ..adapter import find
+from ..data import read_table
+from ..errors import UserError
+from ..scores import scores
+from .classifier import Classifier
 
 SPLITS = ("train", "validation", "test")
 
@@ -25,10 +28,6 @@ SPLITS = ("train", "validation", "test")
 def evaluate_run(run_dir: Path, split: str = "test", data: str | None = None, device: str = "auto",
                  batch_size: int = 32, precision: str = "fp32") -> dict:
     """{"source", "count", "loss", "accuracy", "per_class", "macro", "confusion", "classes"}."""
-    from .adapter import find
-    from .classifier import Classifier
-    from .data import read_table
-
     run_dir = Path(run_dir)
     if split not in SPLITS:
         raise UserError(f"--split must be one of {', '.join(SPLITS)}; got {split!r}")

@@ -18,7 +18,10 @@ import signal
 import sys
 from pathlib import Path
 
-from .errors import UserError
+import torch
+
+from ..errors import UserError
+from ..infer.multi_adapter import read_adapters
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -68,10 +71,9 @@ def main(args) -> int:
     try:
         import uvicorn
 
-        from .http_api import Limits, Service, create_app
+        from .app import Limits, Service, create_app
     except ImportError as e:
         raise UserError(f"serve needs the [serve] extra ({e.name} is missing): pip install 'lora-dist[serve]'")
-    from .multi_adapter import read_adapters
 
     for flag, value in (("--max-batch", args.max_batch), ("--max-texts", args.max_texts),
                         ("--max-chars", args.max_chars), ("--max-body-bytes", args.max_body_bytes)):
@@ -82,8 +84,6 @@ def main(args) -> int:
     token = read_token(args.token_file)
     loaded = read_adapters(parse_adapters(args.adapters))
     if args.threads:
-        import torch
-
         torch.set_num_threads(args.threads)
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     service = Service(loaded, base=args.base, device=args.device, precision=args.precision, max_batch=args.max_batch,

@@ -24,8 +24,9 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, StrictStr
 from starlette.exceptions import HTTPException
 
+from ..infer.multi_adapter import MultiAdapterClassifier
 from .batcher import Batcher
-from .serve_metrics import Metrics
+from .metrics import Metrics
 
 
 @dataclass(frozen=True)
@@ -73,8 +74,6 @@ class Service:
         self.failed: str | None = None
 
     def load(self) -> None:
-        from .multi_adapter import MultiAdapterClassifier
-
         t0 = time.perf_counter()
         try:
             self.model = MultiAdapterClassifier.from_loaded(self.loaded, self.base, device=self.device,

@@ -5,7 +5,7 @@
     m.predict(["WINNER!! Claim your prize", "my order never came"], adapters=["spam", "support"])
 
 `base`: None (the base each adapter names) or a directory holding it, as `Classifier.from_pretrained`'s.
-The model is the one training builds (`build.build_model`, base checked by `build.base_config`); each
+The model is the one training builds (`build.build_model(..., trainable="none")`, base checked by `build.base_config`); each
 adapter's tensors are checked against its own model structure by `lora.load_adapter_state_dict` (on the
 meta device: no copy of the base), then stacked by `multi_lora`. Each row gives what that adapter alone
 gives through `Classifier` (to float rounding), labels, truncation and padding included.
@@ -19,8 +19,14 @@ from pathlib import Path
 
 import torch
 
-from .adapter import AdapterSpec
-from .errors import UserError
+from ..adapter import AdapterSpec
+from ..build import base_config, build_model, read_adapter, seed_everything
+from ..data import Collate, batch_plan, encode
+from ..device import autocast, pick_device, resolve_precision
+from ..errors import UserError
+from ..lora import load_adapter_state_dict
+from ..multi_lora import Rows, stack_adapters
+from .classifier import results
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
@@ -37,15 +43,13 @@ class Loaded:
 
 def read_adapters(adapters: dict[str, str | Path]) -> list[Loaded]:
     """Read and check every adapter (cheap: no base weights): names, kinds, one base, one input rule."""
-    from .classifier import read
-
     if not adapters:
         raise UserError("no adapters given; name at least one, e.g. spam=runs/smoke")
     out = []
     for name, path in adapters.items():
         if not NAME.match(name):
             raise UserError(f"adapter name {name!r} must be 1-64 letters, digits, '_', '-' or '.', starting with a letter or digit")
-        spec, tensors, source = read(path)
+        spec, tensors, source = read_adapter(path)
         if spec.kind != "lora":
             raise UserError(f"adapter '{name}' ({source}) trains whole layers (train.trainable={spec.trainable}), which "
                             f"replace base weights; only LoRA adapters share a base: use `lora-dist classify` for it")
@@ -69,9 +73,6 @@ def read_adapters(adapters: dict[str, str | Path]) -> list[Loaded]:
 
 def lora_parts(a: Loaded) -> tuple[dict[str, tuple], tuple[torch.Tensor, torch.Tensor]]:
     """({layer: (A, B, scale)}, (head weight, head bias)) of one adapter, its head's LoRA folded in (fp32)."""
-    from .build import build_model
-    from .lora import load_adapter_state_dict
-
     cfg = a.spec.to_config()
     structure = replace(cfg.model, weights="random", name=a.spec.base.name)
     with torch.device("meta"):  # the adapter's own model structure: names and shapes, no weights
@@ -86,8 +87,8 @@ def lora_parts(a: Loaded) -> tuple[dict[str, tuple], tuple[torch.Tensor, torch.T
 
 
 class MultiAdapterClassifier:
-    def __init__(self, model, adapters: list[Loaded], rows, device: torch.device, amp_dtype):
-        self.model, self.rows, self.device, self.amp_dtype = model, rows, device, amp_dtype
+    def __init__(self, model, adapters: list[Loaded], rows, device: torch.device, precision: str):
+        self.model, self.rows, self.device, self.precision = model, rows, device, precision
         self.specs = {a.name: a.spec for a in adapters}
         self.number = {a.name: i for i, a in enumerate(adapters)}
         self.sources = {a.name: a.source for a in adapters}
@@ -100,25 +101,17 @@ class MultiAdapterClassifier:
     @classmethod
     def from_loaded(cls, loaded: list[Loaded], base: str | Path | None = None, *, device: str = "auto",
                     precision: str = "fp32") -> "MultiAdapterClassifier":
-        from .build import base_config, build_model, seed_everything
-        from .multi_lora import Rows, stack_adapters
-        from .strategy import pick_device, resolve_precision
-
         parts = [lora_parts(a) for a in loaded]
         first = loaded[0]
         cfg = base_config(first.spec, first.source, None if base is None else str(base))
         seed_everything(cfg.train.seed)  # random base weights are redrawn exactly as training drew them
-        frozen = replace(cfg, train=replace(cfg.train, trainable="last_layer"))  # no LoRA: the bare base
-        model, _ = build_model(frozen, len(first.spec.labels))
-        dev = pick_device(device, 0)
-        precision = resolve_precision(precision, dev)
-        if precision == "fp16" and dev.type != "cuda":
-            raise UserError("precision fp16 needs a GPU; use bf16 or fp32 on the CPU")
-        model = model.requires_grad_(False).eval().to(dev)
+        model, _ = build_model(cfg, len(first.spec.labels), trainable="none")  # the bare frozen base
+        dev = pick_device(device, key="device")
+        precision = resolve_precision(precision, dev, key="precision")
+        model = model.eval().to(dev)
         rows = Rows()
         stack_adapters(model, [p[0] for p in parts], [p[1] for p in parts], rows)
-        amp = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-        return cls(model, loaded, rows, dev, amp)
+        return cls(model, loaded, rows, dev, precision)
 
     @property
     def names(self) -> list[str]:
@@ -134,29 +127,26 @@ class MultiAdapterClassifier:
 
     # --------------------------------------------------------------------------------------- batches
     def encode(self, texts: list[str], adapters: list[str]) -> list[list[int]]:
-        """Token ids as `Classifier.encode` makes them, each truncated to its adapter's max_length."""
-        from .tokenizer import get_tokenizer
+        """Token ids as in training (`data.encode`), each truncated to its adapter's max_length."""
+        ids, _ = encode(texts)
+        return [i[: self.specs[a].max_length] for i, a in zip(ids, adapters)]
 
-        tok = get_tokenizer()
-        return [tok.encode_ordinary(str(t))[: self.specs[a].max_length] for t, a in zip(texts, adapters)]
-
-    def groups(self, adapters: list[str]) -> dict[tuple, list[int]]:
-        """Rows that may share a padded batch: all of them when padding changes nothing (`padding_free`);
-        else per (pad length, pad token), and with no pad length each row alone, as `Classifier` does."""
-        from .classifier import padding_free
-
-        out: dict[tuple, list[int]] = {}
+    def batches(self, ids: list[list[int]], adapters: list[str], batch_size: int):
+        """(positions, Batch) over `ids`, as `Classifier.batches` makes them: rows share a padded batch when
+        padding changes nothing (`AdapterSpec.padding_free`), else per (pad length, pad token), and with no
+        pad length each row alone. Inside a batch rows go by adapter: one LoRA segment per adapter."""
+        groups = []
         for i, a in enumerate(adapters):
             s = self.specs[a]
-            key = () if padding_free(s) else ((s.pad_to, s.pad_token_id) if s.pad_to else ("alone", i))
-            out.setdefault(key, []).append(i)
-        return out
+            groups.append(() if s.padding_free() else ((s.pad_to, s.pad_token_id) if s.pad_to else ("alone", i)))
+        number = [self.number[a] for a in adapters]
+        for chunk in batch_plan([len(i) for i in ids], batch_size, groups, order=number):
+            s = self.specs[adapters[chunk[0]]]
+            yield chunk, Collate(s.pad_token_id, s.pad_to)([(ids[i], 0) for i in chunk])
 
     @torch.inference_mode()
     def logits(self, texts: list[str], adapters: list[str] | str, batch_size: int = 32) -> torch.Tensor:
         """(N, most labels) fp32 logits in input order; a row's labels past its adapter's own are -inf."""
-        from .data import Collate
-
         if isinstance(texts, str):
             raise TypeError("pass a list of messages, not one string")
         adapters = [adapters] * len(texts) if isinstance(adapters, str) else list(adapters)
@@ -164,26 +154,17 @@ class MultiAdapterClassifier:
             raise UserError(f"{len(texts)} messages but {len(adapters)} adapter names; give one per message")
         self.check(adapters)
         ids = self.encode(texts, adapters)
-        width = self.model.head.W.shape[1]
-        out = torch.empty(len(ids), width)
+        out = torch.empty(len(ids), self.model.head.W.shape[1])
         number = torch.tensor([self.number[a] for a in adapters], dtype=torch.long)
-        for rows in self.groups(adapters).values():
-            s = self.specs[adapters[rows[0]]]
-            collate = Collate(s.pad_token_id, s.pad_to)
-            rows = sorted(rows, key=lambda i: number[i])  # one LoRA segment per adapter in a batch
-            for start in range(0, len(rows), batch_size):
-                chunk = rows[start: start + batch_size]  # the model packs it: its padding costs nothing
-                batch = collate([(ids[i], 0) for i in chunk])
-                self.rows.set(number[chunk].to(self.device), [max(len(ids[i]), 1) for i in chunk])
-                with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-                    logits = self.model(batch.ids.to(self.device), batch.last.to(self.device))  # (B, L_max)
-                out[chunk] = logits.float().cpu()
+        for chunk, batch in self.batches(ids, adapters, batch_size):  # the model packs a batch: its padding costs nothing
+            self.rows.set(number[chunk].to(self.device), [max(len(ids[i]), 1) for i in chunk])
+            with autocast(self.device, self.precision):
+                logits = self.model(batch.ids.to(self.device), batch.last.to(self.device))  # (B, L_max)
+            out[chunk] = logits.float().cpu()
         return out
 
     def predict(self, texts: list[str], adapters: list[str] | str, batch_size: int = 32) -> list[dict]:
         """[{"text", "adapter", "label", "probs": {label: p}}] in input order, each over its adapter's labels."""
-        from .classifier import results
-
         adapters = [adapters] * len(texts) if isinstance(adapters, str) else list(adapters)
         probs = self.logits(texts, adapters, batch_size).softmax(dim=-1)
         out = []

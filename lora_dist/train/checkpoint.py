@@ -27,7 +27,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .errors import UserError
+from ..errors import UserError
+from ..files import sha256
 
 STATE = "state.json"
 
@@ -63,7 +64,7 @@ def commit(staging: Path, *, adapter: dict, optimizer: dict | None, rng_states: 
         tensors, opt_meta = _flatten_optimizer(optimizer)
         save_file(tensors, str(staging / "optimizer.safetensors"))
     files = sorted(p for p in staging.rglob("*") if p.is_file())
-    hashes = {str(p.relative_to(staging)): _sha256(p) for p in files}
+    hashes = {str(p.relative_to(staging)): sha256(p) for p in files}
     state = dict(meta, optimizer=opt_meta, rng=py_np, files=hashes)
     (staging / STATE).write_text(json.dumps(state, indent=1))
     for p in list(staging.rglob("*")):
@@ -101,7 +102,7 @@ def verify(path: Path) -> dict:
         p = path / rel
         if not p.is_file():
             raise UserError(f"checkpoint {path} is incomplete ({rel} is missing)")
-        if _sha256(p) != digest:
+        if sha256(p) != digest:
             raise UserError(f"checkpoint {path} is corrupt ({rel} does not match its sha256)")
     return state
 
@@ -217,14 +218,6 @@ def _derived_seed(saved: torch.Tensor, rank: int, salt: bytes = b"") -> int:
 
 
 # ------------------------------------------------------------------------------------------ helpers
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _fsync(path: Path) -> None:

@@ -18,8 +18,8 @@ import torch
 import yaml
 from torch import nn
 
-from .errors import UserError
-from .strategy import DDP
+from ..errors import UserError
+from .strategy import DDP, optimizer_text_of
 
 TAG = "state"
 COMMS_SAMPLE_EVERY = 10  # steps 1, 11, 21, ... count their collectives
@@ -102,9 +102,7 @@ class DeepSpeed(DDP):
         self._count_next = True
 
     def optimizer_text(self) -> str:
-        from .strategy import _optimizer_text
-
-        return _optimizer_text(self.model.basic_optimizer)
+        return optimizer_text_of(self.model.basic_optimizer)
 
     @property
     def module(self) -> nn.Module:

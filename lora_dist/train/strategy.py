@@ -12,88 +12,15 @@ state methods. Only trainable (adapter) tensors ever reach the optimizer or the 
 from __future__ import annotations
 
 import contextlib
-import datetime
-import os
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from .config import Config
-from .errors import UserError
-
-
-@dataclass(frozen=True)
-class DistEnv:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @classmethod
-    def from_environ(cls) -> "DistEnv":
-        env = os.environ
-        return cls(int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0)))
-
-
-def pick_device(name: str, local_rank: int) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", local_rank % torch.cuda.device_count())
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"train.device={name} but no CUDA device is visible; use train.device=auto or cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and dev.index is None:
-        dev = torch.device("cuda", local_rank % torch.cuda.device_count())
-    return dev
-
-
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU computes bf16 matmuls natively (AVX512-BF16 or AMX-BF16), where they run at about
-    twice the fp32 rate. Elsewhere bf16 on the CPU is emulated and no faster than fp32."""
-    try:
-        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
-    except (OSError, StopIteration):
-        return False  # not Linux: no cheap way to tell, so take fp32
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def cuda_has_native_bf16(device: torch.device) -> bool:
-    """Compute capability 8.0 or newer (A100, A10, L4/L40, H100, B200): bf16 tensor cores. Older GPUs
-    (V100 7.0, T4 7.5) only emulate bf16, which `torch.cuda.is_bf16_supported()` counts as support. Asked of
-    `device` itself, after `set_device`, so that no rank creates a context on cuda:0."""
-    return torch.cuda.get_device_capability(device) >= (8, 0)
-
-
-def resolve_precision(precision: str, device: torch.device, strategy: str = "none") -> str:
-    """`train.precision=auto` -> bf16 autocast where the hardware runs it natively (CUDA compute capability
-    >= 8.0, CPUs with AVX512-BF16/AMX), fp32 elsewhere (MPS, V100/T4 and older CPUs, and DeepSpeed on the
-    CPU). Adapters, optimizer state and gradients stay fp32 either way. Other values are kept as they are."""
-    if precision != "auto":
-        return precision
-    if device.type == "cuda":
-        return "bf16" if cuda_has_native_bf16(device) else "fp32"
-    if device.type == "cpu" and strategy != "deepspeed":
-        return "bf16" if cpu_has_native_bf16() else "fp32"
-    return "fp32"
-
-
-def make_strategy(cfg: Config, env: DistEnv | None = None) -> "Local":
-    env = env or DistEnv.from_environ()
-    kind = cfg.dist.strategy
-    if kind == "auto":
-        kind = "ddp" if env.world_size > 1 else "none"
-    if kind == "none" and env.world_size > 1:
-        raise UserError(f"dist.strategy=none, but {env.world_size} processes were launched; use dist.strategy=ddp or deepspeed (or auto)")
-    device = pick_device(cfg.train.device, env.local_rank)
-    if kind == "deepspeed":
-        from .deepspeed_strategy import DeepSpeed  # imports deepspeed only when asked for
-
-        return DeepSpeed(cfg, env, device)
-    return {"none": Local, "ddp": DDP}[kind](cfg, env, device)
+from ..config import Config
+from ..device import AMP_DTYPES, DistEnv, autocast, init_process_group, leave_process_group, resolve_precision
+from ..errors import UserError
+from ..lora import load_adapter_state_dict
 
 
 class Local:
@@ -115,9 +42,7 @@ class Local:
         if self.tf32:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
-        self.amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-        if precision == "fp16" and device.type == "cpu":
-            raise UserError("train.precision=fp16 needs a GPU; use bf16 or fp32 on the CPU")
+        self.amp_dtype = AMP_DTYPES[precision]
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
         self._comm_bytes = 0
         self.init()
@@ -132,7 +57,7 @@ class Local:
 
     def optimizer_text(self) -> str:
         """Which optimizer runs, e.g. "torch AdamW (fused)"."""
-        return _optimizer_text(self.optimizer)
+        return optimizer_text_of(self.optimizer)
 
     # ---------------------------------------------------------------------------------------- model
     @property
@@ -156,9 +81,7 @@ class Local:
         return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay, betas=tuple(t.betas), fused=fused)
 
     def autocast(self):
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+        return autocast(self.device, self.precision)
 
     def forward(self, ids: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
         with self.autocast():
@@ -205,8 +128,6 @@ class Local:
         return {n: params[n].detach().cpu().clone() for n in names}
 
     def load_adapter(self, state: dict[str, torch.Tensor], source: str) -> None:
-        from .lora import load_adapter_state_dict
-
         load_adapter_state_dict(self.module, state, source=source)
 
     def optimizer_state(self) -> dict | None:
@@ -233,21 +154,7 @@ class DDP(Local):
 
     def init(self) -> None:
         super().init()
-        backend = self.cfg.dist.backend
-        if backend == "auto":
-            backend = "nccl" if self.device.type == "cuda" else "gloo"
-        if backend == "nccl" and self.device.type != "cuda":
-            raise UserError("dist.backend=nccl needs a CUDA GPU on every rank; use dist.backend=gloo (or auto) on CPU")
-        if self.world_size > 1 and "MASTER_ADDR" not in os.environ:
-            raise UserError("WORLD_SIZE > 1 but MASTER_ADDR is not set; launch with torchrun or launcher/launch.py")
-        self._set_env: list[str] = []
-        if not dist.is_initialized():
-            if "MASTER_ADDR" not in os.environ:  # a plain process: a world of one, set up as torchrun would
-                self._set_env = _world_of_one_env()
-            dist.init_process_group(backend, rank=self.rank, world_size=self.world_size,
-                                    timeout=datetime.timedelta(seconds=self.cfg.dist.timeout_s),
-                                    device_id=self.device if backend == "nccl" else None)
-        self.backend = backend
+        self.backend, self._set_env = init_process_group(self.device, self.cfg.dist.timeout_s, self.cfg.dist.backend, self.env)
         self.reduced_params: set[int] = set()
 
     def prepare(self, model: nn.Module, micro: int, accum: int) -> None:
@@ -284,30 +191,10 @@ class DDP(Local):
         dist.barrier()
 
     def cleanup(self, ok: bool = True) -> None:
-        if dist.is_initialized():
-            if ok:  # every rank is done with its collectives before any tears the group down
-                dist.barrier()
-            dist.destroy_process_group()
-        for key in self._set_env:
-            os.environ.pop(key, None)
+        leave_process_group(self._set_env, barrier=ok)  # on success every rank is done with its collectives
 
 
-def _world_of_one_env() -> list[str]:
-    """The environment torchrun gives a single worker (rank 0 of 1, a free port on the loopback), for
-    `dist.strategy=ddp|deepspeed` in a plain process; returns the keys it set."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    wanted = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}
-    added = [k for k in wanted if k not in os.environ]
-    for k in added:
-        os.environ[k] = wanted[k]
-    return added
-
-
-def _optimizer_text(opt) -> str:
+def optimizer_text_of(opt) -> str:
     kind = type(opt)
     if kind.__module__.startswith("torch."):
         fused = " (fused)" if opt.defaults.get("fused") else " (foreach)" if opt.defaults.get("foreach") else ""

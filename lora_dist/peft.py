@@ -1,8 +1,10 @@
-"""Read a PEFT LoRA adapter for transformers' GPT2ForSequenceClassification as a lora-dist adapter.
+"""PEFT's layout for transformers' GPT2ForSequenceClassification, and reading a PEFT LoRA adapter as a
+lora-dist adapter.
 
     python -c "from lora_dist import Classifier; print(Classifier.from_pretrained('exports/smoke-peft').predict(['hi']))"
 
-The inverse of `export.write_peft`, for lora-dist's own exports and for adapters trained elsewhere with
+`hf_modules`, `PREFIX` and `SIDECAR` name where our layers sit in PEFT's files (`export.write_peft` writes
+them). `read` is the inverse of `export.write_peft`, for lora-dist's own exports and for adapters trained elsewhere with
 PEFT. Each LoRA block becomes adapters on our separate Linear layers: the fused `c_attn`'s rows split into
 query, key and value, each keeping only the columns of lora_B its rows use (a lora-dist export's
 block-diagonal B gives back the original ranks; a dense one gives each projection the whole block). PEFT's
@@ -20,17 +22,43 @@ import re
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 
 from .adapter import AdapterSpec, BaseModel
 from .errors import UserError
+from .model import ALIASES, HUB_REPOS
+from .weights import from_hf, key_map, load_gpt2
 
+SIDECAR = "lora_dist.json"  # the lora-dist description beside a PEFT export: labels, base, input rules
+PREFIX = "base_model.model."  # what PEFT puts before the model's own parameter names
 UNSUPPORTED = {"use_dora": "DoRA", "lora_bias": "LoRA biases", "trainable_token_indices": "trainable tokens",
                "layer_replication": "layer replication", "target_parameters": "LoRA on parameters"}
 
 
-def read(path: Path, base: str | None) -> tuple[AdapterSpec, dict[str, torch.Tensor]]:
-    from .export import PREFIX, SIDECAR, hf_modules
+def hf_modules(n_layers: int) -> dict[str, tuple[str, int | None]]:
+    """Our LoRA-able Linear layers -> (module of GPT2ForSequenceClassification, slot in the fused c_attn)."""
+    m = {}
+    for i in range(n_layers):
+        b, h = f"blocks.{i}.", f"transformer.h.{i}."
+        m |= {b + "att.query": (h + "attn.c_attn", 0), b + "att.key": (h + "attn.c_attn", 1),
+              b + "att.value": (h + "attn.c_attn", 2), b + "att.out": (h + "attn.c_proj", None),
+              b + "ff.fc": (h + "mlp.c_fc", None), b + "ff.proj": (h + "mlp.c_proj", None)}
+    return m
 
+
+def is_peft_dir(path) -> bool:
+    """Whether PATH is a PEFT adapter directory (adapter_config.json with a peft_type)."""
+    f = Path(path) / "adapter_config.json"
+    try:
+        return f.is_file() and "peft_type" in json.loads(f.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+
+
+def read(path: Path, base: str | None) -> tuple[AdapterSpec, dict[str, torch.Tensor]]:
+    """(AdapterSpec, tensors in lora-dist's names) of a PEFT LoRA adapter for GPT2ForSequenceClassification:
+    a lora-dist export (its lora_dist.json gives labels, base and input rules) or one trained elsewhere."""
     cfg = _config(path)
     tensors = _tensors(path)
     template = _sidecar(path / SIDECAR)
@@ -128,9 +156,6 @@ def _config(path: Path) -> dict:
 
 
 def _tensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     file = path / "adapter_model.safetensors"
     if not file.is_file():
         pickle = " (adapter_model.bin is a pickle, which lora-dist never loads: re-save it with safe_serialization=True)"
@@ -161,8 +186,6 @@ def _pattern(cfg: dict, key: str, module: str, default):
 
 def _base(ref: str | None, base: str | None, path: Path) -> BaseModel:
     """The base that base_model_name_or_path (or --base) names: a GPT-2 on the hub or a local directory."""
-    from .model import ALIASES, HUB_REPOS
-
     if base is not None:
         return BaseModel(str(base), str(Path(base).resolve()))
     if not ref:
@@ -178,9 +201,6 @@ def _base(ref: str | None, base: str | None, path: Path) -> BaseModel:
 
 def _gpt_config(b: BaseModel, base: str | None):
     """The base's shape (built on the meta device: nothing read but a config.json)."""
-    from .model import HUB_REPOS
-    from .weights import load_gpt2
-
     where = base or (b.name if b.source == "random" or b.source in HUB_REPOS.values() else b.source)
     with torch.device("meta"):
         return load_gpt2(where, "random", context_length=b.context_length).cfg
@@ -201,8 +221,6 @@ def _labels(b: BaseModel, base: str | None, n: int) -> list[str]:
 
 def _overrides(saved: dict[str, torch.Tensor], gpt, path: Path) -> dict[str, torch.Tensor]:
     """Saved base modules (modules_to_save other than score) in lora-dist's names."""
-    from .weights import from_hf, key_map
-
     table = key_map(gpt)
     out = {}
     for name, t in saved.items():

@@ -20,7 +20,8 @@ import string
 import sys
 from pathlib import Path
 
-from .scores import METRICS, scores
+from ..adapter import LAYOUT
+from ..scores import METRICS, scores
 
 RUN_ID_FILE = "wandb_run_id"
 # A job id shared by every rank and kept across reruns of the job, most specific first.
@@ -184,8 +185,6 @@ class WandbSink:
         plots = sorted((self.dir / "plots").glob("*.png"))
         if plots:
             self.run.log({f"plots/{p.stem}": wandb.Image(str(p)) for p in plots})
-        from .adapter import LAYOUT
-
         for sub, tensors, desc in LAYOUT.values():  # adapter/ (LoRA) or weights/ (trained layers)
             folder = self.dir / sub
             if not (folder / tensors).is_file():

@@ -1,0 +1,146 @@
+"""Where and how the model runs, for training and inference alike: rank, device, precision, process group.
+
+    python -c "from lora_dist.device import pick_device, resolve_precision as r; d = pick_device('auto'); print(d, r('auto', d))"
+
+`DistEnv` is what the launcher (torchrun, deepspeed, Slurm through launcher/launch.py) says about this
+process; `pick_device` turns `auto`/`cuda`/`cpu` into a device for its local rank; `resolve_precision` turns
+`auto` into bf16 where the hardware runs it natively and fp32 elsewhere; `autocast` runs a forward pass in
+that precision; `init_process_group` joins the job's process group (gloo on the CPU, NCCL on CUDA).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from .errors import UserError
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+AMP_DTYPES: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @classmethod
+    def from_environ(cls) -> DistEnv:
+        env = os.environ
+        return cls(int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0)))
+
+
+def pick_device(name: str | torch.device = "auto", local_rank: int = 0, key: str = "train.device") -> torch.device:
+    """`auto` (this rank's GPU, else MPS, else the CPU), `cpu`, `cuda`, `cuda:N` or `mps`."""
+    if isinstance(name, torch.device):
+        return name
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", local_rank % torch.cuda.device_count())
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"{key}={name} but no CUDA device is visible; use {key}=auto or cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"{key}={name!r} is not a device; use auto, cpu, cuda, cuda:N or mps")
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", local_rank % torch.cuda.device_count())
+    return dev
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 matmuls natively (AVX512-BF16 or AMX-BF16), where they run at about
+    twice the fp32 rate. Elsewhere bf16 on the CPU is emulated and no faster than fp32."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next(line for line in f if line.startswith("flags")).split()
+    except (OSError, StopIteration):
+        return False  # not Linux: no cheap way to tell, so take fp32
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def cuda_has_native_bf16(device: torch.device) -> bool:
+    """Compute capability 8.0 or newer (A100, A10, L4/L40, H100, B200): bf16 tensor cores. Older GPUs
+    (V100 7.0, T4 7.5) only emulate bf16, which `torch.cuda.is_bf16_supported()` counts as support. Asked of
+    `device` itself, after `set_device`, so that no rank creates a context on cuda:0."""
+    return torch.cuda.get_device_capability(device) >= (8, 0)
+
+
+def resolve_precision(precision: str, device: torch.device, strategy: str = "none", key: str = "train.precision") -> str:
+    """`auto` -> bf16 where the hardware runs it natively (CUDA compute capability >= 8.0, CPUs with
+    AVX512-BF16/AMX), fp32 elsewhere (MPS, V100/T4 and older CPUs, and DeepSpeed on the CPU). Other values
+    are kept, once checked: fp16 needs a GPU. `key` names the setting in the error."""
+    if precision not in PRECISIONS:
+        raise UserError(f"{key} must be one of {', '.join(PRECISIONS)}; got {precision!r}")
+    if precision == "fp16" and device.type != "cuda":
+        raise UserError(f"{key}=fp16 needs a GPU; use bf16 or fp32 on the {device.type.upper()}")
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if cuda_has_native_bf16(device) else "fp32"
+    if device.type == "cpu" and strategy != "deepspeed":
+        return "bf16" if cpu_has_native_bf16() else "fp32"
+    return "fp32"
+
+
+def autocast(device: torch.device, precision: str):
+    """The context a forward pass runs in: autocast to bf16/fp16, or nothing for fp32."""
+    dtype = AMP_DTYPES[precision]
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def init_process_group(device: torch.device, timeout_s: float, backend: str = "auto", env: DistEnv | None = None) -> tuple[str, list[str]]:
+    """Join the job's process group (nccl on CUDA, gloo on the CPU, unless `backend` says). A plain process
+    (no launcher) becomes a world of one, set up as torchrun would. Returns (backend, the environment
+    variables set here, for `leave_process_group`)."""
+    env = env or DistEnv.from_environ()
+    if backend == "auto":
+        backend = "nccl" if device.type == "cuda" else "gloo"
+    if backend == "nccl" and device.type != "cuda":
+        raise UserError("dist.backend=nccl needs a CUDA GPU on every rank; use dist.backend=gloo (or auto) on CPU")
+    if env.world_size > 1 and "MASTER_ADDR" not in os.environ:
+        raise UserError("WORLD_SIZE > 1 but MASTER_ADDR is not set; launch with torchrun or launcher/launch.py")
+    added: list[str] = []
+    if not dist.is_initialized():
+        if "MASTER_ADDR" not in os.environ:
+            added = _world_of_one_env()
+        dist.init_process_group(backend, rank=env.rank, world_size=env.world_size,
+                                timeout=datetime.timedelta(seconds=timeout_s),
+                                device_id=device if backend == "nccl" else None)
+    return backend, added
+
+
+def leave_process_group(added: list[str] = (), barrier: bool = True) -> None:
+    """Tear the group down (after a barrier, so no rank leaves while others still talk), and unset what
+    `init_process_group` set."""
+    if dist.is_initialized():
+        if barrier:
+            dist.barrier()
+        dist.destroy_process_group()
+    for key in added:
+        os.environ.pop(key, None)
+
+
+def _world_of_one_env() -> list[str]:
+    """The environment torchrun gives a single worker (rank 0 of 1, a free port on the loopback); returns
+    the keys it set."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    wanted = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}
+    added = [k for k in wanted if k not in os.environ]
+    for k in added:
+        os.environ[k] = wanted[k]
+    return added
