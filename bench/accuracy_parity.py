@@ -42,20 +42,42 @@ def train(config: str, mode: str, seed: int, extra: list[str], out: Path) -> dic
 
     d, t = DataConfig(), TrainConfig()
     base = [f"data.padding={d.padding}", f"data.bucket={str(d.bucket).lower()}", f"train.precision={t.precision}"]
-    overrides = base + MODES[mode] + [f"train.seed={seed}", f"output_dir={out}", "overwrite=true",
-                                      "data.download=false", "tracking.wandb.mode=disabled"] + extra
+    overrides = (
+        base
+        + MODES[mode]
+        + [
+            f"train.seed={seed}",
+            f"output_dir={out}",
+            "overwrite=true",
+            "data.download=false",
+            "tracking.wandb.mode=disabled",
+        ]
+        + extra
+    )
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         env.pop(k, None)
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "lora_dist", "train", "--config", config, *overrides], cwd=ROOT,
-                          capture_output=True, text=True, env=env)
+    proc = subprocess.run(
+        [sys.executable, "-m", "lora_dist", "train", "--config", config, *overrides],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     if proc.returncode != 0:
         raise SystemExit(f"{mode} seed {seed} failed:\n{proc.stderr[-3000:]}")
     r = json.loads((out / "results.json").read_text())
-    return {"test_accuracy": r["test_accuracy"], "val_accuracy": r["val_accuracy"], "train_accuracy": r["train_accuracy"],
-            "test_loss": r["test_loss"], "train_seconds": r["train_seconds"], "wall_s": time.perf_counter() - start,
-            "examples_per_second": r["examples_per_second"], "overrides": overrides}
+    return {
+        "test_accuracy": r["test_accuracy"],
+        "val_accuracy": r["val_accuracy"],
+        "train_accuracy": r["train_accuracy"],
+        "test_loss": r["test_loss"],
+        "train_seconds": r["train_seconds"],
+        "wall_s": time.perf_counter() - start,
+        "examples_per_second": r["examples_per_second"],
+        "overrides": overrides,
+    }
 
 
 def summary(accs: list[float]) -> dict:
@@ -90,24 +112,42 @@ def main() -> None:
             for mode in args.modes:
                 r = train(args.config, mode, seed, args.extra, Path(tmp) / f"{mode}-{seed}")
                 runs[mode][seed] = r
-                print(f"{mode:>13} seed {seed}: test {r['test_accuracy'] * 100:.2f}%, val {r['val_accuracy'] * 100:.2f}%, "
-                      f"{r['examples_per_second']:.1f} examples/s, {r['wall_s']:.0f}s", flush=True)
+                print(
+                    f"{mode:>13} seed {seed}: test {r['test_accuracy'] * 100:.2f}%, val {r['val_accuracy'] * 100:.2f}%, "
+                    f"{r['examples_per_second']:.1f} examples/s, {r['wall_s']:.0f}s",
+                    flush=True,
+                )
     stats = {m: summary([runs[m][s]["test_accuracy"] for s in args.seeds]) for m in args.modes}
     ref = "book" if "book" in stats else args.modes[-1]
     comparisons = {f"{m} vs {ref}": compare(stats[m], stats[ref]) for m in args.modes if m != ref}
     m = machine()
-    doc = {"command": "python bench/accuracy_parity.py " + " ".join(sys.argv[1:]), "date": started.strftime("%Y-%m-%d %H:%M"),
-           "config": args.config, "seeds": args.seeds, "extra": args.extra, "machine": m,
-           "test_accuracy": stats, "comparisons": comparisons, "runs": {k: {str(s): v for s, v in r.items()} for k, r in runs.items()}}
-    path = Path(args.out) / f"accuracy-parity-{slug(m, 'cpu')}-{started.strftime('%Y-%m-%d')}{'-' + args.tag if args.tag else ''}.json"
+    doc = {
+        "command": "python bench/accuracy_parity.py " + " ".join(sys.argv[1:]),
+        "date": started.strftime("%Y-%m-%d %H:%M"),
+        "config": args.config,
+        "seeds": args.seeds,
+        "extra": args.extra,
+        "machine": m,
+        "test_accuracy": stats,
+        "comparisons": comparisons,
+        "runs": {k: {str(s): v for s, v in r.items()} for k, r in runs.items()},
+    }
+    path = (
+        Path(args.out)
+        / f"accuracy-parity-{slug(m, 'cpu')}-{started.strftime('%Y-%m-%d')}{'-' + args.tag if args.tag else ''}.json"
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(doc, indent=2) + "\n")
     print(f"\n| mode | test accuracy, seeds {' '.join(map(str, args.seeds))} | mean ± sd |\n|---|---|---|")
     for mode, st in stats.items():
-        print(f"| {mode} | {' / '.join(f'{v * 100:.2f}' for v in st['values'])} | {st['mean'] * 100:.2f} ± {st['stdev'] * 100:.2f} |")
+        print(
+            f"| {mode} | {' / '.join(f'{v * 100:.2f}' for v in st['values'])} | {st['mean'] * 100:.2f} ± {st['stdev'] * 100:.2f} |"
+        )
     for k, c in comparisons.items():
-        print(f"{k}: difference {c['difference'] * 100:+.2f} points, 2 standard errors {c['two_standard_errors'] * 100:.2f}: "
-              f"{'within noise' if c['within_noise'] else 'NOT within noise'}")
+        print(
+            f"{k}: difference {c['difference'] * 100:+.2f} points, 2 standard errors {c['two_standard_errors'] * 100:.2f}: "
+            f"{'within noise' if c['within_noise'] else 'NOT within noise'}"
+        )
     print(f"results: {path}")
 
 

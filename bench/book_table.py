@@ -40,17 +40,43 @@ def book_rows() -> dict[int, dict]:
         number = int(path.name.split("-")[1])
         what = " ".join(line[2:] for line in text.splitlines() if line.startswith("# ") and "row" in text)
         what = re.sub(r"^.*?row \d+: ", "", what.split("# The book:")[0]).split(". The book:")[0].strip()
-        rows[number] = {"config": str(path.relative_to(ROOT)), "what": what.rstrip("."),
-                        "book": [float(m.group(i)) for i in (1, 2, 3)], "book_minutes": float(m.group(4))}
+        rows[number] = {
+            "config": str(path.relative_to(ROOT)),
+            "what": what.rstrip("."),
+            "book": [float(m.group(i)) for i in (1, 2, 3)],
+            "book_minutes": float(m.group(4)),
+        }
     return rows
 
 
 def run_row(config: str, out_dir: Path, seed: int, nproc: int, overrides: list[str]) -> dict:
     python = sys.executable
-    launcher = [python, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--rdzv-backend=c10d",
-                "--rdzv-endpoint=127.0.0.1:0"] if nproc > 1 else [python]
-    cmd = [*launcher, "-m", "lora_dist", "train", "--config", config, f"output_dir={out_dir}", "overwrite=true",
-           f"train.seed={seed}", f"data.seed=123", "tracking.wandb.mode=disabled", *overrides]
+    launcher = (
+        [
+            python,
+            "-m",
+            "torch.distributed.run",
+            f"--nproc_per_node={nproc}",
+            "--rdzv-backend=c10d",
+            "--rdzv-endpoint=127.0.0.1:0",
+        ]
+        if nproc > 1
+        else [python]
+    )
+    cmd = [
+        *launcher,
+        "-m",
+        "lora_dist",
+        "train",
+        "--config",
+        config,
+        f"output_dir={out_dir}",
+        "overwrite=true",
+        f"train.seed={seed}",
+        "data.seed=123",
+        "tracking.wandb.mode=disabled",
+        *overrides,
+    ]
     print("+", " ".join(cmd), file=sys.stderr, flush=True)
     start = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, text=True, capture_output=True)
@@ -59,9 +85,14 @@ def run_row(config: str, out_dir: Path, seed: int, nproc: int, overrides: list[s
         tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
         return {"seed": seed, "error": tail, "wall_seconds": wall}
     r = json.loads((out_dir / "results.json").read_text())
-    return {"seed": seed, "wall_seconds": wall, "train_seconds": r["train_seconds"],
-            "acc": [r["train_accuracy"] * 100, r["val_accuracy"] * 100, r["test_accuracy"] * 100],
-            "trainable_params": r["trainable_params"], "world_size": r["world_size"]}
+    return {
+        "seed": seed,
+        "wall_seconds": wall,
+        "train_seconds": r["train_seconds"],
+        "acc": [r["train_accuracy"] * 100, r["val_accuracy"] * 100, r["test_accuracy"] * 100],
+        "trainable_params": r["trainable_params"],
+        "world_size": r["world_size"],
+    }
 
 
 def fmt(values: list[float]) -> str:
@@ -71,8 +102,10 @@ def fmt(values: list[float]) -> str:
 
 
 def table(rows: dict[int, dict], runs: dict[int, list[dict]]) -> str:
-    lines = ["| row | setting | book: train / val / test | ours: train / val / test | test, ours − book | time, ours | seeds |",
-             "|---:|---|---|---|---:|---:|---|"]
+    lines = [
+        "| row | setting | book: train / val / test | ours: train / val / test | test, ours − book | time, ours | seeds |",
+        "|---:|---|---|---|---:|---:|---|",
+    ]
     for n, got in runs.items():
         row = rows[n]
         ok = [g for g in got if "acc" in g]
@@ -83,8 +116,10 @@ def table(rows: dict[int, dict], runs: dict[int, list[dict]]) -> str:
         ours = " / ".join(fmt([g["acc"][i] for g in ok]) for i in range(3))
         delta = statistics.mean(g["acc"][2] for g in ok) - row["book"][2]
         minutes = statistics.mean(g["wall_seconds"] for g in ok) / 60
-        lines.append(f"| {n} | {row['what']} | {book} | {ours} | {delta:+.2f} | {minutes:.1f} min | "
-                     f"{', '.join(str(g['seed']) for g in ok)} |")
+        lines.append(
+            f"| {n} | {row['what']} | {book} | {ours} | {delta:+.2f} | {minutes:.1f} min | "
+            f"{', '.join(str(g['seed']) for g in ok)} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -104,8 +139,13 @@ def main(argv=None) -> int:
     if unknown:
         p.error(f"no config for row(s) {unknown}; rows are {sorted(rows)}")
     seeds = [int(s) for s in args.seeds.split(",")]
-    runs = {n: [run_row(rows[n]["config"], Path(args.runs_dir) / f"row-{n:02d}-seed-{s}", s, args.nproc, args.overrides)
-                for s in seeds] for n in wanted}
+    runs = {
+        n: [
+            run_row(rows[n]["config"], Path(args.runs_dir) / f"row-{n:02d}-seed-{s}", s, args.nproc, args.overrides)
+            for s in seeds
+        ]
+        for n in wanted
+    }
     text = table(rows, runs)
     print(text)
     machine = os.uname().nodename.split(".")[0]
@@ -113,8 +153,17 @@ def main(argv=None) -> int:
     out = Path(args.results_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{stem}.md").write_text(text)
-    (out / f"{stem}.json").write_text(json.dumps({"rows": {n: {**rows[n], "runs": runs[n]} for n in wanted},
-                                                  "overrides": args.overrides, "nproc": args.nproc}, indent=2) + "\n")
+    (out / f"{stem}.json").write_text(
+        json.dumps(
+            {
+                "rows": {n: {**rows[n], "runs": runs[n]} for n in wanted},
+                "overrides": args.overrides,
+                "nproc": args.nproc,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     print(f"written: {out / stem}.md and .json", file=sys.stderr)
     return 0 if all("acc" in g for got in runs.values() for g in got) else 1
 

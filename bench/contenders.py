@@ -50,20 +50,45 @@ VARIANTS: dict[str, Spec] = {
     "c-bf16": Spec("peft", "(c) in bf16 autocast", ("train.precision=bf16",)),
     # one optimisation off at a time
     "a-nobucket": Spec("lora-dist", "(a) without length buckets", _defaults() + ("data.bucket=false",)),
-    "a-bf16-sdpa": Spec("lora-dist", "(a) with attention of bf16 inputs in bf16 (torch's CPU kernel)", _defaults(), ("bf16_sdpa",)),
+    "a-bf16-sdpa": Spec(
+        "lora-dist", "(a) with attention of bf16 inputs in bf16 (torch's CPU kernel)", _defaults(), ("bf16_sdpa",)
+    ),
     "a-mkl": Spec("lora-dist", "(a) with frozen Linears on MKL (plain nn.Linear)", _defaults(), ("plain_linear",)),
     "a-fullseq": Spec("lora-dist", "(a) with the last block run at every position", _defaults(), ("full_last_block",)),
     "a-noaddmm": Spec("lora-dist", "(a) with LoRA as y + scale * ((x @ A) @ B)", _defaults(), ("plain_lora",)),
-    "a-plain": Spec("lora-dist", "(a) with none of the model changes", _defaults(), ("plain_linear", "full_last_block", "plain_lora")),
+    "a-plain": Spec(
+        "lora-dist",
+        "(a) with none of the model changes",
+        _defaults(),
+        ("plain_linear", "full_last_block", "plain_lora"),
+    ),
     "a-compile": Spec("lora-dist", "(a) with torch.compile", _defaults() + ("train.compile=true",)),
     "a-workers": Spec("lora-dist", "(a) with one DataLoader worker", _defaults() + ("train.num_workers=1",)),
     "a-adamw-loop": Spec("lora-dist", "(a) with torch's default (unfused) AdamW", _defaults(), ("unfused_adamw",)),
-    "a-bf16": Spec("lora-dist", "(a) in bf16 autocast, frozen weights stored in bf16", _defaults() + ("train.precision=bf16",), ("cast_frozen",)),
+    "a-bf16": Spec(
+        "lora-dist",
+        "(a) in bf16 autocast, frozen weights stored in bf16",
+        _defaults() + ("train.precision=bf16",),
+        ("cast_frozen",),
+    ),
     "a-fp32": Spec("lora-dist", "(a) in fp32 (train.precision=fp32)", _defaults() + ("train.precision=fp32",)),
-    "a-bf16-autocast": Spec("lora-dist", "(a) in bf16 autocast (train.precision=bf16)", _defaults() + ("train.precision=bf16",)),
-    "a-ckpt": Spec("lora-dist", "(a) with activation checkpointing", _defaults() + ("model.activation_checkpointing=true",)),
-    "b-plain": Spec("lora-dist", "(b) with none of the model changes", ("data.padding=longest", "data.bucket=false"), ("plain_linear", "full_last_block", "plain_lora")),
-    "b-ckpt": Spec("lora-dist", "(b) with activation checkpointing", ("data.padding=longest", "data.bucket=false", "model.activation_checkpointing=true")),
+    "a-bf16-autocast": Spec(
+        "lora-dist", "(a) in bf16 autocast (train.precision=bf16)", _defaults() + ("train.precision=bf16",)
+    ),
+    "a-ckpt": Spec(
+        "lora-dist", "(a) with activation checkpointing", _defaults() + ("model.activation_checkpointing=true",)
+    ),
+    "b-plain": Spec(
+        "lora-dist",
+        "(b) with none of the model changes",
+        ("data.padding=longest", "data.bucket=false"),
+        ("plain_linear", "full_last_block", "plain_lora"),
+    ),
+    "b-ckpt": Spec(
+        "lora-dist",
+        "(b) with activation checkpointing",
+        ("data.padding=longest", "data.bucket=false", "model.activation_checkpointing=true"),
+    ),
 }
 
 
@@ -107,8 +132,15 @@ def apply_patches(names: tuple[str, ...]) -> None:
 
 
 def common_overrides(args) -> list[str]:
-    return [f"model.name={args.model}", "model.weights=random", "data.download=false", f"train.batch_size={args.batch}",
-            f"train.device={args.device}", f"train.precision={args.precision}", "tracking.wandb.mode=disabled"]
+    return [
+        f"model.name={args.model}",
+        "model.weights=random",
+        "data.download=false",
+        f"train.batch_size={args.batch}",
+        f"train.device={args.device}",
+        f"train.precision={args.precision}",
+        "tracking.wandb.mode=disabled",
+    ]
 
 
 class LoraDist:
@@ -127,8 +159,18 @@ class LoraDist:
             cast_frozen(model, {"bf16": torch.bfloat16, "fp16": torch.float16}[t.precision])
         self.model_cfg = model.cfg
         datasets, length = build_datasets(splits, cfg.data, model.cfg.context_length, labels)
-        self.loaders = make_loaders(datasets, length, cfg.data, t.batch_size, 1, 1, 0, t.seed, t.num_workers,
-                                    pin_memory=args.device.startswith("cuda"))
+        self.loaders = make_loaders(
+            datasets,
+            length,
+            cfg.data,
+            t.batch_size,
+            1,
+            1,
+            0,
+            t.seed,
+            t.num_workers,
+            pin_memory=args.device.startswith("cuda"),
+        )
         self.steps_per_epoch = self.loaders.sampler.steps
         if t.compile:
             model.compile()
@@ -172,7 +214,9 @@ class Peft:
         from peft import LoraConfig, TaskType, get_peft_model
         from transformers import DataCollatorWithPadding, GPT2TokenizerFast
 
-        cfg = load_config(RECIPE, common_overrides(args) + ["data.padding=batch", "data.bucket=false"] + list(spec.overrides))
+        cfg = load_config(
+            RECIPE, common_overrides(args) + ["data.padding=batch", "data.bucket=false"] + list(spec.overrides)
+        )
         self.cfg = cfg
         seed_everything(args.seed)
         splits = prepare_splits(cfg.data, say=lambda *a: None)
@@ -182,17 +226,36 @@ class Peft:
         tok = GPT2TokenizerFast(vocab=vocab, merges=merges)
         tok.pad_token = tok.eos_token
         texts, labels = splits["train"]["text"].tolist(), splits["train"]["label"].tolist()
-        self.examples = [{"input_ids": ids, "labels": int(y == "spam")} for ids, y in zip(tok(texts)["input_ids"], labels)]
+        self.examples = [
+            {"input_ids": ids, "labels": int(y == "spam")}
+            for ids, y in zip(tok(texts)["input_ids"], labels, strict=True)
+        ]
         self.collate = DataCollatorWithPadding(tok)
         g = SIZES[args.model]
-        hf = transformers.GPT2Config(vocab_size=g.vocab_size, n_positions=g.context_length, n_embd=g.emb_dim,
-                                     n_layer=g.n_layers, n_head=g.n_heads, num_labels=2, pad_token_id=tok.pad_token_id,
-                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+        hf = transformers.GPT2Config(
+            vocab_size=g.vocab_size,
+            n_positions=g.context_length,
+            n_embd=g.emb_dim,
+            n_layer=g.n_layers,
+            n_head=g.n_heads,
+            num_labels=2,
+            pad_token_id=tok.pad_token_id,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+        )
         self.model_cfg = g
         torch.manual_seed(args.seed)
         model = transformers.GPT2ForSequenceClassification(hf)
-        lcfg = LoraConfig(task_type=TaskType.SEQ_CLS, r=16, lora_alpha=16, lora_dropout=0.0, fan_in_fan_out=True,
-                          target_modules=["c_attn", "c_proj", "c_fc"], modules_to_save=["score"])
+        lcfg = LoraConfig(
+            task_type=TaskType.SEQ_CLS,
+            r=16,
+            lora_alpha=16,
+            lora_dropout=0.0,
+            fan_in_fan_out=True,
+            target_modules=["c_attn", "c_proj", "c_fc"],
+            modules_to_save=["score"],
+        )
         self.device = pick_device(args.device, 0)
         self.model = get_peft_model(model, lcfg).to(self.device)
         self.model.train()

@@ -19,18 +19,32 @@ TARGETS = {"all": ("all",), "att": ("*.att.*",), "ff": ("*.ff.*",)}
 LABELS = {"spam": ("ham", "spam"), "support": ("billing", "bug", "praise"), "lang": ("de", "en", "fr", "it")}
 
 
-def make_adapter(out: Path, model: str = "tiny", base_seed: int = 123, seed: int = 0, rank: int = 8,
-                 targets: tuple[str, ...] = ("all",), labels: tuple[str, ...] = ("ham", "spam"), head: bool = True,
-                 train_head: bool = True, pad_to: int | None = None, max_length: int | None = None) -> Path:
+def make_adapter(
+    out: Path,
+    model: str = "tiny",
+    base_seed: int = 123,
+    seed: int = 0,
+    rank: int = 8,
+    targets: tuple[str, ...] = ("all",),
+    labels: tuple[str, ...] = ("ham", "spam"),
+    head: bool = True,
+    train_head: bool = True,
+    pad_to: int | None = None,
+    max_length: int | None = None,
+) -> Path:
     """Write a random adapter into `out`/adapter and return `out`."""
     from lora_dist import adapter as adapters
     from lora_dist.build import build_model
     from lora_dist.config import Config, DataConfig, LoRAConfig, ModelConfig, TrainConfig
 
-    cfg = Config(model=ModelConfig(name=model, weights="random"),
-                 lora=LoRAConfig(rank=rank, alpha=2.0 * rank, scaling="alpha/r", targets=tuple(targets), head=head,
-                                 train_head=train_head),
-                 data=DataConfig(padding="batch"), train=TrainConfig(seed=base_seed))
+    cfg = Config(
+        model=ModelConfig(name=model, weights="random"),
+        lora=LoRAConfig(
+            rank=rank, alpha=2.0 * rank, scaling="alpha/r", targets=tuple(targets), head=head, train_head=train_head
+        ),
+        data=DataConfig(padding="batch"),
+        train=TrainConfig(seed=base_seed),
+    )
     with torch.device("meta"):  # only the names and shapes: the base is never built
         structure, wrapped = build_model(replace(cfg, model=replace(cfg.model, weights="random")), len(labels))
         from lora_dist.lora import adapter_state_dict
@@ -38,8 +52,10 @@ def make_adapter(out: Path, model: str = "tiny", base_seed: int = 123, seed: int
         shapes = {k: v.shape for k, v in adapter_state_dict(structure).items()}
         ctx = structure.cfg.context_length
     g = torch.Generator().manual_seed(seed)
-    tensors = {k: torch.randn(s, generator=g) * (0.02 if k.endswith(".lora.B") else 0.1 if "head" in k else 0.05)
-               for k, s in shapes.items()}
+    tensors = {
+        k: torch.randn(s, generator=g) * (0.02 if k.endswith(".lora.B") else 0.1 if "head" in k else 0.05)
+        for k, s in shapes.items()
+    }
     spec = adapters.AdapterSpec.for_run(cfg, labels, max_length or ctx, wrapped, adapters.base_of(cfg))
     if pad_to:
         spec = replace(spec, pad_to=pad_to)
@@ -47,13 +63,22 @@ def make_adapter(out: Path, model: str = "tiny", base_seed: int = 123, seed: int
     return Path(out)
 
 
-def make_set(out: Path, n: int, model: str = "tiny", ranks=(8,), targets=("all",), labels=("spam",), base_seed: int = 123) -> dict[str, Path]:
+def make_set(
+    out: Path, n: int, model: str = "tiny", ranks=(8,), targets=("all",), labels=("spam",), base_seed: int = 123
+) -> dict[str, Path]:
     """`n` adapters a00, a01, ... cycling ranks, target sets and label sets; returns {name: path}."""
     paths = {}
     for i in range(n):
         name = f"a{i:02d}"
-        paths[name] = make_adapter(Path(out) / name, model, base_seed, seed=1000 + i, rank=ranks[i % len(ranks)],
-                                   targets=TARGETS[targets[i % len(targets)]], labels=LABELS[labels[i % len(labels)]])
+        paths[name] = make_adapter(
+            Path(out) / name,
+            model,
+            base_seed,
+            seed=1000 + i,
+            rank=ranks[i % len(ranks)],
+            targets=TARGETS[targets[i % len(targets)]],
+            labels=LABELS[labels[i % len(labels)]],
+        )
     return paths
 
 
@@ -66,8 +91,9 @@ def main() -> None:
     p.add_argument("--labels", default="spam", help="comma-separated of spam, support, lang; cycled")
     p.add_argument("--out", required=True)
     a = p.parse_args()
-    paths = make_set(Path(a.out), a.n, a.model, tuple(int(r) for r in a.ranks.split(",")), a.targets.split(","),
-                     a.labels.split(","))
+    paths = make_set(
+        Path(a.out), a.n, a.model, tuple(int(r) for r in a.ranks.split(",")), a.targets.split(","), a.labels.split(",")
+    )
     print(",".join(f"{k}={v}" for k, v in paths.items()))
 
 

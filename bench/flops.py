@@ -49,8 +49,9 @@ def limit_examples_per_s(cfg: GPTConfig, mean_tokens: float, gflops: float) -> f
     return gflops * 1e9 / (4 * linear_params(cfg) * mean_tokens)
 
 
-def matmul_gflops(dtype: torch.dtype = torch.float32, device: str = "cpu", n: int = 1024, seconds: float = 2.0,
-                  kernel: str = "best") -> float:
+def matmul_gflops(
+    dtype: torch.dtype = torch.float32, device: str = "cpu", n: int = 1024, seconds: float = 2.0, kernel: str = "best"
+) -> float:
     """The best rate of an n x n x n matmul over about `seconds` seconds (best of short repeats, so that a
     busy moment on a shared machine does not drag it down). On the CPU, `kernel` is "mkl" (torch.mm),
     "onednn" (a weight packed once, as lora_dist.frozen_linear runs frozen layers) or "best" of the two."""
@@ -58,14 +59,20 @@ def matmul_gflops(dtype: torch.dtype = torch.float32, device: str = "cpu", n: in
         return max(matmul_gflops(dtype, device, n, seconds / 2, k) for k in ("mkl", "onednn"))
     a = torch.randn(n, n, dtype=dtype, device=device)
     b = torch.randn(n, n, dtype=dtype, device=device)
-    f = lambda: a @ b
+
+    def f():
+        return a @ b
+
     if kernel == "onednn" and device == "cpu":
         from lora_dist.frozen_linear import onednn_available
 
         if not onednn_available(dtype):
             return 0.0
         packed = torch.ops.mkldnn._reorder_linear_weight(b, None)
-        f = lambda: torch.ops.mkldnn._linear_pointwise(a, packed, None, "none", [], "")
+
+        def f():
+            return torch.ops.mkldnn._linear_pointwise(a, packed, None, "none", [], "")
+
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     for _ in range(3):
         f()
@@ -91,11 +98,15 @@ def main() -> None:
     kernels = ("mkl", "onednn") if args.device == "cpu" else ("best",)
     rates = {k: matmul_gflops(dtype, args.device, args.n, kernel=k) for k in kernels}
     for k, g in rates.items():
-        print(f"{args.dtype} matmul {args.n}^3 on {args.device}, {k} ({torch.get_num_threads()} threads): {g:.1f} GFLOP/s")
+        print(
+            f"{args.dtype} matmul {args.n}^3 on {args.device}, {k} ({torch.get_num_threads()} threads): {g:.1f} GFLOP/s"
+        )
     g = max(rates.values())
     cfg = SIZES["gpt2-small"]
-    print(f"gpt2-small: {linear_params(cfg) / 1e6:.1f}M Linear parameters; at 30.45 tokens per example the limit is "
-          f"{limit_examples_per_s(cfg, 30.45, g):.1f} examples/s")
+    print(
+        f"gpt2-small: {linear_params(cfg) / 1e6:.1f}M Linear parameters; at 30.45 tokens per example the limit is "
+        f"{limit_examples_per_s(cfg, 30.45, g):.1f} examples/s"
+    )
 
 
 if __name__ == "__main__":

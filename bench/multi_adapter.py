@@ -23,7 +23,6 @@ import json
 import multiprocessing as mp
 import os
 import platform
-import resource
 import shlex
 import sys
 import tempfile
@@ -55,7 +54,7 @@ def best_rates(contenders: dict, rows: int, repeats: int) -> dict[str, float]:
     best = {name: float("inf") for name in contenders}
     names = list(contenders)
     for r in range(repeats):
-        for name in names[r % len(names):] + names[: r % len(names)]:  # the order rotates: no seat is better
+        for name in names[r % len(names) :] + names[: r % len(names)]:  # the order rotates: no seat is better
             fn = contenders[name]
             t = time.perf_counter()
             fn()
@@ -74,23 +73,33 @@ def measure(n: int, paths: dict, texts: list[str], which: list[str], a, queue) -
     m = MultiAdapterClassifier.from_pretrained(None, paths, device="cpu", precision="fp32")
     base_bytes = sum(p.numel() * p.element_size() for p in m.model.parameters())
     loaded = rss_mb()
-    out = {"adapters": n, "rows": len(texts), "base_mb": base_bytes / 2**20,
-           "stacked_adapters_mb": adapter_bytes(m.model) / 2**20, "rss_model_mb": loaded - before}
+    out = {
+        "adapters": n,
+        "rows": len(texts),
+        "base_mb": base_bytes / 2**20,
+        "stacked_adapters_mb": adapter_bytes(m.model) / 2**20,
+        "rss_model_mb": loaded - before,
+    }
     groups: dict[str, list[int]] = {}
     for i, w in enumerate(which):
         groups.setdefault(w, []).append(i)
     first = next(iter(paths))
-    contenders = {"one": lambda: m.logits(texts, first, a.batch),  # the same rows, all through one adapter
-                  "mixed": lambda: m.logits(texts, which, a.batch),
-                  "loop": lambda: [m.logits([texts[i] for i in rows], name, a.batch) for name, rows in groups.items()]}
+    contenders = {
+        "one": lambda: m.logits(texts, first, a.batch),  # the same rows, all through one adapter
+        "mixed": lambda: m.logits(texts, which, a.batch),
+        "loop": lambda: [m.logits([texts[i] for i in rows], name, a.batch) for name, rows in groups.items()],
+    }
     m.logits(texts[: a.batch], which[: a.batch], a.batch)  # warm-up: weight packing, allocator
     if n <= a.merged_max:
         start = rss_mb()
-        merged = {name: Classifier.from_pretrained(paths[name], device="cpu", precision="fp32", merge=True)
-                  for name in groups}
+        merged = {
+            name: Classifier.from_pretrained(paths[name], device="cpu", precision="fp32", merge=True) for name in groups
+        }
         out["merged_rss_mb"] = rss_mb() - start
         out["merged_models"] = len(merged)
-        contenders["merged"] = lambda: [merged[name].logits([texts[i] for i in rows], a.batch) for name, rows in groups.items()]
+        contenders["merged"] = lambda: [
+            merged[name].logits([texts[i] for i in rows], a.batch) for name, rows in groups.items()
+        ]
         for c in merged.values():
             c.logits(texts[:2], a.batch)
     for name, rate in best_rates(contenders, len(texts), a.repeats).items():
@@ -110,9 +119,9 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=max(1, os.cpu_count() or 1))
     p.add_argument("--out", default=str(HERE / "results"))
     a = p.parse_args()
-    from fake_adapters import make_set
-
     import random
+
+    from fake_adapters import make_set
 
     counts = [int(c) for c in a.counts.split(",")]
     texts = messages(a.rows)
@@ -133,20 +142,42 @@ def main() -> None:
             print(json.dumps(r), flush=True)
     one = True
     merged_one = next((r["merged_rss_mb"] for r in results if "merged_rss_mb" in r and r["adapters"] == 1), None)
-    lines = ["| adapters | mixed msg/s | vs one adapter | loop msg/s | merged msg/s | base MB | stacked adapters MB | "
-             "model RSS MB | merged models RSS MB |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| adapters | mixed msg/s | vs one adapter | loop msg/s | merged msg/s | base MB | stacked adapters MB | "
+        "model RSS MB | merged models RSS MB |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in results:
-        merged_mb = (f"{r['merged_rss_mb']:.0f}" if "merged_rss_mb" in r else
-                     f"~{merged_one * r['adapters']:.0f} (estimated)" if merged_one else "-")
-        lines.append(f"| {r['adapters']} | {r['mixed_msg_s']:.1f} | {r['mixed_msg_s'] / r['one_msg_s']:.2f}x | {r['loop_msg_s']:.1f} | "
-                     f"{r.get('merged_msg_s', float('nan')):.1f} | {r['base_mb']:.0f} | {r['stacked_adapters_mb']:.1f} | "
-                     f"{r['rss_model_mb']:.0f} | {merged_mb} |" if one else str(r))
+        merged_mb = (
+            f"{r['merged_rss_mb']:.0f}"
+            if "merged_rss_mb" in r
+            else f"~{merged_one * r['adapters']:.0f} (estimated)"
+            if merged_one
+            else "-"
+        )
+        lines.append(
+            f"| {r['adapters']} | {r['mixed_msg_s']:.1f} | {r['mixed_msg_s'] / r['one_msg_s']:.2f}x | {r['loop_msg_s']:.1f} | "
+            f"{r.get('merged_msg_s', float('nan')):.1f} | {r['base_mb']:.0f} | {r['stacked_adapters_mb']:.1f} | "
+            f"{r['rss_model_mb']:.0f} | {merged_mb} |"
+            if one
+            else str(r)
+        )
     table = "\n".join(lines)
     print(table)
     machine = f"{platform.machine()}-{os.cpu_count()}c"
-    doc = {"command": "python bench/multi_adapter.py " + shlex.join(sys.argv[1:]), "model": a.model, "rows": a.rows,
-           "batch": a.batch, "rank": a.rank, "threads": a.threads, "machine": machine, "load_average": os.getloadavg(),
-           "date": datetime.date.today().isoformat(), "results": results, "table": table}
+    doc = {
+        "command": "python bench/multi_adapter.py " + shlex.join(sys.argv[1:]),
+        "model": a.model,
+        "rows": a.rows,
+        "batch": a.batch,
+        "rank": a.rank,
+        "threads": a.threads,
+        "machine": machine,
+        "load_average": os.getloadavg(),
+        "date": datetime.date.today().isoformat(),
+        "results": results,
+        "table": table,
+    }
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"multi-adapter-{a.model}-{machine}-{doc['date']}.json"

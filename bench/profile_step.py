@@ -27,11 +27,12 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=20)
     args = ap.parse_args()
     os.chdir(HERE.parent)  # the recipe config is read relative to the repository
+    from contenders import build
     from torch.profiler import ProfilerActivity, profile
 
-    from contenders import build
-
-    runner, _ = build(args.contender, argparse.Namespace(model=args.model, batch=8, device="cpu", precision="fp32", seed=123))
+    runner, _ = build(
+        args.contender, argparse.Namespace(model=args.model, batch=8, device="cpu", precision="fp32", seed=123)
+    )
     runner.reset(1)
     for _ in range(3):
         runner.step()
@@ -42,7 +43,9 @@ def main() -> None:
         for _ in range(args.steps):
             examples += runner.step().examples
     seconds = time.perf_counter() - start
-    print(f"{args.contender}: {args.steps} steps in {seconds:.2f}s ({examples / seconds:.2f} examples/s under the profiler)")
+    print(
+        f"{args.contender}: {args.steps} steps in {seconds:.2f}s ({examples / seconds:.2f} examples/s under the profiler)"
+    )
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows))
 
 

@@ -58,10 +58,13 @@ def main() -> None:
                 with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
                     for _ in range(5):
                         one_step(layers, x, f)
-                    results[kind] += timed(lambda: one_step(layers, x, f), args.reps // 3)
+                    results[kind] += timed(lambda layers=layers, f=f: one_step(layers, x, f), args.reps // 3)
         t3, tf = statistics.median(results["three"]), statistics.median(results["fused"])
-        print(f"{name}, {args.tokens} x {d}: three Q/K/V matmuls {t3 * 1e3:.3f} ms, one fused {tf * 1e3:.3f} ms "
-              f"(forward + input gradient); fused is {t3 / tf:.3f}x")
+        print(
+            f"{name}, {args.tokens} x {d}: three Q/K/V matmuls {t3 * 1e3:.3f} ms, one fused {tf * 1e3:.3f} ms "
+            f"(forward + input gradient); fused is {t3 / tf:.3f}x"
+        )
+
 
 if __name__ == "__main__":
     main()

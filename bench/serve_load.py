@@ -46,8 +46,22 @@ def start(adapters: dict, max_batch: int, a, log: Path) -> tuple[subprocess.Pope
     port = free_port()
     spec = ",".join(f"{k}={v}" for k, v in adapters.items())
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(a.threads)}
-    cmd = [sys.executable, "-m", "lora_dist", "serve", "--adapters", spec, "--port", str(port), "--max-batch",
-           str(max_batch), "--max-wait-ms", str(a.max_wait_ms), "--threads", str(a.threads)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "lora_dist",
+        "serve",
+        "--adapters",
+        spec,
+        "--port",
+        str(port),
+        "--max-batch",
+        str(max_batch),
+        "--max-wait-ms",
+        str(a.max_wait_ms),
+        "--threads",
+        str(a.threads),
+    ]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stderr=log.open("w"))
     end = time.monotonic() + 600
     while time.monotonic() < end:
@@ -72,15 +86,24 @@ def batch_histogram(port: int) -> dict[str, float]:
     return out
 
 
-async def client(port: int, names: list[str], texts: list[str], left: list[int], lat: list[float], fails: list[str],
-                 rng: random.Random) -> None:
+async def client(
+    port: int,
+    names: list[str],
+    texts: list[str],
+    left: list[int],
+    lat: list[float],
+    fails: list[str],
+    rng: random.Random,
+) -> None:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
         while left[0] > 0:
             left[0] -= 1
             body = json.dumps({"adapter": rng.choice(names), "texts": [rng.choice(texts)]}).encode()
-            head = (f"POST /v1/classify HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-                    f"Content-Length: {len(body)}\r\n\r\n").encode()
+            head = (
+                f"POST /v1/classify HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n"
+            ).encode()
             t = time.perf_counter()
             writer.write(head + body)
             await writer.drain()
@@ -119,9 +142,18 @@ def phase(port: int, clients: int, requests: int, names: list[str], texts: list[
             hist[le] = int(c - prev)
         prev = c
     q = statistics.quantiles(lat, n=100) if len(lat) > 1 else [lat[0]] * 99
-    return {"clients": clients, "requests": len(lat), "failures": len(fails), "failure_examples": fails[:3],
-            "seconds": wall, "requests_per_s": len(lat) / wall, "p50_ms": 1000 * q[49], "p95_ms": 1000 * q[94],
-            "p99_ms": 1000 * q[98], "batch_size_histogram": hist}
+    return {
+        "clients": clients,
+        "requests": len(lat),
+        "failures": len(fails),
+        "failure_examples": fails[:3],
+        "seconds": wall,
+        "requests_per_s": len(lat) / wall,
+        "p50_ms": 1000 * q[49],
+        "p95_ms": 1000 * q[94],
+        "p99_ms": 1000 * q[98],
+        "batch_size_histogram": hist,
+    }
 
 
 def main() -> None:
@@ -129,7 +161,9 @@ def main() -> None:
     p.add_argument("--model", default="gpt2-small")
     p.add_argument("--adapters", type=int, default=4)
     p.add_argument("--clients", default="1,8,32")
-    p.add_argument("--requests", type=int, default=FULL, help=f"requests per phase (default {FULL}; fewer is a quick run)")
+    p.add_argument(
+        "--requests", type=int, default=FULL, help=f"requests per phase (default {FULL}; fewer is a quick run)"
+    )
     p.add_argument("--max-batch", type=int, default=32, help="the batching service's --max-batch")
     p.add_argument("--max-wait-ms", type=float, default=5.0)
     p.add_argument("--threads", type=int, default=max(1, os.cpu_count() or 1), help="the service's torch threads")
@@ -144,7 +178,9 @@ def main() -> None:
     texts = read_sms(shipped_sms_path())["text"].tolist()
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
-        paths = make_set(Path(tmp), a.adapters, a.model, ranks=(8, 16), targets=("all", "att"), labels=("spam", "support"))
+        paths = make_set(
+            Path(tmp), a.adapters, a.model, ranks=(8, 16), targets=("all", "att"), labels=("spam", "support")
+        )
         for mode, max_batch in (("batching", a.max_batch), ("none", 1)):
             proc, port = start(paths, max_batch, a, Path(tmp) / f"{mode}.log")
             try:
@@ -157,20 +193,36 @@ def main() -> None:
             finally:
                 proc.terminate()
                 proc.wait(120)
-    lines = ["| clients | batching req/s | none req/s | speed-up | batching p50/p95/p99 ms | none p50/p95/p99 ms | failures | batch sizes (batching) |",
-             "|---|---|---|---|---|---|---|---|"]
-    for on, off in zip(results["batching"], results["none"]):
-        lines.append(f"| {on['clients']} | {on['requests_per_s']:.1f} | {off['requests_per_s']:.1f} | "
-                     f"{on['requests_per_s'] / off['requests_per_s']:.2f}x | {on['p50_ms']:.0f}/{on['p95_ms']:.0f}/{on['p99_ms']:.0f} | "
-                     f"{off['p50_ms']:.0f}/{off['p95_ms']:.0f}/{off['p99_ms']:.0f} | {on['failures'] + off['failures']} | "
-                     f"{' '.join(f'<={k}:{v}' for k, v in on['batch_size_histogram'].items())} |")
+    lines = [
+        "| clients | batching req/s | none req/s | speed-up | batching p50/p95/p99 ms | none p50/p95/p99 ms "
+        "| failures | batch sizes (batching) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for on, off in zip(results["batching"], results["none"], strict=True):
+        lines.append(
+            f"| {on['clients']} | {on['requests_per_s']:.1f} | {off['requests_per_s']:.1f} | "
+            f"{on['requests_per_s'] / off['requests_per_s']:.2f}x | {on['p50_ms']:.0f}/{on['p95_ms']:.0f}/{on['p99_ms']:.0f} | "
+            f"{off['p50_ms']:.0f}/{off['p95_ms']:.0f}/{off['p99_ms']:.0f} | {on['failures'] + off['failures']} | "
+            f"{' '.join(f'<={k}:{v}' for k, v in on['batch_size_histogram'].items())} |"
+        )
     table = "\n".join(lines)
     print(table)
     machine = f"{platform.machine()}-{os.cpu_count()}c"
-    doc = {"command": "python bench/serve_load.py " + shlex.join(sys.argv[1:]), "model": a.model, "adapters": a.adapters,
-           "requests_per_phase": a.requests, "full_run": a.requests >= FULL, "max_batch": a.max_batch,
-           "max_wait_ms": a.max_wait_ms, "threads": a.threads, "machine": machine, "load_average": os.getloadavg(),
-           "date": datetime.date.today().isoformat(), "results": results, "table": table}
+    doc = {
+        "command": "python bench/serve_load.py " + shlex.join(sys.argv[1:]),
+        "model": a.model,
+        "adapters": a.adapters,
+        "requests_per_phase": a.requests,
+        "full_run": a.requests >= FULL,
+        "max_batch": a.max_batch,
+        "max_wait_ms": a.max_wait_ms,
+        "threads": a.threads,
+        "machine": machine,
+        "load_average": os.getloadavg(),
+        "date": datetime.date.today().isoformat(),
+        "results": results,
+        "table": table,
+    }
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"serve-load-{a.model}-{machine}-{doc['date']}{'' if doc['full_run'] else '-quick'}.json"

@@ -39,9 +39,19 @@ sys.path.insert(0, str(HERE))
 # for model FLOPs utilisation on GPUs. Names differ by form factor (H100 SXM reads "H100 80GB HBM3"); a
 # name not listed here gets the rate of a measured large bf16 matmul instead (peak_source "measured").
 NOMINAL_BF16_TFLOPS = {
-    "H200": 989.0, "H100 80GB HBM3": 989.0, "H100 PCIe": 756.0, "H100 NVL": 835.0, "GH200 480GB": 989.0,
-    "A100-SXM4-40GB": 312.0, "A100-SXM4-80GB": 312.0, "A100-PCIE-40GB": 312.0, "A100 80GB PCIe": 312.0,
-    "L40S": 362.0, "L40": 181.0, "L4": 121.0, "A10": 125.0,
+    "H200": 989.0,
+    "H100 80GB HBM3": 989.0,
+    "H100 PCIe": 756.0,
+    "H100 NVL": 835.0,
+    "GH200 480GB": 989.0,
+    "A100-SXM4-40GB": 312.0,
+    "A100-SXM4-80GB": 312.0,
+    "A100-PCIE-40GB": 312.0,
+    "A100 80GB PCIe": 312.0,
+    "L40S": 362.0,
+    "L40": 181.0,
+    "L4": 121.0,
+    "A10": 125.0,
 }
 
 
@@ -66,10 +76,22 @@ def worker(name: str, args: argparse.Namespace, conn) -> None:
     cuda = runner_device(runner).type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     mean_tokens = mean_train_tokens(runner)
-    conn.send(("ready", {"build_s": build_s, "steps_per_epoch": runner.steps_per_epoch, "mean_tokens": mean_tokens,
-                         "what": VARIANTS[name].what, "overrides": list(VARIANTS[name].overrides),
-                         "patches": list(VARIANTS[name].patches), "threads": torch.get_num_threads(),
-                         "device": str(runner_device(runner)), "precision": runner_precision(runner)}))
+    conn.send(
+        (
+            "ready",
+            {
+                "build_s": build_s,
+                "steps_per_epoch": runner.steps_per_epoch,
+                "mean_tokens": mean_tokens,
+                "what": VARIANTS[name].what,
+                "overrides": list(VARIANTS[name].overrides),
+                "patches": list(VARIANTS[name].patches),
+                "threads": torch.get_num_threads(),
+                "device": str(runner_device(runner)),
+                "precision": runner_precision(runner),
+            },
+        )
+    )
     passes_len = args.batches or runner.steps_per_epoch
     pos = 0
     while True:
@@ -94,9 +116,17 @@ def worker(name: str, args: argparse.Namespace, conn) -> None:
                 t0 = time.perf_counter()
                 s = runner.step()
                 sync()
-                records.append({"pos": pos, "seconds": time.perf_counter() - t0, "examples": s.examples, "tokens": s.tokens,
-                                "padded": s.padded, "model_flops": step_flops(cfg, 16, s.lengths),
-                                "hardware_flops": step_flops(cfg, 16, s.lengths, s.width)})
+                records.append(
+                    {
+                        "pos": pos,
+                        "seconds": time.perf_counter() - t0,
+                        "examples": s.examples,
+                        "tokens": s.tokens,
+                        "padded": s.padded,
+                        "model_flops": step_flops(cfg, 16, s.lengths),
+                        "hardware_flops": step_flops(cfg, 16, s.lengths, s.width),
+                    }
+                )
                 pos += 1
             conn.send(records)
         elif cmd == "stats":
@@ -129,7 +159,6 @@ def mean_train_tokens(runner) -> float:
 
 def run(args: argparse.Namespace) -> dict:
     import torch
-
     from flops import limit_examples_per_s, matmul_gflops
 
     if args.threads:
@@ -141,7 +170,9 @@ def run(args: argparse.Namespace) -> dict:
     say(f"load average before: {load['before']}")
     for name in names:  # built one at a time, so the builds do not compete
         parent, child = ctx.Pipe()
-        p = ctx.Process(target=worker, args=(name, args, child))  # not daemonic: a contender may start DataLoader workers
+        p = ctx.Process(
+            target=worker, args=(name, args, child)
+        )  # not daemonic: a contender may start DataLoader workers
         p.start()
         kind, payload = parent.recv()
         if kind == "error":
@@ -161,19 +192,26 @@ def run(args: argparse.Namespace) -> dict:
     probes = {p: [] for p in precisions}
     r = 0
     while any(sum(len(x) for x in timed[n]) < total[n] for n in names):
-        order = names[r % len(names):] + names[: r % len(names)]
+        order = names[r % len(names) :] + names[: r % len(names)]
         for name in order:
             left = total[name] - sum(len(x) for x in timed[name])
             conns[name].send(("run", min(args.steps, left)) if left > 0 else ("run", 0))
             timed[name].append(conns[name].recv())
         for p in precisions:
-            probes[p].append(matmul_gflops(dtypes[p], device if device.startswith("cuda") else "cpu", seconds=args.probe_seconds))
+            probes[p].append(
+                matmul_gflops(dtypes[p], device if device.startswith("cuda") else "cpu", seconds=args.probe_seconds)
+            )
         load["rounds"].append({"loadavg_1m": os.getloadavg()[0], "cpu_pressure_some_avg10": cpu_pressure()})
         r += 1
         if r % args.print_every == 0:
-            say(f"round {r}: " + ", ".join(f"{n} {rate([x for rnd in timed[n] for x in rnd]):.2f} ex/s" for n in names)
-                + f" so far; matmul " + ", ".join(f"{p} {v[-1]:.0f}" for p, v in probes.items()) + f" GFLOP/s; load {load['rounds'][-1]['loadavg_1m']:.2f}, "
-                f"CPU pressure {load['rounds'][-1]['cpu_pressure_some_avg10']}%")
+            say(
+                f"round {r}: "
+                + ", ".join(f"{n} {rate([x for rnd in timed[n] for x in rnd]):.2f} ex/s" for n in names)
+                + " so far; matmul "
+                + ", ".join(f"{p} {v[-1]:.0f}" for p, v in probes.items())
+                + f" GFLOP/s; load {load['rounds'][-1]['loadavg_1m']:.2f}, "
+                f"CPU pressure {load['rounds'][-1]['cpu_pressure_some_avg10']}%"
+            )
     for name in names:
         conns[name].send(("stats", 0))
         info[name] |= conns[name].recv()
@@ -184,7 +222,10 @@ def run(args: argparse.Namespace) -> dict:
     load["cpu_pressure_median"] = statistics.median(pressures) if pressures else None
 
     results = {}
-    by_precision = {p: {"per_round_gflops": v, "best_gflops": max(v), "median_gflops": statistics.median(v)} for p, v in probes.items()}
+    by_precision = {
+        p: {"per_round_gflops": v, "best_gflops": max(v), "median_gflops": statistics.median(v)}
+        for p, v in probes.items()
+    }
     matmul = {"dtype": args.precision, **by_precision[args.precision], "by_precision": by_precision}
     peak, peak_source = peak_tflops(device) if device.startswith("cuda") else (None, None)
     for name in names:
@@ -203,21 +244,38 @@ def run(args: argparse.Namespace) -> dict:
         per_pass = info[name]["batches_per_pass"]
         i = info[name]
         res = {
-            "what": i["what"], "overrides": i["overrides"], "patches": i["patches"], "device": i["device"],
-            "threads": i["threads"], "build_s": i["build_s"], "warmup_step_s": i["warmup_step_s"],
-            "timed_steps": len(recs), "batches_per_pass": per_pass, "passes": len(recs) / per_pass, "seconds": secs,
-            "examples": ex, "real_tokens": tok, "padded_tokens": pad,
-            "examples_per_s": ex / secs, "tokens_per_s": tok / secs, "padded_tokens_per_s": pad / secs,
+            "what": i["what"],
+            "overrides": i["overrides"],
+            "patches": i["patches"],
+            "device": i["device"],
+            "threads": i["threads"],
+            "build_s": i["build_s"],
+            "warmup_step_s": i["warmup_step_s"],
+            "timed_steps": len(recs),
+            "batches_per_pass": per_pass,
+            "passes": len(recs) / per_pass,
+            "seconds": secs,
+            "examples": ex,
+            "real_tokens": tok,
+            "padded_tokens": pad,
+            "examples_per_s": ex / secs,
+            "tokens_per_s": tok / secs,
+            "padded_tokens_per_s": pad / secs,
             # the same batches at each one's fastest pass: what a quieter machine gives
             "examples_per_s_best": sum(x["examples"] for x in best.values()) / best_secs,
             "tokens_per_s_best": sum(x["tokens"] for x in best.values()) / best_secs,
-            "padding_fraction": 1 - tok / pad, "step_s_median": statistics.median(x["seconds"] for x in recs),
+            "padding_fraction": 1 - tok / pad,
+            "step_s_median": statistics.median(x["seconds"] for x in recs),
             "per_round_examples_per_s": [rate(rnd) for rnd in timed[name] if rnd],
-            "steps_per_epoch": i["steps_per_epoch"], "epoch_s": i["steps_per_epoch"] * secs / len(recs),
+            "steps_per_epoch": i["steps_per_epoch"],
+            "epoch_s": i["steps_per_epoch"] * secs / len(recs),
             "epoch_s_best": i["steps_per_epoch"] * best_secs / len(best),
-            "peak_rss_mb": i["peak_rss_mb"], "cuda_max_allocated_mb": i["cuda_max_allocated_mb"],
-            "model_flops_per_step": mflops / len(recs), "hardware_flops_per_step": hflops / len(recs),
-            "model_gflops_per_s": mflops / secs / 1e9, "hardware_gflops_per_s": hflops / secs / 1e9,
+            "peak_rss_mb": i["peak_rss_mb"],
+            "cuda_max_allocated_mb": i["cuda_max_allocated_mb"],
+            "model_flops_per_step": mflops / len(recs),
+            "hardware_flops_per_step": hflops / len(recs),
+            "model_gflops_per_s": mflops / secs / 1e9,
+            "hardware_gflops_per_s": hflops / secs / 1e9,
             "mean_train_tokens": i["mean_tokens"],
         }
         from lora_dist.model import SIZES
@@ -226,8 +284,11 @@ def run(args: argparse.Namespace) -> dict:
         own = by_precision[i["precision"]]
         res["precision"] = i["precision"]
         # the limit at the contender's own matmul dtype, and the issue's fp32 one
-        for key, g in (("limit_examples_per_s", own["median_gflops"]), ("limit_examples_per_s_best_probe", own["best_gflops"]),
-                       ("limit_examples_per_s_fp32", by_precision["fp32"]["median_gflops"])):
+        for key, g in (
+            ("limit_examples_per_s", own["median_gflops"]),
+            ("limit_examples_per_s_best_probe", own["best_gflops"]),
+            ("limit_examples_per_s_fp32", by_precision["fp32"]["median_gflops"]),
+        ):
             res[key] = limit_examples_per_s(cfg, i["mean_tokens"], g)
         # in real tokens, so that a part of an epoch whose messages are shorter or longer than the mean is
         # not flattered or penalised (over whole epochs it is the examples/s ratio)
@@ -239,8 +300,15 @@ def run(args: argparse.Namespace) -> dict:
         if peak:
             res["mfu"] = res["model_gflops_per_s"] / (peak * 1e3)
         results[name] = res
-    return {"contenders": results, "matmul": matmul, "load": load, "nominal_peak_tflops": peak, "peak_source": peak_source,
-            "ratios": ratios(results), "targets": targets(results, args)}
+    return {
+        "contenders": results,
+        "matmul": matmul,
+        "load": load,
+        "nominal_peak_tflops": peak,
+        "peak_source": peak_source,
+        "ratios": ratios(results),
+        "targets": targets(results, args),
+    }
 
 
 def rate(records: list[dict]) -> float:
@@ -310,8 +378,13 @@ def machine() -> dict:
         cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    out = {"cpu": cpu, "cores": os.cpu_count(), "memory_gb": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30,
-           "python": platform.python_version(), "torch": torch.__version__}
+    out = {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "memory_gb": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+    }
     for mod in ("transformers", "peft"):
         try:
             out[mod] = __import__(mod).__version__
@@ -341,31 +414,60 @@ def git_state() -> dict:
 def table(doc: dict) -> str:
     """The results as a markdown table, with the command that made them."""
     gpu = doc["settings"]["device"].startswith("cuda")
-    head = ["contender", "precision", "examples/s", "best", "real tokens/s", "padding", "step (median)", "epoch", "peak RSS"]
+    head = [
+        "contender",
+        "precision",
+        "examples/s",
+        "best",
+        "real tokens/s",
+        "padding",
+        "step (median)",
+        "epoch",
+        "peak RSS",
+    ]
     head += ["CUDA peak", "MFU"] if gpu else ["of limit at its precision (best)", "of the fp32 limit"]
     rows = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
     for name, r in doc["contenders"].items():
-        cells = [f"({name}) {r['what']}", r.get("precision", doc["settings"]["precision"]), f"{r['examples_per_s']:.2f}", f"{r['examples_per_s_best']:.2f}",
-                 f"{r['tokens_per_s']:.0f}", f"{r['padding_fraction'] * 100:.0f}%", f"{r['step_s_median'] * 1e3:.0f} ms",
-                 f"{r['epoch_s']:.0f} s", f"{r['peak_rss_mb'] / 1024:.2f} GiB"]
+        cells = [
+            f"({name}) {r['what']}",
+            r.get("precision", doc["settings"]["precision"]),
+            f"{r['examples_per_s']:.2f}",
+            f"{r['examples_per_s_best']:.2f}",
+            f"{r['tokens_per_s']:.0f}",
+            f"{r['padding_fraction'] * 100:.0f}%",
+            f"{r['step_s_median'] * 1e3:.0f} ms",
+            f"{r['epoch_s']:.0f} s",
+            f"{r['peak_rss_mb'] / 1024:.2f} GiB",
+        ]
         if gpu:
-            cells += [f"{(r['cuda_max_allocated_mb'] or 0) / 1024:.2f} GiB", f"{r['mfu'] * 100:.0f}%" if "mfu" in r else "n/a"]
+            cells += [
+                f"{(r['cuda_max_allocated_mb'] or 0) / 1024:.2f} GiB",
+                f"{r['mfu'] * 100:.0f}%" if "mfu" in r else "n/a",
+            ]
         else:
-            cells += [f"{r['fraction_of_limit'] * 100:.0f}% ({r['fraction_of_limit_best'] * 100:.0f}%)",
-                      f"{r['fraction_of_fp32_limit'] * 100:.0f}%" if "fraction_of_fp32_limit" in r else "n/a"]
+            cells += [
+                f"{r['fraction_of_limit'] * 100:.0f}% ({r['fraction_of_limit_best'] * 100:.0f}%)",
+                f"{r['fraction_of_fp32_limit'] * 100:.0f}%" if "fraction_of_fp32_limit" in r else "n/a",
+            ]
         rows.append("| " + " | ".join(cells) + " |")
     s, m, load = doc["settings"], doc["matmul"], doc["load"]
     first = next(iter(doc["contenders"].values()))
     where = doc["machine"].get("gpu") if gpu else f"{doc['machine']['cpu']}, {first['threads']} threads"
-    lines = [f"`{doc['command']}`", "",
-             f"{s['model']}, batch {s['batch']}, {s['precision']}, {where}; {first['batches_per_pass']} batches x "
-             f"{s['passes']} passes per contender, in turns of {s['steps']} steps, after {s['warmup']} warm-up steps; "
-             f"{doc['date']}. Load average {load['before'][0]:.1f} before, {load['after'][0]:.1f} after; CPU pressure "
-             f"(PSI some, avg10) median {load.get('cpu_pressure_median')}%. Matmul probe (median, best): "
-             + ", ".join(f"{p} {v['median_gflops']:.0f}, {v['best_gflops']:.0f} GFLOP/s"
-                         for p, v in m.get("by_precision", {s['precision']: m}).items())
-             + ". \"best\": each batch at its fastest pass; the limit is the issue's 4 x (Linear parameters) FLOPs per "
-             "real token at the probe's rate.", ""]
+    lines = [
+        f"`{doc['command']}`",
+        "",
+        f"{s['model']}, batch {s['batch']}, {s['precision']}, {where}; {first['batches_per_pass']} batches x "
+        f"{s['passes']} passes per contender, in turns of {s['steps']} steps, after {s['warmup']} warm-up steps; "
+        f"{doc['date']}. Load average {load['before'][0]:.1f} before, {load['after'][0]:.1f} after; CPU pressure "
+        f"(PSI some, avg10) median {load.get('cpu_pressure_median')}%. Matmul probe (median, best): "
+        + ", ".join(
+            f"{p} {v['median_gflops']:.0f}, {v['best_gflops']:.0f} GFLOP/s"
+            for p, v in m.get("by_precision", {s["precision"]: m}).items()
+        )
+        + '. "best": each batch at its fastest pass; the limit is the issue\'s 4 x (Linear parameters) FLOPs per '
+        "real token at the probe's rate.",
+        "",
+    ]
     lines += rows
     if doc["ratios"]:
         lines += ["", "; ".join(f"{k} = {v:.2f}" for k, v in doc["ratios"].items())]
@@ -402,12 +504,34 @@ def main(argv: list[str] | None = None) -> None:
     started = datetime.datetime.now()
     out = run(args)
     m = machine()
-    doc = {"command": "python bench/train_throughput.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])),
-           "date": started.strftime("%Y-%m-%d %H:%M"), "wall_s": (datetime.datetime.now() - started).total_seconds(),
-           "machine": m, "git": git_state(),
-           "settings": {k: getattr(args, k) for k in ("model", "contenders", "batch", "batches", "passes", "steps", "warmup", "threads",
-                                                      "device", "precision", "seed")}} | out
-    path = Path(args.out) / f"{slug(m, args.device)}-{started.strftime('%Y-%m-%d')}{'-' + args.tag if args.tag else ''}.json"
+    doc = {
+        "command": "python bench/train_throughput.py "
+        + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])),
+        "date": started.strftime("%Y-%m-%d %H:%M"),
+        "wall_s": (datetime.datetime.now() - started).total_seconds(),
+        "machine": m,
+        "git": git_state(),
+        "settings": {
+            k: getattr(args, k)
+            for k in (
+                "model",
+                "contenders",
+                "batch",
+                "batches",
+                "passes",
+                "steps",
+                "warmup",
+                "threads",
+                "device",
+                "precision",
+                "seed",
+            )
+        },
+    } | out
+    path = (
+        Path(args.out)
+        / f"{slug(m, args.device)}-{started.strftime('%Y-%m-%d')}{'-' + args.tag if args.tag else ''}.json"
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(doc, indent=2) + "\n")
     print(table(doc))

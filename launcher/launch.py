@@ -71,11 +71,15 @@ def _deepspeed_gpus(nproc: int) -> list[str]:
     if not visible or visible == ["-1"]:
         return ["--num_gpus", str(nproc)]
     if not all(d.isdigit() for d in visible):
-        raise SystemExit(f"launch.py: error: CUDA_VISIBLE_DEVICES={','.join(visible)} names GPUs by UUID, which "
-                         "deepspeed's --include cannot take; give indices (e.g. 0,1) or use --launcher torchrun")
+        raise SystemExit(
+            f"launch.py: error: CUDA_VISIBLE_DEVICES={','.join(visible)} names GPUs by UUID, which "
+            "deepspeed's --include cannot take; give indices (e.g. 0,1) or use --launcher torchrun"
+        )
     if nproc > len(visible):
-        raise SystemExit(f"launch.py: error: {nproc} processes per node but CUDA_VISIBLE_DEVICES shows "
-                         f"{len(visible)} GPU(s) ({','.join(visible)}); use --nproc-per-node {len(visible)}")
+        raise SystemExit(
+            f"launch.py: error: {nproc} processes per node but CUDA_VISIBLE_DEVICES shows "
+            f"{len(visible)} GPU(s) ({','.join(visible)}); use --nproc-per-node {len(visible)}"
+        )
     return ["--include", "localhost:" + ",".join(visible[:nproc])]
 
 
@@ -92,9 +96,12 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--node-rank", type=int, default=None, help="default: SLURM_NODEID / NODE_RANK, else 0")
     p.add_argument("--rdzv-endpoint", default=None, help="HOST:PORT of the first node (multi-node)")
     p.add_argument("--rdzv-id", default=None, help="default: SLURM_JOB_ID, else 'lora-dist'")
-    p.add_argument("--local-addr", default=None,
-                   help="this node's address as the other nodes reach it (multi-node); default: under Slurm the "
-                        "node's NodeAddr, else torchrun's guess, this host's FQDN, which must resolve everywhere")
+    p.add_argument(
+        "--local-addr",
+        default=None,
+        help="this node's address as the other nodes reach it (multi-node); default: under Slurm the "
+        "node's NodeAddr, else torchrun's guess, this host's FQDN, which must resolve everywhere",
+    )
     p.add_argument("--max-restarts", type=int, default=0, help="torchrun restarts the whole group this often")
     p.add_argument("--python", default=sys.executable, help="the Python that runs torchrun/deepspeed")
     p.add_argument("--dry-run", action="store_true", help="print the command instead of running it")
@@ -109,26 +116,52 @@ def build_command(args: argparse.Namespace, rest: list[str]) -> list[str]:
     node_rank = args.node_rank if args.node_rank is not None else (_env_int("SLURM_NODEID", "NODE_RANK") or 0)
     nproc = args.nproc_per_node or _gpu_count() or 1
     if nnodes < 1 or nproc < 1 or not 0 <= node_rank < nnodes:
-        raise SystemExit(f"launch.py: error: impossible layout: {nnodes} node(s), {nproc} process(es) per node, node rank {node_rank}")
+        raise SystemExit(
+            f"launch.py: error: impossible layout: {nnodes} node(s), {nproc} process(es) per node, node rank {node_rank}"
+        )
     endpoint = args.rdzv_endpoint
     if endpoint is None and os.environ.get("MASTER_ADDR"):
         endpoint = f"{os.environ['MASTER_ADDR']}:{os.environ.get('MASTER_PORT', DEFAULT_PORT)}"
     if nnodes > 1 and endpoint is None:
-        raise SystemExit("launch.py: error: several nodes need --rdzv-endpoint HOST:PORT (the first node), or MASTER_ADDR")
+        raise SystemExit(
+            "launch.py: error: several nodes need --rdzv-endpoint HOST:PORT (the first node), or MASTER_ADDR"
+        )
     run_id = args.rdzv_id or os.environ.get("SLURM_JOB_ID") or "lora-dist"
     if args.launcher == "deepspeed":
         if nnodes > 1:
-            raise SystemExit("launch.py: error: for several nodes use the torchrun launcher with dist.strategy=deepspeed "
-                             "(deepspeed's own multi-node launcher needs pdsh and a hostfile)")
+            raise SystemExit(
+                "launch.py: error: for several nodes use the torchrun launcher with dist.strategy=deepspeed "
+                "(deepspeed's own multi-node launcher needs pdsh and a hostfile)"
+            )
         port = endpoint.rsplit(":", 1)[1] if endpoint else str(DEFAULT_PORT)
-        return [args.python, "-m", "deepspeed.launcher.runner", *_deepspeed_gpus(nproc), "--master_port", port,
-                "--module", "lora_dist", *rest]
-    cmd = [args.python, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", f"--max-restarts={args.max_restarts}"]
+        return [
+            args.python,
+            "-m",
+            "deepspeed.launcher.runner",
+            *_deepspeed_gpus(nproc),
+            "--master_port",
+            port,
+            "--module",
+            "lora_dist",
+            *rest,
+        ]
+    cmd = [
+        args.python,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc-per-node={nproc}",
+        f"--max-restarts={args.max_restarts}",
+    ]
     if nnodes == 1 and endpoint is None:
         cmd.append("--standalone")
     else:
-        cmd += [f"--nnodes={nnodes}", f"--node-rank={node_rank}", "--rdzv-backend=c10d",
-                f"--rdzv-endpoint={endpoint}", f"--rdzv-id={run_id}"]
+        cmd += [
+            f"--nnodes={nnodes}",
+            f"--node-rank={node_rank}",
+            "--rdzv-backend=c10d",
+            f"--rdzv-endpoint={endpoint}",
+            f"--rdzv-id={run_id}",
+        ]
         # The agent that hosts the workers' store advertises this address as MASTER_ADDR; without it,
         # its FQDN, and where node names do not resolve, init_process_group then hangs on every worker.
         local_addr = args.local_addr or (_slurm_node_addr() if nnodes > 1 else None)
@@ -194,7 +227,10 @@ def main(argv: list[str] | None = None) -> int:
     def forward(signum, frame):
         workers = training_workers(child.pid)
         forwarded.append(signum)
-        print(f"launch.py: got {signal.Signals(signum).name}; asking {len(workers)} worker(s) to checkpoint and stop", flush=True)
+        print(
+            f"launch.py: got {signal.Signals(signum).name}; asking {len(workers)} worker(s) to checkpoint and stop",
+            flush=True,
+        )
         if workers:
             for pid in workers:
                 try:

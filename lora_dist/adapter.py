@@ -19,7 +19,6 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
-
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
@@ -34,8 +33,10 @@ from .weights import base_dir, load_gpt2, weights_sha256
 FORMAT = "lora-dist/2"
 TOKENIZER = "gpt2-bpe"  # GPT-2's byte-level BPE (tiktoken's "gpt2"), shipped in lora_dist/assets
 # kind -> (directory in a run, tensor file, description file)
-LAYOUT = {"lora": ("adapter", "adapter_model.safetensors", "adapter_config.json"),
-          "weights": ("weights", "model.safetensors", "weights_config.json")}
+LAYOUT = {
+    "lora": ("adapter", "adapter_model.safetensors", "adapter_config.json"),
+    "weights": ("weights", "model.safetensors", "weights_config.json"),
+}
 
 
 @dataclass(frozen=True)
@@ -54,7 +55,7 @@ class BaseModel:
         digest = f", sha256 {self.sha256[:12]}..." if self.sha256 else ""
         return f"{self.name} from {self.source}{digest}"
 
-    def mismatch(self, other: "BaseModel") -> str | None:
+    def mismatch(self, other: BaseModel) -> str | None:
         """Why `other` is not this base, or None when it is."""
         canon = lambda n: ALIASES.get(n.strip().lower(), n.strip().lower())  # noqa: E731
         if canon(self.name) != canon(other.name) and not (self.sha256 and self.sha256 == other.sha256):
@@ -96,30 +97,62 @@ class AdapterSpec:
 
     # ------------------------------------------------------------------------------------ building
     @classmethod
-    def for_run(cls, cfg: Config, labels, length: int, modules: list[str], base: BaseModel) -> "AdapterSpec":
+    def for_run(cls, cfg: Config, labels, length: int, modules: list[str], base: BaseModel) -> AdapterSpec:
         """The description of what `cfg` trains (train.py calls this when it saves the result)."""
         lora = None
         if cfg.train.trainable == "lora":
-            lora = {"rank": cfg.lora.rank, "alpha": cfg.lora.alpha, "scaling": cfg.lora.scaling,
-                    "scale": scale_factor(cfg.lora), "dropout": cfg.lora.dropout, "targets": list(modules),
-                    "head": "head" in modules, "train_head": cfg.lora.train_head}
-        return cls(kind="lora" if lora else "weights", base=base, labels=tuple(labels), trainable=cfg.train.trainable,
-                       lora=lora, pooling=cfg.model.pooling, causal_mask=cfg.model.causal_mask, max_length=length,
-                       pad_to=fixed_length(cfg.data, length), pad_token_id=cfg.data.pad_token_id)
+            lora = {
+                "rank": cfg.lora.rank,
+                "alpha": cfg.lora.alpha,
+                "scaling": cfg.lora.scaling,
+                "scale": scale_factor(cfg.lora),
+                "dropout": cfg.lora.dropout,
+                "targets": list(modules),
+                "head": "head" in modules,
+                "train_head": cfg.lora.train_head,
+            }
+        return cls(
+            kind="lora" if lora else "weights",
+            base=base,
+            labels=tuple(labels),
+            trainable=cfg.train.trainable,
+            lora=lora,
+            pooling=cfg.model.pooling,
+            causal_mask=cfg.model.causal_mask,
+            max_length=length,
+            pad_to=fixed_length(cfg.data, length),
+            pad_token_id=cfg.data.pad_token_id,
+        )
 
     def to_config(self) -> Config:
         """A Config from which `build.build_model` rebuilds this model (base, head, adapters)."""
         b = self.base
         weights = "random" if b.source == "random" else ("pretrained" if _is_hub_id(b.source) else b.source)
-        model = ModelConfig(name=b.name, weights=weights, num_classes=len(self.labels), context_length=b.context_length,
-                            pooling=self.pooling, causal_mask=self.causal_mask)
+        model = ModelConfig(
+            name=b.name,
+            weights=weights,
+            num_classes=len(self.labels),
+            context_length=b.context_length,
+            pooling=self.pooling,
+            causal_mask=self.causal_mask,
+        )
         lora = LoRAConfig()
         if self.lora:
             targets = tuple(t for t in self.lora["targets"] if t != "head") or ("head",)
-            lora = LoRAConfig(rank=int(self.lora["rank"]), alpha=float(self.lora["alpha"]), scaling=self.lora["scaling"],
-                              targets=targets, head=bool(self.lora["head"]), train_head=bool(self.lora["train_head"]))
-        return Config(model=model, lora=lora, data=DataConfig(pad_token_id=self.pad_token_id),
-                      train=TrainConfig(trainable=self.trainable, seed=b.seed if b.seed is not None else 123))
+            lora = LoRAConfig(
+                rank=int(self.lora["rank"]),
+                alpha=float(self.lora["alpha"]),
+                scaling=self.lora["scaling"],
+                targets=targets,
+                head=bool(self.lora["head"]),
+                train_head=bool(self.lora["train_head"]),
+            )
+        return Config(
+            model=model,
+            lora=lora,
+            data=DataConfig(pad_token_id=self.pad_token_id),
+            train=TrainConfig(trainable=self.trainable, seed=b.seed if b.seed is not None else 123),
+        )
 
     # ---------------------------------------------------------------------------------------- JSON
     def to_json(self) -> dict:
@@ -130,7 +163,7 @@ class AdapterSpec:
         return {"format": d.pop("format"), **d, **extra}
 
     @classmethod
-    def from_json(cls, d: dict, source: str) -> "AdapterSpec":
+    def from_json(cls, d: dict, source: str) -> AdapterSpec:
         try:
             known = {f for f in cls.__dataclass_fields__ if f != "extra"}
             kw = {k: v for k, v in d.items() if k in known}
@@ -139,10 +172,14 @@ class AdapterSpec:
             kw["overrides"] = tuple(d.get("overrides") or ())
             spec = cls(**kw, extra={k: v for k, v in d.items() if k not in known})
         except (KeyError, TypeError, ValueError) as e:
-            raise UserError(f"{source} is not a lora-dist adapter description ({type(e).__name__}: {e}); "
-                            f"retrain, or restore the file the run wrote")
+            raise UserError(
+                f"{source} is not a lora-dist adapter description ({type(e).__name__}: {e}); "
+                f"retrain, or restore the file the run wrote"
+            ) from e
         if spec.kind not in LAYOUT or len(spec.labels) < 2 or (spec.kind == "lora") != bool(spec.lora):
-            raise UserError(f"{source} is not a valid lora-dist adapter description (kind {spec.kind!r}); restore the file the run wrote")
+            raise UserError(
+                f"{source} is not a valid lora-dist adapter description (kind {spec.kind!r}); restore the file the run wrote"
+            )
         return spec
 
 
@@ -168,7 +205,7 @@ class Adapter:
         try:
             return load_file(str(self.tensor_file))
         except (SafetensorError, OSError) as e:
-            raise UserError(f"{self.tensor_file} cannot be read ({e}); it is damaged, retrain or restore it")
+            raise UserError(f"{self.tensor_file} cannot be read ({e}); it is damaged, retrain or restore it") from e
 
 
 def find(path: str | Path) -> Adapter:
@@ -176,34 +213,44 @@ def find(path: str | Path) -> Adapter:
     p = Path(path)
     if not p.exists():
         raise UserError(f"adapter path {p} not found; pass a training run's output_dir or its adapter/ directory")
-    for kind, (sub, tensors, desc) in LAYOUT.items():
+    for sub, tensors, desc in LAYOUT.values():
         for d in (p, p / sub):
             if (d / desc).is_file():
                 if not (d / tensors).is_file():
-                    raise UserError(f"{d} has {desc} but no {tensors}; the run did not finish, resume it with train.resume=auto")
+                    raise UserError(
+                        f"{d} has {desc} but no {tensors}; the run did not finish, resume it with train.resume=auto"
+                    )
                 return Adapter(d, _read_spec(d / desc, d))
-    hint = ("it holds checkpoints but never finished: resume it with train.resume=auto"
-            if (p / "checkpoints").is_dir() else "pass the output_dir of a run that finished training, or its adapter/ directory")
-    raise UserError(f"{p} is not a lora-dist adapter (no adapter/adapter_config.json or weights/weights_config.json); {hint}")
+    hint = (
+        "it holds checkpoints but never finished: resume it with train.resume=auto"
+        if (p / "checkpoints").is_dir()
+        else "pass the output_dir of a run that finished training, or its adapter/ directory"
+    )
+    raise UserError(
+        f"{p} is not a lora-dist adapter (no adapter/adapter_config.json or weights/weights_config.json); {hint}"
+    )
 
 
 def _read_spec(file: Path, directory: Path) -> AdapterSpec:
     try:
         d = json.loads(file.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"{file} is not valid JSON ({type(e).__name__}); restore the file the run wrote")
+        raise UserError(f"{file} is not valid JSON ({type(e).__name__}); restore the file the run wrote") from e
     if not isinstance(d, dict):
         raise UserError(f"{file} is not a lora-dist adapter description; restore the file the run wrote")
     if "peft_type" in d:
-        raise UserError(f"{file} is a PEFT adapter; load it with Classifier.from_pretrained or lora-dist classify, "
-                        f"which read PEFT exports")
+        raise UserError(
+            f"{file} is a PEFT adapter; load it with Classifier.from_pretrained or lora-dist classify, "
+            f"which read PEFT exports"
+        )
     if d.get("format") == "lora-dist/1":
         return _legacy_spec(d, directory.parent)
     if d.get("format") != FORMAT:
         fmt = d.get("format")
         if isinstance(fmt, str) and fmt.startswith("lora-dist/"):
-            raise UserError(f"{file} is of format {fmt}, newer than this lora-dist reads (lora-dist/1, {FORMAT}); "
-                            f"upgrade lora-dist")
+            raise UserError(
+                f"{file} is of format {fmt}, newer than this lora-dist reads (lora-dist/1, {FORMAT}); upgrade lora-dist"
+            )
         raise UserError(f"{file} names no lora-dist format (format: {fmt!r}); restore the file the run wrote")
     return AdapterSpec.from_json(d, str(file))
 
@@ -212,8 +259,10 @@ def _legacy_spec(d: dict, run_dir: Path) -> AdapterSpec:
     """A first-format adapter: rebuilt from its run's config.yaml and splits, as training wrote them."""
     cfg_file = run_dir / "config.yaml"
     if not cfg_file.is_file():
-        raise UserError(f"{run_dir / 'adapter'} is an adapter of the first format, which needs its run's config.yaml; "
-                        f"pass the whole run directory")
+        raise UserError(
+            f"{run_dir / 'adapter'} is an adapter of the first format, which needs its run's config.yaml; "
+            f"pass the whole run directory"
+        )
     cfg = load_config(cfg_file)
     labels = tuple(d.get("classes") or ("ham", "spam"))
     with torch.device("meta"):
@@ -222,7 +271,9 @@ def _legacy_spec(d: dict, run_dir: Path) -> AdapterSpec:
     if cfg.data.padding == "longest" and (run_dir / "splits" / "train.csv").is_file():
         splits = {k: read_table(run_dir / "splits" / "train.csv") for k in ("train", "validation", "test")}
         _, length = build_datasets(splits, cfg.data, ctx, labels)
-    return AdapterSpec.for_run(cfg, labels, length, list(d.get("target_modules") or []), base_of(cfg, hash_weights=False))
+    return AdapterSpec.for_run(
+        cfg, labels, length, list(d.get("target_modules") or []), base_of(cfg, hash_weights=False)
+    )
 
 
 def base_of(cfg: Config, hash_weights: bool = True) -> BaseModel:
@@ -249,8 +300,11 @@ def save(run_dir: Path, spec: AdapterSpec, tensors: dict[str, torch.Tensor]) -> 
     d = Path(run_dir) / sub
     d.mkdir(parents=True, exist_ok=True)
     tmp = d / f".{tensor_name}.tmp"
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp),
-              metadata={"format": "pt", "lora_dist": spec.format})
+    save_file(
+        {k: v.detach().cpu().contiguous() for k, v in tensors.items()},
+        str(tmp),
+        metadata={"format": "pt", "lora_dist": spec.format},
+    )
     os.replace(tmp, d / tensor_name)
     counts = {"tensors": len(tensors), "parameters": int(sum(t.numel() for t in tensors.values()))}
     spec = replace(spec, extra={**spec.extra, **counts})
@@ -264,17 +318,24 @@ def info(path: str | Path) -> str:
     s = a.spec
     tensors = a.tensors()
     size = a.tensor_file.stat().st_size
-    what = (f"LoRA rank {s.lora['rank']}, alpha {s.lora['alpha']:g} ({s.lora['scaling']}, scale {s.lora['scale']:g}) on "
-            f"{len(s.lora['targets'])} layers" + (", head trained in full" if s.lora["train_head"] else "")
-            if s.lora else f"trained weights ({s.trainable})")
-    lines = [f"{a.dir}  ({s.format}, {s.kind})",
-             f"base:      {s.base.describe()}",
-             f"trained:   {what}",
-             f"labels:    {', '.join(s.labels)}",
-             f"input:     tokenizer {s.tokenizer}, truncated to {s.max_length} tokens, "
-             + (f"padded to {s.pad_to}" if s.pad_to else "padded per batch") + f" with {s.pad_token_id}, "
-             f"pooling {s.pooling}" + ("" if s.causal_mask else ", no causal mask"),
-             f"tensors:   {len(tensors)} ({sum(t.numel() for t in tensors.values()):,} values) in {a.tensor_file.name}, "
-             f"{size:,} bytes ({size / 2**20:.2f} MiB)",
-             "", json.dumps(s.to_json(), indent=2)]
+    what = (
+        f"LoRA rank {s.lora['rank']}, alpha {s.lora['alpha']:g} ({s.lora['scaling']}, scale {s.lora['scale']:g}) on "
+        f"{len(s.lora['targets'])} layers" + (", head trained in full" if s.lora["train_head"] else "")
+        if s.lora
+        else f"trained weights ({s.trainable})"
+    )
+    lines = [
+        f"{a.dir}  ({s.format}, {s.kind})",
+        f"base:      {s.base.describe()}",
+        f"trained:   {what}",
+        f"labels:    {', '.join(s.labels)}",
+        f"input:     tokenizer {s.tokenizer}, truncated to {s.max_length} tokens, "
+        + (f"padded to {s.pad_to}" if s.pad_to else "padded per batch")
+        + f" with {s.pad_token_id}, "
+        f"pooling {s.pooling}" + ("" if s.causal_mask else ", no causal mask"),
+        f"tensors:   {len(tensors)} ({sum(t.numel() for t in tensors.values()):,} values) in {a.tensor_file.name}, "
+        f"{size:,} bytes ({size / 2**20:.2f} MiB)",
+        "",
+        json.dumps(s.to_json(), indent=2),
+    ]
     return "\n".join(lines)

@@ -1,7 +1,7 @@
 """The classifier model as training and inference both build it: base GPT-2, fresh head, what is trained;
 and the one reader of a trained adapter (lora-dist's own or PEFT's) that rebuilds it.
 
-    python -c "from lora_dist.build import build_model; from lora_dist.config import load_config; print(build_model(load_config('configs/smoke.yaml'), 2)[1])"
+    python -c "from lora_dist.build import *; from lora_dist.config import *; print(build_model(load_config('configs/smoke.yaml'), 2)[1])"
 
 `train.trainable` picks what is trained: LoRA adapters (`lora`, injected by `lora.inject_lora`), or the
 book's `--trainable_layers`: the head alone (`last_layer`), the head with the final LayerNorm and the last
@@ -40,8 +40,10 @@ def num_classes(cfg: Config, labels: tuple[str, ...]) -> int:
     """`model.num_classes`, which follows from the data unless set (and must then agree with it)."""
     n = cfg.model.num_classes
     if n is not None and n != len(labels):
-        raise UserError(f"model.num_classes={n} but the data has {len(labels)} labels ({', '.join(labels)}); "
-                        f"drop model.num_classes (it follows from the data) or set data.labels")
+        raise UserError(
+            f"model.num_classes={n} but the data has {len(labels)} labels ({', '.join(labels)}); "
+            f"drop model.num_classes (it follows from the data) or set data.labels"
+        )
     return len(labels)
 
 
@@ -64,7 +66,7 @@ def make_trainable(model: GPT2, cfg: Config, mode: str) -> list[str]:
     model.requires_grad_(mode == "all")
     if mode in LAST_BLOCKS:
         n = LAST_BLOCKS[mode]
-        chosen = [model.head] + ([model.final_norm, *model.blocks[len(model.blocks) - n:]] if n else [])
+        chosen = [model.head] + ([model.final_norm, *model.blocks[len(model.blocks) - n :]] if n else [])
         for module in chosen:
             module.requires_grad_(True)
     return []
@@ -80,8 +82,10 @@ def base_config(spec: AdapterSpec, source: str, base: str | None = None) -> Conf
         found = base_of(cfg)
         why = spec.base.mismatch(found)
         if why:
-            raise UserError(f"{source} was trained on {spec.base.describe()}, but the base found is {found.describe()} "
-                            f"({why}); use the base it was trained on (--base DIR)")
+            raise UserError(
+                f"{source} was trained on {spec.base.describe()}, but the base found is {found.describe()} "
+                f"({why}); use the base it was trained on (--base DIR)"
+            )
     return cfg
 
 
@@ -108,7 +112,9 @@ def load_trained(spec: AdapterSpec, tensors: dict[str, torch.Tensor], source: st
     with torch.no_grad():
         for k, t in overrides.items():
             if k not in own or own[k].shape != t.shape:
-                raise UserError(f"{source}: base tensor '{k}' {list(t.shape)} does not fit this model; "
-                                f"use the base the adapter was made for")
+                raise UserError(
+                    f"{source}: base tensor '{k}' {list(t.shape)} does not fit this model; "
+                    f"use the base the adapter was made for"
+                )
             own[k].copy_(t)
     return model.requires_grad_(False).eval()

@@ -1,13 +1,13 @@
 """Command line: `lora-dist train|params|report|eval|classify|adapter|export|serve ...` (also `python -m lora_dist ...`).
 
-    lora-dist train --config configs/smoke.yaml output_dir=runs/smoke
-    lora-dist params --config configs/gpt2-small-lora.yaml
-    lora-dist report runs/smoke
-    lora-dist eval runs/smoke --split test
-    lora-dist classify --adapter runs/smoke "WINNER!! Claim your prize" "see you at 6"
-    lora-dist adapter info runs/smoke
-    lora-dist export runs/smoke --format peft --out exports/smoke-peft
-    lora-dist serve --adapters spam=runs/smoke,support=runs/support --port 8000
+lora-dist train --config configs/smoke.yaml output_dir=runs/smoke
+lora-dist params --config configs/gpt2-small-lora.yaml
+lora-dist report runs/smoke
+lora-dist eval runs/smoke --split test
+lora-dist classify --adapter runs/smoke "WINNER!! Claim your prize" "see you at 6"
+lora-dist adapter info runs/smoke
+lora-dist export runs/smoke --format peft --out exports/smoke-peft
+lora-dist serve --adapters spam=runs/smoke,support=runs/support --port 8000
 """
 
 from __future__ import annotations
@@ -35,31 +35,46 @@ def _parser() -> argparse.ArgumentParser:
     # The deepspeed launcher passes --local_rank=N before the subcommand; the rank comes from the environment.
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = p.add_subparsers(dest="command", required=True)
-    for name, text in (("train", "fine-tune (under torchrun or deepspeed for several processes)"),
-                       ("params", "print total and trainable parameter counts without training")):
+    for name, text in (
+        ("train", "fine-tune (under torchrun or deepspeed for several processes)"),
+        ("params", "print total and trainable parameter counts without training"),
+    ):
         c = sub.add_parser(name, help=text)
         c.add_argument("--config", required=True, help="YAML file, e.g. configs/smoke.yaml")
         c.add_argument("overrides", nargs="*", help="key=value, e.g. train.epochs=1 output_dir=runs/x")
-    r = sub.add_parser("report", help="write RUN_DIR/report.md and RUN_DIR/plots/ for a finished run, and print the report")
+    r = sub.add_parser(
+        "report", help="write RUN_DIR/report.md and RUN_DIR/plots/ for a finished run, and print the report"
+    )
     r.add_argument("run_dir", help="a training run's output_dir, e.g. runs/smoke")
-    e = sub.add_parser("eval", help="re-evaluate a run's saved adapter on one of its splits or on your own labelled file")
+    e = sub.add_parser(
+        "eval", help="re-evaluate a run's saved adapter on one of its splits or on your own labelled file"
+    )
     e.add_argument("run_dir", help="a training run's output_dir, e.g. runs/smoke")
-    e.add_argument("--split", default="test", choices=("train", "validation", "test"), help="the run's split (default: test)")
+    e.add_argument(
+        "--split", default="test", choices=("train", "validation", "test"), help="the run's split (default: test)"
+    )
     e.add_argument("--data", default=None, help="a CSV/TSV with text and label columns instead of a split")
     e.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
     e.add_argument("--precision", default="fp32", choices=("auto", "fp32", "bf16", "fp16"), help="(default: fp32)")
     e.add_argument("--batch-size", type=int, default=32, help="messages per forward pass (default: 32)")
     e.add_argument("--json", action="store_true", help="print the result as JSON")
-    classify.add_arguments(sub.add_parser("classify", help="label new messages with a trained adapter (table, JSON or JSON lines)"))
+    classify.add_arguments(
+        sub.add_parser("classify", help="label new messages with a trained adapter (table, JSON or JSON lines)")
+    )
     a = sub.add_parser("adapter", help="inspect a saved adapter").add_subparsers(dest="action", required=True)
     a.add_parser("info", help="print what an adapter is: base, layers, labels, tensors, size").add_argument(
-        "path", help="a training run or its adapter/ directory")
+        "path", help="a training run or its adapter/ directory"
+    )
     x = sub.add_parser("export", help="export an adapter for transformers + PEFT, or as a merged Hugging Face model")
     x.add_argument("path", help="a training run or its adapter/ (weights/) directory")
-    x.add_argument("--format", required=True, choices=("peft", "merged"), help="peft: a PEFT LoRA adapter; merged: a full model")
+    x.add_argument(
+        "--format", required=True, choices=("peft", "merged"), help="peft: a PEFT LoRA adapter; merged: a full model"
+    )
     x.add_argument("--out", required=True, help="the directory to write (must not exist, or be empty)")
     x.add_argument("--base", help="a directory holding the adapter's base weights, if not where training found them")
-    serve.add_arguments(sub.add_parser("serve", help="serve adapters of one base over HTTP, with dynamic batching and a web page"))
+    serve.add_arguments(
+        sub.add_parser("serve", help="serve adapters of one base over HTTP, with dynamic batching and a web page")
+    )
     return p
 
 
@@ -124,8 +139,11 @@ def _params(cfg) -> int:
     with torch.device("meta"):
         model, wrapped = build_model(replace(cfg, model=structure), num_classes(cfg, labels))
     total, trainable = count_params(model)
-    what = (f"LoRA: rank {cfg.lora.rank}, alpha {cfg.lora.alpha:g}, {len(wrapped)} layers" if cfg.train.trainable == "lora"
-            else f"trained: {cfg.train.trainable}")
+    what = (
+        f"LoRA: rank {cfg.lora.rank}, alpha {cfg.lora.alpha:g}, {len(wrapped)} layers"
+        if cfg.train.trainable == "lora"
+        else f"trained: {cfg.train.trainable}"
+    )
     print(f"model: {cfg.model.name}  {what}  labels: {', '.join(labels)}")
     print(f"total parameters: {total:,}")
     print(f"trainable parameters: {trainable:,}")

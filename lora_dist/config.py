@@ -14,7 +14,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 import yaml
 
@@ -25,9 +25,9 @@ from .errors import UserError
 class ModelConfig:
     name: str = "gpt2-small"  # gpt2-small|medium|large|xl, the book's "gpt2-small (124M)", or tiny
     weights: str = "pretrained"  # pretrained | random | a directory with config.json + model.safetensors
-    num_classes: Optional[int] = None  # default: the number of labels in the data
+    num_classes: int | None = None  # default: the number of labels in the data
     dropout: float = 0.0  # the book fine-tunes with drop_rate 0.0
-    context_length: Optional[int] = None  # shorten the positional table (tiny/random models only)
+    context_length: int | None = None  # shorten the positional table (tiny/random models only)
     activation_checkpointing: bool = False
     # Which hidden state the head classifies: the last real token (default), the last position after
     # padding (the book), the first token, or the mean over the real tokens (or over every position).
@@ -35,7 +35,9 @@ class ModelConfig:
     causal_mask: bool = True  # false: every token attends to every position (the book's row 17)
 
     def __post_init__(self):
-        _check(self.num_classes is None or self.num_classes >= 2, "model.num_classes must be >= 2 (or null: from the data)")
+        _check(
+            self.num_classes is None or self.num_classes >= 2, "model.num_classes must be >= 2 (or null: from the data)"
+        )
         _check(0.0 <= self.dropout < 1.0, "model.dropout must be in [0, 1)")
 
 
@@ -43,13 +45,15 @@ class ModelConfig:
 class DataConfig:
     source: str = "sms"  # "sms" (UCI SMS Spam Collection) or a path to a CSV/TSV with text,label columns
     url: str = "https://archive.ics.uci.edu/static/public/228/sms+spam+collection.zip"
-    download: bool = False  # false: the copy shipped in the package (the same file, same sha256); true: fetch it from `url`
+    download: bool = (
+        False  # false: the copy shipped in the package (the same file, same sha256); true: fetch it from `url`
+    )
     balance: bool = True  # undersample every class to the smallest one, as the book does
-    labels: Optional[tuple[str, ...]] = None  # the class labels in order (default: the data's, sorted)
+    labels: tuple[str, ...] | None = None  # the class labels in order (default: the data's, sorted)
     train_frac: float = 0.7
     val_frac: float = 0.1
     seed: int = 123
-    max_length: Optional[int] = None  # truncate messages to this many tokens (default: the context)
+    max_length: int | None = None  # truncate messages to this many tokens (default: the context)
     # longest: every message padded to the longest training message (the book); batch: each batch to its
     # own longest; context: to the model's context length (the book's row 13)
     padding: Literal["longest", "batch", "context"] = "batch"
@@ -58,10 +62,15 @@ class DataConfig:
 
     def __post_init__(self):
         _check(0 < self.train_frac < 1 and 0 < self.val_frac < 1, "data.train_frac and data.val_frac must be in (0, 1)")
-        _check(self.train_frac + self.val_frac < 1, f"data.train_frac + data.val_frac = {self.train_frac + self.val_frac:g} leaves no test set; make their sum < 1")
+        _check(
+            self.train_frac + self.val_frac < 1,
+            f"data.train_frac + data.val_frac = {self.train_frac + self.val_frac:g} leaves no test set; make their sum < 1",
+        )
         _check(self.max_length is None or self.max_length > 0, "data.max_length must be > 0")
-        _check(self.labels is None or (len(self.labels) >= 2 and len(set(self.labels)) == len(self.labels)),
-               "data.labels must list at least two distinct labels (or be null: the labels found in the data)")
+        _check(
+            self.labels is None or (len(self.labels) >= 2 and len(set(self.labels)) == len(self.labels)),
+            "data.labels must list at least two distinct labels (or be null: the labels found in the data)",
+        )
 
 
 @dataclass(frozen=True)
@@ -96,8 +105,8 @@ class TrainConfig:
     betas: tuple[float, ...] = (0.9, 0.999)
     schedule: Literal["constant", "cosine", "linear"] = "constant"
     warmup_steps: int = 0
-    max_grad_norm: Optional[float] = None
-    max_steps: Optional[int] = None  # stop after this many optimizer steps (smoke runs, tests)
+    max_grad_norm: float | None = None
+    max_steps: int | None = None  # stop after this many optimizer steps (smoke runs, tests)
     eval_every: int = 50  # steps between train/val loss estimates
     eval_batches: int = 5  # batches used for those estimates and the per-epoch accuracies
     seed: int = 123
@@ -116,7 +125,9 @@ class TrainConfig:
         _check(self.grad_accum > 0, f"train.grad_accum must be > 0, got {self.grad_accum}")
         _check(self.lr > 0, f"train.lr must be > 0, got {self.lr}")
         _check(self.weight_decay >= 0, "train.weight_decay must be >= 0")
-        _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "train.betas must be two numbers in [0, 1)")
+        _check(
+            len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "train.betas must be two numbers in [0, 1)"
+        )
         _check(self.warmup_steps >= 0, "train.warmup_steps must be >= 0")
         _check(self.max_grad_norm is None or self.max_grad_norm > 0, "train.max_grad_norm must be > 0 (or null)")
         _check(self.max_steps is None or self.max_steps > 0, "train.max_steps must be > 0 (or null)")
@@ -131,7 +142,7 @@ class DistConfig:
     strategy: Literal["auto", "none", "ddp", "deepspeed"] = "auto"
     backend: Literal["auto", "nccl", "gloo"] = "auto"
     timeout_s: int = 600  # collective timeout: a dead rank never leaves the others hanging forever
-    deepspeed_config: Optional[str] = None  # configs/deepspeed/zero2.yaml etc.
+    deepspeed_config: str | None = None  # configs/deepspeed/zero2.yaml etc.
     # torch: torch's fused AdamW (nothing to compile); deepspeed: DeepSpeed's own, FusedAdam on GPUs or
     # DeepSpeedCPUAdam under optimizer offload, compiled at first use (nvcc matching torch's CUDA; ninja)
     deepspeed_optimizer: Literal["torch", "deepspeed"] = "torch"
@@ -144,9 +155,9 @@ class DistConfig:
 class WandbConfig:
     mode: Literal["auto", "online", "offline", "disabled"] = "auto"  # auto: offline if wandb is installed
     project: str = "lora-dist"
-    entity: Optional[str] = None
-    name: Optional[str] = None
-    group: Optional[str] = None  # default: the launcher's job id (Slurm job id or torchrun run id)
+    entity: str | None = None
+    name: str | None = None
+    group: str | None = None  # default: the launcher's job id (Slurm job id or torchrun run id)
     tags: tuple[str, ...] = ()
 
 
@@ -207,11 +218,11 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
         try:
             raw = yaml.safe_load(p.read_bytes().decode("utf-8")) or {}
         except UnicodeDecodeError as e:
-            raise UserError(f"config file {p} is not UTF-8 (bad byte at offset {e.start}); re-save it as UTF-8")
+            raise UserError(f"config file {p} is not UTF-8 (bad byte at offset {e.start}); re-save it as UTF-8") from e
         except OSError as e:
-            raise UserError(f"config file {p} cannot be read ({e.strerror}); check its permissions")
+            raise UserError(f"config file {p} cannot be read ({e.strerror}); check its permissions") from e
         except yaml.YAMLError as e:
-            raise UserError(f"config file {p} is not valid YAML ({_first_line(e)}); fix the syntax")
+            raise UserError(f"config file {p} is not valid YAML ({_first_line(e)}); fix the syntax") from e
         if not isinstance(raw, dict):
             raise UserError(f"config file {p} must hold a mapping of keys to values, not {type(raw).__name__}")
     for item in overrides:

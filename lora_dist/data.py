@@ -59,7 +59,7 @@ def download_sms(url: str, cache_dir: Path | None = None, timeout: float = 15.0)
         with zipfile.ZipFile(io.BytesIO(payload)) as z:
             content = z.read("SMSSpamCollection")
     except (zipfile.BadZipFile, KeyError) as e:
-        raise ValueError(f"{url} is not the UCI zip with SMSSpamCollection inside ({e})")
+        raise ValueError(f"{url} is not the UCI zip with SMSSpamCollection inside ({e})") from e
     if _sha256(content) != SMS_SHA256:
         raise ValueError(f"SMSSpamCollection from {url} has an unexpected sha256")
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -76,7 +76,9 @@ def sms_path(cfg: DataConfig, say=print) -> Path:
         try:
             return download_sms(cfg.url)
         except (OSError, ValueError) as e:
-            say(f"note: could not download the SMS data ({type(e).__name__}: {e}); using the copy shipped with lora-dist")
+            say(
+                f"note: could not download the SMS data ({type(e).__name__}: {e}); using the copy shipped with lora-dist"
+            )
     return shipped_sms_path()
 
 
@@ -87,7 +89,15 @@ def _sha256(b: bytes) -> str:
 def read_sms(path: str | Path) -> pd.DataFrame:
     """The UCI file: `label<TAB>text`, no header, read with quoting off so all 5,574 rows come through."""
     text = _read_utf8(Path(path))
-    frame = pd.read_csv(io.StringIO(text), sep="\t", header=None, names=["label", "text"], quoting=csv.QUOTE_NONE, dtype=str, keep_default_na=False)
+    frame = pd.read_csv(
+        io.StringIO(text),
+        sep="\t",
+        header=None,
+        names=["label", "text"],
+        quoting=csv.QUOTE_NONE,
+        dtype=str,
+        keep_default_na=False,
+    )
     return _validate(frame, Path(path))
 
 
@@ -95,11 +105,18 @@ def read_table(path: str | Path) -> pd.DataFrame:
     """A user's CSV or TSV (by extension, else sniffed) with a header holding `text` and `label`."""
     path = Path(path)
     text = _read_utf8(path)
-    sep = "\t" if path.suffix.lower() in (".tsv", ".tab") or (path.suffix.lower() != ".csv" and "\t" in text.split("\n", 1)[0]) else ","
+    sep = (
+        "\t"
+        if path.suffix.lower() in (".tsv", ".tab") or (path.suffix.lower() != ".csv" and "\t" in text.split("\n", 1)[0])
+        else ","
+    )
     try:
         frame = pd.read_csv(io.StringIO(text), sep=sep, dtype=str, keep_default_na=False)
     except pd.errors.ParserError as e:
-        raise UserError(f"{path} is not a well-formed {'TSV' if sep == chr(9) else 'CSV'} file ({str(e).strip().splitlines()[-1]}); quote fields that hold the separator")
+        raise UserError(
+            f"{path} is not a well-formed {'TSV' if sep == chr(9) else 'CSV'} file ({str(e).strip().splitlines()[-1]}); "
+            f"quote fields that hold the separator"
+        ) from e
     frame.columns = [str(c).strip().lower() for c in frame.columns]
     if not {"text", "label"} <= set(frame.columns):
         raise UserError(f"{path} needs columns 'text' and 'label' in its header row; found {list(frame.columns)}")
@@ -114,7 +131,9 @@ def _read_utf8(path: Path) -> str:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         line = raw[: e.start].count(b"\n") + 1
-        raise UserError(f"{path} is not UTF-8 (bad byte at line {line}); re-save it as UTF-8, e.g. iconv -f latin1 -t utf-8")
+        raise UserError(
+            f"{path} is not UTF-8 (bad byte at line {line}); re-save it as UTF-8, e.g. iconv -f latin1 -t utf-8"
+        ) from e
     if not text.strip():
         raise UserError(f"{path} is empty; it needs labelled messages (label and text)")
     return text
@@ -155,8 +174,10 @@ def label_order(labels, wanted: tuple[str, ...] | None = None, source: str = "th
     if wanted:
         unknown = sorted(found - set(wanted), key=_label_key)
         if unknown:
-            raise UserError(f"{source} has label {unknown[0]!r}, which data.labels {list(wanted)} does not name; "
-                            f"add it to data.labels or fix the data")
+            raise UserError(
+                f"{source} has label {unknown[0]!r}, which data.labels {list(wanted)} does not name; "
+                f"add it to data.labels or fix the data"
+            )
         return tuple(wanted)
     if len(found) < 2:
         raise UserError(f"{source} holds only {sorted(found) or 'no'} labels; a classifier needs at least two classes")
@@ -187,7 +208,10 @@ def split(frame: pd.DataFrame, train_frac: float, val_frac: float, seed: int = 1
     parts = {"train": frame[:train_end], "validation": frame[train_end:val_end], "test": frame[val_end:]}
     for name, part in parts.items():
         if len(part) == 0:
-            raise UserError(f"the {name} split is empty ({len(frame)} messages, train_frac={train_frac}, val_frac={val_frac}); use more data or other fractions")
+            raise UserError(
+                f"the {name} split is empty ({len(frame)} messages, train_frac={train_frac}, val_frac={val_frac}); "
+                f"use more data or other fractions"
+            )
     return {k: v.reset_index(drop=True) for k, v in parts.items()}
 
 
@@ -215,14 +239,17 @@ def encode(texts: list[str], max_length: int | None = None) -> tuple[list[list[i
 class SpamDataset(Dataset):
     """Token ids (truncated to `max_length`) and class indices into `labels`."""
 
-    def __init__(self, frame: pd.DataFrame, max_length: int, labels: tuple[str, ...] = SMS_LABELS,
-                 source: str = "the data"):
+    def __init__(
+        self, frame: pd.DataFrame, max_length: int, labels: tuple[str, ...] = SMS_LABELS, source: str = "the data"
+    ):
         self.ids, _ = encode(frame["text"].tolist(), max_length)
         index = {label: i for i, label in enumerate(labels)}
         unknown = sorted(set(frame["label"]) - set(index))
         if unknown:
-            raise UserError(f"{source} has label {unknown[0]!r}, which is not one of the model's labels {list(labels)}; "
-                            f"relabel the data or use a model trained on these labels")
+            raise UserError(
+                f"{source} has label {unknown[0]!r}, which is not one of the model's labels {list(labels)}; "
+                f"relabel the data or use a model trained on these labels"
+            )
         self.labels = [index[label] for label in frame["label"]]
         self.lengths = [max(1, len(i)) for i in self.ids]
 
@@ -240,11 +267,16 @@ class Batch:
     labels: torch.Tensor  # (B,)
     tokens: int  # real (non-pad) tokens in the batch
 
-    def to(self, device) -> "Batch":
+    def to(self, device) -> Batch:
         nb = device.type == "cuda"
-        return Batch(self.ids.to(device, non_blocking=nb), self.last.to(device, non_blocking=nb), self.labels.to(device, non_blocking=nb), self.tokens)
+        return Batch(
+            self.ids.to(device, non_blocking=nb),
+            self.last.to(device, non_blocking=nb),
+            self.labels.to(device, non_blocking=nb),
+            self.tokens,
+        )
 
-    def pin_memory(self) -> "Batch":
+    def pin_memory(self) -> Batch:
         """Page-locked copies, so that `to(cuda)` copies asynchronously. DataLoader(pin_memory=True) calls
         this on every batch it yields; without it the batch would stay in pageable memory."""
         return Batch(self.ids.pin_memory(), self.last.pin_memory(), self.labels.pin_memory(), self.tokens)
@@ -270,7 +302,9 @@ class Collate:
         return Batch(ids, last, labels, sum(len(s) for s in seqs))
 
 
-def batch_plan(lengths: list[int], batch_size: int, groups: list | None = None, order: list[int] | None = None) -> list[list[int]]:
+def batch_plan(
+    lengths: list[int], batch_size: int, groups: list | None = None, order: list[int] | None = None
+) -> list[list[int]]:
     """Inference batches as row positions: rows of one group (`groups[i]`; default one group) may share a
     padded batch; inside a group rows go by `order[i]` (e.g. their adapter, so a batch holds one run of
     rows per adapter), then longest first, so that a batch holds little padding; then cut into batches of
@@ -284,12 +318,13 @@ def batch_plan(lengths: list[int], batch_size: int, groups: list | None = None, 
     plan = []
     for rows in members.values():
         rows.sort(key=lambda i: (order[i], -lengths[i]))
-        plan += [rows[s: s + batch_size] for s in range(0, len(rows), batch_size)]
+        plan += [rows[s : s + batch_size] for s in range(0, len(rows), batch_size)]
     return plan
 
 
-def build_datasets(splits: dict[str, pd.DataFrame], cfg: DataConfig, context_length: int,
-                   labels: tuple[str, ...] = SMS_LABELS) -> tuple[dict[str, SpamDataset], int]:
+def build_datasets(
+    splits: dict[str, pd.DataFrame], cfg: DataConfig, context_length: int, labels: tuple[str, ...] = SMS_LABELS
+) -> tuple[dict[str, SpamDataset], int]:
     """The tokenized splits and the length messages are truncated to (and padded to, see `fixed_length`)."""
     limit = min(cfg.max_length or context_length, context_length)
     train = SpamDataset(splits["train"], limit, labels)
@@ -312,4 +347,3 @@ def write_splits(splits: dict[str, pd.DataFrame], out_dir: Path) -> None:
 
 def mean_length(ds: SpamDataset) -> float:
     return sum(ds.lengths) / max(1, len(ds))
-

@@ -52,7 +52,7 @@ def pick_device(name: str | torch.device = "auto", local_rank: int = 0, key: str
     try:
         dev = torch.device(name)
     except RuntimeError:
-        raise UserError(f"{key}={name!r} is not a device; use auto, cpu, cuda, cuda:N or mps")
+        raise UserError(f"{key}={name!r} is not a device; use auto, cpu, cuda, cuda:N or mps") from None
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", local_rank % torch.cuda.device_count())
     return dev
@@ -76,7 +76,9 @@ def cuda_has_native_bf16(device: torch.device) -> bool:
     return torch.cuda.get_device_capability(device) >= (8, 0)
 
 
-def resolve_precision(precision: str, device: torch.device, strategy: str = "none", key: str = "train.precision") -> str:
+def resolve_precision(
+    precision: str, device: torch.device, strategy: str = "none", key: str = "train.precision"
+) -> str:
     """`auto` -> bf16 where the hardware runs it natively (CUDA compute capability >= 8.0, CPUs with
     AVX512-BF16/AMX), fp32 elsewhere (MPS, V100/T4 and older CPUs, and DeepSpeed on the CPU). Other values
     are kept, once checked: fp16 needs a GPU. `key` names the setting in the error."""
@@ -101,7 +103,9 @@ def autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=dtype)
 
 
-def init_process_group(device: torch.device, timeout_s: float, backend: str = "auto", env: DistEnv | None = None) -> tuple[str, list[str]]:
+def init_process_group(
+    device: torch.device, timeout_s: float, backend: str = "auto", env: DistEnv | None = None
+) -> tuple[str, list[str]]:
     """Join the job's process group (nccl on CUDA, gloo on the CPU, unless `backend` says). A plain process
     (no launcher) becomes a world of one, set up as torchrun would. Returns (backend, the environment
     variables set here, for `leave_process_group`)."""
@@ -116,9 +120,13 @@ def init_process_group(device: torch.device, timeout_s: float, backend: str = "a
     if not dist.is_initialized():
         if "MASTER_ADDR" not in os.environ:
             added = _world_of_one_env()
-        dist.init_process_group(backend, rank=env.rank, world_size=env.world_size,
-                                timeout=datetime.timedelta(seconds=timeout_s),
-                                device_id=device if backend == "nccl" else None)
+        dist.init_process_group(
+            backend,
+            rank=env.rank,
+            world_size=env.world_size,
+            timeout=datetime.timedelta(seconds=timeout_s),
+            device_id=device if backend == "nccl" else None,
+        )
     return backend, added
 
 

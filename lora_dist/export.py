@@ -34,6 +34,7 @@ from .lora import LinearWithLoRA, merge
 from .peft import PREFIX, SIDECAR, hf_modules
 from .weights import hf_config, hf_state_dict, key_map, save_file
 
+
 def main(path: str, fmt: str, out: str, base: str | None = None) -> int:
     """`lora-dist export PATH --format peft|merged --out DIR`."""
     spec, tensors, source = read_adapter(path, base)
@@ -65,14 +66,20 @@ def main(path: str, fmt: str, out: str, base: str | None = None) -> int:
 def check_exportable(spec, fmt: str, source: str) -> None:
     """What transformers' GPT2ForSequenceClassification cannot do is refused, never approximated."""
     if spec.pooling != "last_real":
-        raise UserError(f"{source} pools '{spec.pooling}', but GPT2ForSequenceClassification reads the last token that "
-                        f"is not padding (pooling last_real); use it with lora-dist classify, or retrain with model.pooling=last_real")
+        raise UserError(
+            f"{source} pools '{spec.pooling}', but GPT2ForSequenceClassification reads the last token that "
+            f"is not padding (pooling last_real); use it with lora-dist classify, or retrain with model.pooling=last_real"
+        )
     if not spec.causal_mask:
-        raise UserError(f"{source} was trained without the causal mask (model.causal_mask: false), which GPT-2 in "
-                        f"transformers always applies; use it with lora-dist classify, or retrain with the mask")
+        raise UserError(
+            f"{source} was trained without the causal mask (model.causal_mask: false), which GPT-2 in "
+            f"transformers always applies; use it with lora-dist classify, or retrain with the mask"
+        )
     if fmt == "peft" and spec.kind != "lora":
-        raise UserError(f"{source} trains whole layers (train.trainable={spec.trainable}), not LoRA adapters, so it "
-                        f"has no PEFT LoRA form; export it with --format merged")
+        raise UserError(
+            f"{source} trains whole layers (train.trainable={spec.trainable}), not LoRA adapters, so it "
+            f"has no PEFT LoRA form; export it with --format merged"
+        )
 
 
 # ------------------------------------------------------------------------------------------- writing
@@ -84,7 +91,9 @@ def _plain_state(model) -> dict[str, torch.Tensor]:
 
 
 def _save(tensors: dict[str, torch.Tensor], file: Path) -> None:
-    save_file({k: v.detach().float().contiguous().clone() for k, v in tensors.items()}, str(file), metadata={"format": "pt"})
+    save_file(
+        {k: v.detach().float().contiguous().clone() for k, v in tensors.items()}, str(file), metadata={"format": "pt"}
+    )
 
 
 @torch.no_grad()
@@ -102,9 +111,11 @@ def head_without_bias(model, source: str) -> tuple[torch.Tensor, torch.Tensor]:
     new = (beta.double() + d).float()
     err = (W.double() @ (new.double() - beta.double()) - b.double()).abs().max().item()
     if err > 1e-6 * (1.0 + b.abs().max().item()):
-        raise UserError(f"{source}: the head's bias cannot be moved into GPT-2's final LayerNorm (the head's rows are "
-                        f"linearly dependent, error {err:.2g}), and transformers' score layer has no bias; "
-                        f"use the adapter with lora-dist classify")
+        raise UserError(
+            f"{source}: the head's bias cannot be moved into GPT-2's final LayerNorm (the head's rows are "
+            f"linearly dependent, error {err:.2g}), and transformers' score layer has no bias; "
+            f"use the adapter with lora-dist classify"
+        )
     return W.clone(), new
 
 
@@ -122,10 +133,18 @@ def write_merged(model, spec, out: Path) -> list[str]:
 
 def classifier_config(cfg, spec) -> dict:
     return hf_config(cfg) | {
-        "architectures": ["GPT2ForSequenceClassification"], "id2label": dict(enumerate(spec.labels)),
-        "label2id": {label: i for i, label in enumerate(spec.labels)}, "pad_token_id": spec.pad_token_id,
-        "bos_token_id": 50256, "eos_token_id": 50256, "problem_type": "single_label_classification",
-        "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0, "torch_dtype": "float32"}
+        "architectures": ["GPT2ForSequenceClassification"],
+        "id2label": dict(enumerate(spec.labels)),
+        "label2id": {label: i for i, label in enumerate(spec.labels)},
+        "pad_token_id": spec.pad_token_id,
+        "bos_token_id": 50256,
+        "eos_token_id": 50256,
+        "problem_type": "single_label_classification",
+        "resid_pdrop": 0.0,
+        "embd_pdrop": 0.0,
+        "attn_pdrop": 0.0,
+        "torch_dtype": "float32",
+    }
 
 
 def write_peft(model, spec, names: set[str], source: str, out: Path, final: Path, base: str | None) -> list[str]:
@@ -138,14 +157,18 @@ def write_peft(model, spec, names: set[str], source: str, out: Path, final: Path
             used |= {f"{name}.lora.A", f"{name}.lora.B"}
             if name != "head":
                 if name not in table:
-                    raise UserError(f"{source}: layer '{name}' has a LoRA adapter that PEFT cannot place on "
-                                    f"GPT2ForSequenceClassification; export --format merged")
+                    raise UserError(
+                        f"{source}: layer '{name}' has a LoRA adapter that PEFT cannot place on "
+                        f"GPT2ForSequenceClassification; export --format merged"
+                    )
                 hf, slot = table[name]
                 groups.setdefault(hf, {})[slot] = m.lora
     used |= {"head.weight", "head.bias", "head.linear.weight", "head.linear.bias", *spec.overrides}
     if names - used:
-        raise UserError(f"{source} holds {sorted(names - used)[:3]}, which this export cannot represent in PEFT's "
-                        f"format; export --format merged")
+        raise UserError(
+            f"{source} holds {sorted(names - used)[:3]}, which this export cannot represent in PEFT's "
+            f"format; export --format merged"
+        )
     tensors, ranks, scales = {}, {}, {}
     for hf, parts in groups.items():
         if None in parts:
@@ -158,7 +181,7 @@ def write_peft(model, spec, names: set[str], source: str, out: Path, final: Path
             col = 0
             for k in sorted(parts):
                 r = parts[k].A.shape[1]
-                B[k * C:(k + 1) * C, col:col + r] = parts[k].B.t() * (parts[k].scale / s)
+                B[k * C : (k + 1) * C, col : col + r] = parts[k].B.t() * (parts[k].scale / s)
                 col += r
         tensors[f"{PREFIX}{hf}.lora_A.weight"], tensors[f"{PREFIX}{hf}.lora_B.weight"] = A, B
         ranks[hf], scales[hf] = A.shape[0], s
@@ -168,21 +191,35 @@ def write_peft(model, spec, names: set[str], source: str, out: Path, final: Path
     score, ln_f_bias = head_without_bias(model, source)
     tensors[f"{PREFIX}score.weight"] = score
     saved = ["score"]
-    if ln_f_bias is not None and (not torch.equal(ln_f_bias, model.final_norm.bias) or any(
-            k.startswith("final_norm.") for k in spec.overrides)):
+    if ln_f_bias is not None and (
+        not torch.equal(ln_f_bias, model.final_norm.bias) or any(k.startswith("final_norm.") for k in spec.overrides)
+    ):
         tensors[f"{PREFIX}transformer.ln_f.weight"] = model.final_norm.weight
         tensors[f"{PREFIX}transformer.ln_f.bias"] = ln_f_bias
         saved.append("ln_f")
     saved += _saved_overrides(model, spec, groups, tensors, source)
     _save(tensors, out / "adapter_model.safetensors")
     config = {
-        "peft_type": "LORA", "task_type": "SEQ_CLS", "base_model_name_or_path": _base_ref(model, spec, out, final, base, notes),
-        "revision": None, "r": r0, "lora_alpha": a0, "use_rslora": rslora, "lora_dropout": spec.lora.get("dropout", 0.0),
-        "target_modules": list(groups), "fan_in_fan_out": True, "bias": "none", "modules_to_save": saved,
+        "peft_type": "LORA",
+        "task_type": "SEQ_CLS",
+        "base_model_name_or_path": _base_ref(model, spec, out, final, base, notes),
+        "revision": None,
+        "r": r0,
+        "lora_alpha": a0,
+        "use_rslora": rslora,
+        "lora_dropout": spec.lora.get("dropout", 0.0),
+        "target_modules": list(groups),
+        "fan_in_fan_out": True,
+        "bias": "none",
+        "modules_to_save": saved,
         "rank_pattern": {hf: ranks[hf] for hf in groups if ranks[hf] != r0},
         "alpha_pattern": {hf: alphas[hf] for hf in groups if (ranks[hf], alphas[hf]) != (r0, a0)},
-        "init_lora_weights": True, "inference_mode": True, "use_dora": False, "layers_to_transform": None,
-        "layers_pattern": None}
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "use_dora": False,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+    }
     (out / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
     (out / SIDECAR).write_text(json.dumps(spec.to_json(), indent=2) + "\n")
     return notes
@@ -198,7 +235,9 @@ def _saved_overrides(model, spec, groups, tensors, source) -> list[str]:
     body = hf_state_dict(model.cfg, _plain_state(model))
     for module in modules:
         if f"transformer.{module}" in groups:
-            raise UserError(f"{source} both replaces and adapts transformer.{module}, which PEFT cannot hold; export --format merged")
+            raise UserError(
+                f"{source} both replaces and adapts transformer.{module}, which PEFT cannot hold; export --format merged"
+            )
         tensors |= {f"{PREFIX}transformer.{k}": v for k, v in body.items() if k.startswith(module + ".")}
     return [f"transformer.{m}" for m in modules]
 
@@ -215,9 +254,11 @@ def _base_ref(model, spec, out: Path, final: Path, base: str | None, notes: list
     _save(body, where / "model.safetensors")
     (where / "config.json").write_text(json.dumps(classifier_config(model.cfg, spec), indent=2) + "\n")
     write_tokenizer(where, spec)
-    notes.append(f"the base model has random weights ({spec.base.describe()}); they are written to "
-                 f"{final / 'base-model'}, which base_model_name_or_path names: move the two together, or load "
-                 f"the base from wherever base-model/ goes")
+    notes.append(
+        f"the base model has random weights ({spec.base.describe()}); they are written to "
+        f"{final / 'base-model'}, which base_model_name_or_path names: move the two together, or load "
+        f"the base from wherever base-model/ goes"
+    )
     return str((final / "base-model").resolve())
 
 
@@ -227,8 +268,16 @@ def write_tokenizer(out: Path, spec) -> None:
     (out / "vocab.json").write_bytes((assets / "encoder.json").read_bytes())
     (out / "merges.txt").write_bytes((assets / "vocab.bpe").read_bytes())
     eot = "<|endoftext|>"
-    config = {"tokenizer_class": "GPT2Tokenizer", "model_max_length": spec.max_length, "bos_token": eot, "eos_token": eot,
-              "unk_token": eot, "add_prefix_space": False, "padding_side": "right", "truncation_side": "right"}
+    config = {
+        "tokenizer_class": "GPT2Tokenizer",
+        "model_max_length": spec.max_length,
+        "bos_token": eot,
+        "eos_token": eot,
+        "unk_token": eot,
+        "add_prefix_space": False,
+        "padding_side": "right",
+        "truncation_side": "right",
+    }
     if spec.pad_token_id == 50256:
         config["pad_token"] = eot
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")

@@ -1,6 +1,6 @@
 """Files as lora-dist writes and checks them: written whole or not at all, readable by others, hashed.
 
-    python -c "from lora_dist.files import sha256; print(sha256('lora_dist/assets/SMSSpamCollection'))"
+python -c "from lora_dist.files import sha256; print(sha256('lora_dist/assets/SMSSpamCollection'))"
 """
 
 from __future__ import annotations

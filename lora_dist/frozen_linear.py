@@ -1,6 +1,6 @@
 """The Linear layers of the model, with a faster path while their weights are frozen (LoRA's base layers).
 
-    python -c "import torch; from lora_dist.frozen_linear import Linear; l = Linear(8, 4).requires_grad_(False); print(l(torch.randn(2, 8)))"
+    python -c "import torch; from lora_dist.frozen_linear import Linear; print(Linear(8, 4).eval()(torch.ones(2, 8)))"
 
 On the CPU in fp32, PyTorch runs every Linear through MKL's sgemm, which re-packs the weight at each call
 and, on AMD CPUs, runs well below the machine's peak. LoRA never changes the base weights, so they are
@@ -50,8 +50,14 @@ def _fast_dtype(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     # Only frozen weights: an optimizer step changes a trainable weight in place without always bumping the
     # version the cache checks (fused AdamW), so even a no_grad evaluation of one must read it directly.
     trains = weight.requires_grad or (bias is not None and bias.requires_grad)
-    if (not enabled or trains or x.device.type != "cpu" or x.dim() < 2 or torch.compiler.is_compiling()
-            or hasattr(weight, "ds_id")):
+    if (
+        not enabled
+        or trains
+        or x.device.type != "cpu"
+        or x.dim() < 2
+        or torch.compiler.is_compiling()
+        or hasattr(weight, "ds_id")
+    ):
         return None
     if torch.is_autocast_enabled("cpu"):
         auto = torch.get_autocast_dtype("cpu")
@@ -76,8 +82,9 @@ def onednn_available(dtype: torch.dtype = torch.float32) -> bool:
 def _probe_onednn(dtype: torch.dtype) -> bool:
     """Whether the packed oneDNN linear ops exist for `dtype` and compute x @ W^T."""
     w = torch.randn(4, 3).to(dtype)
-    y = torch.ops.mkldnn._linear_pointwise(torch.ones(2, 3, dtype=dtype),
-                                           torch.ops.mkldnn._reorder_linear_weight(w, None), None, "none", [], "")
+    y = torch.ops.mkldnn._linear_pointwise(
+        torch.ones(2, 3, dtype=dtype), torch.ops.mkldnn._reorder_linear_weight(w, None), None, "none", [], ""
+    )
     return bool(torch.allclose(y.float(), torch.ones(2, 3) @ w.float().t(), atol=1e-2))
 
 
@@ -89,8 +96,11 @@ def packed(weight: torch.Tensor, dtype: torch.dtype = torch.float32) -> tuple[to
     hit = hits.get(dtype)
     if hit is None or hit[0] != ident:
         w = weight.detach().to(dtype)
-        hit = (ident, torch.ops.mkldnn._reorder_linear_weight(w, None),
-               torch.ops.mkldnn._reorder_linear_weight(w.t().contiguous(), None))
+        hit = (
+            ident,
+            torch.ops.mkldnn._reorder_linear_weight(w, None),
+            torch.ops.mkldnn._reorder_linear_weight(w.t().contiguous(), None),
+        )
         hits.clear()  # one dtype at a time: a model trains in one precision
         hits[dtype] = hit
     return hit[1], hit[2]

@@ -142,8 +142,9 @@ def adapter_state_dict(model: nn.Module, head_name: str = "head") -> dict[str, t
     head = _head(model, head_name)
     prefix = head_name + (".linear." if isinstance(model.get_submodule(head_name), LinearWithLoRA) else ".")
     head_names = {prefix + n for n, _ in head.named_parameters()}
-    return {n: p.detach() for n, p in model.named_parameters()
-            if ".lora." in f".{n}" or p.requires_grad or n in head_names}
+    return {
+        n: p.detach() for n, p in model.named_parameters() if ".lora." in f".{n}" or p.requires_grad or n in head_names
+    }
 
 
 def load_adapter_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: str = "adapter") -> None:
@@ -157,7 +158,10 @@ def load_adapter_state_dict(model: nn.Module, state: dict[str, torch.Tensor], so
     with torch.no_grad():
         for k, t in state.items():
             if own[k].shape != t.shape:
-                raise UserError(f"{source}: tensor '{k}' has shape {list(t.shape)}, expected {list(own[k].shape)}; use the config the adapter was trained with")
+                raise UserError(
+                    f"{source}: tensor '{k}' has shape {list(t.shape)}, expected {list(own[k].shape)}; "
+                    f"use the config the adapter was trained with"
+                )
             own[k].copy_(t)
 
 

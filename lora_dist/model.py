@@ -68,7 +68,9 @@ def canonical_name(name: str) -> str:
     key = ALIASES.get(key, key)
     if key not in SIZES:
         known = ", ".join(list(SIZES) + ['"gpt2-small (124M)"'])
-        raise UserError(f"unknown model name {name!r}; use one of {known}, or a directory with config.json + model.safetensors")
+        raise UserError(
+            f"unknown model name {name!r}; use one of {known}, or a directory with config.json + model.safetensors"
+        )
     return key
 
 
@@ -109,8 +111,13 @@ class Packed:
 def packs(idx: torch.Tensor, last_index: torch.Tensor | None) -> bool:
     """Whether packing pays for a batch: inference (no autograd) on the CPU, several rows, some padding.
     (On a GPU a padded batch costs little more, and the row-by-row attention would cost launches.)"""
-    return (last_index is not None and idx.device.type == "cpu" and not torch.is_grad_enabled()
-            and idx.shape[0] > 1 and bool((last_index < idx.shape[1] - 1).any()))
+    return (
+        last_index is not None
+        and idx.device.type == "cpu"
+        and not torch.is_grad_enabled()
+        and idx.shape[0] > 1
+        and bool((last_index < idx.shape[1] - 1).any())
+    )
 
 
 class CausalSelfAttention(nn.Module):
@@ -132,7 +139,10 @@ class CausalSelfAttention(nn.Module):
         if packed is not None:
             return self._packed(x, last, packed)
         B, T, C = x.shape
-        heads = lambda t: t.view(B, t.shape[1], self.n_heads, C // self.n_heads).transpose(1, 2)  # (B, nh, T, hs)
+
+        def heads(t: torch.Tensor) -> torch.Tensor:
+            return t.view(B, t.shape[1], self.n_heads, C // self.n_heads).transpose(1, 2)  # (B, nh, T, hs)
+
         drop = self.drop_rate if self.training else 0.0
         if last is None:
             q, k, v = heads(self.query(x)), heads(self.key(x)), heads(self.value(x))
@@ -149,15 +159,20 @@ class CausalSelfAttention(nn.Module):
 
     def _packed(self, x: torch.Tensor, last: torch.Tensor | None, packed: Packed) -> torch.Tensor:
         C, nh = x.shape[-1], self.n_heads
-        rows = lambda t: [r.view(1, -1, nh, C // nh).transpose(1, 2) for r in t.split(packed.sizes)]  # (1, nh, L_i, hs)
+
+        def rows(t: torch.Tensor) -> list[torch.Tensor]:
+            return [r.view(1, -1, nh, C // nh).transpose(1, 2) for r in t.split(packed.sizes)]  # (1, nh, L_i, hs)
+
         ks, vs = rows(self.key(x)), rows(self.value(x))
         if last is None:
-            ys = [attention(q, k, v, is_causal=True) for q, k, v in zip(rows(self.query(x)), ks, vs)]
+            ys = [attention(q, k, v, is_causal=True) for q, k, v in zip(rows(self.query(x)), ks, vs, strict=True)]
             return self.out(torch.cat([y.transpose(1, 2).reshape(-1, C) for y in ys]))  # (N, C)
         B = len(packed.sizes)
         q = self.query(x[packed.starts + last]).view(B, 1, nh, C // nh).transpose(1, 2)  # (B, nh, 1, hs)
-        ys = [attention(q[i: i + 1], k[:, :, : p + 1], v[:, :, : p + 1])  # the query sees its row up to itself
-              for i, (k, v, p) in enumerate(zip(ks, vs, last.tolist()))]
+        ys = [
+            attention(q[i : i + 1], k[:, :, : p + 1], v[:, :, : p + 1])  # the query sees its row up to itself
+            for i, (k, v, p) in enumerate(zip(ks, vs, last.tolist(), strict=True))
+        ]
         return self.out(torch.cat(ys).transpose(1, 2).reshape(B, 1, C))  # (B, 1, C)
 
 
@@ -233,8 +248,9 @@ class GPT2(nn.Module):
         self.head = nn.Linear(self.cfg.emb_dim, num_classes)
         self.pooling = pooling
 
-    def features(self, idx: torch.Tensor, last_index: torch.Tensor | None = None,
-                 packed: Packed | None = None) -> torch.Tensor:
+    def features(
+        self, idx: torch.Tensor, last_index: torch.Tensor | None = None, packed: Packed | None = None
+    ) -> torch.Tensor:
         """(B, T) ids -> (B, T, C) hidden states; with `last_index`, (B, C) at those positions only. Nothing
         after a row's last index can reach it (attention is causal), so the last block runs for it alone.
         With `packed` (causal attention only), the rows' padding is never computed, and without
@@ -259,8 +275,11 @@ class GPT2(nn.Module):
         """(B, T) ids, (B,) last real positions -> (B, C): the hidden state the head reads (`pooling`)."""
         B, T = idx.shape
         # Packing drops the padding, so only where padding changes nothing: causal attention, read at real tokens.
-        packed = (Packed(last_index + 1, T) if self.cfg.causal and self.pooling in ("last_real", "first", "mean")
-                  and packs(idx, last_index) else None)
+        packed = (
+            Packed(last_index + 1, T)
+            if self.cfg.causal and self.pooling in ("last_real", "first", "mean") and packs(idx, last_index)
+            else None
+        )
         if packed is not None and self.pooling == "mean":
             return packed.mean(self.features(idx, packed=packed))
         if self.pooling in ("mean", "mean_all"):
@@ -269,8 +288,11 @@ class GPT2(nn.Module):
                 return x.mean(dim=1)
             real = (torch.arange(T, device=idx.device) <= last_index[:, None]).unsqueeze(-1).to(x.dtype)  # (B, T, 1)
             return (x * real).sum(dim=1) / real.sum(dim=1)
-        where = {"last_real": lambda: last_index, "last": lambda: torch.full_like(last_index, T - 1),
-                 "first": lambda: torch.zeros_like(last_index)}[self.pooling]()
+        where = {
+            "last_real": lambda: last_index,
+            "last": lambda: torch.full_like(last_index, T - 1),
+            "first": lambda: torch.zeros_like(last_index),
+        }[self.pooling]()
         return self.features(idx, where, packed)
 
     def forward(self, idx: torch.Tensor, last_index: torch.Tensor | None = None) -> torch.Tensor:

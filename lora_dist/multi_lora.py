@@ -29,14 +29,14 @@ class Rows:
         self.by_token: list[tuple[int, int, int]] = []  # the same runs over the packed tokens
         self.count = 0  # rows in the batch
 
-    def set(self, index: torch.Tensor, lengths: list[int] | None = None) -> "Rows":
+    def set(self, index: torch.Tensor, lengths: list[int] | None = None) -> Rows:
         """`index` (B,): each row's adapter; `lengths`: each row's real tokens (for a packed batch)."""
         self.index = index
         numbers = index.tolist()
         self.single = numbers[0] if len(set(numbers)) == 1 else None
         lengths = lengths or [1] * len(numbers)
         self.by_row, self.by_token, row, token = [], [], 0, 0
-        for number, run in itertools.groupby(zip(numbers, lengths), key=lambda p: p[0]):
+        for number, run in itertools.groupby(zip(numbers, lengths, strict=True), key=lambda p: p[0]):
             run = [n for _, n in run]
             self.by_row.append((number, row, row + len(run)))
             self.by_token.append((number, token, token + sum(run)))
@@ -112,7 +112,9 @@ class MultiHead(nn.Module):
 def stack_adapters(model: nn.Module, adapters: list[dict[str, tuple]], heads: list[tuple], rows: Rows) -> int:
     """Wrap each Linear layer that any adapter targets; `adapters[i]` maps a layer name to (A, B, scale).
     Replace the head by the stacked heads. Returns the number of wrapped layers."""
-    names = sorted({name for a in adapters for name in a}, key=lambda n: [int(p) if p.isdigit() else p for p in n.split(".")])
+    names = sorted(
+        {name for a in adapters for name in a}, key=lambda n: [int(p) if p.isdigit() else p for p in n.split(".")]
+    )
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
@@ -123,5 +125,9 @@ def stack_adapters(model: nn.Module, adapters: list[dict[str, tuple]], heads: li
 
 def adapter_bytes(model: nn.Module) -> int:
     """Bytes held by the stacked adapters and heads (zero padding included)."""
-    return sum(b.numel() * b.element_size() for m in model.modules() if isinstance(m, (MultiLoRALinear, MultiHead))
-               for b in m.buffers(recurse=False))
+    return sum(
+        b.numel() * b.element_size()
+        for m in model.modules()
+        if isinstance(m, (MultiLoRALinear, MultiHead))
+        for b in m.buffers(recurse=False)
+    )

@@ -32,8 +32,13 @@ from .weights import from_hf, key_map, load_gpt2
 
 SIDECAR = "lora_dist.json"  # the lora-dist description beside a PEFT export: labels, base, input rules
 PREFIX = "base_model.model."  # what PEFT puts before the model's own parameter names
-UNSUPPORTED = {"use_dora": "DoRA", "lora_bias": "LoRA biases", "trainable_token_indices": "trainable tokens",
-               "layer_replication": "layer replication", "target_parameters": "LoRA on parameters"}
+UNSUPPORTED = {
+    "use_dora": "DoRA",
+    "lora_bias": "LoRA biases",
+    "trainable_token_indices": "trainable tokens",
+    "layer_replication": "layer replication",
+    "target_parameters": "LoRA on parameters",
+}
 
 
 def hf_modules(n_layers: int) -> dict[str, tuple[str, int | None]]:
@@ -41,9 +46,14 @@ def hf_modules(n_layers: int) -> dict[str, tuple[str, int | None]]:
     m = {}
     for i in range(n_layers):
         b, h = f"blocks.{i}.", f"transformer.h.{i}."
-        m |= {b + "att.query": (h + "attn.c_attn", 0), b + "att.key": (h + "attn.c_attn", 1),
-              b + "att.value": (h + "attn.c_attn", 2), b + "att.out": (h + "attn.c_proj", None),
-              b + "ff.fc": (h + "mlp.c_fc", None), b + "ff.proj": (h + "mlp.c_proj", None)}
+        m |= {
+            b + "att.query": (h + "attn.c_attn", 0),
+            b + "att.key": (h + "attn.c_attn", 1),
+            b + "att.value": (h + "attn.c_attn", 2),
+            b + "att.out": (h + "attn.c_proj", None),
+            b + "ff.fc": (h + "mlp.c_fc", None),
+            b + "ff.proj": (h + "mlp.c_proj", None),
+        }
     return m
 
 
@@ -72,8 +82,10 @@ def read(path: Path, base: str | None) -> tuple[AdapterSpec, dict[str, torch.Ten
         if m:
             lora.setdefault(m[1], {})[m[2]] = t.float()
         elif "lora_" in name:
-            raise UserError(f"{path}: tensor '{key}' has no lora-dist form (only lora_A/lora_B weights on GPT-2's "
-                            f"Linear layers are read)")
+            raise UserError(
+                f"{path}: tensor '{key}' has no lora-dist form (only lora_A/lora_B weights on GPT-2's "
+                f"Linear layers are read)"
+            )
         else:
             saved[name] = t.float()
     table: dict[str, list] = {}
@@ -85,32 +97,43 @@ def read(path: Path, base: str | None) -> tuple[AdapterSpec, dict[str, torch.Ten
         if set(ab) != {"lora_A", "lora_B"}:
             raise UserError(f"{path}: '{hf}' has only {sorted(ab)}; the adapter file is incomplete")
         A, B = ab["lora_A"], ab["lora_B"]  # (r, in), (out, r)
-        r_cfg, alpha = _pattern(cfg, "rank_pattern", hf, cfg.get("r", 8)), _pattern(cfg, "alpha_pattern", hf, cfg.get("lora_alpha", 8))
+        r_cfg, alpha = (
+            _pattern(cfg, "rank_pattern", hf, cfg.get("r", 8)),
+            _pattern(cfg, "alpha_pattern", hf, cfg.get("lora_alpha", 8)),
+        )
         if A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1] or A.shape[0] != int(r_cfg):
-            raise UserError(f"{path}: '{hf}' has lora_A {list(A.shape)} and lora_B {list(B.shape)}, which do not "
-                            f"fit rank {r_cfg} of adapter_config.json; the file is damaged or from another adapter")
+            raise UserError(
+                f"{path}: '{hf}' has lora_A {list(A.shape)} and lora_B {list(B.shape)}, which do not "
+                f"fit rank {r_cfg} of adapter_config.json; the file is damaged or from another adapter"
+            )
         s = float(alpha) / (math.sqrt(r_cfg) if cfg.get("use_rslora") else r_cfg)
         if hf == "score":
             head_delta = s * (B @ A)  # (classes, C)
             continue
         if hf not in table:
-            raise UserError(f"{path}: PEFT adapts '{hf}', which lora-dist has no LoRA layer for (it adapts the "
-                            f"attention, feed-forward and score layers of GPT-2)")
+            raise UserError(
+                f"{path}: PEFT adapts '{hf}', which lora-dist has no LoRA layer for (it adapts the "
+                f"attention, feed-forward and score layers of GPT-2)"
+            )
         kind = hf.rsplit(".", 1)[-1]
         want = dims[kind] or ((C, C) if ".attn." in hf else (4 * C, C))
         if (A.shape[1], B.shape[0]) != want:
-            raise UserError(f"{path}: '{hf}' maps {A.shape[1]} -> {B.shape[0]} features, but this base's layer is "
-                            f"{want[0]} -> {want[1]}; the adapter is for another GPT-2 size (pass the right --base)")
+            raise UserError(
+                f"{path}: '{hf}' maps {A.shape[1]} -> {B.shape[0]} features, but this base's layer is "
+                f"{want[0]} -> {want[1]}; the adapter is for another GPT-2 size (pass the right --base)"
+            )
         for slot, ours in table[hf]:
-            rows = B if slot is None else B[slot * C:(slot + 1) * C]  # (out, r)
+            rows = B if slot is None else B[slot * C : (slot + 1) * C]  # (out, r)
             cols = rows.abs().sum(dim=0).nonzero().flatten()
             if len(cols):
                 parts[ours] = (A[cols].t(), rows[:, cols].t() * s)  # (in, k), (k, out), scale folded in
     if not parts:
         raise UserError(f"{path} holds no LoRA tensors for GPT-2's layers; it is not a LoRA adapter lora-dist can use")
     if "score.weight" not in saved:
-        raise UserError(f"{path} does not save the 'score' layer (modules_to_save), so the classification head it "
-                        f"was trained with is missing; save the adapter with task_type SEQ_CLS")
+        raise UserError(
+            f"{path} does not save the 'score' layer (modules_to_save), so the classification head it "
+            f"was trained with is missing; save the adapter with task_type SEQ_CLS"
+        )
     W = saved.pop("score.weight") + (head_delta if head_delta is not None else 0)
     out = {"head.weight": W, "head.bias": saved.pop("score.bias", torch.zeros(W.shape[0]))}
     overrides = _overrides(saved, gpt, path)
@@ -123,18 +146,34 @@ def read(path: Path, base: str | None) -> tuple[AdapterSpec, dict[str, torch.Ten
         A, B = torch.zeros(a.shape[0], R), torch.zeros(R, b.shape[1])
         A[:, : a.shape[1]], B[: b.shape[0]] = a, b / scale
         out[f"{ours}.lora.A"], out[f"{ours}.lora.B"] = A, B
-    lora_spec = {"rank": R, "alpha": scale, "scaling": "alpha", "scale": scale, "dropout": float(cfg.get("lora_dropout") or 0.0),
-                 "targets": sorted(parts, key=order.index), "head": False, "train_head": False}
+    lora_spec = {
+        "rank": R,
+        "alpha": scale,
+        "scaling": "alpha",
+        "scale": scale,
+        "dropout": float(cfg.get("lora_dropout") or 0.0),
+        "targets": sorted(parts, key=order.index),
+        "head": False,
+        "train_head": False,
+    }
     if template and template.lora and template.lora["rank"] == R:
         lora_spec |= {k: template.lora[k] for k in ("alpha", "scaling")}
     labels = template.labels if template else _labels(base_model, base, W.shape[0])
     if len(labels) != W.shape[0]:
-        raise UserError(f"{path}: score has {W.shape[0]} rows but {SIDECAR} names {len(labels)} labels; restore the export")
-    spec = AdapterSpec(kind="lora", base=base_model, labels=tuple(labels), lora=lora_spec,
-                       max_length=template.max_length if template else gpt.context_length,
-                       pad_to=template.pad_to if template else None,
-                       pad_token_id=template.pad_token_id if template else 50256, overrides=tuple(overrides),
-                       extra={"peft": str(path)})
+        raise UserError(
+            f"{path}: score has {W.shape[0]} rows but {SIDECAR} names {len(labels)} labels; restore the export"
+        )
+    spec = AdapterSpec(
+        kind="lora",
+        base=base_model,
+        labels=tuple(labels),
+        lora=lora_spec,
+        max_length=template.max_length if template else gpt.context_length,
+        pad_to=template.pad_to if template else None,
+        pad_token_id=template.pad_token_id if template else 50256,
+        overrides=tuple(overrides),
+        extra={"peft": str(path)},
+    )
     return spec, out
 
 
@@ -143,12 +182,14 @@ def _config(path: Path) -> dict:
     try:
         cfg = json.loads(file.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"{file} is not valid JSON ({type(e).__name__}); restore the file")
+        raise UserError(f"{file} is not valid JSON ({type(e).__name__}); restore the file") from e
     if cfg.get("peft_type") != "LORA":
         raise UserError(f"{path} is a PEFT {cfg.get('peft_type')} adapter; lora-dist reads LoRA adapters only")
     if cfg.get("task_type") not in (None, "SEQ_CLS"):
-        raise UserError(f"{path} is a PEFT adapter for {cfg['task_type']}; lora-dist reads adapters for "
-                        f"GPT2ForSequenceClassification (task_type SEQ_CLS)")
+        raise UserError(
+            f"{path} is a PEFT adapter for {cfg['task_type']}; lora-dist reads adapters for "
+            f"GPT2ForSequenceClassification (task_type SEQ_CLS)"
+        )
     for key, what in UNSUPPORTED.items():
         if cfg.get(key):
             raise UserError(f"{path} uses {what} ({key}), which lora-dist cannot represent")
@@ -158,12 +199,14 @@ def _config(path: Path) -> dict:
 def _tensors(path: Path) -> dict[str, torch.Tensor]:
     file = path / "adapter_model.safetensors"
     if not file.is_file():
-        pickle = " (adapter_model.bin is a pickle, which lora-dist never loads: re-save it with safe_serialization=True)"
+        pickle = (
+            " (adapter_model.bin is a pickle, which lora-dist never loads: re-save it with safe_serialization=True)"
+        )
         raise UserError(f"{file} not found{pickle if (path / 'adapter_model.bin').exists() else ''}")
     try:
         return load_file(str(file))
     except (SafetensorError, OSError, ValueError) as e:
-        raise UserError(f"{file} cannot be read ({e}); it is damaged, export or download it again")
+        raise UserError(f"{file} cannot be read ({e}); it is damaged, export or download it again") from e
 
 
 def _sidecar(file: Path) -> AdapterSpec | None:
@@ -172,8 +215,10 @@ def _sidecar(file: Path) -> AdapterSpec | None:
     try:
         return AdapterSpec.from_json(json.loads(file.read_text()), str(file))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"{file} is not valid JSON ({type(e).__name__}); restore it, or delete it to read the "
-                        f"adapter as PEFT describes it")
+        raise UserError(
+            f"{file} is not valid JSON ({type(e).__name__}); restore it, or delete it to read the "
+            f"adapter as PEFT describes it"
+        ) from e
 
 
 def _pattern(cfg: dict, key: str, module: str, default):
@@ -195,8 +240,10 @@ def _base(ref: str | None, base: str | None, path: Path) -> BaseModel:
         return BaseModel(name, HUB_REPOS[name])
     if Path(ref).is_dir():
         return BaseModel(ref, str(Path(ref).resolve()))
-    raise UserError(f"{path}: its base '{ref}' is neither a GPT-2 on the hub lora-dist knows nor a directory here; "
-                    f"pass --base DIR (config.json + model.safetensors)")
+    raise UserError(
+        f"{path}: its base '{ref}' is neither a GPT-2 on the hub lora-dist knows nor a directory here; "
+        f"pass --base DIR (config.json + model.safetensors)"
+    )
 
 
 def _gpt_config(b: BaseModel, base: str | None):
@@ -228,5 +275,5 @@ def _overrides(saved: dict[str, torch.Tensor], gpt, path: Path) -> dict[str, tor
         if key not in table:
             raise UserError(f"{path} saves '{name}', which lora-dist has no place for")
         ours, kind = table[key]
-        out |= dict(zip(ours, from_hf(t, kind, len(ours), gpt.emb_dim)))
+        out |= dict(zip(ours, from_hf(t, kind, len(ours), gpt.emb_dim), strict=True))
     return out

@@ -9,8 +9,9 @@ Figures are drawn with matplotlib's object API (no pyplot), so no display is eve
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -44,8 +45,14 @@ def steps_per_epoch(records: list[dict]) -> float | None:
     return None
 
 
-def plot_values(epochs_seen: Sequence[float], examples_seen: Sequence[float], train_values: Sequence[float],
-                val_values: Sequence[float], label: str, path: Path) -> Path:
+def plot_values(
+    epochs_seen: Sequence[float],
+    examples_seen: Sequence[float],
+    train_values: Sequence[float],
+    val_values: Sequence[float],
+    label: str,
+    path: Path,
+) -> Path:
     """The book's `plot_values`: training and validation `label` against epochs, examples seen on top."""
     from matplotlib.figure import Figure
 
@@ -95,13 +102,28 @@ def write_plots(run_dir: Path) -> list[Path]:
     losses = latest_by_step(records, "val_loss")
     if losses:
         epochs = [r["step"] / per_epoch for r in losses] if per_epoch else [r["epoch"] for r in losses]
-        written.append(plot_values(epochs, [r["examples_seen"] for r in losses], [r["train_loss"] for r in losses],
-                                   [r["val_loss"] for r in losses], "loss", out_dir / "loss.png"))
+        written.append(
+            plot_values(
+                epochs,
+                [r["examples_seen"] for r in losses],
+                [r["train_loss"] for r in losses],
+                [r["val_loss"] for r in losses],
+                "loss",
+                out_dir / "loss.png",
+            )
+        )
     accs = latest_by_step(records, "val_acc")
     if accs:
-        written.append(plot_values([r["epoch"] for r in accs], [r["examples_seen"] for r in accs],
-                                   [r["train_acc"] for r in accs], [r["val_acc"] for r in accs],
-                                   "accuracy", out_dir / "accuracy.png"))
+        written.append(
+            plot_values(
+                [r["epoch"] for r in accs],
+                [r["examples_seen"] for r in accs],
+                [r["train_acc"] for r in accs],
+                [r["val_acc"] for r in accs],
+                "accuracy",
+                out_dir / "accuracy.png",
+            )
+        )
     results_path = run_dir / "results.json"
     if results_path.is_file():
         results = json.loads(results_path.read_text())
@@ -112,7 +134,7 @@ def write_plots(run_dir: Path) -> list[Path]:
     return written
 
 
-def _save(fig: "Figure", path: Path) -> Path:
+def _save(fig: Figure, path: Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.tmp.png")

@@ -29,15 +29,22 @@ def load_results(run_dir: Path) -> dict:
         raise UserError(f"run directory {run_dir} not found; pass the output_dir of a lora-dist training run")
     path = run_dir / "results.json"
     if not path.is_file():
-        hint = ("it holds checkpoints but never finished: resume it with train.resume=auto"
-                if (run_dir / "checkpoints").is_dir() else "pass the output_dir of a run that finished training")
+        hint = (
+            "it holds checkpoints but never finished: resume it with train.resume=auto"
+            if (run_dir / "checkpoints").is_dir()
+            else "pass the output_dir of a run that finished training"
+        )
         raise UserError(f"{run_dir} is not a finished lora-dist run (no results.json); {hint}")
     try:
         results = json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise UserError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}); rerun the training or restore the file")
+        raise UserError(
+            f"{path} is not valid JSON ({e.msg} at line {e.lineno}); rerun the training or restore the file"
+        ) from e
     if not isinstance(results, dict) or "test_accuracy" not in results:
-        raise UserError(f"{path} is not a lora-dist results file (no test_accuracy); pass the output_dir of a lora-dist run")
+        raise UserError(
+            f"{path} is not a lora-dist results file (no test_accuracy); pass the output_dir of a lora-dist run"
+        )
     return results
 
 
@@ -47,41 +54,75 @@ def render(run_dir: Path, results: dict, plots: list[Path] = ()) -> str:
     lines = [f"# lora-dist report: {run_dir.resolve().name}", "", *_header(run_dir, results), ""]
     classes = results.get("classes") or ["ham", "spam"]
     confusion = results.get("confusion") or {}
-    lines += ["## Scores per split (precision, recall and F1: macro, the mean over the classes)", "",
-              "| split | examples | accuracy | precision | recall | F1 | loss |",
-              "|---|---:|---:|---:|---:|---:|---:|"]
+    lines += [
+        "## Scores per split (precision, recall and F1: macro, the mean over the classes)",
+        "",
+        "| split | examples | accuracy | precision | recall | F1 | loss |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for split, prefix in SPLITS:
         acc, loss = results.get(f"{prefix}_accuracy"), results.get(f"{prefix}_loss")
         if split in confusion:
             s = scores(confusion[split], classes)
             m = s["macro"]
-            lines.append(f"| {split} | {s['count']:,} | {_pct(acc)} | {_pct(m['precision'])} | {_pct(m['recall'])} "
-                         f"| {_pct(m['f1'])} | {_num(loss, 4)} |")
+            lines.append(
+                f"| {split} | {s['count']:,} | {_pct(acc)} | {_pct(m['precision'])} | {_pct(m['recall'])} "
+                f"| {_pct(m['f1'])} | {_num(loss, 4)} |"
+            )
         else:
             lines.append(f"| {split} | | {_pct(acc)} | | | | {_num(loss, 4)} |")
     if "test" in confusion:
-        lines += ["", "## Per class, test split", "", "| class | messages | precision | recall | F1 |", "|---|---:|---:|---:|---:|"]
+        lines += [
+            "",
+            "## Per class, test split",
+            "",
+            "| class | messages | precision | recall | F1 |",
+            "|---|---:|---:|---:|---:|",
+        ]
         for name, v in scores(confusion["test"], classes)["per_class"].items():
-            lines.append(f"| {name} | {v['support']:,} | {_pct(v['precision'])} | {_pct(v['recall'])} | {_pct(v['f1'])} |")
+            lines.append(
+                f"| {name} | {v['support']:,} | {_pct(v['precision'])} | {_pct(v['recall'])} | {_pct(v['f1'])} |"
+            )
     if confusion:
         lines += ["", "## Confusion matrices (rows: true class, columns: predicted class)"]
         for split, _ in SPLITS:
             if split in confusion:
-                lines += ["", f"**{split}**", "", "| true \\ predicted | " + " | ".join(classes) + " |",
-                          "|---|" + "---:|" * len(classes)]
-                lines += [f"| {name} | " + " | ".join(f"{n:,}" for n in row) + " |"
-                          for name, row in zip(classes, confusion[split])]
+                lines += [
+                    "",
+                    f"**{split}**",
+                    "",
+                    "| true \\ predicted | " + " | ".join(classes) + " |",
+                    "|---|" + "---:|" * len(classes),
+                ]
+                lines += [
+                    f"| {name} | " + " | ".join(f"{n:,}" for n in row) + " |"
+                    for name, row in zip(classes, confusion[split], strict=True)
+                ]
     total, trainable = results.get("total_params"), results.get("trainable_params")
     share = f" ({trainable / total * 100:.3f}% of total)" if total and trainable else ""
-    lines += ["", "## Parameters", "", "| | count |", "|---|---:|",
-              f"| total (base model) | {_int(total)} |", f"| trainable | {_int(trainable)}{share} |"]
-    lines += ["", "## Time and throughput", "", "| | value |", "|---|---:|",
-              f"| wall time | {_num(results.get('wall_seconds'), 1)} s |",
-              f"| training time | {_num(results.get('train_seconds'), 1)} s |",
-              f"| steps | {_int(results.get('steps'))} |", f"| epochs | {_int(results.get('epochs'))} |",
-              f"| examples seen | {_int(results.get('examples_seen'))} |",
-              f"| examples per second | {_num(results.get('examples_per_second'), 1)} |",
-              f"| tokens per second | {_num(results.get('tokens_per_second'), 1)} |"]
+    lines += [
+        "",
+        "## Parameters",
+        "",
+        "| | count |",
+        "|---|---:|",
+        f"| total (base model) | {_int(total)} |",
+        f"| trainable | {_int(trainable)}{share} |",
+    ]
+    lines += [
+        "",
+        "## Time and throughput",
+        "",
+        "| | value |",
+        "|---|---:|",
+        f"| wall time | {_num(results.get('wall_seconds'), 1)} s |",
+        f"| training time | {_num(results.get('train_seconds'), 1)} s |",
+        f"| steps | {_int(results.get('steps'))} |",
+        f"| epochs | {_int(results.get('epochs'))} |",
+        f"| examples seen | {_int(results.get('examples_seen'))} |",
+        f"| examples per second | {_num(results.get('examples_per_second'), 1)} |",
+        f"| tokens per second | {_num(results.get('tokens_per_second'), 1)} |",
+    ]
     if plots:
         lines += ["", "## Plots", ""]
         lines += [f"![{p.stem}]({os.path.relpath(p, run_dir)})" for p in plots]
@@ -113,15 +154,22 @@ def _header(run_dir: Path, results: dict) -> list[str]:
     if (run_dir / "metrics.jsonl").is_file():
         start = next((r for r in reversed(read_metrics(run_dir / "metrics.jsonl")) if r.get("event") == "start"), {})
     model, lora, train = cfg.get("model", {}), cfg.get("lora", {}), cfg.get("train", {})
-    trained = (f"LoRA rank {lora.get('rank', '?')}, alpha {lora.get('alpha', '?')}, scaling {lora.get('scaling', '?')}"
-               + (f", {start['lora_layers']} layers" if "lora_layers" in start else "")
-               if train.get("trainable", "lora") == "lora" else f"trained: {train['trainable']} (no LoRA)")
-    out = [f"- model: {model.get('name', '?')} ({model.get('weights', '?')} weights); {trained}; "
-           f"pooling {model.get('pooling', 'last_real')}" + ("" if model.get("causal_mask", True) else ", no causal mask"),
-           f"- run: strategy {results.get('strategy', '?')}, {results.get('world_size', '?')} process(es), "
-           f"precision {train.get('precision', '?')}, global batch {train.get('batch_size', '?')}, lr {train.get('lr', '?')}"]
+    trained = (
+        f"LoRA rank {lora.get('rank', '?')}, alpha {lora.get('alpha', '?')}, scaling {lora.get('scaling', '?')}"
+        + (f", {start['lora_layers']} layers" if "lora_layers" in start else "")
+        if train.get("trainable", "lora") == "lora"
+        else f"trained: {train['trainable']} (no LoRA)"
+    )
+    out = [
+        f"- model: {model.get('name', '?')} ({model.get('weights', '?')} weights); {trained}; "
+        f"pooling {model.get('pooling', 'last_real')}" + ("" if model.get("causal_mask", True) else ", no causal mask"),
+        f"- run: strategy {results.get('strategy', '?')}, {results.get('world_size', '?')} process(es), "
+        f"precision {train.get('precision', '?')}, global batch {train.get('batch_size', '?')}, lr {train.get('lr', '?')}",
+    ]
     if start.get("git_commit"):
-        out.append(f"- git commit: {start['git_commit']}" + (" (with uncommitted changes)" if start.get("git_dirty") else ""))
+        out.append(
+            f"- git commit: {start['git_commit']}" + (" (with uncommitted changes)" if start.get("git_dirty") else "")
+        )
     return out
 
 

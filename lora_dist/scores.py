@@ -8,7 +8,7 @@ A confusion matrix here is `confusion[true][predicted]`, as `results.json` store
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 METRICS = ("precision", "recall", "f1")
 
@@ -33,5 +33,9 @@ def scores(confusion: Sequence[Sequence[int]], labels: Sequence[str] | None = No
         f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
         per_class[name] = {"precision": precision, "recall": recall, "f1": f1, "support": actual}
     macro = {m: sum(v[m] for v in per_class.values()) / k for m in METRICS}
-    return {"count": total, "accuracy": sum(confusion[i][i] for i in range(k)) / total if total else 0.0,
-            "per_class": per_class, "macro": macro}
+    return {
+        "count": total,
+        "accuracy": sum(confusion[i][i] for i in range(k)) / total if total else 0.0,
+        "per_class": per_class,
+        "macro": macro,
+    }

@@ -1,6 +1,6 @@
 """GPT-2's BPE through tiktoken, built from the files shipped in the package (no network needed).
 
-    python -c "from lora_dist.tokenizer import get_tokenizer; print(get_tokenizer().encode('Hello, world!'))"
+python -c "from lora_dist.tokenizer import get_tokenizer; print(get_tokenizer().encode('Hello, world!'))"
 """
 
 from __future__ import annotations
@@ -23,7 +23,10 @@ def get_tokenizer() -> tiktoken.Encoding:
     assets = resources.files("lora_dist") / "assets"
     with resources.as_file(assets / "vocab.bpe") as bpe, resources.as_file(assets / "encoder.json") as enc:
         ranks = data_gym_to_mergeable_bpe_ranks(
-            vocab_bpe_file=str(bpe), encoder_json_file=str(enc), vocab_bpe_hash=_VOCAB_SHA, encoder_json_hash=_ENCODER_SHA
+            vocab_bpe_file=str(bpe),
+            encoder_json_file=str(enc),
+            vocab_bpe_hash=_VOCAB_SHA,
+            encoder_json_hash=_ENCODER_SHA,
         )
     return tiktoken.Encoding(
         name="gpt2-lora-dist",

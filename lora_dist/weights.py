@@ -12,9 +12,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import replace
 import urllib.error
 import urllib.request
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -27,8 +27,14 @@ from .files import save_file, sha256, write_atomic
 from .model import GPT2, HUB_REPOS, SIZES, GPTConfig, canonical_name
 
 
-def load_gpt2(name_or_path: str, weights: str = "pretrained", *, dropout: float = 0.0, context_length: int | None = None,
-              causal: bool = True) -> GPT2:
+def load_gpt2(
+    name_or_path: str,
+    weights: str = "pretrained",
+    *,
+    dropout: float = 0.0,
+    context_length: int | None = None,
+    causal: bool = True,
+) -> GPT2:
     """GPT-2 by name ("gpt2-small", "gpt2-small (124M)", ..., "tiny") or from a local directory.
 
     `weights` is "pretrained" (hub download, or the directory's own file), "random", or a directory.
@@ -72,7 +78,9 @@ def _adjust(cfg: GPTConfig, dropout: float, context_length: int | None, causal: 
 
 def _config_from_json(path: Path) -> GPTConfig:
     if not path.is_file():
-        raise UserError(f"{path} not found; a weights directory needs config.json and model.safetensors (as on the Hugging Face hub)")
+        raise UserError(
+            f"{path} not found; a weights directory needs config.json and model.safetensors (as on the Hugging Face hub)"
+        )
     try:
         hf = json.loads(path.read_text())
         return GPTConfig(
@@ -84,20 +92,26 @@ def _config_from_json(path: Path) -> GPTConfig:
             layer_norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)),
         )
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-        raise UserError(f"{path} is not a GPT-2 config.json ({type(e).__name__}: {e}); use the file from the hub repository")
+        raise UserError(
+            f"{path} is not a GPT-2 config.json ({type(e).__name__}: {e}); use the file from the hub repository"
+        ) from e
 
 
 def _from_dir(path: Path, dropout: float, context_length: int | None, causal: bool = True) -> GPT2:
     if not path.is_dir():
-        raise UserError(f"weights directory {path} not found; point model.weights at a directory with config.json + model.safetensors")
+        raise UserError(
+            f"weights directory {path} not found; point model.weights at a directory with config.json + model.safetensors"
+        )
     cfg = _adjust(_config_from_json(path / "config.json"), dropout, context_length, causal)
     file = path / "model.safetensors"
     if not file.is_file():
-        raise UserError(f"{file} not found; the weights directory needs model.safetensors (pytorch_model.bin is not read: it is a pickle)")
+        raise UserError(
+            f"{file} not found; the weights directory needs model.safetensors (pytorch_model.bin is not read: it is a pickle)"
+        )
     try:
         state = load_file(str(file))
     except (SafetensorError, OSError, ValueError) as e:
-        raise UserError(f"{file} is not a readable safetensors file ({e}); download it again")
+        raise UserError(f"{file} is not a readable safetensors file ({e}); download it again") from e
     model = GPT2(cfg)
     load_hf_state_dict(model, state, source=str(file))
     return model
@@ -112,7 +126,7 @@ def load_hf_state_dict(model: GPT2, state: dict[str, torch.Tensor], source: str 
     for hf_key, (our_keys, kind) in key_map(model.cfg).items():
         if hf_key not in state:
             raise UserError(f"{source} is missing tensor '{hf_key}'; it is not a complete GPT-2 checkpoint")
-        for key, t in zip(our_keys, from_hf(state[hf_key], kind, len(our_keys), C)):
+        for key, t in zip(our_keys, from_hf(state[hf_key], kind, len(our_keys), C), strict=True):
             if key == "pos_emb.weight" and t.shape[0] >= ours[key].shape[0]:
                 t = t[: ours[key].shape[0]]  # a shortened context keeps the first positions
             if tuple(t.shape) != tuple(ours[key].shape):
@@ -136,19 +150,28 @@ def from_hf(t: torch.Tensor, kind: str, n: int, C: int) -> tuple[torch.Tensor, .
 
 def key_map(cfg: GPTConfig) -> dict[str, tuple[list[str], str]]:
     """HF key -> (our keys, kind): "same", "t" (Conv1D, transposed) or "qkv" (fused c_attn, split)."""
-    m = {"wte.weight": (["tok_emb.weight"], "same"), "wpe.weight": (["pos_emb.weight"], "same"),
-         "ln_f.weight": (["final_norm.weight"], "same"), "ln_f.bias": (["final_norm.bias"], "same")}
+    m = {
+        "wte.weight": (["tok_emb.weight"], "same"),
+        "wpe.weight": (["pos_emb.weight"], "same"),
+        "ln_f.weight": (["final_norm.weight"], "same"),
+        "ln_f.bias": (["final_norm.bias"], "same"),
+    }
     for i in range(cfg.n_layers):
         h, b = f"h.{i}.", f"blocks.{i}."
         qkv = [b + f"att.{n}" for n in ("query", "key", "value")]
         m |= {
-            h + "ln_1.weight": ([b + "norm1.weight"], "same"), h + "ln_1.bias": ([b + "norm1.bias"], "same"),
-            h + "ln_2.weight": ([b + "norm2.weight"], "same"), h + "ln_2.bias": ([b + "norm2.bias"], "same"),
+            h + "ln_1.weight": ([b + "norm1.weight"], "same"),
+            h + "ln_1.bias": ([b + "norm1.bias"], "same"),
+            h + "ln_2.weight": ([b + "norm2.weight"], "same"),
+            h + "ln_2.bias": ([b + "norm2.bias"], "same"),
             h + "attn.c_attn.weight": ([k + ".weight" for k in qkv], "qkv"),
             h + "attn.c_attn.bias": ([k + ".bias" for k in qkv], "qkv"),
-            h + "attn.c_proj.weight": ([b + "att.out.weight"], "t"), h + "attn.c_proj.bias": ([b + "att.out.bias"], "same"),
-            h + "mlp.c_fc.weight": ([b + "ff.fc.weight"], "t"), h + "mlp.c_fc.bias": ([b + "ff.fc.bias"], "same"),
-            h + "mlp.c_proj.weight": ([b + "ff.proj.weight"], "t"), h + "mlp.c_proj.bias": ([b + "ff.proj.bias"], "same"),
+            h + "attn.c_proj.weight": ([b + "att.out.weight"], "t"),
+            h + "attn.c_proj.bias": ([b + "att.out.bias"], "same"),
+            h + "mlp.c_fc.weight": ([b + "ff.fc.weight"], "t"),
+            h + "mlp.c_fc.bias": ([b + "ff.fc.bias"], "same"),
+            h + "mlp.c_proj.weight": ([b + "ff.proj.weight"], "t"),
+            h + "mlp.c_proj.bias": ([b + "ff.proj.bias"], "same"),
         }
     return m
 
@@ -175,10 +198,17 @@ def hf_state_dict(cfg: GPTConfig, sd: dict[str, torch.Tensor]) -> dict[str, torc
 def hf_config(cfg: GPTConfig) -> dict:
     """The hub's config.json for a GPT-2 of this shape."""
     return {
-        "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "activation_function": "gelu_new",
-        "vocab_size": cfg.vocab_size, "n_positions": cfg.context_length, "n_ctx": cfg.context_length,
-        "n_embd": cfg.emb_dim, "n_layer": cfg.n_layers, "n_head": cfg.n_heads,
-        "layer_norm_epsilon": cfg.layer_norm_eps, "tie_word_embeddings": True,
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": "gpt2",
+        "activation_function": "gelu_new",
+        "vocab_size": cfg.vocab_size,
+        "n_positions": cfg.context_length,
+        "n_ctx": cfg.context_length,
+        "n_embd": cfg.emb_dim,
+        "n_layer": cfg.n_layers,
+        "n_head": cfg.n_heads,
+        "layer_norm_epsilon": cfg.layer_norm_eps,
+        "tie_word_embeddings": True,
     }
 
 
@@ -242,7 +272,9 @@ def _verify_blob(file: Path) -> None:
         return
     if sha256(blob) != expected:
         blob.unlink()
-        raise UserError(f"downloaded {file.name} is corrupt (sha256 mismatch); it was removed, run again to download it anew")
+        raise UserError(
+            f"downloaded {file.name} is corrupt (sha256 mismatch); it was removed, run again to download it anew"
+        )
     marker.parent.mkdir(parents=True, exist_ok=True)
     marker.touch()
 

@@ -21,7 +21,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Under pytest-xdist (`make test` runs `pytest -n auto`) the workers share the cores: each one's in-process
 # torch gets its share, so that N workers do not run N x cores threads. Set before any test imports torch.
 if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
+    os.environ.setdefault(
+        "OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+    )
 
 
 def cli_env(**extra) -> dict:
@@ -34,13 +36,31 @@ def cli_env(**extra) -> dict:
 
 def run_cli(*args: str, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
     """`python -m lora_dist ARGS` in a subprocess (as a user would run it)."""
-    return subprocess.run([sys.executable, "-m", "lora_dist", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout, env=env or cli_env())
+    return subprocess.run(
+        [sys.executable, "-m", "lora_dist", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env or cli_env(),
+    )
 
 
-def torchrun(nproc: int, *args: str, timeout: float = 300, extra: tuple = (), env: dict | None = None) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--rdzv-backend=c10d",
-           "--rdzv-endpoint=127.0.0.1:0", *extra, "-m", "lora_dist", *args]
+def torchrun(
+    nproc: int, *args: str, timeout: float = 300, extra: tuple = (), env: dict | None = None
+) -> subprocess.CompletedProcess:
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={nproc}",
+        "--rdzv-backend=c10d",
+        "--rdzv-endpoint=127.0.0.1:0",
+        *extra,
+        "-m",
+        "lora_dist",
+        *args,
+    ]
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env or cli_env())
 
 
@@ -82,10 +102,12 @@ def shared_train(tmp_path_factory, name: str, *overrides: str) -> tuple[Path, su
     """`lora-dist train --config configs/smoke.yaml OVERRIDES` in a subprocess, once per session whatever the
     number of pytest-xdist workers: (run directory, finished process). A failed run fails every test that
     asks for it, without being retried."""
+
     def train(d: Path) -> None:
         proc = run_cli("train", "--config", str(SMOKE), f"output_dir={d / 'run'}", *overrides, timeout=600)
-        (d / "process.json").write_text(json.dumps({"args": proc.args, "returncode": proc.returncode,
-                                                    "stdout": proc.stdout, "stderr": proc.stderr}))
+        (d / "process.json").write_text(
+            json.dumps({"args": proc.args, "returncode": proc.returncode, "stdout": proc.stdout, "stderr": proc.stderr})
+        )
 
     d = shared_across_workers(tmp_path_factory, name, train)
     proc = subprocess.CompletedProcess(**json.loads((d / "process.json").read_text()))

@@ -12,10 +12,10 @@ import string
 import pytest
 import torch
 import yaml
+from conftest import SMOKE, read_metrics, run_cli
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import SMOKE, read_metrics, run_cli
 from lora_dist import UserError, load_config
 from lora_dist.cli import main
 from lora_dist.config import valid_keys
@@ -74,7 +74,12 @@ TRAIN = ["train", "--config", str(SMOKE), "output_dir={d}/out"]
 
 # (id, files to make, argv, words the error line must hold); {d} is the test's temporary directory.
 CASES = [
-    ("train-output-dir-cannot-be-created", None, ["train", "--config", str(SMOKE), "output_dir=/proc/lora-dist-x/y"], "cannot be created"),
+    (
+        "train-output-dir-cannot-be-created",
+        None,
+        ["train", "--config", str(SMOKE), "output_dir=/proc/lora-dist-x/y"],
+        "cannot be created",
+    ),
     ("train-output-dir-is-a-file", _file, ["train", "--config", str(SMOKE), "output_dir={d}/afile"], "is a file"),
     ("train-header-only-csv", _header_only, [*TRAIN, "data.source={d}/header.csv"], "header but no messages"),
     ("train-missing-data", None, [*TRAIN, "data.source={d}/nope.csv"], "not found"),
@@ -96,9 +101,19 @@ CASES = [
     ("train-unknown-model", None, [*TRAIN, "model.name=gpt5"], "unknown model name"),
     ("train-missing-weights", None, [*TRAIN, "model.weights={d}/no-such-dir"], "weights directory"),
     ("train-fp16-on-cpu", None, [*TRAIN, "train.precision=fp16", "train.device=cpu"], "fp16 needs a GPU"),
-    ("train-missing-deepspeed-config", None, [*TRAIN, "dist.strategy=deepspeed", "dist.deepspeed_config={d}/ds.json"], "not found"),
+    (
+        "train-missing-deepspeed-config",
+        None,
+        [*TRAIN, "dist.strategy=deepspeed", "dist.deepspeed_config={d}/ds.json"],
+        "not found",
+    ),
     ("train-no-config", None, ["train"], "required: --config"),
-    ("params-header-only-csv", _header_only, ["params", "--config", str(SMOKE), "data.source={d}/header.csv"], "header but no messages"),
+    (
+        "params-header-only-csv",
+        _header_only,
+        ["params", "--config", str(SMOKE), "data.source={d}/header.csv"],
+        "header but no messages",
+    ),
     ("params-bad-override", None, ["params", "--config", str(SMOKE), "lora.rank=0"], "lora.rank must be > 0"),
     ("report-missing-run", None, ["report", "{d}/nope"], "not found"),
     ("report-a-file", _file, ["report", "{d}/afile"], "not found"),
@@ -110,12 +125,32 @@ CASES = [
     ("classify-missing-adapter", None, ["classify", "--adapter", "{d}/nope", "hi"], "not found"),
     ("classify-not-an-adapter", _empty_dir, ["classify", "--adapter", "{d}/empty", "hi"], "not a lora-dist adapter"),
     # {run}: the session's smoke run (conftest.py), a real adapter
-    ("classify-file-not-utf8", _latin1_text, ["classify", "--adapter", "{run}", "--file", "{d}/latin.txt"], "not UTF-8"),
-    ("classify-csv-without-text", _csv_without_text, ["classify", "--adapter", "{run}", "--file", "{d}/x.csv"], "no column 'text'"),
-    ("classify-missing-file", None, ["classify", "--adapter", "{run}", "--file", "{d}/missing.txt"], "missing.txt not found"),
+    (
+        "classify-file-not-utf8",
+        _latin1_text,
+        ["classify", "--adapter", "{run}", "--file", "{d}/latin.txt"],
+        "not UTF-8",
+    ),
+    (
+        "classify-csv-without-text",
+        _csv_without_text,
+        ["classify", "--adapter", "{run}", "--file", "{d}/x.csv"],
+        "no column 'text'",
+    ),
+    (
+        "classify-missing-file",
+        None,
+        ["classify", "--adapter", "{run}", "--file", "{d}/missing.txt"],
+        "missing.txt not found",
+    ),
     ("classify-nothing", None, ["classify", "--adapter", "{run}"], "nothing to classify"),
     ("classify-batch-size-0", None, ["classify", "--adapter", "{run}", "hi", "--batch-size", "0"], "must be >= 1"),
-    ("classify-out-is-a-directory", _empty_dir, ["classify", "--adapter", "{run}", "hi", "--out", "{d}/empty"], "is a directory"),
+    (
+        "classify-out-is-a-directory",
+        _empty_dir,
+        ["classify", "--adapter", "{run}", "hi", "--out", "{d}/empty"],
+        "is a directory",
+    ),
     ("adapter-info-missing", None, ["adapter", "info", "{d}/nope"], "not found"),
     ("adapter-info-a-file", _file, ["adapter", "info", "{d}/afile"], "not a lora-dist adapter"),
     ("adapter-no-action", None, ["adapter"], "required"),
@@ -128,8 +163,18 @@ CASES = [
     ("serve-not-an-adapter", _empty_dir, ["serve", "--adapters", "spam={d}/empty"], "not a lora-dist adapter"),
     ("serve-max-batch-0", None, ["serve", "--adapters", "spam={d}", "--max-batch", "0"], "--max-batch must be >= 1"),
     ("serve-bad-port", None, ["serve", "--adapters", "spam={d}", "--port", "http"], "invalid int value"),
-    ("serve-missing-token-file", None, ["serve", "--adapters", "spam={d}", "--token-file", "{d}/nope"], "cannot be read"),
-    ("serve-empty-token-file", _file_empty, ["serve", "--adapters", "spam={d}", "--token-file", "{d}/empty.txt"], "is empty"),
+    (
+        "serve-missing-token-file",
+        None,
+        ["serve", "--adapters", "spam={d}", "--token-file", "{d}/nope"],
+        "cannot be read",
+    ),
+    (
+        "serve-empty-token-file",
+        _file_empty,
+        ["serve", "--adapters", "spam={d}", "--token-file", "{d}/empty.txt"],
+        "is empty",
+    ),
     ("no-command", None, [], "required"),
     ("unknown-command", None, ["fly"], "invalid choice"),
 ]
@@ -170,11 +215,18 @@ def test_nothing_already_written_is_lost(tmp_path, capsys):
     assert (out / "results.json").read_text() == '{"test_accuracy": 0.9}'
 
 
-@pytest.mark.parametrize("argv,words", [
-    (["train", "--config", str(SMOKE), "output_dir=/proc/lora-dist-x/y"], "cannot be created"),
-    (["train", "--config", str(SMOKE), "output_dir={d}/out", "data.source={d}/header.csv"], "header but no messages"),
-    (["report", "{d}/nope"], "not found"),
-], ids=["unwritable-output-dir", "header-only-csv", "report-missing-run"])
+@pytest.mark.parametrize(
+    "argv,words",
+    [
+        (["train", "--config", str(SMOKE), "output_dir=/proc/lora-dist-x/y"], "cannot be created"),
+        (
+            ["train", "--config", str(SMOKE), "output_dir={d}/out", "data.source={d}/header.csv"],
+            "header but no messages",
+        ),
+        (["report", "{d}/nope"], "not found"),
+    ],
+    ids=["unwritable-output-dir", "header-only-csv", "report-missing-run"],
+)
 def test_bad_input_as_the_user_runs_it(tmp_path, argv, words):
     _header_only(tmp_path)
     proc = run_cli(*[a.format(d=tmp_path) for a in argv], timeout=120)
@@ -198,8 +250,17 @@ def test_a_run_that_failed_before_its_first_step_does_not_block_its_rerun(tmp_pa
     """Missing weights stop the run after it wrote its start files; the rerun the message suggests, into the
     same output_dir, trains."""
     out = tmp_path / "out"
-    args = ["train", "--config", str(SMOKE), f"output_dir={out}", small_data(tmp_path), "train.max_steps=2",
-            "train.epochs=1", "train.eval_batches=1", "tracking.wandb.mode=disabled"]
+    args = [
+        "train",
+        "--config",
+        str(SMOKE),
+        f"output_dir={out}",
+        small_data(tmp_path),
+        "train.max_steps=2",
+        "train.epochs=1",
+        "train.eval_batches=1",
+        "tracking.wandb.mode=disabled",
+    ]
     code, err = run_main([*args, f"model.weights={tmp_path}/nonexistent"], capsys)
     assert code == 2 and "weights directory" in err, err
     assert (out / "config.yaml").exists() and (out / "metrics.jsonl").exists()  # what the failed start left
@@ -221,9 +282,22 @@ def test_deepspeed_in_a_plain_process_is_a_world_of_one(tmp_path, capsys, monkey
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "extensions"))
     out = tmp_path / "out"
     before = {k: os.environ.get(k) for k in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    code, err = run_main(["train", "--config", str(SMOKE), f"output_dir={out}", small_data(tmp_path), "dist.strategy=deepspeed",
-                          "dist.deepspeed_config=configs/deepspeed/zero2.json", "train.max_steps=3", "train.epochs=1",
-                          "train.eval_batches=1", "tracking.wandb.mode=disabled"], capsys)
+    code, err = run_main(
+        [
+            "train",
+            "--config",
+            str(SMOKE),
+            f"output_dir={out}",
+            small_data(tmp_path),
+            "dist.strategy=deepspeed",
+            "dist.deepspeed_config=configs/deepspeed/zero2.json",
+            "train.max_steps=3",
+            "train.epochs=1",
+            "train.eval_batches=1",
+            "tracking.wandb.mode=disabled",
+        ],
+        capsys,
+    )
     assert code == 0, err[-3000:]
     r = json.loads((out / "results.json").read_text())
     assert r["strategy"] == "deepspeed" and r["world_size"] == 1 and r["steps"] == 3
@@ -237,15 +311,46 @@ def test_deepspeed_in_a_plain_process_is_a_world_of_one(tmp_path, capsys, monkey
 
 KEYS = valid_keys()
 SECTIONS = sorted({k.split(".")[0] for k in KEYS} | {"bogus"})
-names = st.sampled_from([k.rsplit(".", 1)[-1] for k in KEYS] + ["x", "", "1"]) | st.text(string.ascii_lowercase + "_.", max_size=8)
-scalars = (st.none() | st.booleans() | st.integers(-10**20, 10**20) | st.floats(allow_nan=True, allow_infinity=True)
-           | st.text(max_size=12) | st.sampled_from(["auto", "none", "ddp", "cpu", "last", "fp32", "random", "tiny",
-                                                   "sms", "5e-5", "nan", "inf", "[a, b]", "{}", "~"]))
-values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(names, inner, max_size=3), max_leaves=6)
-configs = st.dictionaries(st.sampled_from(SECTIONS) | names, st.dictionaries(names, values, max_size=4) | values, max_size=4)
+names = st.sampled_from([k.rsplit(".", 1)[-1] for k in KEYS] + ["x", "", "1"]) | st.text(
+    string.ascii_lowercase + "_.", max_size=8
+)
+scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers(-(10**20), 10**20)
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | st.text(max_size=12)
+    | st.sampled_from(
+        [
+            "auto",
+            "none",
+            "ddp",
+            "cpu",
+            "last",
+            "fp32",
+            "random",
+            "tiny",
+            "sms",
+            "5e-5",
+            "nan",
+            "inf",
+            "[a, b]",
+            "{}",
+            "~",
+        ]
+    )
+)
+values = st.recursive(
+    scalars, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(names, inner, max_size=3), max_leaves=6
+)
+configs = st.dictionaries(
+    st.sampled_from(SECTIONS) | names, st.dictionaries(names, values, max_size=4) | values, max_size=4
+)
 override_keys = st.sampled_from(KEYS) | st.builds(lambda s, n: f"{s}.{n}", st.sampled_from(SECTIONS), names) | names
-overrides = st.lists(st.builds(lambda k, v: f"{k}={v}", override_keys, st.text(max_size=12) | scalars.map(str))
-                     | st.text(max_size=10), max_size=4)
+overrides = st.lists(
+    st.builds(lambda k, v: f"{k}={v}", override_keys, st.text(max_size=12) | scalars.map(str)) | st.text(max_size=10),
+    max_size=4,
+)
 
 
 def _loads_or_user_error(path, items) -> None:
@@ -262,8 +367,12 @@ def test_config_loading_only_succeeds_or_raises_user_error(tmp_path, raw, items)
     path.write_text(yaml.safe_dump(raw, allow_unicode=True))
     _loads_or_user_error(path, items)
     # The same sections and values given only as overrides, on the defaults.
-    flat = [f"{s}.{k}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}"
-            for s, sec in raw.items() if isinstance(sec, dict) for k, v in sec.items()]
+    flat = [
+        f"{s}.{k}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}"
+        for s, sec in raw.items()
+        if isinstance(sec, dict)
+        for k, v in sec.items()
+    ]
     _loads_or_user_error(None, flat + items)
 
 

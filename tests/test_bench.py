@@ -5,7 +5,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import ROOT, cli_env
 
 sys.path.insert(0, str(ROOT / "bench"))
@@ -26,9 +25,34 @@ def test_flop_count_and_limit():
 @pytest.mark.slow
 def test_harness_smoke(tmp_path):
     import peft  # noqa: F401  (a dev extra, which contender c needs)
-    proc = subprocess.run([sys.executable, "bench/train_throughput.py", "--model", "tiny", "--contenders", "a,c",
-                           "--batches", "2", "--passes", "1", "--steps", "1", "--warmup", "1", "--probe-seconds", "0.05",
-                           "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=120, env=cli_env())
+
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "bench/train_throughput.py",
+            "--model",
+            "tiny",
+            "--contenders",
+            "a,c",
+            "--batches",
+            "2",
+            "--passes",
+            "1",
+            "--steps",
+            "1",
+            "--warmup",
+            "1",
+            "--probe-seconds",
+            "0.05",
+            "--out",
+            str(tmp_path),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=cli_env(),
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     (path,) = tmp_path.glob("*.json")
     doc = json.loads(path.read_text())
@@ -87,10 +111,17 @@ def test_gpu_check_dry_run_on_the_cpu(tmp_path, baseline):
     stub.chmod(0o755)
     log, out = tmp_path / "commands.jsonl", tmp_path / "out"
     out.mkdir()
-    env = cli_env() | {"OUT": str(out), "PYTHON": str(stub), "STUB_LOG": str(log), "STUB_ROOT": str(ROOT),
-                       "STUB_PYTHON": sys.executable, "STUB_RESULTS": json.dumps(baseline)}
-    proc = subprocess.run(["bash", "bench/gpu_check.sh", "--dry-run"], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300, env=env)
+    env = cli_env() | {
+        "OUT": str(out),
+        "PYTHON": str(stub),
+        "STUB_LOG": str(log),
+        "STUB_ROOT": str(ROOT),
+        "STUB_PYTHON": sys.executable,
+        "STUB_RESULTS": json.dumps(baseline),
+    }
+    proc = subprocess.run(
+        ["bash", "bench/gpu_check.sh", "--dry-run"], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env
+    )
     assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])
     commands = [json.loads(line) for line in log.read_text().splitlines()]
     trains = [c for c in commands if c[:3] == ["-m", "lora_dist", "train"]]
@@ -102,12 +133,22 @@ def test_gpu_check_dry_run_on_the_cpu(tmp_path, baseline):
     assert "data.padding=longest" in trains[1] and "data.padding=batch" in trains[0]
     settings = {doc["tag"]: doc for doc in (json.loads(p.read_text()) for p in out.rglob("throughput-*.json"))}
     assert settings.keys() == {"xl", "small"}
-    assert settings["xl"]["contenders"] == "a,a-bf16,a-ckpt" and settings["small"]["contenders"] == "a,b,c,a-bf16,a-compile"
+    assert (
+        settings["xl"]["contenders"] == "a,a-bf16,a-ckpt"
+        and settings["small"]["contenders"] == "a,b,c,a-bf16,a-compile"
+    )
     assert all(d["device"] == "cpu" and d["precision"] == "bf16" and d["model"] == "tiny" for d in settings.values())
     # Everything came back under $OUT: the log with both end-to-end lines (read from results.json's fields).
     (done,) = out.glob("gpu-check-dry-run")
-    assert {p.name for p in done.iterdir()} >= {"gpu_check.log", "e2e-defaults", "e2e-book", "e2e-defaults.log",
-                                                 "e2e-book.log", "throughput-xl.json", "throughput-small.json"}
+    assert {p.name for p in done.iterdir()} >= {
+        "gpu_check.log",
+        "e2e-defaults",
+        "e2e-book",
+        "e2e-defaults.log",
+        "e2e-book.log",
+        "throughput-xl.json",
+        "throughput-small.json",
+    }
     text = (done / "gpu_check.log").read_text()
     for mode in ("defaults", "book"):
         line = next(x for x in text.splitlines() if x.startswith(f"{mode}: "))
@@ -118,13 +159,21 @@ def test_gpu_check_dry_run_on_the_cpu(tmp_path, baseline):
 @pytest.mark.slow
 def test_classify_benchmark_quick(tmp_path):
     """bench/classify_throughput.py end to end on the tiny model: (a) and (b) in their own processes, and they agree."""
-    proc = subprocess.run([sys.executable, "bench/classify_throughput.py", "--quick", "--contenders", "a-fp32,b",
-                           "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=600, env=cli_env())
+    proc = subprocess.run(
+        [sys.executable, "bench/classify_throughput.py", "--quick", "--contenders", "a-fp32,b", "--out", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=cli_env(),
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     doc = json.loads((tmp_path / "classify_throughput.json").read_text())
     assert doc["messages"] == {"sms-test": 24, "collection-40": 40} and doc["adapter_bytes"] > 0
     for name in ("a-fp32", "b"):
         r = doc["contenders"][name]
-        assert r["peak_rss_mb"] > 0 and all(d["messages_per_s"] > 0 and d["messages_per_cpu_s"] > 0 for d in r["datasets"].values())
+        assert r["peak_rss_mb"] > 0 and all(
+            d["messages_per_s"] > 0 and d["messages_per_cpu_s"] > 0 for d in r["datasets"].values()
+        )
     assert doc["agreement"]["a-fp32 vs b"] == {"sms-test": 1.0, "collection-40": 1.0}
     assert "| (b) transformers pipeline, PEFT model |" in (tmp_path / "classify_throughput.md").read_text()

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import json
-from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import ROOT, SMOKE, read_metrics, run_cli, torchrun
 from safetensors.torch import load_file
 
-from conftest import ROOT, SMOKE, read_metrics, run_cli, torchrun
 from lora_dist.build import build_model, seed_everything
 from lora_dist.cli import main
 from lora_dist.config import load_config
@@ -22,8 +20,9 @@ SIZES = {"gpt2-small": (768, 12), "gpt2-medium": (1024, 24), "gpt2-large": (1280
 
 
 def tiny(pooling="last_real", causal=True, trainable="lora"):
-    cfg = load_config(SMOKE, [f"model.pooling={pooling}", f"model.causal_mask={str(causal).lower()}",
-                              f"train.trainable={trainable}"])
+    cfg = load_config(
+        SMOKE, [f"model.pooling={pooling}", f"model.causal_mask={str(causal).lower()}", f"train.trainable={trainable}"]
+    )
     seed_everything(0)
     model, _ = build_model(cfg, 2)
     return model.eval()
@@ -63,8 +62,13 @@ def test_each_pooling_reads_what_it_names():
         model = tiny(pooling)
         h = model.features(batch.ids)  # (B, T, C)
         real = (torch.arange(24) <= batch.last[:, None]).float().unsqueeze(-1)
-        want = {"last_real": h[rows, batch.last], "last": h[:, -1], "first": h[:, 0],
-                "mean": (h * real).sum(1) / real.sum(1), "mean_all": h.mean(1)}[pooling]
+        want = {
+            "last_real": h[rows, batch.last],
+            "last": h[:, -1],
+            "first": h[:, 0],
+            "mean": (h * real).sum(1) / real.sum(1),
+            "mean_all": h.mean(1),
+        }[pooling]
         torch.testing.assert_close(model(batch.ids, batch.last), model.head(want), rtol=1e-5, atol=1e-5)
 
 
@@ -105,8 +109,12 @@ def expected_trainable(name: str, trainable: str, lora_head_trained: bool = Fals
     if trainable == "lora":
         per_block = 4 * rank * 2 * C + 2 * rank * (C + 4 * C)
         return L * per_block + rank * (C + 2) + (head if lora_head_trained else 0)
-    return {"last_layer": head, "last_block": head + norm + block, "last_two_blocks": head + norm + 2 * block,
-            "all": total}[trainable]
+    return {
+        "last_layer": head,
+        "last_block": head + norm + block,
+        "last_two_blocks": head + norm + 2 * block,
+        "all": total,
+    }[trainable]
 
 
 def test_hand_computed_counts_match_the_books():
@@ -128,8 +136,9 @@ def test_every_book_row_loads_and_counts_what_the_book_trains(config, capsys):
     cfg = load_config(config)
     assert main(["params", "--config", str(config)]) == 0
     out = capsys.readouterr().out
-    want = expected_trainable(cfg.model.name, cfg.train.trainable, lora_head_trained=cfg.lora.train_head,
-                              rank=cfg.lora.rank)
+    want = expected_trainable(
+        cfg.model.name, cfg.train.trainable, lora_head_trained=cfg.lora.train_head, rank=cfg.lora.rank
+    )
     assert f"trainable parameters: {want:,}" in out, out
     assert cfg.data.padding in ("longest", "context", "batch") and cfg.train.epochs == 5 and cfg.train.lr == 5e-5
 
@@ -137,8 +146,14 @@ def test_every_book_row_loads_and_counts_what_the_book_trains(config, capsys):
 def test_book_rows_cover_the_table():
     rows = {int(p.name.split("-")[1]): load_config(p) for p in BOOK}
     assert sorted(rows) == list(range(1, 20))
-    assert rows[10].model.weights == "random" and all(c.model.weights == "pretrained" for n, c in rows.items() if n != 10)
-    assert rows[2].model.pooling == "first" and rows[16].model.pooling == "last_real" and rows[19].model.pooling == "mean_all"
+    assert rows[10].model.weights == "random" and all(
+        c.model.weights == "pretrained" for n, c in rows.items() if n != 10
+    )
+    assert (
+        rows[2].model.pooling == "first"
+        and rows[16].model.pooling == "last_real"
+        and rows[19].model.pooling == "mean_all"
+    )
     assert rows[17].model.causal_mask is False and rows[13].data.padding == "context"
     assert rows[12].lora.alpha == 8 and rows[12].model.name == "gpt2-xl"
     assert (rows[14].train.batch_size, rows[15].train.grad_accum) == (1, 8)
@@ -162,15 +177,25 @@ def test_only_the_named_tensors_reach_the_optimizer():
         assert in_optimizer == trained
         blocks = {n.split(".")[1] for n in trained if n.startswith("blocks.")}
         if trainable != "lora":
-            assert blocks == {"last_layer": set(), "last_block": {"1"}, "last_two_blocks": {"0", "1"},
-                              "all": {"0", "1"}}[trainable]
+            assert (
+                blocks
+                == {"last_layer": set(), "last_block": {"1"}, "last_two_blocks": {"0", "1"}, "all": {"0", "1"}}[
+                    trainable
+                ]
+            )
             assert {"head.weight", "head.bias"} <= trained
             assert ("final_norm.weight" in trained) == (trainable != "last_layer")
             assert ("tok_emb.weight" in trained) == (trainable == "all")
 
 
-SHORT = ("train.epochs=1", "train.max_steps=12", "train.eval_every=100", "train.eval_batches=2",
-         "train.trainable=last_block", "tracking.wandb.mode=disabled")
+SHORT = (
+    "train.epochs=1",
+    "train.max_steps=12",
+    "train.eval_every=100",
+    "train.eval_batches=2",
+    "train.trainable=last_block",
+    "tracking.wandb.mode=disabled",
+)
 
 
 @pytest.fixture(scope="module")
@@ -186,7 +211,11 @@ def test_last_block_run_saves_those_weights_and_is_usable(last_block_run, capsys
     assert not (out / "adapter").exists()
     tensors = load_file(str(out / "weights" / "model.safetensors"))
     results = json.loads((out / "results.json").read_text())
-    assert sum(t.numel() for t in tensors.values()) == results["trainable_params"] == 128 * 2 + 2 + 2 * 128 + (12 * 128 * 128 + 13 * 128)
+    assert (
+        sum(t.numel() for t in tensors.values())
+        == results["trainable_params"]
+        == 128 * 2 + 2 + 2 * 128 + (12 * 128 * 128 + 13 * 128)
+    )
     assert {k.split(".")[0] for k in tensors} == {"blocks", "final_norm", "head"}
     assert {k.split(".")[1] for k in tensors if k.startswith("blocks.")} == {"1"}
     spec = json.loads((out / "weights" / "weights_config.json").read_text())
@@ -212,7 +241,9 @@ def test_last_block_one_and_two_processes_agree(last_block_run, tmp_path):
     # Every other trained tensor must agree.
     noise = {k for k in one if k.endswith("att.key.bias")}
     assert noise and all(one[k].abs().max() <= 12 * 1e-3 + 1e-6 for k in noise)  # at most lr per step
-    assert_same_adapter({k: v for k, v in one.items() if k not in noise}, {k: v for k, v in two.items() if k not in noise})
+    assert_same_adapter(
+        {k: v for k, v in one.items() if k not in noise}, {k: v for k, v in two.items() if k not in noise}
+    )
     trainable = json.loads((out / "results.json").read_text())["trainable_params"]
     per_step = [m["allreduce_bytes"] for m in read_metrics(out) if "allreduce_bytes" in m]
     assert len(per_step) == 12 and set(per_step) == {trainable * 4}

@@ -15,8 +15,14 @@ def _write(run_dir, step, keep=2, value=1.0):
     opt = torch.optim.AdamW([torch.nn.Parameter(torch.ones(3))])
     opt.param_groups[0]["params"][0].grad = torch.ones(3)
     opt.step()
-    return ckpt.commit(staging, adapter={"a.lora.A": torch.full((2, 2), value)}, optimizer=opt.state_dict(),
-                       rng_states=[ckpt.rng_state()], meta={"step": step}, keep=keep)
+    return ckpt.commit(
+        staging,
+        adapter={"a.lora.A": torch.full((2, 2), value)},
+        optimizer=opt.state_dict(),
+        rng_states=[ckpt.rng_state()],
+        meta={"step": step},
+        keep=keep,
+    )
 
 
 def test_commit_verify_and_prune(tmp_path):
@@ -94,7 +100,9 @@ def test_rng_on_more_ranks_than_saved_is_distinct_per_rank_and_said(tmp_path):
     for seed in (1, 2):
         torch.manual_seed(seed)
         states.append(ckpt.rng_state())
-    path = ckpt.commit(staging, adapter={"a": torch.ones(1)}, optimizer=None, rng_states=states, meta={"step": 1}, keep=2)
+    path = ckpt.commit(
+        staging, adapter={"a": torch.ones(1)}, optimizer=None, rng_states=states, meta={"step": 1}, keep=2
+    )
     said = []
     draws = [_draw(path, r, 4, said) for r in range(4)]
     assert len(set(draws)) == 4, draws
@@ -110,7 +118,9 @@ def test_cuda_rng_with_another_gpu_count_is_derived_and_said(tmp_path, monkeypat
     seeded = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: pytest.fail("restored states of another GPU count"))
+    monkeypatch.setattr(
+        torch.cuda, "set_rng_state_all", lambda states: pytest.fail("restored states of another GPU count")
+    )
     monkeypatch.setattr(torch.cuda, "manual_seed_all", seeded.append)
     said = []
     ckpt.restore_rng(path, _state(path), rank=0, world=1, say=said.append)

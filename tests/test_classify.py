@@ -10,15 +10,19 @@ import sys
 import pandas as pd
 import pytest
 import torch
-
 from conftest import ROOT, SMOKE, cli_env, run_cli, torchrun
+
 from lora_dist import Classifier, UserError
 from lora_dist.cli import main
 
 SHORT = ("train.epochs=1", "train.eval_every=1000", "train.eval_batches=1", "tracking.wandb.mode=disabled")
-MESSAGES = ["WINNER!! As a valued network customer you have been selected to receive a £900 prize reward!",
-            "see you at 6", "Ok lar... Joking wif u oni...", "URGENT! Call 09061701461 now to claim your cash",
-            "I'll be home soon, want anything from the shop?"]
+MESSAGES = [
+    "WINNER!! As a valued network customer you have been selected to receive a £900 prize reward!",
+    "see you at 6",
+    "Ok lar... Joking wif u oni...",
+    "URGENT! Call 09061701461 now to claim your cash",
+    "I'll be home soon, want anything from the shop?",
+]
 
 
 @pytest.fixture(scope="module")
@@ -32,8 +36,15 @@ def clf(run):
 
 
 def cli(*args, input=None, env=None):
-    return subprocess.run([sys.executable, "-m", "lora_dist", *args], cwd=ROOT, capture_output=True, text=True,
-                          input=input, env=env or cli_env(), timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "lora_dist", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        input=input,
+        env=env or cli_env(),
+        timeout=300,
+    )
 
 
 # ------------------------------------------------------------------------------------ the adapter
@@ -56,15 +67,22 @@ def test_adapter_info(run, capsys):
         size = (run / "adapter" / "adapter_model.safetensors").stat().st_size
         assert f"{size:,} bytes" in out and "tensors:   28 " in out and "labels:    ham, spam" in out
         assert "tiny with random weights (seed 123)" in out
-        assert json.loads(out[out.index("\n{") + 1:])["format"] == "lora-dist/2"
+        assert json.loads(out[out.index("\n{") + 1 :])["format"] == "lora-dist/2"
 
 
 def test_a_base_with_other_weights_is_refused(run, tiny_checkpoint, tmp_path):
     """An adapter trained on a local base directory records its SHA-256; another directory of the same
     shape but other weights is refused, naming both."""
     out = tmp_path / "local"
-    proc = run_cli("train", "--config", str(SMOKE), f"output_dir={out}", f"model.weights={tiny_checkpoint}",
-                   "train.max_steps=3", *SHORT)
+    proc = run_cli(
+        "train",
+        "--config",
+        str(SMOKE),
+        f"output_dir={out}",
+        f"model.weights={tiny_checkpoint}",
+        "train.max_steps=3",
+        *SHORT,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     spec = json.loads((out / "adapter" / "adapter_config.json").read_text())
     import hashlib
@@ -88,20 +106,30 @@ def test_a_base_with_other_weights_is_refused(run, tiny_checkpoint, tmp_path):
     (moved / "adapter_config.json").write_text(json.dumps(bad))
     # A random base is rebuilt from its seed; the other seed is another base: the logits differ.
     with torch.no_grad():
-        assert not torch.allclose(Classifier.from_pretrained(moved, precision="fp32").logits(MESSAGES),
-                                  Classifier.from_pretrained(run, precision="fp32").logits(MESSAGES))
+        assert not torch.allclose(
+            Classifier.from_pretrained(moved, precision="fp32").logits(MESSAGES),
+            Classifier.from_pretrained(run, precision="fp32").logits(MESSAGES),
+        )
 
 
 def test_first_format_adapters_still_load(run, clf, tmp_path):
     old = tmp_path / "old-run"
     shutil.copytree(run, old)
     new = json.loads((old / "adapter" / "adapter_config.json").read_text())
-    legacy = {"base_model": "tiny", "weights": "random", "num_classes": 2, "classes": ["ham", "spam"],
-              "target_modules": new["lora"]["targets"], "lora": {"rank": 16}, "context_length": None,
-              "format": "lora-dist/1"}
+    legacy = {
+        "base_model": "tiny",
+        "weights": "random",
+        "num_classes": 2,
+        "classes": ["ham", "spam"],
+        "target_modules": new["lora"]["targets"],
+        "lora": {"rank": 16},
+        "context_length": None,
+        "format": "lora-dist/1",
+    }
     (old / "adapter" / "adapter_config.json").write_text(json.dumps(legacy))
-    torch.testing.assert_close(Classifier.from_pretrained(old, precision="fp32").logits(MESSAGES), clf.logits(MESSAGES),
-                               rtol=0, atol=0)
+    torch.testing.assert_close(
+        Classifier.from_pretrained(old, precision="fp32").logits(MESSAGES), clf.logits(MESSAGES), rtol=0, atol=0
+    )
 
 
 # ------------------------------------------------------------------------------------- Classifier
@@ -113,7 +141,7 @@ def test_predictions_agree_with_training_and_eval(run, clf, capsys):
     results = json.loads((run / "results.json").read_text())
     test = pd.read_csv(run / "splits" / "test.csv", keep_default_na=False)
     got = clf.predict(test["text"].tolist())
-    accuracy = sum(r["label"] == y for r, y in zip(got, test["label"])) / len(test)
+    accuracy = sum(r["label"] == y for r, y in zip(got, test["label"], strict=True)) / len(test)
     assert accuracy == pytest.approx(results["test_accuracy"])
     assert main(["eval", str(run), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["accuracy"] == pytest.approx(accuracy)
@@ -159,13 +187,13 @@ def test_classify_arguments_table_and_json(run, clf):
     lines = proc.stdout.splitlines()
     want = clf.predict(MESSAGES[:2])
     assert lines[0].split() == ["#", "label", "prob", "text"] and len(lines) == 3
-    for line, w in zip(lines[1:], want):
+    for line, w in zip(lines[1:], want, strict=True):
         _, label, prob, *_ = line.split()
         assert label == w["label"] and float(prob) == pytest.approx(w["probs"][w["label"]], abs=1e-3)
     proc = cli("classify", "--adapter", str(run / "adapter"), "--precision", "fp32", "--json", *MESSAGES)
     got = json.loads(proc.stdout)
     assert [g["label"] for g in got] == [w["label"] for w in clf.predict(MESSAGES)]
-    for g, w in zip(got, clf.predict(MESSAGES)):
+    for g, w in zip(got, clf.predict(MESSAGES), strict=True):
         assert g["text"] == w["text"] and g["probs"] == pytest.approx(w["probs"], abs=1e-6)
 
 
@@ -175,9 +203,15 @@ def test_classify_files_stdin_and_out(run, clf, tmp_path):
     csv = tmp_path / "data.csv"
     pd.DataFrame({"id": range(5), "body": MESSAGES}).to_csv(csv, index=False)
     want = [w["label"] for w in clf.predict(MESSAGES)]
-    for args, stdin in ((["--file", str(txt)], None), (["--file", str(csv), "--text-column", "body"], None), (["-"], txt.read_text())):
+    for args, stdin in (
+        (["--file", str(txt)], None),
+        (["--file", str(csv), "--text-column", "body"], None),
+        (["-"], txt.read_text()),
+    ):
         out = tmp_path / "out.jsonl"
-        proc = cli("classify", "--adapter", str(run), "--precision", "fp32", *args, "--jsonl", "--out", str(out), input=stdin)
+        proc = cli(
+            "classify", "--adapter", str(run), "--precision", "fp32", *args, "--jsonl", "--out", str(out), input=stdin
+        )
         assert proc.returncode == 0, proc.stderr
         rows = [json.loads(line) for line in out.read_text().splitlines()]
         assert [r["text"] for r in rows] == MESSAGES and [r["label"] for r in rows] == want
@@ -218,7 +252,18 @@ def test_one_and_two_processes_write_the_same_file(run, tmp_path):
     test = pd.read_csv(run / "splits" / "test.csv", keep_default_na=False)
     src = tmp_path / "big.csv"
     pd.DataFrame({"text": test["text"].tolist() * 2}).to_csv(src, index=False)  # 600 messages
-    args = ("classify", "--adapter", str(run), "--file", str(src), "--jsonl", "--precision", "fp32", "--shard-size", "64")
+    args = (
+        "classify",
+        "--adapter",
+        str(run),
+        "--file",
+        str(src),
+        "--jsonl",
+        "--precision",
+        "fp32",
+        "--shard-size",
+        "64",
+    )
     one = tmp_path / "one.jsonl"
     proc = cli(*args, "--out", str(one))
     assert proc.returncode == 0, proc.stderr
@@ -241,5 +286,8 @@ def test_saved_files_are_readable_like_any_written_file(tmp_path):
 
     save_file({"x": torch.zeros(2)}, str(tmp_path / "a.safetensors"))
     (tmp_path / "b.txt").write_text("b")
-    mode = lambda p: stat.S_IMODE(os.stat(p).st_mode)
+
+    def mode(p):
+        return stat.S_IMODE(os.stat(p).st_mode)
+
     assert mode(tmp_path / "a.safetensors") == mode(tmp_path / "b.txt")

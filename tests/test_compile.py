@@ -10,15 +10,23 @@ a CPU. bench/gpu_check.sh times the real inductor build on a GPU.
 
 import pytest
 import torch
+from conftest import SMOKE, read_metrics
 from safetensors.torch import load_file
 
-from conftest import SMOKE, read_metrics
 from lora_dist import load_config
 from lora_dist.train.checkpoint import checkpoints_dir
 from lora_dist.train.loop import Trainer
 
-SHORT = ("train.epochs=1", "data.padding=longest", "data.max_length=32", "train.eval_batches=1", "train.eval_every=1000", "train.checkpoint_every=2",
-         "tracking.wandb.mode=disabled", "train.compile=true")
+SHORT = (
+    "train.epochs=1",
+    "data.padding=longest",
+    "data.max_length=32",
+    "train.eval_batches=1",
+    "train.eval_every=1000",
+    "train.checkpoint_every=2",
+    "tracking.wandb.mode=disabled",
+    "train.compile=true",
+)
 
 
 @pytest.fixture

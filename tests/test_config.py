@@ -22,31 +22,49 @@ def test_every_config_loads_and_says_how_to_run_it(path):
 
 def test_book_config_is_the_book_recipe():
     cfg = load_config(ROOT / "configs/gpt2-small-lora.yaml")
-    assert (cfg.lora.rank, cfg.lora.alpha, cfg.lora.scaling, cfg.lora.targets, cfg.lora.head) == (16, 16.0, "alpha", ("all",), True)
+    assert (cfg.lora.rank, cfg.lora.alpha, cfg.lora.scaling, cfg.lora.targets, cfg.lora.head) == (
+        16,
+        16.0,
+        "alpha",
+        ("all",),
+        True,
+    )
     assert (cfg.train.lr, cfg.train.weight_decay, cfg.train.batch_size, cfg.train.epochs) == (5e-5, 0.1, 8, 5)
     assert (cfg.data.padding, cfg.train.eval_every, cfg.train.eval_batches, cfg.train.seed) == ("longest", 50, 5, 123)
 
 
 def test_overrides_are_typed():
-    cfg = load_config(ROOT / "configs/smoke.yaml", ["train.epochs=7", "train.lr=2e-4", "output_dir=/tmp/x",
-                                                     "lora.targets=[*.att.*]", "train.max_grad_norm=1", "train.max_steps=null"])
+    cfg = load_config(
+        ROOT / "configs/smoke.yaml",
+        [
+            "train.epochs=7",
+            "train.lr=2e-4",
+            "output_dir=/tmp/x",
+            "lora.targets=[*.att.*]",
+            "train.max_grad_norm=1",
+            "train.max_steps=null",
+        ],
+    )
     assert cfg.train.epochs == 7 and cfg.train.lr == 2e-4 and cfg.output_dir == "/tmp/x"
     assert cfg.lora.targets == ("*.att.*",) and cfg.train.max_grad_norm == 1.0 and cfg.train.max_steps is None
 
 
-@pytest.mark.parametrize("override,message", [
-    ("train.epoch=3", r"unknown config key 'train.epoch'.*valid keys: epochs, batch_size"),
-    ("colour=red", r"unknown config key 'colour' at the top level"),
-    ("train.epochs=three", r"train.epochs must be int; got 'three'"),
-    ("train.lr=0", r"train.lr must be > 0"),
-    ("lora.rank=0", r"lora.rank must be > 0"),
-    ("lora.rank=-2", r"lora.rank must be > 0"),
-    ("data.train_frac=0.9", r"leaves no test set"),
-    ("data.padding=max", r"data.padding must be one of longest, batch"),
-    ("dist.strategy=horovod", r"dist.strategy must be one of auto, none, ddp, deepspeed"),
-    ("overwrite=maybe", r"overwrite must be bool"),
-    ("train", r"is not key=value"),
-])
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("train.epoch=3", r"unknown config key 'train.epoch'.*valid keys: epochs, batch_size"),
+        ("colour=red", r"unknown config key 'colour' at the top level"),
+        ("train.epochs=three", r"train.epochs must be int; got 'three'"),
+        ("train.lr=0", r"train.lr must be > 0"),
+        ("lora.rank=0", r"lora.rank must be > 0"),
+        ("lora.rank=-2", r"lora.rank must be > 0"),
+        ("data.train_frac=0.9", r"leaves no test set"),
+        ("data.padding=max", r"data.padding must be one of longest, batch"),
+        ("dist.strategy=horovod", r"dist.strategy must be one of auto, none, ddp, deepspeed"),
+        ("overwrite=maybe", r"overwrite must be bool"),
+        ("train", r"is not key=value"),
+    ],
+)
 def test_bad_values(override, message):
     with pytest.raises(UserError, match=message):
         load_config(ROOT / "configs/smoke.yaml", [override])
@@ -83,4 +101,3 @@ def test_precision_auto_resolves_by_hardware(monkeypatch):
     assert resolve_precision("auto", torch.device("mps")) == "fp32"
     monkeypatch.setattr(device, "cpu_has_native_bf16", lambda: False)
     assert resolve_precision("auto", cpu) == "fp32"
-

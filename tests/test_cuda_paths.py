@@ -17,7 +17,6 @@ from lora_dist.data import Batch, DataConfig, SpamDataset
 from lora_dist.device import DistEnv
 from lora_dist.train.loaders import make_loaders
 from lora_dist.train.strategy import Local
-from lora_dist.tokenizer import get_tokenizer
 
 
 @pytest.fixture
@@ -53,16 +52,21 @@ def tf32_flags_restored():
             f.allow_tf32 = False
         yield
     finally:
-        for f, v in zip(flags, saved):
+        for f, v in zip(flags, saved, strict=True):
             f.allow_tf32 = v
 
 
 def strategy(*overrides: str) -> Local:
-    return Local(load_config(None, list(overrides)), DistEnv(rank=1, world_size=2, local_rank=1), torch.device("cuda", 1))
+    return Local(
+        load_config(None, list(overrides)), DistEnv(rank=1, world_size=2, local_rank=1), torch.device("cuda", 1)
+    )
 
 
-@pytest.mark.parametrize("capability, expected", [((7, 0), "fp32"), ((7, 5), "fp32"), ((8, 0), "bf16"), ((9, 0), "bf16")],
-                         ids=["V100", "T4", "A100", "H100"])
+@pytest.mark.parametrize(
+    "capability, expected",
+    [((7, 0), "fp32"), ((7, 5), "fp32"), ((8, 0), "bf16"), ((9, 0), "bf16")],
+    ids=["V100", "T4", "A100", "H100"],
+)
 def test_auto_precision_follows_compute_capability(fake_gpu, capability, expected):
     fake_gpu["capability"] = capability
     s = strategy("train.precision=auto")
@@ -96,8 +100,12 @@ def test_dataloader_pins_each_batch(monkeypatch):
     monkeypatch.setattr(torch.accelerator, "is_available", lambda: True)
     monkeypatch.setattr(torch.accelerator, "current_accelerator", lambda *a, **k: torch.device("cuda"))
     monkeypatch.setattr(torch.Tensor, "pin_memory", lambda t, *a, **k: pinned.append(t) or t)  # no CUDA here to pin
-    frame = pd.DataFrame({"text": ["win a prize now", "see you at lunch", "call me", "free entry"] * 2,
-                          "label": ["spam", "ham", "ham", "spam"] * 2})
+    frame = pd.DataFrame(
+        {
+            "text": ["win a prize now", "see you at lunch", "call me", "free entry"] * 2,
+            "label": ["spam", "ham", "ham", "spam"] * 2,
+        }
+    )
     ds = SpamDataset(frame, 16)
     loaders = make_loaders({"train": ds}, 16, DataConfig(), 4, 1, 1, 0, 123, pin_memory=True)
     batch = next(iter(loaders.train))

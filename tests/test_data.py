@@ -1,7 +1,6 @@
 """The SMS data: all rows, the book's balance and split, user files, bad files, the real download path."""
 
 import http.server
-import io
 import threading
 import zipfile
 from functools import partial
@@ -12,10 +11,23 @@ import torch
 
 from lora_dist import UserError
 from lora_dist.config import DataConfig
-from lora_dist.data import (Collate, SpamDataset, balance, build_datasets, download_sms, label_order, load_frame,
-                            prepare_splits, read_sms, read_table, shipped_sms_path, sms_path, split, split_labels)
+from lora_dist.data import (
+    Collate,
+    SpamDataset,
+    balance,
+    build_datasets,
+    download_sms,
+    label_order,
+    load_frame,
+    prepare_splits,
+    read_sms,
+    read_table,
+    shipped_sms_path,
+    sms_path,
+    split,
+    split_labels,
+)
 from lora_dist.train.loaders import ShardedSampler
-from lora_dist.tokenizer import get_tokenizer
 
 
 def test_all_rows_read_with_quoting_off():
@@ -55,7 +67,12 @@ def test_truncation_to_the_context():
 
 
 def test_user_csv_and_tsv(tmp_path):
-    rows = [("hello there", "ham"), ("WIN cash now, text 80082", "spam"), ("see you, at 5", "ham"), ("FREE prize", "spam")]
+    rows = [
+        ("hello there", "ham"),
+        ("WIN cash now, text 80082", "spam"),
+        ("see you, at 5", "ham"),
+        ("FREE prize", "spam"),
+    ]
     csv_file = tmp_path / "mine.csv"
     csv_file.write_text("text,label\n" + "".join(f'"{t}",{label}\n' for t, label in rows))
     tsv_file = tmp_path / "mine.tsv"
@@ -91,13 +108,16 @@ def test_any_label_strings_in_sorted_or_configured_order(tmp_path):
         label_order(["ham", "ham"])
 
 
-@pytest.mark.parametrize("content,message", [
-    (b"", "is empty"),
-    (b"message,kind\nhi,ham\n", "needs columns 'text' and 'label'"),
-    (b"text,label\n", "a header but no messages"),
-    (b"text,label\nhi,ham\nbuy,\n", "without a label at row 2"),
-    ("text,label\ncaf\u00e9,ham\nx,spam\n".encode("latin-1"), "not UTF-8"),
-])
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        (b"", "is empty"),
+        (b"message,kind\nhi,ham\n", "needs columns 'text' and 'label'"),
+        (b"text,label\n", "a header but no messages"),
+        (b"text,label\nhi,ham\nbuy,\n", "without a label at row 2"),
+        ("text,label\ncaf\u00e9,ham\nx,spam\n".encode("latin-1"), "not UTF-8"),
+    ],
+)
 def test_bad_files(tmp_path, content, message):
     f = tmp_path / "bad.csv"
     f.write_bytes(content)
@@ -183,7 +203,7 @@ def test_global_batches_do_not_depend_on_world_size():
             s.set_epoch(3)
             per_rank.append(list(s))
         n = len(per_rank[0]) // (micro * accum)
-        return [sorted(i for r in per_rank for i in r[k * micro * accum:(k + 1) * micro * accum]) for k in range(n)]
+        return [sorted(i for r in per_rank for i in r[k * micro * accum : (k + 1) * micro * accum]) for k in range(n)]
 
     for bucket in (False, True):
         ref = steps(1, 1, bucket)

@@ -5,16 +5,14 @@ import json
 import signal
 import subprocess
 
-
+import deepspeed  # noqa: E402,F401  (a dev extra: pip install -e .[dev]; a broken install fails here, it does not skip)
 import pytest
 import torch
-
 from conftest import ROOT, SMOKE, cli_env, read_metrics, torchrun
-from lora_dist import UserError, load_config
-from lora_dist.train.deepspeed_strategy import COMMS_SAMPLE_EVERY, deepspeed_config
 from test_distributed import _children, _wait_for_step, adapter, assert_same_adapter, results
 
-import deepspeed  # noqa: E402,F401  (a dev extra: pip install -e .[dev]; a broken install fails here, it does not skip)
+from lora_dist import UserError, load_config
+from lora_dist.train.deepspeed_strategy import COMMS_SAMPLE_EVERY, deepspeed_config
 
 # 30 steps: enough for the trajectories to part if a gradient were lost or reduced twice, and for the ZeRO-3
 # run to be stopped at step 8 or so with 20 steps still to go.
@@ -86,8 +84,20 @@ def test_zero3_saves_full_adapter_and_resumes(zero2_run, tmp_path):
 def torchrun_cmd(out):
     import sys
 
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--rdzv-backend=c10d",
-            "--rdzv-endpoint=127.0.0.1:0", "-m", "lora_dist", "train", "--config", str(SMOKE), f"output_dir={out}"]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--rdzv-backend=c10d",
+        "--rdzv-endpoint=127.0.0.1:0",
+        "-m",
+        "lora_dist",
+        "train",
+        "--config",
+        str(SMOKE),
+        f"output_dir={out}",
+    ]
 
 
 def proc_signal(pid):
@@ -97,10 +107,23 @@ def proc_signal(pid):
 
 
 def test_project_config_fills_deepspeed_config():
-    cfg = load_config(SMOKE, ["train.batch_size=32", "train.grad_accum=2", "train.lr=3e-4", "train.max_grad_norm=1.0",
-                              "train.precision=bf16", "dist.deepspeed_config=configs/deepspeed/zero3-offload.json"])
+    cfg = load_config(
+        SMOKE,
+        [
+            "train.batch_size=32",
+            "train.grad_accum=2",
+            "train.lr=3e-4",
+            "train.max_grad_norm=1.0",
+            "train.precision=bf16",
+            "dist.deepspeed_config=configs/deepspeed/zero3-offload.json",
+        ],
+    )
     ds = deepspeed_config(cfg, micro=4, accum=2, world=4, device_type="cuda")
-    assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (32, 4, 2)
+    assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (
+        32,
+        4,
+        2,
+    )
     assert ds["optimizer"]["params"]["lr"] == 3e-4 and ds["gradient_clipping"] == 1.0
     assert ds["bf16"]["enabled"] is True and ds["fp16"]["enabled"] is False
     assert ds["zero_optimization"]["stage"] == 3 and ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
@@ -111,7 +134,9 @@ def test_torch_fused_adamw_unless_deepspeed_optimizer_is_asked_for():
     cfg = load_config(SMOKE, ["dist.deepspeed_config=configs/deepspeed/zero2.json"])
     params = deepspeed_config(cfg, micro=4, accum=1, world=2, device_type="cuda")["optimizer"]["params"]
     assert params["torch_adam"] is True and params["fused"] is True
-    cfg = load_config(SMOKE, ["dist.deepspeed_config=configs/deepspeed/zero2.json", "dist.deepspeed_optimizer=deepspeed"])
+    cfg = load_config(
+        SMOKE, ["dist.deepspeed_config=configs/deepspeed/zero2.json", "dist.deepspeed_optimizer=deepspeed"]
+    )
     params = deepspeed_config(cfg, micro=4, accum=1, world=2, device_type="cuda")["optimizer"]["params"]
     assert "torch_adam" not in params and "fused" not in params
 
@@ -128,11 +153,23 @@ def test_disagreeing_deepspeed_config_is_refused(tmp_path):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="optimizer CPU offload moves optimizer state off a GPU; "
-                    "with no GPU here it is exercised on the GPU machine only (bench/gpu_check.sh)")
+@pytest.mark.skipif(
+    not torch.cuda.is_available(),
+    reason="optimizer CPU offload moves optimizer state off a GPU; "
+    "with no GPU here it is exercised on the GPU machine only (bench/gpu_check.sh)",
+)
 def test_zero3_offload_on_gpu(tmp_path):
-    proc = torchrun(1, "train", "--config", str(SMOKE), f"output_dir={tmp_path / 'o'}", *RUN, *ds_args("zero3-offload"),
-                    "train.precision=bf16", timeout=900)
+    proc = torchrun(
+        1,
+        "train",
+        "--config",
+        str(SMOKE),
+        f"output_dir={tmp_path / 'o'}",
+        *RUN,
+        *ds_args("zero3-offload"),
+        "train.precision=bf16",
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
@@ -142,4 +179,3 @@ def test_stage_configs_exist_and_parse():
         assert cfg["train_batch_size"] == "auto" and cfg["zero_optimization"]["stage"] == stage, name
         offload = cfg["zero_optimization"].get("offload_optimizer", {}).get("device")
         assert offload == ("cpu" if name.endswith("offload") else None), name
-

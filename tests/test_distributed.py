@@ -12,9 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from conftest import ROOT, SMOKE, cli_env, read_metrics, run_cli, torchrun
+from safetensors.torch import load_file
 
 SHORT = ("train.epochs=1", "train.max_steps=24", "train.eval_every=10", "train.eval_batches=2")
 
@@ -73,7 +72,7 @@ def test_one_and_two_processes_follow_the_same_trajectory(one_process, two_proce
     assert_same_adapter(adapter(one_process), adapter(two))
     a, b = step_losses(one_process), step_losses(two)
     assert len(a) == len(b) == 24
-    assert max(abs(x - y) / abs(x) for x, y in zip(a, b)) <= 1e-5
+    assert max(abs(x - y) / abs(x) for x, y in zip(a, b, strict=True)) <= 1e-5
     for key in ("train_accuracy", "val_accuracy", "test_accuracy"):
         assert results(one_process)[key] == results(two)[key], key
 
@@ -108,7 +107,9 @@ def _wait_for_step(run_dir, step, proc, timeout=120):
         if proc.poll() is not None:
             return False
         try:
-            done = [json.loads(x).get("step", 0) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+            done = [
+                json.loads(x).get("step", 0) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()
+            ]
             if done and max(done) >= step:
                 return True
         except (OSError, ValueError):
@@ -130,7 +131,17 @@ def clean_long(tmp_path_factory):
 
 def test_exact_resume_after_sigkill(clean_long, tmp_path):
     out = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "lora_dist", "train", "--config", str(SMOKE), f"output_dir={out}", *LONG, "train.resume=auto"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "lora_dist",
+        "train",
+        "--config",
+        str(SMOKE),
+        f"output_dir={out}",
+        *LONG,
+        "train.resume=auto",
+    ]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     assert _wait_for_step(out, 75, proc), "the run ended before it could be killed"
     proc.send_signal(signal.SIGKILL)
@@ -147,7 +158,17 @@ def test_exact_resume_after_sigkill(clean_long, tmp_path):
 
 def test_sigterm_checkpoints_and_exits_zero_then_resumes(clean_long, tmp_path):
     out = tmp_path / "preempted"
-    cmd = [sys.executable, "-m", "lora_dist", "train", "--config", str(SMOKE), f"output_dir={out}", *LONG, "train.resume=auto"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "lora_dist",
+        "train",
+        "--config",
+        str(SMOKE),
+        f"output_dir={out}",
+        *LONG,
+        "train.resume=auto",
+    ]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert _wait_for_step(out, 45, proc)
     proc.send_signal(signal.SIGTERM)
@@ -187,9 +208,24 @@ def _children(pid):
 
 
 def _torchrun_cmd(nproc, out, *extra_args, launcher_args=()):
-    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--rdzv-backend=c10d",
-            "--rdzv-endpoint=127.0.0.1:0", *launcher_args, "-m", "lora_dist", "train", "--config", str(SMOKE),
-            f"output_dir={out}", *LONG, "train.resume=auto", *extra_args]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={nproc}",
+        "--rdzv-backend=c10d",
+        "--rdzv-endpoint=127.0.0.1:0",
+        *launcher_args,
+        "-m",
+        "lora_dist",
+        "train",
+        "--config",
+        str(SMOKE),
+        f"output_dir={out}",
+        *LONG,
+        "train.resume=auto",
+        *extra_args,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -208,8 +244,9 @@ def test_usr1_to_one_rank_stops_every_rank_then_a_killed_rank_is_restarted(clean
        one rank is SIGKILLed mid-run, torchrun restarts both, they resume from the newest checkpoint and finish.
     (One job for both: the second half needs a resumable run, which the first half leaves.)"""
     out = tmp_path / "job"
-    proc = subprocess.Popen(_torchrun_cmd(2, out), cwd=ROOT, env=cli_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        _torchrun_cmd(2, out), cwd=ROOT, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     assert _wait_for_step(out, 25, proc)
     os.kill(_children(proc.pid)[-1], signal.SIGUSR1)
     stdout, stderr = proc.communicate(timeout=120)
@@ -220,16 +257,23 @@ def test_usr1_to_one_rank_stops_every_rank_then_a_killed_rank_is_restarted(clean
     # A short collective timeout: a survivor blocked on its dead peer gives up in seconds, not minutes.
     # TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1: torchrun otherwise lends its rendezvous store to the workers, and a
     # restarted round can read the previous round's gloo addresses (pytorch/pytorch#135712); launch.py sets it.
-    proc = subprocess.Popen(_torchrun_cmd(2, out, "dist.timeout_s=30", launcher_args=("--max-restarts=1",)), cwd=ROOT,
-                            env=cli_env(TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        _torchrun_cmd(2, out, "dist.timeout_s=30", launcher_args=("--max-restarts=1",)),
+        cwd=ROOT,
+        env=cli_env(TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     assert _wait_for_step(out, 75, proc)
     workers = _children(proc.pid)
     assert len(workers) == 2
     os.kill(workers[-1], signal.SIGKILL)
     stdout, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 0, stderr[-3000:]
-    assert f"resumed from {out / 'checkpoints' / f'step-{stopped:08d}'} " in stdout and stdout.count("resumed from") == 2
+    assert (
+        f"resumed from {out / 'checkpoints' / f'step-{stopped:08d}'} " in stdout and stdout.count("resumed from") == 2
+    )
     assert_same_adapter(adapter(clean_long_ddp), adapter(out), rtol=0.0)
     assert results(clean_long_ddp)["test_accuracy"] == results(out)["test_accuracy"]
 
@@ -252,14 +296,24 @@ def assert_some_rank_said(proc, message: str) -> None:
 
 def test_global_batch_that_does_not_divide(tmp_path):
     proc = torchrun(2, "train", "--config", str(SMOKE), f"output_dir={tmp_path / 'o'}", "train.batch_size=7")
-    assert_some_rank_said(proc, "train.batch_size=7 is the global batch and must divide by world size x grad_accum = 2 x 1")
+    assert_some_rank_said(
+        proc, "train.batch_size=7 is the global batch and must divide by world size x grad_accum = 2 x 1"
+    )
 
 
 def test_world_size_larger_than_the_training_batches(tmp_path):
     data = tmp_path / "few.csv"
     data.write_text("text,label\n" + "".join(f"message {i},{'spam' if i % 2 else 'ham'}\n" for i in range(20)))
-    proc = torchrun(2, "train", "--config", str(SMOKE), f"output_dir={tmp_path / 'o'}", f"data.source={data}",
-                    "data.balance=false", "train.batch_size=16")
+    proc = torchrun(
+        2,
+        "train",
+        "--config",
+        str(SMOKE),
+        f"output_dir={tmp_path / 'o'}",
+        f"data.source={data}",
+        "data.balance=false",
+        "train.batch_size=16",
+    )
     assert_some_rank_said(proc, "the training split has 14 examples, fewer than one global batch of 16")
 
 
@@ -280,9 +334,25 @@ def test_ranks_with_different_configs_are_refused(tmp_path):
     procs = []
     for rank, lr in ((0, "1e-3"), (1, "2e-3")):
         env = cli_env(RANK=rank, WORLD_SIZE=2, LOCAL_RANK=rank, MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
-        procs.append(subprocess.Popen([sys.executable, "-m", "lora_dist", "train", "--config", str(SMOKE),
-                                       f"output_dir={tmp_path / 'o'}", f"train.lr={lr}"], cwd=ROOT, env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        procs.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "lora_dist",
+                    "train",
+                    "--config",
+                    str(SMOKE),
+                    f"output_dir={tmp_path / 'o'}",
+                    f"train.lr={lr}",
+                ],
+                cwd=ROOT,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
     outs = [p.communicate(timeout=120) for p in procs]
     assert [p.returncode for p in procs] == [2, 2]
     assert "error: ranks started with different configs" in outs[0][1]

@@ -20,7 +20,6 @@ import tempfile
 from pathlib import Path
 
 import pytest
-
 from conftest import BASELINE_ARGS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,10 +57,13 @@ def test_every_ignored_hadolint_rule_has_a_reason(dockerfile):
 
 def test_compose_file_gives_all_gpus_shared_memory_and_the_output_volume():
     import yaml
+
     train = yaml.safe_load((ROOT / "docker" / "compose.yaml").read_text())["services"]["train"]
     assert train["build"] == {"context": "..", "dockerfile": "docker/Dockerfile"}
     assert train["ipc"] == "host" and train["ulimits"]["memlock"] == -1 and train["init"] is True
-    assert train["deploy"]["resources"]["reservations"]["devices"] == [{"driver": "nvidia", "count": "all", "capabilities": ["gpu"]}]
+    assert train["deploy"]["resources"]["reservations"]["devices"] == [
+        {"driver": "nvidia", "count": "all", "capabilities": ["gpu"]}
+    ]
     assert "../runs:/runs" in train["volumes"]
     assert "WANDB_API_KEY" in train["environment"]  # passed through by name: no value written here
 
@@ -76,10 +78,13 @@ def test_apptainer_definition_copies_files_that_exist():
 
 # ---------------------------------------------------------------------------------- built and run
 
+
 def docker(engine: dict, *args: str, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess:
     p = subprocess.run(["docker", *args], env=engine, capture_output=True, text=True, timeout=timeout)
     if check:
-        assert p.returncode == 0, f"docker {' '.join(args)} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
+        assert p.returncode == 0, (
+            f"docker {' '.join(args)} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
+        )
     return p
 
 
@@ -110,12 +115,22 @@ def image(engine, tmp_path_factory, request) -> str:
     if shutil.which("debootstrap") is None:
         pytest.skip("no base image: debootstrap is not installed (Debian: apt-get install debootstrap)")
     work = tmp_path_factory.mktemp("base-image")
-    base = subprocess.Popen([str(ROOT / "docker" / "testing" / "base-image.sh"), str(work), BASE_IMAGE],
-                            env=engine, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    base = subprocess.Popen(
+        [str(ROOT / "docker" / "testing" / "base-image.sh"), str(work), BASE_IMAGE],
+        env=engine,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         build_env = {**engine, "PYTHON": sys.executable}
-        wheels = subprocess.run([str(ROOT / "docker" / "build-cpu.sh"), "--wheels-only"], env=build_env,
-                                capture_output=True, text=True, timeout=600)
+        wheels = subprocess.run(
+            [str(ROOT / "docker" / "build-cpu.sh"), "--wheels-only"],
+            env=build_env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert wheels.returncode == 0, f"gathering the wheels failed:\n{wheels.stderr[-3000:]}"
         request.getfixturevalue("baseline")
         _, err = base.communicate(timeout=600)
@@ -123,8 +138,13 @@ def image(engine, tmp_path_factory, request) -> str:
         if base.poll() is None:
             base.kill()
     assert base.returncode == 0, f"debootstrap base image failed:\n{err}"
-    build = subprocess.run([str(ROOT / "docker" / "build-cpu.sh"), IMAGE, "--build-arg", f"BASE={BASE_IMAGE}"],
-                           env=build_env, capture_output=True, text=True, timeout=900)
+    build = subprocess.run(
+        [str(ROOT / "docker" / "build-cpu.sh"), IMAGE, "--build-arg", f"BASE={BASE_IMAGE}"],
+        env=build_env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert build.returncode == 0, f"image build failed:\n{build.stdout[-5000:]}\n{build.stderr[-3000:]}"
     return IMAGE
 
@@ -135,9 +155,27 @@ def test_cpu_image_trains_the_smoke_config_offline(engine, image, baseline, tmp_
     runs = tmp_path / "runs"
     runs.mkdir()
     runs.chmod(0o777)  # the image's user (UID 1000) writes here
-    p = docker(engine, "run", "--rm", "--init", "--network=none", "-v", f"{runs}:/runs", "-e", "WANDB_MODE=offline",
-               image, "--nproc-per-node", "2", "--", "train", "--config", SMOKE, "output_dir=/runs/smoke",
-               *BASELINE_ARGS, timeout=600)
+    p = docker(
+        engine,
+        "run",
+        "--rm",
+        "--init",
+        "--network=none",
+        "-v",
+        f"{runs}:/runs",
+        "-e",
+        "WANDB_MODE=offline",
+        image,
+        "--nproc-per-node",
+        "2",
+        "--",
+        "train",
+        "--config",
+        SMOKE,
+        "output_dir=/runs/smoke",
+        *BASELINE_ARGS,
+        timeout=600,
+    )
     assert "WARNING" not in p.stderr
     assert "launch.py: " in p.stdout and "torch.distributed.run --nproc-per-node=2" in p.stdout, p.stdout[-2000:]
     results = json.loads((runs / "smoke" / "results.json").read_text())
@@ -151,7 +189,9 @@ def test_container_without_the_output_volume_warns_that_results_will_be_lost(eng
     assert "WARNING: /runs is not a mounted volume" in bare.stderr and "lost" in bare.stderr
     assert bare.stdout.strip() == "ok"
     os.chown(tmp_path, 1000, 1000)  # the image's user: a mount it cannot write is refused (tested below)
-    mounted = docker(engine, "run", "--rm", "--network=none", "-v", f"{tmp_path}:/runs", image, "python", "-c", "print('ok')")
+    mounted = docker(
+        engine, "run", "--rm", "--network=none", "-v", f"{tmp_path}:/runs", image, "python", "-c", "print('ok')"
+    )
     assert "WARNING" not in mounted.stderr
 
 
@@ -161,16 +201,28 @@ def test_image_runs_as_non_root_and_takes_secrets_only_at_run_time(engine, image
     config = json.loads(docker(engine, "image", "inspect", image).stdout)[0]["Config"]
     baked = [e.split("=")[0] for e in config["Env"] if re.search(r"KEY|TOKEN|SECRET|PASSWORD", e.split("=")[0])]
     assert not baked, f"secrets baked into the image: {baked}"
-    p = docker(engine, "run", "--rm", "--network=none", "-e", "WANDB_API_KEY=from-the-host", image,
-               "python", "-c", "import os; print(os.environ['WANDB_API_KEY'])")
+    p = docker(
+        engine,
+        "run",
+        "--rm",
+        "--network=none",
+        "-e",
+        "WANDB_API_KEY=from-the-host",
+        image,
+        "python",
+        "-c",
+        "import os; print(os.environ['WANDB_API_KEY'])",
+    )
     assert p.stdout.strip() == "from-the-host"
 
 
 # ------------------------------------------------------------------- output volume and caches
 
 # Every cache the entrypoint sets up, written to (a shell command: no Python needed as another user).
-CHECK_WRITABLE = ('for v in HOME TORCH_EXTENSIONS_DIR HF_HOME MPLCONFIGDIR WANDB_DIR TRITON_CACHE_DIR; do '
-                  'd=$(printenv "$v") && touch "$d/probe" || exit 1; done; echo caches writable')
+CHECK_WRITABLE = (
+    "for v in HOME TORCH_EXTENSIONS_DIR HF_HOME MPLCONFIGDIR WANDB_DIR TRITON_CACHE_DIR; do "
+    'd=$(printenv "$v") && touch "$d/probe" || exit 1; done; echo caches writable'
+)
 
 
 def as_user(uid: int) -> list[str]:
@@ -193,8 +245,13 @@ def test_entrypoint_refuses_an_output_directory_it_cannot_write(open_tmp):
     runs = open_tmp / "runs"
     runs.mkdir(mode=0o755)  # root's
     env = {**os.environ, "LORA_DIST_RUNS": str(runs), "TMPDIR": str(open_tmp)}
-    p = subprocess.run([*as_user(4321), "bash", str(ROOT / "docker" / "entrypoint.sh"), "true"], env=env,
-                       capture_output=True, text=True, timeout=60)
+    p = subprocess.run(
+        [*as_user(4321), "bash", str(ROOT / "docker" / "entrypoint.sh"), "true"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert p.returncode == 2, p.stderr
     errors = [line for line in p.stderr.splitlines() if "error" in line]
     assert len(errors) == 1 and f"{runs} is not writable by UID 4321" in errors[0] and "chown 4321" in errors[0]
@@ -207,12 +264,23 @@ def test_entrypoint_moves_caches_to_a_writable_place(open_tmp):
     os.chown(runs, 4321, 4321)
     locked = open_tmp / "locked"
     locked.mkdir(mode=0o755)
-    env = {**os.environ, "LORA_DIST_RUNS": str(runs), "TMPDIR": str(open_tmp), "HOME": str(locked),
-           "TORCH_EXTENSIONS_DIR": str(locked / "torch_extensions"), "WANDB_DIR": str(locked / "wandb")}
+    env = {
+        **os.environ,
+        "LORA_DIST_RUNS": str(runs),
+        "TMPDIR": str(open_tmp),
+        "HOME": str(locked),
+        "TORCH_EXTENSIONS_DIR": str(locked / "torch_extensions"),
+        "WANDB_DIR": str(locked / "wandb"),
+    }
     for k in ("XDG_CACHE_HOME", "HF_HOME", "MPLCONFIGDIR", "TRITON_CACHE_DIR"):
         env.pop(k, None)
-    p = subprocess.run([*as_user(4321), "bash", str(ROOT / "docker" / "entrypoint.sh"), "sh", "-c",
-                        CHECK_WRITABLE], env=env, capture_output=True, text=True, timeout=60)
+    p = subprocess.run(
+        [*as_user(4321), "bash", str(ROOT / "docker" / "entrypoint.sh"), "sh", "-c", CHECK_WRITABLE],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert p.returncode == 0 and "caches writable" in p.stdout, p.stderr
     assert not any(locked.iterdir())
 
@@ -221,8 +289,20 @@ def test_entrypoint_moves_caches_to_a_writable_place(open_tmp):
 def test_image_with_a_root_owned_output_volume_says_how_to_fix_it(engine, image, tmp_path):
     runs = tmp_path / "runs"
     runs.mkdir(mode=0o755)  # root's, as Docker creates a missing runs/
-    p = docker(engine, "run", "--rm", "--network=none", "-v", f"{runs}:/runs", image, "train", "--config", SMOKE,
-               "output_dir=/runs/smoke", check=False)
+    p = docker(
+        engine,
+        "run",
+        "--rm",
+        "--network=none",
+        "-v",
+        f"{runs}:/runs",
+        image,
+        "train",
+        "--config",
+        SMOKE,
+        "output_dir=/runs/smoke",
+        check=False,
+    )
     assert p.returncode == 2 and "/runs is not writable by UID 1000" in p.stderr and "chown 1000" in p.stderr, p.stderr
     assert "Traceback" not in p.stderr
 
@@ -232,17 +312,31 @@ def test_image_under_another_uid_writes_results_and_caches(engine, image, tmp_pa
     runs = tmp_path / "runs"
     runs.mkdir()
     os.chown(runs, 4321, 4321)
-    p = docker(engine, "run", "--rm", "--network=none", "--user", "4321:4321", "-v", f"{runs}:/runs", image,
-               "sh", "-c", CHECK_WRITABLE + "; echo ok > /runs/out")
+    p = docker(
+        engine,
+        "run",
+        "--rm",
+        "--network=none",
+        "--user",
+        "4321:4321",
+        "-v",
+        f"{runs}:/runs",
+        image,
+        "sh",
+        "-c",
+        CHECK_WRITABLE + "; echo ok > /runs/out",
+    )
     assert "caches writable" in p.stdout and (runs / "out").read_text() == "ok\n"
 
 
 # ------------------------------------------------------------------------------------------ serve
 
+
 def test_images_and_compose_can_serve():
     """Both images install the [serve] extra and expose 8000; the entrypoint runs serve as one process (not
     under the launcher's torchrun); compose's serve service is checked for readiness by /readyz."""
     import yaml
+
     for dockerfile in DOCKERFILES:
         text = dockerfile.read_text()
         assert re.search(r'"\.\[[a-z,]*serve[a-z,]*\]"', text), dockerfile.name  # pip install ".[...serve]"
@@ -265,20 +359,39 @@ def test_cpu_image_serves_an_adapter(engine, image, tmp_path):
     make_adapter(tmp_path / "spam")
     tmp_path.chmod(0o755)
     name = f"lora-dist-serve-test-{os.getpid()}"
-    docker(engine, "run", "-d", "--init", "--name", name, "--network=none", "-v", f"{tmp_path}:/runs:ro", image,
-           "serve", "--adapters", "spam=/runs/spam", "--port", "8000")
+    docker(
+        engine,
+        "run",
+        "-d",
+        "--init",
+        "--name",
+        name,
+        "--network=none",
+        "-v",
+        f"{tmp_path}:/runs:ro",
+        image,
+        "serve",
+        "--adapters",
+        "spam=/runs/spam",
+        "--port",
+        "8000",
+    )
     try:
-        probe = ("import json, time, urllib.request as u\n"
-                 "for _ in range(300):\n"
-                 "    try:\n"
-                 "        u.urlopen('http://127.0.0.1:8000/readyz', timeout=2); break\n"
-                 "    except OSError: time.sleep(0.2)\n"
-                 "r = u.Request('http://127.0.0.1:8000/v1/classify', data=json.dumps({'adapter': 'spam', 'texts': ['hi']}).encode(),"
-                 " headers={'content-type': 'application/json'})\n"
-                 "print(json.load(u.urlopen(r, timeout=30))['results'][0]['label'])\n")
+        probe = (
+            "import json, time, urllib.request as u\n"
+            "for _ in range(300):\n"
+            "    try:\n"
+            "        u.urlopen('http://127.0.0.1:8000/readyz', timeout=2); break\n"
+            "    except OSError: time.sleep(0.2)\n"
+            "r = u.Request('http://127.0.0.1:8000/v1/classify', data=json.dumps({'adapter': 'spam', 'texts': ['hi']}).encode(),"
+            " headers={'content-type': 'application/json'})\n"
+            "print(json.load(u.urlopen(r, timeout=30))['results'][0]['label'])\n"
+        )
         p = docker(engine, "exec", name, "python", "-c", probe, timeout=120, check=False)
         logs = docker(engine, "logs", name, check=False)
-        assert p.returncode == 0, f"the probe failed ({p.returncode}); the service said:\n{logs.stdout[-3000:]}{logs.stderr[-3000:]}"
+        assert p.returncode == 0, (
+            f"the probe failed ({p.returncode}); the service said:\n{logs.stdout[-3000:]}{logs.stderr[-3000:]}"
+        )
         assert p.stdout.strip() in ("ham", "spam")
         docker(engine, "stop", "-t", "30", name, timeout=60)
         assert docker(engine, "wait", name).stdout.strip() == "0"

@@ -8,20 +8,23 @@ from __future__ import annotations
 
 import json
 
+import peft  # noqa: E402  (test dependencies, pip install -e .[dev]: a broken install fails, not skips)
 import pytest
 import torch
-
+import transformers  # noqa: E402
 from conftest import SMOKE
+
 from lora_dist import Classifier, UserError, load_gpt2
 from lora_dist.cli import main
 
-import peft  # noqa: E402  (test dependencies, pip install -e .[dev]: a broken install fails, not skips)
-import transformers  # noqa: E402
-
 # Different lengths, so the batch is padded (pad_token_id 50256); none empty: transformers masks an all-padding row.
-MESSAGES = ["WINNER!! As a valued network customer you have been selected to receive a £900 prize reward!",
-            "see you at 6", "Ok lar... Joking wif u oni...", "URGENT! Call 09061701461 now to claim your cash",
-            "I'll be home soon, want anything from the shop? x"]
+MESSAGES = [
+    "WINNER!! As a valued network customer you have been selected to receive a £900 prize reward!",
+    "see you at 6",
+    "Ok lar... Joking wif u oni...",
+    "URGENT! Call 09061701461 now to claim your cash",
+    "I'll be home soon, want anything from the shop? x",
+]
 
 
 def make_adapter(run_dir, base, *overrides, seed=1):
@@ -65,8 +68,14 @@ CASES = {
     # the smoke recipe: every Linear layer and the head (LoRA on it, and trained in full), alpha/r
     "all-layers": (),
     # query and value only (the key's rows of c_attn are zero), the feed-forward's first layer, rslora, no head LoRA
-    "qv-rslora": ("lora.targets=[*.att.query,*.att.value,*.ff.fc]", "lora.rank=4", "lora.alpha=8",
-                  "lora.scaling=rslora", "lora.head=false", "lora.train_head=false"),
+    "qv-rslora": (
+        "lora.targets=[*.att.query,*.att.value,*.ff.fc]",
+        "lora.rank=4",
+        "lora.alpha=8",
+        "lora.scaling=rslora",
+        "lora.head=false",
+        "lora.train_head=false",
+    ),
     # the book's scaling (scale = alpha), attention only
     "book-scaling": ("lora.targets=[*.att.*]", "lora.rank=8", "lora.alpha=16", "lora.scaling=alpha"),
 }
@@ -85,7 +94,9 @@ def test_exports_give_the_classifier_probabilities(case, tiny_checkpoint, tmp_pa
     assert merged.config.id2label == {0: "ham", 1: "spam"} and merged.config.pad_token_id == 50256
     torch.testing.assert_close(probs_hf(merged, tmp_path / "merged"), want, rtol=0, atol=1e-4)
 
-    base = transformers.AutoModelForSequenceClassification.from_pretrained(tiny_checkpoint, num_labels=2, pad_token_id=50256)
+    base = transformers.AutoModelForSequenceClassification.from_pretrained(
+        tiny_checkpoint, num_labels=2, pad_token_id=50256
+    )
     with_peft = peft.PeftModel.from_pretrained(base, tmp_path / "peft")
     torch.testing.assert_close(probs_hf(with_peft, tmp_path / "peft"), want, rtol=0, atol=1e-4)
 
@@ -96,12 +107,18 @@ def test_exports_give_the_classifier_probabilities(case, tiny_checkpoint, tmp_pa
     if case == "qv-rslora":  # c_attn: rank 4 + 4 (no key), the key's rows zero; c_fc rank 4
         rank = lambda m: config["rank_pattern"].get(m, config["r"])  # noqa: E731
         alpha = lambda m: config["alpha_pattern"].get(m, config["lora_alpha"])  # noqa: E731
-        assert config["use_rslora"] and rank("transformer.h.0.attn.c_attn") == 8 and rank("transformer.h.0.mlp.c_fc") == 4
+        assert (
+            config["use_rslora"] and rank("transformer.h.0.attn.c_attn") == 8 and rank("transformer.h.0.mlp.c_fc") == 4
+        )
         # PEFT's scale alpha / sqrt(r) is ours (8 / sqrt(4)) for both ranks
-        assert alpha("transformer.h.0.attn.c_attn") / 8 ** 0.5 == pytest.approx(4.0) == alpha("transformer.h.0.mlp.c_fc") / 2
+        assert (
+            alpha("transformer.h.0.attn.c_attn") / 8**0.5 == pytest.approx(4.0) == alpha("transformer.h.0.mlp.c_fc") / 2
+        )
         from safetensors.torch import load_file
 
-        B = load_file(tmp_path / "peft" / "adapter_model.safetensors")["base_model.model.transformer.h.0.attn.c_attn.lora_B.weight"]
+        B = load_file(tmp_path / "peft" / "adapter_model.safetensors")[
+            "base_model.model.transformer.h.0.attn.c_attn.lora_B.weight"
+        ]
         assert B.shape == (3 * 128, 8) and not B[128:256].any() and not B[:128, 4:].any() and not B[256:, :4].any()
 
 
@@ -123,7 +140,10 @@ def test_merged_export_loads_with_load_gpt2(tiny_checkpoint, tmp_path):
 def test_random_base_is_written_beside_the_peft_export(tmp_path, capsys):
     run = make_adapter(tmp_path / "run", "random")
     assert export(run, "peft", tmp_path / "peft") == 0
-    assert "random weights" in capsys.readouterr().out and (tmp_path / "peft" / "base-model" / "model.safetensors").is_file()
+    assert (
+        "random weights" in capsys.readouterr().out
+        and (tmp_path / "peft" / "base-model" / "model.safetensors").is_file()
+    )
     model = peft.AutoPeftModelForSequenceClassification.from_pretrained(tmp_path / "peft")  # base_model_name_or_path
     torch.testing.assert_close(probs_hf(model, tmp_path / "peft"), ours(run), rtol=0, atol=1e-4)
 
@@ -140,12 +160,21 @@ def test_a_peft_adapter_trained_elsewhere(tiny_checkpoint, tmp_path):
     """An adapter made with PEFT itself (dense c_attn block, rank and alpha patterns, ln_f saved) reads into
     lora-dist; the labels come from the base's config when it has them."""
     torch.manual_seed(3)
-    base = transformers.AutoModelForSequenceClassification.from_pretrained(tiny_checkpoint, num_labels=3, pad_token_id=50256)
-    config = peft.LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8, target_modules=["c_attn", "c_fc", "c_proj"],
-                             rank_pattern={"h.1.attn.c_attn": 2}, alpha_pattern={"h.1.mlp.c_fc": 3.0}, modules_to_save=["ln_f"])
+    base = transformers.AutoModelForSequenceClassification.from_pretrained(
+        tiny_checkpoint, num_labels=3, pad_token_id=50256
+    )
+    config = peft.LoraConfig(
+        task_type="SEQ_CLS",
+        r=4,
+        lora_alpha=8,
+        target_modules=["c_attn", "c_fc", "c_proj"],
+        rank_pattern={"h.1.attn.c_attn": 2},
+        alpha_pattern={"h.1.mlp.c_fc": 3.0},
+        modules_to_save=["ln_f"],
+    )
     model = peft.get_peft_model(base, config)
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.requires_grad:
                 p.add_(torch.randn_like(p) * 0.1)  # lora_B starts at zero: give every trained tensor a value
     model.save_pretrained(tmp_path / "elsewhere")
@@ -153,8 +182,13 @@ def test_a_peft_adapter_trained_elsewhere(tiny_checkpoint, tmp_path):
     from lora_dist.export import write_tokenizer
 
     write_tokenizer(tmp_path / "elsewhere", clf.spec)  # GPT-2's tokenizer files, for probs_hf
-    torch.testing.assert_close(clf.logits(MESSAGES).softmax(-1), probs_hf(model, tmp_path / "elsewhere"), rtol=0, atol=1e-4)
-    assert clf.labels == ["LABEL_0", "LABEL_1", "LABEL_2"] and set(clf.spec.overrides) == {"final_norm.weight", "final_norm.bias"}
+    torch.testing.assert_close(
+        clf.logits(MESSAGES).softmax(-1), probs_hf(model, tmp_path / "elsewhere"), rtol=0, atol=1e-4
+    )
+    assert clf.labels == ["LABEL_0", "LABEL_1", "LABEL_2"] and set(clf.spec.overrides) == {
+        "final_norm.weight",
+        "final_norm.bias",
+    }
     assert clf.spec.lora["rank"] == 4 and len(clf.spec.lora["targets"]) == 12  # q, k, v split from each c_attn
 
 
@@ -162,9 +196,12 @@ def test_peft_layers_without_a_lora_dist_form_are_refused(tiny_checkpoint, tmp_p
     run = make_adapter(tmp_path / "run", tiny_checkpoint)
     assert export(run, "peft", tmp_path / "peft") == 0
     config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
-    for change, message in (({"use_dora": True}, "uses DoRA"), ({"peft_type": "IA3"}, "LoRA adapters only"),
-                            ({"task_type": "CAUSAL_LM"}, "task_type SEQ_CLS"),
-                            ({"r": 5, "rank_pattern": {}}, "do not fit rank 5")):
+    for change, message in (
+        ({"use_dora": True}, "uses DoRA"),
+        ({"peft_type": "IA3"}, "LoRA adapters only"),
+        ({"task_type": "CAUSAL_LM"}, "task_type SEQ_CLS"),
+        ({"r": 5, "rank_pattern": {}}, "do not fit rank 5"),
+    ):
         (tmp_path / "peft" / "adapter_config.json").write_text(json.dumps(config | change))
         with pytest.raises(UserError, match=message):
             Classifier.from_pretrained(tmp_path / "peft")
@@ -178,12 +215,15 @@ def test_peft_layers_without_a_lora_dist_form_are_refused(tiny_checkpoint, tmp_p
         Classifier.from_pretrained(tmp_path / "peft")
 
 
-@pytest.mark.parametrize("overrides,fmt,message", [
-    (("model.pooling=mean",), "merged", "pools 'mean', but GPT2ForSequenceClassification reads the last token"),
-    (("model.pooling=last",), "peft", "pools 'last'"),
-    (("model.causal_mask=false",), "peft", "without the causal mask"),
-    (("train.trainable=last_block",), "peft", "has no PEFT LoRA form; export it with --format merged"),
-])
+@pytest.mark.parametrize(
+    "overrides,fmt,message",
+    [
+        (("model.pooling=mean",), "merged", "pools 'mean', but GPT2ForSequenceClassification reads the last token"),
+        (("model.pooling=last",), "peft", "pools 'last'"),
+        (("model.causal_mask=false",), "peft", "without the causal mask"),
+        (("train.trainable=last_block",), "peft", "has no PEFT LoRA form; export it with --format merged"),
+    ],
+)
 def test_export_refusals(overrides, fmt, message, tiny_checkpoint, tmp_path, capsys):
     run = make_adapter(tmp_path / "run", tiny_checkpoint, *overrides)
     assert export(run, fmt, tmp_path / "out") == 2
@@ -194,15 +234,20 @@ def test_export_refusals(overrides, fmt, message, tiny_checkpoint, tmp_path, cap
 
 def test_a_tensor_peft_cannot_hold_is_never_dropped(tiny_checkpoint, tmp_path, capsys, monkeypatch):
     """A trained tensor the PEFT form has no place for stops the export, naming it."""
-    import lora_dist.lora as lora
     from safetensors.torch import load_file, save_file
 
+    import lora_dist.lora as lora
     from lora_dist.adapter import find
 
     run = make_adapter(tmp_path / "run", tiny_checkpoint)
     real = lora.adapter_state_dict
-    monkeypatch.setattr(lora, "adapter_state_dict",  # a model that trains norm1 too (no such option yet)
-                        lambda model, head_name="head": real(model, head_name) | {"blocks.0.norm1.weight": model.blocks[0].norm1.weight})
+    monkeypatch.setattr(
+        lora,
+        "adapter_state_dict",  # a model that trains norm1 too (no such option yet)
+        lambda model, head_name="head": (
+            real(model, head_name) | {"blocks.0.norm1.weight": model.blocks[0].norm1.weight}
+        ),
+    )
     f = find(run).tensor_file
     save_file(load_file(f) | {"blocks.0.norm1.weight": torch.ones(128)}, f)
     assert export(run, "peft", tmp_path / "out") == 2
@@ -233,20 +278,31 @@ def _damage(adapter_dir, how):
         save_file(load_file(f) | {"blocks.0.att.query.lora.A": torch.zeros(128, 8)}, f)
     elif how in ("missing-key", "newer-format"):
         d = json.loads(cfg.read_text())
-        cfg.write_text(json.dumps({k: v for k, v in d.items() if k != "labels"} if how == "missing-key"
-                                  else d | {"format": "lora-dist/3"}))
+        cfg.write_text(
+            json.dumps(
+                {k: v for k, v in d.items() if k != "labels"} if how == "missing-key" else d | {"format": "lora-dist/3"}
+            )
+        )
 
 
-@pytest.mark.parametrize("how,message", [
-    ("corrupt", "cannot be read"), ("truncated", "cannot be read"),
-    ("wrong-shape", "tensor 'blocks.0.att.query.lora.A' has shape [128, 8], expected [128, 16]"),
-    ("missing-key", "is not a lora-dist adapter description (KeyError: 'labels')"),
-    ("newer-format", "is of format lora-dist/3, newer than this lora-dist reads"),
-])
+@pytest.mark.parametrize(
+    "how,message",
+    [
+        ("corrupt", "cannot be read"),
+        ("truncated", "cannot be read"),
+        ("wrong-shape", "tensor 'blocks.0.att.query.lora.A' has shape [128, 8], expected [128, 16]"),
+        ("missing-key", "is not a lora-dist adapter description (KeyError: 'labels')"),
+        ("newer-format", "is of format lora-dist/3, newer than this lora-dist reads"),
+    ],
+)
 def test_a_damaged_adapter_is_one_line(how, message, tiny_checkpoint, tmp_path, capsys):
     run = make_adapter(tmp_path / "run", tiny_checkpoint)
     _damage(run / "adapter", how)
-    for args in (["classify", "--adapter", str(run), "hi"], ["adapter", "info", str(run)], ["export", str(run), "--format", "merged", "--out", str(tmp_path / "x")]):
+    for args in (
+        ["classify", "--adapter", str(run), "hi"],
+        ["adapter", "info", str(run)],
+        ["export", str(run), "--format", "merged", "--out", str(tmp_path / "x")],
+    ):
         if how == "wrong-shape" and args[0] == "adapter":
             continue  # info reads the file, not the model: the shape is only wrong for the model
         assert main(args) == 2, args
@@ -269,8 +325,10 @@ def test_the_wrong_base_is_refused_by_the_cli(tiny_checkpoint, tmp_path, capsys)
     from lora_dist import save_hf_checkpoint
 
     other = save_hf_checkpoint(load_gpt2("tiny", weights="random"), tmp_path / "other")
-    for args in (["classify", "--adapter", str(run), "--base", str(other), "hi"],
-                 ["export", str(run), "--format", "peft", "--out", str(tmp_path / "x"), "--base", str(other)]):
+    for args in (
+        ["classify", "--adapter", str(run), "--base", str(other), "hi"],
+        ["export", str(run), "--format", "peft", "--out", str(tmp_path / "x"), "--base", str(other)],
+    ):
         assert main(args) == 2
         err = capsys.readouterr().err
         assert "was trained on tiny from" in err and "other weights (SHA-256 differs)" in err and "--base" in err, err

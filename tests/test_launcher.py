@@ -7,7 +7,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import ROOT, SMOKE, cli_env, read_metrics
 from test_distributed import _wait_for_step
 
@@ -18,8 +17,18 @@ QUICK = ("train.epochs=1", "train.max_steps=12", "train.eval_every=1000", "track
 
 
 def build(argv, monkeypatch, **env):
-    for k in ("SLURM_NNODES", "SLURM_JOB_NUM_NODES", "NNODES", "SLURM_NODEID", "NODE_RANK", "SLURM_JOB_ID",
-              "SLURM_GPUS_ON_NODE", "MASTER_ADDR", "MASTER_PORT", "CUDA_VISIBLE_DEVICES"):
+    for k in (
+        "SLURM_NNODES",
+        "SLURM_JOB_NUM_NODES",
+        "NNODES",
+        "SLURM_NODEID",
+        "NODE_RANK",
+        "SLURM_JOB_ID",
+        "SLURM_GPUS_ON_NODE",
+        "MASTER_ADDR",
+        "MASTER_PORT",
+        "CUDA_VISIBLE_DEVICES",
+    ):
         monkeypatch.delenv(k, raising=False)
     for k, v in env.items():
         monkeypatch.setenv(k, v)
@@ -35,8 +44,14 @@ def test_single_node_command(monkeypatch):
 
 
 def test_slurm_multi_node_command(monkeypatch):
-    cmd = build(["--rdzv-endpoint", "10.1.2.3:29500", "--", "train", "--config", "c.yaml"], monkeypatch,
-                SLURM_NNODES="4", SLURM_NODEID="2", SLURM_JOB_ID="777", SLURM_GPUS_ON_NODE="8")
+    cmd = build(
+        ["--rdzv-endpoint", "10.1.2.3:29500", "--", "train", "--config", "c.yaml"],
+        monkeypatch,
+        SLURM_NNODES="4",
+        SLURM_NODEID="2",
+        SLURM_JOB_ID="777",
+        SLURM_GPUS_ON_NODE="8",
+    )
     assert "--nproc-per-node=8" in cmd and "--nnodes=4" in cmd and "--node-rank=2" in cmd
     assert "--rdzv-backend=c10d" in cmd and "--rdzv-endpoint=10.1.2.3:29500" in cmd and "--rdzv-id=777" in cmd
     assert "--standalone" not in cmd
@@ -58,11 +73,14 @@ def test_deepspeed_command(monkeypatch):
     assert cmd[-5:] == ["--module", "lora_dist", "train", "--config", "c.yaml"]
 
 
-@pytest.mark.parametrize("argv,env,message", [
-    (["--nnodes", "2", "--", "train"], {}, "need --rdzv-endpoint"),
-    (["--nnodes", "2", "--node-rank", "5", "--rdzv-endpoint", "h:1", "--", "train"], {}, "impossible layout"),
-    (["--launcher", "deepspeed", "--", "train"], {"SLURM_NNODES": "2", "MASTER_ADDR": "h"}, "torchrun launcher"),
-])
+@pytest.mark.parametrize(
+    "argv,env,message",
+    [
+        (["--nnodes", "2", "--", "train"], {}, "need --rdzv-endpoint"),
+        (["--nnodes", "2", "--node-rank", "5", "--rdzv-endpoint", "h:1", "--", "train"], {}, "impossible layout"),
+        (["--launcher", "deepspeed", "--", "train"], {"SLURM_NNODES": "2", "MASTER_ADDR": "h"}, "torchrun launcher"),
+    ],
+)
 def test_impossible_layouts(monkeypatch, argv, env, message):
     with pytest.raises(SystemExit, match=message):
         build(argv, monkeypatch, **env)
@@ -70,47 +88,157 @@ def test_impossible_layouts(monkeypatch, argv, env, message):
 
 def test_deepspeed_launcher_keeps_to_the_visible_gpus():
     """deepspeed's runner would start on GPUs 0..N-1 (and reset CUDA_VISIBLE_DEVICES) given --num_gpus."""
-    proc = subprocess.run([sys.executable, "launcher/launch.py", "--dry-run", "--launcher", "deepspeed", "--", "train",
-                           "--config", "configs/smoke.yaml"], cwd=ROOT, capture_output=True, text=True,
-                          env={**cli_env(), "CUDA_VISIBLE_DEVICES": "2,3"})
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "launcher/launch.py",
+            "--dry-run",
+            "--launcher",
+            "deepspeed",
+            "--",
+            "train",
+            "--config",
+            "configs/smoke.yaml",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**cli_env(), "CUDA_VISIBLE_DEVICES": "2,3"},
+    )
     assert proc.returncode == 0, proc.stderr
-    assert "deepspeed.launcher.runner --include localhost:2,3 --master_port" in proc.stdout and "--num_gpus" not in proc.stdout
-    one = subprocess.run([sys.executable, "launcher/launch.py", "--dry-run", "--launcher", "deepspeed", "--nproc-per-node",
-                          "1", "--", "train"], cwd=ROOT, capture_output=True, text=True, env={**cli_env(), "CUDA_VISIBLE_DEVICES": "5,6"})
+    assert (
+        "deepspeed.launcher.runner --include localhost:2,3 --master_port" in proc.stdout
+        and "--num_gpus" not in proc.stdout
+    )
+    one = subprocess.run(
+        [
+            sys.executable,
+            "launcher/launch.py",
+            "--dry-run",
+            "--launcher",
+            "deepspeed",
+            "--nproc-per-node",
+            "1",
+            "--",
+            "train",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**cli_env(), "CUDA_VISIBLE_DEVICES": "5,6"},
+    )
     assert "--include localhost:5 " in one.stdout
-    too_many = subprocess.run([sys.executable, "launcher/launch.py", "--dry-run", "--launcher", "deepspeed", "--nproc-per-node",
-                               "3", "--", "train"], cwd=ROOT, capture_output=True, text=True, env={**cli_env(), "CUDA_VISIBLE_DEVICES": "5,6"})
+    too_many = subprocess.run(
+        [
+            sys.executable,
+            "launcher/launch.py",
+            "--dry-run",
+            "--launcher",
+            "deepspeed",
+            "--nproc-per-node",
+            "3",
+            "--",
+            "train",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**cli_env(), "CUDA_VISIBLE_DEVICES": "5,6"},
+    )
     assert too_many.returncode != 0 and "CUDA_VISIBLE_DEVICES shows 2 GPU(s)" in too_many.stderr
 
 
 def test_dry_run_prints_the_command():
-    proc = subprocess.run([sys.executable, "launcher/launch.py", "--dry-run", "--nproc-per-node", "2", "--", "train",
-                           "--config", "configs/smoke.yaml"], cwd=ROOT, capture_output=True, text=True, env=cli_env())
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "launcher/launch.py",
+            "--dry-run",
+            "--nproc-per-node",
+            "2",
+            "--",
+            "train",
+            "--config",
+            "configs/smoke.yaml",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=cli_env(),
+    )
     assert proc.returncode == 0 and "torch.distributed.run --nproc-per-node=2" in proc.stdout
 
 
 def test_two_processes_through_the_launcher(tmp_path):
-    proc = subprocess.run([sys.executable, "launcher/launch.py", "--nproc-per-node", "2", "--", "train", "--config",
-                           str(SMOKE), f"output_dir={tmp_path}", *QUICK], cwd=ROOT, capture_output=True, text=True,
-                          env=cli_env(), timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "launcher/launch.py",
+            "--nproc-per-node",
+            "2",
+            "--",
+            "train",
+            "--config",
+            str(SMOKE),
+            f"output_dir={tmp_path}",
+            *QUICK,
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=cli_env(),
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((tmp_path / "results.json").read_text())["world_size"] == 2
 
 
 def test_deepspeed_launcher_runs(tmp_path):
-    proc = subprocess.run([sys.executable, "launcher/launch.py", "--launcher", "deepspeed", "--nproc-per-node", "2",
-                           "--", "train", "--config", str(SMOKE), f"output_dir={tmp_path}", *QUICK,
-                           "dist.strategy=deepspeed", "dist.deepspeed_config=configs/deepspeed/zero2.json"],
-                          cwd=ROOT, capture_output=True, text=True, env=cli_env(), timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "launcher/launch.py",
+            "--launcher",
+            "deepspeed",
+            "--nproc-per-node",
+            "2",
+            "--",
+            "train",
+            "--config",
+            str(SMOKE),
+            f"output_dir={tmp_path}",
+            *QUICK,
+            "dist.strategy=deepspeed",
+            "dist.deepspeed_config=configs/deepspeed/zero2.json",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=cli_env(),
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = json.loads((tmp_path / "results.json").read_text())
     assert r["world_size"] == 2 and r["strategy"] == "deepspeed"
 
 
 def test_usr1_to_the_launcher_checkpoints_and_resumes(tmp_path):
-    args = [sys.executable, "launcher/launch.py", "--nproc-per-node", "2", "--", "train", "--config", str(SMOKE),
-            f"output_dir={tmp_path}", "train.epochs=1", "train.max_steps=60", "train.eval_every=1000", "train.resume=auto",
-            "tracking.wandb.mode=disabled"]
+    args = [
+        sys.executable,
+        "launcher/launch.py",
+        "--nproc-per-node",
+        "2",
+        "--",
+        "train",
+        "--config",
+        str(SMOKE),
+        f"output_dir={tmp_path}",
+        "train.epochs=1",
+        "train.max_steps=60",
+        "train.eval_every=1000",
+        "train.resume=auto",
+        "tracking.wandb.mode=disabled",
+    ]
     proc = subprocess.Popen(args, cwd=ROOT, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert _wait_for_step(tmp_path, 20, proc)
     proc.send_signal(signal.SIGUSR1)

@@ -48,12 +48,15 @@ def test_everything_but_adapters_frozen():
     assert {"head.linear.weight", "head.linear.bias"} <= {n for n, p in m2.named_parameters() if p.requires_grad}
 
 
-@pytest.mark.parametrize("targets,head,expect", [
-    (("all",), True, {"query", "key", "value", "out", "fc", "proj", "head"}),
-    (("*.att.*",), False, {"query", "key", "value", "out"}),
-    (("*.ff.*",), True, {"fc", "proj", "head"}),
-    (("*.att.query", "*.att.value"), False, {"query", "value"}),
-])
+@pytest.mark.parametrize(
+    "targets,head,expect",
+    [
+        (("all",), True, {"query", "key", "value", "out", "fc", "proj", "head"}),
+        (("*.att.*",), False, {"query", "key", "value", "out"}),
+        (("*.ff.*",), True, {"fc", "proj", "head"}),
+        (("*.att.query", "*.att.value"), False, {"query", "value"}),
+    ],
+)
 def test_target_patterns(targets, head, expect):
     m = classifier()
     names = inject_lora(m, LoRAConfig(targets=targets, head=head))

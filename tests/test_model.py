@@ -1,23 +1,28 @@
 """GPT-2 in plain PyTorch against transformers' GPT2LMHeadModel, and the weight loader's errors."""
 
-import json
-
 import pytest
 import torch
+import transformers  # noqa: E402  (a dev extra: pip install -e .[dev])
 from safetensors.torch import load_file, save_file
 
 from lora_dist import UserError, load_gpt2, save_hf_checkpoint
 from lora_dist.model import SIZES, canonical_name
-
-import transformers  # noqa: E402  (a dev extra: pip install -e .[dev])
 
 
 @pytest.fixture(scope="module")
 def hf_model_dir(tmp_path_factory):
     """A random GPT-2 written by transformers itself (save_pretrained, safetensors)."""
     torch.manual_seed(1)
-    cfg = transformers.GPT2Config(vocab_size=50257, n_positions=64, n_embd=48, n_layer=3, n_head=4,
-                                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    cfg = transformers.GPT2Config(
+        vocab_size=50257,
+        n_positions=64,
+        n_embd=48,
+        n_layer=3,
+        n_head=4,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )
     model = transformers.GPT2LMHeadModel(cfg).eval()
     with torch.no_grad():  # non-trivial biases and norms, so a transposed or swapped tensor shows up
         for p in model.parameters():
@@ -46,8 +51,14 @@ def test_both_key_layouts_and_tied_head(hf_model_dir, tmp_path, layout):
     path, ref = hf_model_dir
     state = load_file(str(path / "model.safetensors"))
     bare = {k.removeprefix("transformer."): v for k, v in state.items()}
-    keys = bare if layout == "bare" else {(k if k.startswith("lm_head.") else "transformer." + k): v for k, v in bare.items()}
-    assert any(k.startswith("transformer.") for k in keys) == (layout == "prefixed") and "h.0.attn.c_attn.weight" in bare
+    keys = (
+        bare
+        if layout == "bare"
+        else {(k if k.startswith("lm_head.") else "transformer." + k): v for k, v in bare.items()}
+    )
+    assert (
+        any(k.startswith("transformer.") for k in keys) == (layout == "prefixed") and "h.0.attn.c_attn.weight" in bare
+    )
     save_file(keys, str(tmp_path / "model.safetensors"))
     (tmp_path / "config.json").write_text((path / "config.json").read_text())
     model = load_gpt2(str(tmp_path)).eval()
@@ -100,8 +111,15 @@ def test_corrupt_and_missing_files(tiny_checkpoint, tmp_path):
         load_gpt2(str(tmp_path))
 
 
-@pytest.mark.parametrize("name,expected", [("gpt2-small (124M)", "gpt2-small"), ("GPT2-XL (1558M)", "gpt2-xl"),
-                                           ("gpt2", "gpt2-small"), ("openai-community/gpt2-medium", "gpt2-medium")])
+@pytest.mark.parametrize(
+    "name,expected",
+    [
+        ("gpt2-small (124M)", "gpt2-small"),
+        ("GPT2-XL (1558M)", "gpt2-xl"),
+        ("gpt2", "gpt2-small"),
+        ("openai-community/gpt2-medium", "gpt2-medium"),
+    ],
+)
 def test_book_names(name, expected):
     assert canonical_name(name) == expected
 
@@ -111,8 +129,15 @@ def test_unknown_name():
         load_gpt2("gpt3", weights="random")
 
 
-@pytest.mark.parametrize("size,params", [("gpt2-small", 124_439_808), ("gpt2-medium", 354_823_168),
-                                         ("gpt2-large", 774_030_080), ("gpt2-xl", 1_557_611_200)])
+@pytest.mark.parametrize(
+    "size,params",
+    [
+        ("gpt2-small", 124_439_808),
+        ("gpt2-medium", 354_823_168),
+        ("gpt2-large", 774_030_080),
+        ("gpt2-xl", 1_557_611_200),
+    ],
+)
 def test_sizes_match_the_published_parameter_counts(size, params):
     """The hub's GPT2LMHeadModel counts (tied head counted once); built on the meta device, no memory."""
     with torch.device("meta"):

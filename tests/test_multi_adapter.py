@@ -6,16 +6,24 @@ import sys
 
 import pytest
 import torch
-
 from conftest import ROOT
+
 from lora_dist import Classifier, MultiAdapterClassifier, UserError
 
 sys.path.insert(0, str(ROOT / "bench"))
 from fake_adapters import LABELS, make_adapter  # noqa: E402
 
-MESSAGES = ["WINNER!! Claim your £900 prize now", "see you at 6", "Ok lar... Joking wif u oni...",
-            "URGENT! Call 09061701461 now to claim your cash", "my invoice is wrong again", "", "x " * 400,
-            "I'll be home soon, want anything from the shop?", "<|endoftext|> is just text here"]
+MESSAGES = [
+    "WINNER!! Claim your £900 prize now",
+    "see you at 6",
+    "Ok lar... Joking wif u oni...",
+    "URGENT! Call 09061701461 now to claim your cash",
+    "my invoice is wrong again",
+    "",
+    "x " * 400,
+    "I'll be home soon, want anything from the shop?",
+    "<|endoftext|> is just text here",
+]
 
 
 @pytest.fixture(scope="module")
@@ -23,8 +31,9 @@ def adapters(tmp_path_factory):
     d = tmp_path_factory.mktemp("multi")
     return {  # mixed ranks, target layers, label sets, head LoRA or not, truncation lengths
         "spam": make_adapter(d / "spam", seed=1, rank=8, targets=("all",), labels=LABELS["spam"]),
-        "support": make_adapter(d / "support", seed=2, rank=4, targets=("*.att.*",), labels=LABELS["support"],
-                                head=False, max_length=12),
+        "support": make_adapter(
+            d / "support", seed=2, rank=4, targets=("*.att.*",), labels=LABELS["support"], head=False, max_length=12
+        ),
         "lang": make_adapter(d / "lang", seed=3, rank=16, targets=("*.ff.*",), labels=LABELS["lang"], train_head=False),
         "att1": make_adapter(d / "att1", seed=4, rank=2, targets=("blocks.1.att.query",), labels=LABELS["spam"]),
     }
@@ -49,7 +58,7 @@ def test_every_row_equals_its_adapter_alone(adapters, multi):
         n = len(alone.labels)
         torch.testing.assert_close(got[rows, :n], want, atol=1e-5, rtol=0)
         assert torch.isinf(got[rows, n:]).all()  # padding past its own labels
-        for i, p in zip(rows, alone.predict([texts[i] for i in rows])):
+        for i, p in zip(rows, alone.predict([texts[i] for i in rows]), strict=True):
             assert preds[i]["adapter"] == name and preds[i]["label"] == p["label"]
             assert list(preds[i]["probs"]) == alone.labels
             assert preds[i]["probs"] == pytest.approx(p["probs"], abs=1e-5)
@@ -63,8 +72,13 @@ def test_one_adapter_batches_take_the_plain_path(adapters, multi):
 def test_the_stacked_adapters_cost_their_own_size(adapters, multi):
     from lora_dist.multi_lora import adapter_bytes
 
-    own = sum(t.numel() * 4 for p in adapters.values()
-              for t in __import__("safetensors.torch").torch.load_file(str(p / "adapter" / "adapter_model.safetensors")).values())
+    own = sum(
+        t.numel() * 4
+        for p in adapters.values()
+        for t in __import__("safetensors.torch")
+        .torch.load_file(str(p / "adapter" / "adapter_model.safetensors"))
+        .values()
+    )
     base = sum(p.numel() * 4 for p in multi.model.parameters())
     assert own / 2 < adapter_bytes(multi.model) < 4 * own < base
 

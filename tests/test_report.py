@@ -63,8 +63,11 @@ def test_scores_of_three_classes_and_of_empty_classes():
 
 
 def table_rows(text: str, first_cell: str) -> list[list[str]]:
-    return [[c.strip() for c in line.strip("|").split("|")] for line in text.splitlines()
-            if line.startswith(f"| {first_cell} |")]
+    return [
+        [c.strip() for c in line.strip("|").split("|")]
+        for line in text.splitlines()
+        if line.startswith(f"| {first_cell} |")
+    ]
 
 
 def number(cell: str) -> float:
@@ -86,17 +89,24 @@ def test_report_numbers_equal_results_json(finished_run):
     per_class = scores(results["confusion"]["test"], results["classes"])["per_class"]
     for name, row in (("ham", ham_rows.pop(0)), ("spam", spam_rows.pop(0))):  # the per-class table comes first
         assert number(row[1]) == per_class[name]["support"]
-        assert [number(c) for c in row[2:5]] == [round(per_class[name][k] * 100, 2) for k in ("precision", "recall", "f1")]
+        assert [number(c) for c in row[2:5]] == [
+            round(per_class[name][k] * 100, 2) for k in ("precision", "recall", "f1")
+        ]
     for i, split in enumerate(("train", "validation", "test")):  # the confusion tables, in this order
         (hh, hs), (sh, ss) = results["confusion"][split]
         assert [number(c) for c in ham_rows[i][1:]] == [hh, hs] and [number(c) for c in spam_rows[i][1:]] == [sh, ss]
     (total,) = table_rows(text, "total (base model)")
     (trainable,) = table_rows(text, "trainable")
     assert number(total[1]) == results["total_params"] and number(trainable[1]) == results["trainable_params"]
-    for label, key, digits in (("wall time", "wall_seconds", 1), ("training time", "train_seconds", 1),
-                               ("examples per second", "examples_per_second", 1),
-                               ("tokens per second", "tokens_per_second", 1), ("examples seen", "examples_seen", 0),
-                               ("steps", "steps", 0), ("epochs", "epochs", 0)):
+    for label, key, digits in (
+        ("wall time", "wall_seconds", 1),
+        ("training time", "train_seconds", 1),
+        ("examples per second", "examples_per_second", 1),
+        ("tokens per second", "tokens_per_second", 1),
+        ("examples seen", "examples_seen", 0),
+        ("steps", "steps", 0),
+        ("epochs", "epochs", 0),
+    ):
         (row,) = table_rows(text, label)
         assert number(row[1]) == round(results[key], digits), label
     for name in ("loss", "accuracy", "confusion-test"):
@@ -145,14 +155,16 @@ def test_report_of_a_stopped_run_says_to_resume(tmp_path):
 
 
 def test_plots_use_the_latest_record_of_a_resumed_step(tmp_path):
-    records = [{"event": "start", "steps_per_epoch": 4},
-               {"step": 1, "epoch": 0, "examples_seen": 8, "train_loss": 0.9, "val_loss": 1.0},
-               {"step": 3, "epoch": 0, "examples_seen": 24, "train_loss": 0.8, "val_loss": 0.7},
-               {"event": "resume", "step": 1},
-               {"step": 3, "epoch": 0, "examples_seen": 24, "train_loss": 0.5, "val_loss": 0.6},
-               {"step": 4, "epoch": 1, "examples_seen": 32, "train_acc": 0.9, "val_acc": 0.8}]
+    records = [
+        {"event": "start", "steps_per_epoch": 4},
+        {"step": 1, "epoch": 0, "examples_seen": 8, "train_loss": 0.9, "val_loss": 1.0},
+        {"step": 3, "epoch": 0, "examples_seen": 24, "train_loss": 0.8, "val_loss": 0.7},
+        {"event": "resume", "step": 1},
+        {"step": 3, "epoch": 0, "examples_seen": 24, "train_loss": 0.5, "val_loss": 0.6},
+        {"step": 4, "epoch": 1, "examples_seen": 32, "train_acc": 0.9, "val_acc": 0.8},
+    ]
     assert [r["train_loss"] for r in latest_by_step(records, "val_loss")] == [0.9, 0.5]
-    (tmp_path / "metrics.jsonl").write_text("\n".join(map(json.dumps, records)) + "\n{\"cut short")
+    (tmp_path / "metrics.jsonl").write_text("\n".join(map(json.dumps, records)) + '\n{"cut short')
     assert sorted(p.name for p in write_plots(tmp_path)) == ["accuracy.png", "loss.png"]
 
 
@@ -174,8 +186,10 @@ def test_eval_reproduces_the_runs_test_scores(finished_run):
 
 def test_eval_on_a_users_own_file(finished_run, tmp_path, capsys):
     data = tmp_path / "mine.tsv"
-    data.write_text("label\ttext\nspam\tWINNER!! Claim your free prize now, call 0800 123 456\nham\tSee you at lunch?\n"
-                    "ham\tRunning late, be there in 10\n")
+    data.write_text(
+        "label\ttext\nspam\tWINNER!! Claim your free prize now, call 0800 123 456\nham\tSee you at lunch?\n"
+        "ham\tRunning late, be there in 10\n"
+    )
     assert main(["eval", str(finished_run), "--data", str(data), "--json"]) == 0
     r = json.loads(capsys.readouterr().out)
     assert r["source"] == str(data) and r["count"] == 3 and sum(map(sum, r["confusion"])) == 3

@@ -21,19 +21,25 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
-import pytest
-
-from conftest import ROOT, cli_env
-
 import fastapi  # noqa: E402,F401  (the [serve] extra and httpx from [dev]: a broken install fails, not skips)
 import httpx  # noqa: E402
+import pytest
+from conftest import ROOT, cli_env
+
 sys.path.insert(0, str(ROOT / "bench"))
 from fake_adapters import LABELS, make_adapter  # noqa: E402
 
 TOKEN = "s3cret-token-for-tests"
-TEXTS = ["WINNER!! Claim your £900 prize now", "see you at 6", "Ok lar... Joking wif u oni...",
-         "URGENT! Call 09061701461 now to claim your cash", "my invoice is wrong again", "",
-         "I'll be home soon, want anything from the shop?", "the app crashes when I log in"]
+TEXTS = [
+    "WINNER!! Claim your £900 prize now",
+    "see you at 6",
+    "Ok lar... Joking wif u oni...",
+    "URGENT! Call 09061701461 now to claim your cash",
+    "my invoice is wrong again",
+    "",
+    "I'll be home soon, want anything from the shop?",
+    "the app crashes when I log in",
+]
 
 
 def free_port() -> int:
@@ -48,11 +54,16 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
         spec = ",".join(f"{k}={v}" for k, v in adapters.items())
-        self.proc = subprocess.Popen([sys.executable, "-m", "lora_dist", "serve", "--adapters", spec, "--port",
-                                      str(self.port), *args], cwd=ROOT, env=env or cli_env(),
-                                     stdout=subprocess.PIPE, stderr=log.open("w"), text=True)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "lora_dist", "serve", "--adapters", spec, "--port", str(self.port), *args],
+            cwd=ROOT,
+            env=env or cli_env(),
+            stdout=subprocess.PIPE,
+            stderr=log.open("w"),
+            text=True,
+        )
 
-    def wait_ready(self, timeout: float = 180) -> "Server":
+    def wait_ready(self, timeout: float = 180) -> Server:
         end = time.monotonic() + timeout
         while time.monotonic() < end:
             assert self.proc.poll() is None, f"the service exited: {self.log.read_text()[-3000:]}"
@@ -76,9 +87,11 @@ class Server:
 @pytest.fixture(scope="module")
 def adapters(tmp_path_factory):
     d = tmp_path_factory.mktemp("serve-adapters")
-    return {"spam": make_adapter(d / "spam", seed=1, rank=8, labels=LABELS["spam"]),
-            "support": make_adapter(d / "support", seed=2, rank=4, targets=("*.att.*",), labels=LABELS["support"]),
-            "lang": make_adapter(d / "lang", seed=3, rank=16, targets=("*.ff.*",), labels=LABELS["lang"])}
+    return {
+        "spam": make_adapter(d / "spam", seed=1, rank=8, labels=LABELS["spam"]),
+        "support": make_adapter(d / "support", seed=2, rank=4, targets=("*.att.*",), labels=LABELS["support"]),
+        "lang": make_adapter(d / "lang", seed=3, rank=16, targets=("*.ff.*",), labels=LABELS["lang"]),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -87,10 +100,28 @@ def servers(adapters, tmp_path_factory):
     d = tmp_path_factory.mktemp("serve-logs")
     (d / "token").write_text(TOKEN + "\n")
     started = {
-        "open": Server(adapters, "--max-wait-ms", "20", "--max-texts", "8", "--max-chars", "300",
-                       "--max-body-bytes", "6000", log=d / "open.log"),
-        "locked": Server({"spam": adapters["spam"]}, "--token-file", str(d / "token"), "--max-wait-ms", "600000",
-                         "--max-batch", "1000", log=d / "locked.log"),
+        "open": Server(
+            adapters,
+            "--max-wait-ms",
+            "20",
+            "--max-texts",
+            "8",
+            "--max-chars",
+            "300",
+            "--max-body-bytes",
+            "6000",
+            log=d / "open.log",
+        ),
+        "locked": Server(
+            {"spam": adapters["spam"]},
+            "--token-file",
+            str(d / "token"),
+            "--max-wait-ms",
+            "600000",
+            "--max-batch",
+            "1000",
+            log=d / "locked.log",
+        ),
     }
     yield started
     for s in started.values():
@@ -122,7 +153,7 @@ def post(server, body, **kw):
 
 def same(answer: dict, expected: list[dict]) -> None:
     assert [r["label"] for r in answer["results"]] == [e["label"] for e in expected]
-    for r, e in zip(answer["results"], expected):
+    for r, e in zip(answer["results"], expected, strict=True):
         assert list(r["probs"]) == list(e["probs"]) and r["probs"] == pytest.approx(e["probs"], abs=1e-5)
 
 
@@ -136,10 +167,10 @@ def test_batcher_gathers_concurrent_requests_and_returns_each_its_own():
     calls = []
 
     def run(texts, adapters):
-        calls.append(list(zip(adapters, texts)))
+        calls.append(list(zip(adapters, texts, strict=True)))
         if "boom" in texts:
             raise RuntimeError("model failed")
-        return [f"{a}:{t}" for a, t in zip(adapters, texts)]
+        return [f"{a}:{t}" for a, t in zip(adapters, texts, strict=True)]
 
     async def scenario():
         b = Batcher(run, max_batch=8, max_wait_ms=600_000)  # waits "forever" unless full or flushed
@@ -203,8 +234,9 @@ def test_classify_answers_what_predict_gives(open_server, truth):
 
 def test_adapters_health_ready_metrics_and_schema(open_server):
     got = httpx.get(open_server.url + "/v1/adapters").json()["adapters"]
-    assert [(a["name"], a["labels"]) for a in got] == [(n, list(LABELS[k])) for n, k in
-                                                       (("spam", "spam"), ("support", "support"), ("lang", "lang"))]
+    assert [(a["name"], a["labels"]) for a in got] == [
+        (n, list(LABELS[k])) for n, k in (("spam", "spam"), ("support", "support"), ("lang", "lang"))
+    ]
     assert all("random weights (seed 123)" in a["base"] for a in got)
     assert httpx.get(open_server.url + "/healthz").json() == {"status": "ok"}
     assert httpx.get(open_server.url + "/readyz").json()["status"] == "ready"
@@ -212,26 +244,68 @@ def test_adapters_health_ready_metrics_and_schema(open_server):
     assert "/v1/classify" in schema["paths"] and "ClassifyRequest" in schema["components"]["schemas"]
     post(open_server, {"adapter": "lang", "texts": ["bonjour"]})
     text = httpx.get(open_server.url + "/metrics").text
-    for series in ('lora_dist_requests_total{adapter="lang",status="200"}', 'lora_dist_request_seconds_bucket{adapter="lang"',
-                   "lora_dist_batch_size_bucket", 'lora_dist_batch_rows_count{adapter="lang"}', "lora_dist_queued_requests"):
+    for series in (
+        'lora_dist_requests_total{adapter="lang",status="200"}',
+        'lora_dist_request_seconds_bucket{adapter="lang"',
+        "lora_dist_batch_size_bucket",
+        'lora_dist_batch_rows_count{adapter="lang"}',
+        "lora_dist_queued_requests",
+    ):
         assert series in text, series
 
 
-@pytest.mark.parametrize("make, status, message", [
-    (lambda: {"content": b"{not json", "headers": {"content-type": "application/json"}}, 400, "not valid JSON"),
-    (lambda: {"json": {"texts": ["x"]}}, 422, "adapter: Field required"),
-    (lambda: {"json": {"adapter": "spam", "texts": "one string"}}, 422, "texts: Input should be a valid list"),
-    (lambda: {"json": {"adapter": "spam", "texts": [1]}}, 422, "texts.0: Input should be a valid string"),
-    (lambda: {"json": {"adapter": "spam", "texts": ["x"], "path": "/etc"}}, 422, "path: Extra inputs are not permitted"),
-    (lambda: {"json": {"adapter": "spam", "texts": []}}, 422, "texts is empty"),
-    (lambda: {"json": {"adapter": "nope", "texts": ["x"]}}, 404, "unknown adapter 'nope'; this service has spam, support, lang"),
-    (lambda: {"json": {"adapter": "spam", "texts": ["x"] * 9}}, 413, "9 texts in one request; the limit is 8"),
-    (lambda: {"json": {"adapter": "spam", "texts": ["x" * 301]}}, 413, "texts[0] has 301 characters; the limit is 300"),
-    (lambda: {"json": {"adapter": "spam", "texts": ["y" * 290] * 8, "pad": "z" * 4000}}, 413, "the body is over 6000 bytes"),
-    (lambda: {"content": iter([b'{"adapter": "spam", "texts": ["', b"w" * 7000, b'"]}']),
-              "headers": {"content-type": "application/json"}}, 413, "the body is over 6000 bytes"),  # chunked
-], ids=["bad-json", "no-adapter", "texts-string", "text-number", "extra-field", "empty", "unknown-adapter",
-        "too-many-texts", "text-too-long", "body-too-large", "chunked-too-large"])
+@pytest.mark.parametrize(
+    "make, status, message",
+    [
+        (lambda: {"content": b"{not json", "headers": {"content-type": "application/json"}}, 400, "not valid JSON"),
+        (lambda: {"json": {"texts": ["x"]}}, 422, "adapter: Field required"),
+        (lambda: {"json": {"adapter": "spam", "texts": "one string"}}, 422, "texts: Input should be a valid list"),
+        (lambda: {"json": {"adapter": "spam", "texts": [1]}}, 422, "texts.0: Input should be a valid string"),
+        (
+            lambda: {"json": {"adapter": "spam", "texts": ["x"], "path": "/etc"}},
+            422,
+            "path: Extra inputs are not permitted",
+        ),
+        (lambda: {"json": {"adapter": "spam", "texts": []}}, 422, "texts is empty"),
+        (
+            lambda: {"json": {"adapter": "nope", "texts": ["x"]}},
+            404,
+            "unknown adapter 'nope'; this service has spam, support, lang",
+        ),
+        (lambda: {"json": {"adapter": "spam", "texts": ["x"] * 9}}, 413, "9 texts in one request; the limit is 8"),
+        (
+            lambda: {"json": {"adapter": "spam", "texts": ["x" * 301]}},
+            413,
+            "texts[0] has 301 characters; the limit is 300",
+        ),
+        (
+            lambda: {"json": {"adapter": "spam", "texts": ["y" * 290] * 8, "pad": "z" * 4000}},
+            413,
+            "the body is over 6000 bytes",
+        ),
+        (
+            lambda: {
+                "content": iter([b'{"adapter": "spam", "texts": ["', b"w" * 7000, b'"]}']),
+                "headers": {"content-type": "application/json"},
+            },
+            413,
+            "the body is over 6000 bytes",
+        ),  # chunked
+    ],
+    ids=[
+        "bad-json",
+        "no-adapter",
+        "texts-string",
+        "text-number",
+        "extra-field",
+        "empty",
+        "unknown-adapter",
+        "too-many-texts",
+        "text-too-long",
+        "body-too-large",
+        "chunked-too-large",
+    ],
+)
 def test_errors_say_what_was_wrong(open_server, make, status, message):
     r = httpx.post(open_server.url + "/v1/classify", timeout=60, **make())
     assert r.status_code == status, r.text
@@ -254,8 +328,10 @@ def test_unknown_paths_and_methods(open_server):
 
 def test_32_concurrent_clients_with_mixed_adapters_get_their_own_answers(open_server, truth):
     rng = random.Random(0)
-    jobs = [[(rng.choice(["spam", "support", "lang"]), rng.sample(TEXTS, rng.randint(1, 4))) for _ in range(2)]
-            for _ in range(32)]
+    jobs = [
+        [(rng.choice(["spam", "support", "lang"]), rng.sample(TEXTS, rng.randint(1, 4))) for _ in range(2)]
+        for _ in range(32)
+    ]
 
     async def client(job):
         async with httpx.AsyncClient(base_url=open_server.url, timeout=120) as c:
@@ -265,8 +341,8 @@ def test_32_concurrent_clients_with_mixed_adapters_get_their_own_answers(open_se
         return await asyncio.gather(*(client(job) for job in jobs))
 
     answers = asyncio.run(everyone())
-    for job, replies in zip(jobs, answers):
-        for (adapter, texts), r in zip(job, replies):
+    for job, replies in zip(jobs, answers, strict=True):
+        for (adapter, texts), r in zip(job, replies, strict=True):
             assert r.status_code == 200, r.text
             assert r.json()["adapter"] == adapter
             same(r.json(), truth(adapter, texts))
@@ -298,12 +374,16 @@ def test_bad_arguments_and_the_token_from_the_environment(adapters, tmp_path, ca
     from lora_dist.cli import main
     from lora_dist.serve.command import read_token
 
-    for args, message in ((["--token-file", str(tmp_path / "missing")], "error: --token-file"),
-                          (["--max-batch", "0"], "error: --max-batch must be >= 1"),
-                          (["--adapters", "spam"], "is not NAME=PATH"),
-                          (["--adapters", f"spam={tmp_path / 'none'}"], "error: "),
-                          (["--adapters", f"a={adapters['spam']},a={adapters['lang']}"], "given twice")):
-        argv = ["serve", "--adapters", f"spam={adapters['spam']}", *args] if args[0] != "--adapters" else ["serve", *args]
+    for args, message in (
+        (["--token-file", str(tmp_path / "missing")], "error: --token-file"),
+        (["--max-batch", "0"], "error: --max-batch must be >= 1"),
+        (["--adapters", "spam"], "is not NAME=PATH"),
+        (["--adapters", f"spam={tmp_path / 'none'}"], "error: "),
+        (["--adapters", f"a={adapters['spam']},a={adapters['lang']}"], "given twice"),
+    ):
+        argv = (
+            ["serve", "--adapters", f"spam={adapters['spam']}", *args] if args[0] != "--adapters" else ["serve", *args]
+        )
         assert main(argv) == 2
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
@@ -332,7 +412,7 @@ def test_sigterm_finishes_the_requests_in_flight_then_exits_0(locked, truth):
         locked.proc.send_signal(signal.SIGTERM)
         replies = [f.result(timeout=120) for f in futures]
     assert locked.proc.wait(60) == 0
-    for t, r in zip(texts, replies):
+    for t, r in zip(texts, replies, strict=True):
         assert r.status_code == 200, r.text
         same(r.json(), truth("spam", t))
     with pytest.raises(httpx.TransportError):
@@ -369,8 +449,13 @@ def test_the_page_in_headless_chromium(open_server, tmp_path):
         Select(b.find_element("id", "adapter")).select_by_value("support")
         b.find_element("id", "go").click()
         wait.until(lambda d: len(d.find_elements("css selector", "tr.result")) == 2)
-        shown = [(row.find_element("css selector", ".label").text, float(row.find_element("css selector", ".label").get_attribute("data-p")))
-                 for row in b.find_elements("css selector", "tr.result")]
+        shown = [
+            (
+                row.find_element("css selector", ".label").text,
+                float(row.find_element("css selector", ".label").get_attribute("data-p")),
+            )
+            for row in b.find_elements("css selector", "tr.result")
+        ]
         b.save_screenshot(str(tmp_path / "serve-page.png"))
         if os.environ.get("LORA_DIST_SCREENSHOT"):  # how docs/serve-page.png is made
             b.save_screenshot(os.environ["LORA_DIST_SCREENSHOT"])

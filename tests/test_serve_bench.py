@@ -7,32 +7,65 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import ROOT, cli_env
 
 
 def bench(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    p = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=cli_env())
+    p = subprocess.run(
+        [sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=cli_env()
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     return p
 
 
 def test_multi_adapter_bench_quick(tmp_path):
-    p = bench("bench/multi_adapter.py", "--model", "tiny", "--counts", "1,3", "--rows", "12", "--batch", "4",
-              "--repeats", "1", "--merged-max", "1", "--threads", "1", "--out", str(tmp_path))
+    p = bench(
+        "bench/multi_adapter.py",
+        "--model",
+        "tiny",
+        "--counts",
+        "1,3",
+        "--rows",
+        "12",
+        "--batch",
+        "4",
+        "--repeats",
+        "1",
+        "--merged-max",
+        "1",
+        "--threads",
+        "1",
+        "--out",
+        str(tmp_path),
+    )
     (path,) = tmp_path.glob("multi-adapter-tiny-*.json")
     doc = json.loads(path.read_text())
     one, three = doc["results"]
     assert (one["adapters"], three["adapters"]) == (1, 3) and one["rows"] == 12
-    assert one["mixed_msg_s"] > 0 and three["loop_msg_s"] > 0 and one["merged_msg_s"] > 0 and "merged_msg_s" not in three
+    assert (
+        one["mixed_msg_s"] > 0 and three["loop_msg_s"] > 0 and one["merged_msg_s"] > 0 and "merged_msg_s" not in three
+    )
     assert three["stacked_adapters_mb"] == pytest.approx(3 * one["stacked_adapters_mb"], rel=0.01)
     assert "(estimated)" in doc["table"] and "| 3 |" in p.stdout
 
 
 @pytest.mark.slow
 def test_serve_load_bench_quick(tmp_path):
-    p = bench("bench/serve_load.py", "--model", "tiny", "--adapters", "2", "--requests", "6", "--clients", "1,3",
-              "--threads", "1", "--out", str(tmp_path))
+    p = bench(
+        "bench/serve_load.py",
+        "--model",
+        "tiny",
+        "--adapters",
+        "2",
+        "--requests",
+        "6",
+        "--clients",
+        "1,3",
+        "--threads",
+        "1",
+        "--out",
+        str(tmp_path),
+    )
     assert "a quick run, not the benchmark" in p.stderr
     (path,) = tmp_path.glob("serve-load-tiny-*-quick.json")
     doc = json.loads(path.read_text())

@@ -22,7 +22,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import BASELINE_ARGS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,10 +52,17 @@ class Cluster:
     def run(self, *cmd: str, check: bool = True) -> subprocess.CompletedProcess:
         return subprocess.run(cmd, env=self.env, capture_output=True, text=True, check=check, timeout=60)
 
-    def submit(self, template: str, *args: str, sbatch: tuple[str, ...] = ()) -> "Job":
+    def submit(self, template: str, *args: str, sbatch: tuple[str, ...] = ()) -> Job:
         """sbatch slurm/TEMPLATE ARGS from the repository root; the log goes to the test's folder."""
-        cmd = ["sbatch", "--parsable", f"--chdir={ROOT}", f"--output={self.jobs_dir}/slurm-%j.out", *sbatch,
-               f"slurm/{template}", *args]
+        cmd = [
+            "sbatch",
+            "--parsable",
+            f"--chdir={ROOT}",
+            f"--output={self.jobs_dir}/slurm-%j.out",
+            *sbatch,
+            f"slurm/{template}",
+            *args,
+        ]
         p = subprocess.run(cmd, env=self.env, capture_output=True, text=True, timeout=60)
         assert p.returncode == 0, f"sbatch failed: {p.stderr}"
         return Job(self, int(p.stdout.strip().split(";")[0]))
@@ -138,9 +144,9 @@ def wandb_groups(out: Path) -> list[str]:
     for path in sorted((out / "wandb").glob("offline-run-*/*.wandb")):
         data, pos = path.read_bytes()[:32768], 7
         while pos + 7 <= len(data):
-            _crc, length, _kind = struct.unpack("<IHB", data[pos:pos + 7])
+            _crc, length, _kind = struct.unpack("<IHB", data[pos : pos + 7])
             record = pb.Record()
-            record.ParseFromString(data[pos + 7:pos + 7 + length])
+            record.ParseFromString(data[pos + 7 : pos + 7 + length])
             if record.WhichOneof("record_type") == "run":
                 groups.append(record.run.run_group)
                 break
@@ -165,7 +171,9 @@ def assert_completed(job: Job, info: dict, out: Path, baseline: dict, world_size
 def single_node_run(cluster, baseline) -> dict:
     """The single-node template, 2 workers (2 fake GPUs), undisturbed."""
     out = run_dir(cluster, "single")
-    job = cluster.submit("single_node.sbatch", SMOKE, f"output_dir={out}", *BASELINE_ARGS, sbatch=("--gpus-per-node=2",))
+    job = cluster.submit(
+        "single_node.sbatch", SMOKE, f"output_dir={out}", *BASELINE_ARGS, sbatch=("--gpus-per-node=2",)
+    )
     info = job.wait()
     return {"job": job, "info": info, "out": out, "results": assert_completed(job, info, out, baseline, world_size=2)}
 
@@ -200,7 +208,9 @@ def test_deepspeed_template_completes(cluster, baseline):
 def test_usr1_checkpoints_requeues_and_resumes_to_the_same_result(cluster, single_node_run):
     """The time-limit warning (--signal=B:USR1@120), sent by hand mid-run: nothing is lost."""
     out = run_dir(cluster, "preempted")
-    job = cluster.submit("single_node.sbatch", SMOKE, f"output_dir={out}", *BASELINE_ARGS, sbatch=("--gpus-per-node=2",))
+    job = cluster.submit(
+        "single_node.sbatch", SMOKE, f"output_dir={out}", *BASELINE_ARGS, sbatch=("--gpus-per-node=2",)
+    )
     job.wait_for_log(r"step ([4-9]0)/")  # well into the run (130 steps)
     cluster.run("scancel", "--signal=USR1", "--batch", str(job.id))
     info = job.wait()
@@ -233,13 +243,23 @@ def run_seconds(text: str) -> int:
     return int(days or 0) * 86400 + seconds
 
 
-@pytest.mark.parametrize("args, sbatch, message", [
-    (("configs/does-not-exist.yaml",), ("--gpus-per-node=1",),
-     "config file not found: configs/does-not-exist.yaml"),
-    ((SMOKE,), ("--gpus-per-node=1", "--ntasks-per-node=2", "--cpus-per-task=1"),
-     "--ntasks-per-node must be 1: one launcher per node starts the 1 workers"),
-    ((SMOKE, "train.epochs=three"), ("--gpus-per-node=1",), "error: train.epochs must be int"),
-], ids=["missing-config", "two-tasks-per-node", "bad-override"])
+@pytest.mark.parametrize(
+    "args, sbatch, message",
+    [
+        (
+            ("configs/does-not-exist.yaml",),
+            ("--gpus-per-node=1",),
+            "config file not found: configs/does-not-exist.yaml",
+        ),
+        (
+            (SMOKE,),
+            ("--gpus-per-node=1", "--ntasks-per-node=2", "--cpus-per-task=1"),
+            "--ntasks-per-node must be 1: one launcher per node starts the 1 workers",
+        ),
+        ((SMOKE, "train.epochs=three"), ("--gpus-per-node=1",), "error: train.epochs must be int"),
+    ],
+    ids=["missing-config", "two-tasks-per-node", "bad-override"],
+)
 def test_bad_job_fails_at_once_with_a_clear_message_in_its_log(cluster, args, sbatch, message):
     job = cluster.submit("single_node.sbatch", *args, sbatch=sbatch)
     info = job.wait(timeout=120)
@@ -248,16 +268,26 @@ def test_bad_job_fails_at_once_with_a_clear_message_in_its_log(cluster, args, sb
     assert run_seconds(info["RunTime"]) <= 20, info["RunTime"]  # seconds, not minutes in the queue
 
 
-@pytest.mark.parametrize("request_, message", [
-    ("--gpus-per-node=16", "Requested node configuration is not available"),  # nodes have 2 (fake) GPUs
-    ("--nodes=3", "More processors requested than permitted"),                 # the cluster has 2 nodes
-    ("--mem=100G", "Memory specification can not be satisfied"),               # nodes have 64 GB
-], ids=["16-gpus", "3-nodes", "100G"])
+@pytest.mark.parametrize(
+    "request_, message",
+    [
+        ("--gpus-per-node=16", "Requested node configuration is not available"),  # nodes have 2 (fake) GPUs
+        ("--nodes=3", "More processors requested than permitted"),  # the cluster has 2 nodes
+        ("--mem=100G", "Memory specification can not be satisfied"),  # nodes have 64 GB
+    ],
+    ids=["16-gpus", "3-nodes", "100G"],
+)
 def test_impossible_resource_request_is_refused_at_submission(cluster, request_, message):
     """Slurm itself refuses these in sbatch, in a second; no job is queued to wait forever."""
     before = cluster.run("squeue", "-h", "-o", "%i").stdout.split()
-    cmd = ["sbatch", f"--chdir={ROOT}", f"--output={cluster.jobs_dir}/slurm-%j.out", request_,
-           "slurm/multi_node.sbatch", SMOKE]
+    cmd = [
+        "sbatch",
+        f"--chdir={ROOT}",
+        f"--output={cluster.jobs_dir}/slurm-%j.out",
+        request_,
+        "slurm/multi_node.sbatch",
+        SMOKE,
+    ]
     t0 = time.monotonic()
     p = subprocess.run(cmd, env=cluster.env, capture_output=True, text=True, timeout=60)
     assert p.returncode != 0 and time.monotonic() - t0 < 10

@@ -42,6 +42,7 @@ def loss_and_grads(m, last_only=True):
 def plain_linear(monkeypatch):
     def off():
         monkeypatch.setattr(frozen_linear, "enabled", False)
+
     return off
 
 
@@ -192,6 +193,6 @@ def test_cpu_bf16_attention_runs_in_fp32():
     w = torch.randn(ref.shape, generator=g)
     (y.float() * w).sum().backward()
     (ref.bfloat16().float() * w).sum().backward()
-    for t, r in zip((q, k, v), ref_in):
+    for t, r in zip((q, k, v), ref_in, strict=True):
         assert torch.allclose(t.grad.float(), r.grad, atol=1e-2, rtol=1e-2)
         assert not torch.equal(t.grad.float(), torch.zeros_like(r.grad))

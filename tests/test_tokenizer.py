@@ -5,7 +5,6 @@ import shutil
 from importlib import resources
 
 import pytest
-import tiktoken
 
 from lora_dist.tokenizer import get_tokenizer
 
@@ -13,9 +12,14 @@ URLS = {
     "vocab.bpe": "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/vocab.bpe",
     "encoder.json": "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/encoder.json",
 }
-TEXTS = ["Hello, world!", "WINNER!! As a valued network customer you have been selected to receive a £900 prize reward!",
-         "Ok lar... Joking wif u oni...", "  leading spaces\tand\ttabs\n\nnewlines 12345 ünïcödé 🙂",
-         "<|endoftext|> is text here", "I'm sure you've they'll"]
+TEXTS = [
+    "Hello, world!",
+    "WINNER!! As a valued network customer you have been selected to receive a £900 prize reward!",
+    "Ok lar... Joking wif u oni...",
+    "  leading spaces\tand\ttabs\n\nnewlines 12345 ünïcödé 🙂",
+    "<|endoftext|> is text here",
+    "I'm sure you've they'll",
+]
 
 
 @pytest.fixture(scope="module")
@@ -81,5 +85,5 @@ def test_identical_to_an_independent_tokenizer(hf_tokenizer):
     texts = TEXTS + list(read_sms(shipped_sms_path())["text"])
     ours = get_tokenizer().encode_batch(texts, allowed_special="all")  # <|endoftext|> is the special token, as in HF
     theirs = hf_tokenizer(texts, add_special_tokens=False)["input_ids"]
-    assert ours[:len(TEXTS)] == theirs[:len(TEXTS)]
-    assert [i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b] == []
+    assert ours[: len(TEXTS)] == theirs[: len(TEXTS)]
+    assert [i for i, (a, b) in enumerate(zip(ours, theirs, strict=True)) if a != b] == []

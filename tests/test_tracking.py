@@ -11,19 +11,24 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import SMOKE, cli_env, read_metrics, run_cli, torchrun
-from lora_dist.train import wandb_sink
+
 from lora_dist.config import load_config
 from lora_dist.errors import UserError
+from lora_dist.train import wandb_sink
 
 SECRET = "0123456789abcdef0123456789abcdef01234567"  # a fake WANDB_API_KEY that must never be written down
 
 
 def wandb_env(tmp: Path, **extra) -> dict:
     """No real account, no network, W&B's own caches under tmp, no job ids from the outer shell."""
-    env = cli_env(WANDB_API_KEY=SECRET, WANDB_CACHE_DIR=tmp / "wb-cache", WANDB_CONFIG_DIR=tmp / "wb-config",
-                  WANDB_ARTIFACT_DIR=tmp / "wb-artifacts", **extra)
+    env = cli_env(
+        WANDB_API_KEY=SECRET,
+        WANDB_CACHE_DIR=tmp / "wb-cache",
+        WANDB_CONFIG_DIR=tmp / "wb-config",
+        WANDB_ARTIFACT_DIR=tmp / "wb-artifacts",
+        **extra,
+    )
     for k in ("WANDB_RUN_GROUP", "SLURM_JOB_ID", "TORCHELASTIC_RUN_ID", "WANDB_DIR", "WANDB_DATA_DIR"):
         env.pop(k, None)
     return env
@@ -35,8 +40,12 @@ def wandb_runs(run_dir: Path) -> list[Path]:
 
 def wandb_records(path: Path) -> list[dict]:
     """Every record of the run directory's .wandb file, as wandb itself decodes it."""
-    proc = subprocess.run([sys.executable, "-m", "wandb", "leet", "inspect", "--json", str(path)],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "wandb", "leet", "inspect", "--json", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     return [json.loads(line) for line in proc.stdout.splitlines() if line.strip()]
 
@@ -59,9 +68,18 @@ def summary(records: list[dict]) -> dict:
 def ddp_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("wandb-ddp")
     out = tmp / "run"
-    proc = torchrun(2, "train", "--config", str(SMOKE), f"output_dir={out}", "train.epochs=1",
-                    "tracking.wandb.mode=offline", "tracking.wandb.tags=[smoke,ddp]",
-                    extra=("--rdzv-id=job42",), env=wandb_env(tmp))
+    proc = torchrun(
+        2,
+        "train",
+        "--config",
+        str(SMOKE),
+        f"output_dir={out}",
+        "train.epochs=1",
+        "tracking.wandb.mode=offline",
+        "tracking.wandb.tags=[smoke,ddp]",
+        extra=("--rdzv-id=job42",),
+        env=wandb_env(tmp),
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs = wandb_runs(out)
     return out, proc, runs, wandb_records(runs[0]) if runs else []
@@ -97,8 +115,16 @@ def test_wandb_history_has_step_and_eval_keys(ddp_run):
     out, _, _, records = ddp_run
     history = [h["item"] for h in of_type(records, "history")]
     assert [h["_step"] for h in history] == list(range(1, 131))
-    for key in ("train/loss", "train/lr", "train/grad_norm", "train/examples_per_s", "train/tokens_per_s",
-                "train/allreduce_bytes", "epoch", "examples_seen"):
+    for key in (
+        "train/loss",
+        "train/lr",
+        "train/grad_norm",
+        "train/examples_per_s",
+        "train/tokens_per_s",
+        "train/allreduce_bytes",
+        "epoch",
+        "examples_seen",
+    ):
         assert all(key in h for h in history), key
     assert history[5]["train/allreduce_bytes"] > 0  # DDP all-reduces the adapter gradients
     assert history[5]["train/examples_per_s"] > 0 and history[5]["train/tokens_per_s"] > 0
@@ -123,12 +149,15 @@ def test_wandb_run_ends_with_summary_and_adapter_artifact(ddp_run):
         assert s[f"final/{prefix}_spam_recall"] == pytest.approx(spam_r)
         assert s[f"final/{prefix}_ham_f1"] == pytest.approx(2 * ham_p * ham_r / (ham_p + ham_r))
         assert s[f"final/{prefix}_macro_f1"] == pytest.approx(
-            (2 * ham_p * ham_r / (ham_p + ham_r) + 2 * spam_p * spam_r / (spam_p + spam_r)) / 2)
+            (2 * ham_p * ham_r / (ham_p + ham_r) + 2 * spam_p * spam_r / (spam_p + spam_r)) / 2
+        )
     assert s["final/trainable_params"] == results["trainable_params"]
     (artifact,) = of_type(records, "artifact")
     assert artifact["type"] == "model"
     assert {c["path"] for c in artifact["manifest"]["contents"]} == {"adapter_model.safetensors", "adapter_config.json"}
-    assert all(c["local_path"].startswith(str(out / "wandb")) for c in artifact["manifest"]["contents"])  # staged in the run
+    assert all(
+        c["local_path"].startswith(str(out / "wandb")) for c in artifact["manifest"]["contents"]
+    )  # staged in the run
 
 
 def test_no_secret_is_written(ddp_run):
@@ -165,8 +194,16 @@ def test_resume_continues_the_same_wandb_run(tmp_path):
 
 def test_disabled_writes_no_wandb_files(tmp_path):
     out = tmp_path / "run"
-    proc = run_cli("train", "--config", str(SMOKE), f"output_dir={out}", "train.epochs=1", "train.max_steps=5",
-                   "tracking.wandb.mode=disabled", env=wandb_env(tmp_path, WANDB_MODE="offline"))
+    proc = run_cli(
+        "train",
+        "--config",
+        str(SMOKE),
+        f"output_dir={out}",
+        "train.epochs=1",
+        "train.max_steps=5",
+        "tracking.wandb.mode=disabled",
+        env=wandb_env(tmp_path, WANDB_MODE="offline"),
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert not (out / "wandb").exists() and not (out / "wandb_run_id").exists()
     assert "wandb:" not in proc.stdout + proc.stderr  # the prefix of every line W&B prints
@@ -179,7 +216,9 @@ def test_disabled_writes_no_wandb_files(tmp_path):
 
 
 def test_unknown_mode_is_a_clear_error():
-    with pytest.raises(UserError, match=r"tracking\.wandb\.mode must be one of auto, online, offline, disabled; got 'cloud'"):
+    with pytest.raises(
+        UserError, match=r"tracking\.wandb\.mode must be one of auto, online, offline, disabled; got 'cloud'"
+    ):
         load_config(SMOKE, ["tracking.wandb.mode=cloud"])
 
 
@@ -231,16 +270,19 @@ def test_a_failing_wandb_warns_once_and_training_goes_on(tmp_path):
 # ------------------------------------------------------------------------------------ pure functions
 
 
-@pytest.mark.parametrize("mode, env, installed, expected", [
-    ("auto", {}, True, "offline"),
-    ("auto", {"WANDB_MODE": "disabled"}, True, "disabled"),
-    ("auto", {"WANDB_MODE": "online"}, True, "online"),
-    ("auto", {"WANDB_MODE": "dryrun"}, True, "offline"),
-    ("auto", {}, False, "disabled"),
-    ("online", {"WANDB_MODE": "offline"}, True, "online"),  # the config wins over the environment
-    ("offline", {}, False, "disabled"),
-    ("disabled", {}, True, "disabled"),
-])
+@pytest.mark.parametrize(
+    "mode, env, installed, expected",
+    [
+        ("auto", {}, True, "offline"),
+        ("auto", {"WANDB_MODE": "disabled"}, True, "disabled"),
+        ("auto", {"WANDB_MODE": "online"}, True, "online"),
+        ("auto", {"WANDB_MODE": "dryrun"}, True, "offline"),
+        ("auto", {}, False, "disabled"),
+        ("online", {"WANDB_MODE": "offline"}, True, "online"),  # the config wins over the environment
+        ("offline", {}, False, "disabled"),
+        ("disabled", {}, True, "disabled"),
+    ],
+)
 def test_resolve_mode(monkeypatch, mode, env, installed, expected):
     monkeypatch.setattr(wandb_sink, "_wandb", lambda: object() if installed else None)
     resolved, note = wandb_sink.resolve_mode(mode, env)
@@ -248,13 +290,16 @@ def test_resolve_mode(monkeypatch, mode, env, installed, expected):
     assert (note is not None) == (mode in ("online", "offline") and not installed)
 
 
-@pytest.mark.parametrize("env, group", [
-    ({}, None),
-    ({"TORCHELASTIC_RUN_ID": "none"}, None),
-    ({"TORCHELASTIC_RUN_ID": "abc"}, "abc"),
-    ({"TORCHELASTIC_RUN_ID": "abc", "SLURM_JOB_ID": "1234"}, "1234"),
-    ({"SLURM_JOB_ID": "1234", "WANDB_RUN_GROUP": "sweep-7"}, "sweep-7"),
-])
+@pytest.mark.parametrize(
+    "env, group",
+    [
+        ({}, None),
+        ({"TORCHELASTIC_RUN_ID": "none"}, None),
+        ({"TORCHELASTIC_RUN_ID": "abc"}, "abc"),
+        ({"TORCHELASTIC_RUN_ID": "abc", "SLURM_JOB_ID": "1234"}, "1234"),
+        ({"SLURM_JOB_ID": "1234", "WANDB_RUN_GROUP": "sweep-7"}, "sweep-7"),
+    ],
+)
 def test_default_group(env, group):
     assert wandb_sink.default_group(env) == group
 
@@ -266,9 +311,28 @@ def test_run_id_is_kept_only_when_resuming(tmp_path):
 
 
 def test_records_become_wandb_history():
-    record = {"time": 1.0, "step": 3, "epoch": 0, "examples_seen": 24, "train_loss_step": 0.5, "lr": 1e-3,
-              "grad_norm": 2.0, "allreduce_bytes": 10, "examples_per_s": 100.0, "tokens_per_s": 900.0, "val_acc": 0.9,
-              "path": "not a number"}
+    record = {
+        "time": 1.0,
+        "step": 3,
+        "epoch": 0,
+        "examples_seen": 24,
+        "train_loss_step": 0.5,
+        "lr": 1e-3,
+        "grad_norm": 2.0,
+        "allreduce_bytes": 10,
+        "examples_per_s": 100.0,
+        "tokens_per_s": 900.0,
+        "val_acc": 0.9,
+        "path": "not a number",
+    }
     assert wandb_sink.wandb_record(record) == {
-        "epoch": 0, "examples_seen": 24, "train/loss": 0.5, "train/lr": 1e-3, "train/grad_norm": 2.0,
-        "train/allreduce_bytes": 10, "train/examples_per_s": 100.0, "train/tokens_per_s": 900.0, "eval/val_acc": 0.9}
+        "epoch": 0,
+        "examples_seen": 24,
+        "train/loss": 0.5,
+        "train/lr": 1e-3,
+        "train/grad_norm": 2.0,
+        "train/allreduce_bytes": 10,
+        "train/examples_per_s": 100.0,
+        "train/tokens_per_s": 900.0,
+        "eval/val_acc": 0.9,
+    }

@@ -4,11 +4,10 @@ import json
 
 import pandas as pd
 import yaml
+from conftest import SMOKE, read_metrics, run_cli
 from safetensors.torch import load_file
 
-from conftest import SMOKE, read_metrics, run_cli
 from lora_dist import load_config
-
 
 # smoke_run: the session's smoke run (conftest.py).
 
@@ -27,8 +26,18 @@ def test_smoke_run_learns(smoke_run):
 def test_smoke_run_writes_its_files(smoke_run):
     out, proc = smoke_run
     results = json.loads((out / "results.json").read_text())
-    for key in ("train_accuracy", "val_accuracy", "test_accuracy", "test_loss", "trainable_params", "total_params",
-                "world_size", "wall_seconds", "examples_per_second", "tokens_per_second"):
+    for key in (
+        "train_accuracy",
+        "val_accuracy",
+        "test_accuracy",
+        "test_loss",
+        "trainable_params",
+        "total_params",
+        "world_size",
+        "wall_seconds",
+        "examples_per_second",
+        "tokens_per_second",
+    ):
         assert key in results, key
     assert results["world_size"] == 1 and results["examples_per_second"] > 0
     # The saved config is the resolved one: the smoke file with the run's output_dir, every default filled in.
@@ -67,8 +76,15 @@ def test_params_command():
 
 
 def test_trains_from_a_local_weights_directory(tiny_checkpoint, tmp_path):
-    proc = run_cli("train", "--config", str(SMOKE), f"output_dir={tmp_path / 'r'}", f"model.weights={tiny_checkpoint}",
-                   "train.max_steps=3", "train.epochs=1")
+    proc = run_cli(
+        "train",
+        "--config",
+        str(SMOKE),
+        f"output_dir={tmp_path / 'r'}",
+        f"model.weights={tiny_checkpoint}",
+        "train.max_steps=3",
+        "train.epochs=1",
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.loads((tmp_path / "r" / "results.json").read_text())["steps"] == 3
 

@@ -27,8 +27,14 @@ from ..lora import merge as merge_lora
 
 
 class Classifier:
-    def __init__(self, model, spec: AdapterSpec, device: str | torch.device = "auto", precision: str = "auto",
-                 merge: bool = False):
+    def __init__(
+        self,
+        model,
+        spec: AdapterSpec,
+        device: str | torch.device = "auto",
+        precision: str = "auto",
+        merge: bool = False,
+    ):
         self.spec = spec
         self.device = pick_device(device, key="device")
         self.precision = resolve_precision(precision, self.device, key="precision")
@@ -39,8 +45,15 @@ class Classifier:
         self.truncated = 0  # messages cut to max_length by the last call
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, *, device: str = "auto", precision: str = "auto", merge: bool = False,
-                        base: str | None = None) -> "Classifier":
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        *,
+        device: str = "auto",
+        precision: str = "auto",
+        merge: bool = False,
+        base: str | None = None,
+    ) -> Classifier:
         """PATH: a training run, its adapter/ (or weights/) directory, or a PEFT export of one."""
         spec, tensors, source = read_adapter(path, base)
         return cls(load_trained(spec, tensors, source, base), spec, device, precision, merge)
@@ -96,8 +109,10 @@ def results(texts: list[str], probs: torch.Tensor, labels) -> list[dict]:
     """The objects `predict`, `classify --json` and the service return, one per message."""
     best = probs.argmax(dim=-1).tolist()
     rows = probs.tolist()
-    return [{"text": t, "label": labels[b], "probs": {label: p for label, p in zip(labels, row)}}
-            for t, b, row in zip(texts, best, rows)]
+    return [
+        {"text": t, "label": labels[b], "probs": {label: p for label, p in zip(labels, row, strict=True)}}
+        for t, b, row in zip(texts, best, rows, strict=True)
+    ]
 
 
 def _progress(total: int, enabled: bool | None):

@@ -38,13 +38,21 @@ def add_arguments(p) -> None:
     p.add_argument("--out", help="write the output to this file instead of stdout")
     p.add_argument("--batch-size", type=int, default=32, help="messages per forward pass (default: 32)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
-                   help="auto: bf16 where the hardware runs it natively, else fp32")
+    p.add_argument(
+        "--precision",
+        default="auto",
+        choices=("auto", "fp32", "bf16", "fp16"),
+        help="auto: bf16 where the hardware runs it natively, else fp32",
+    )
     p.add_argument("--merge", action="store_true", help="fold LoRA into the base weights first (faster, same outputs)")
     p.add_argument("--base", help="a directory holding the adapter's base weights, if not where training found them")
     p.add_argument("--shard-size", type=int, default=4096, help="messages per rank per round under torchrun")
-    p.add_argument("--timeout-s", type=float, default=DistConfig.timeout_s,
-                   help=f"under torchrun, how long a rank waits for the others (default: {DistConfig.timeout_s}, as dist.timeout_s)")
+    p.add_argument(
+        "--timeout-s",
+        type=float,
+        default=DistConfig.timeout_s,
+        help=f"under torchrun, how long a rank waits for the others (default: {DistConfig.timeout_s}, as dist.timeout_s)",
+    )
 
 
 def main(args) -> int:
@@ -53,7 +61,9 @@ def main(args) -> int:
     texts = read_texts(args)
     env = DistEnv.from_environ()
     device = pick_device(args.device, env.local_rank, key="--device")
-    clf = Classifier.from_pretrained(args.adapter, device=device, precision=args.precision, merge=args.merge, base=args.base)
+    clf = Classifier.from_pretrained(
+        args.adapter, device=device, precision=args.precision, merge=args.merge, base=args.base
+    )
     fmt = "json" if args.json else "jsonl" if args.jsonl else "table"
     spread = env.world_size > 1
     if spread:
@@ -63,7 +73,7 @@ def main(args) -> int:
     try:
         R, size = env.world_size, args.shard_size
         for start in range(0, max(len(texts), 1), R * size):
-            mine = texts[start + env.rank * size: start + (env.rank + 1) * size]
+            mine = texts[start + env.rank * size : start + (env.rank + 1) * size]
             probs = clf.logits(mine, args.batch_size, progress=None if R == 1 else False).softmax(-1) if mine else None
             truncated += clf.truncated if mine else 0
             parts = [probs]
@@ -73,7 +83,7 @@ def main(args) -> int:
             if sink is not None:
                 for p in parts:  # rank order is input order: rank r holds the r-th slice of this round
                     if p is not None:
-                        sink.write(results(texts[sink.count: sink.count + len(p)], p, clf.labels))
+                        sink.write(results(texts[sink.count : sink.count + len(p)], p, clf.labels))
         if spread:
             counts = [0] * R if env.rank == 0 else None
             dist.gather_object(truncated, counts, dst=0)
@@ -82,11 +92,16 @@ def main(args) -> int:
             sink.close()
             empty = sum(1 for t in texts if not t.strip())
             if truncated:
-                print(f"note: {truncated} message(s) longer than {clf.spec.max_length} tokens were truncated to it, "
-                      f"as in training", file=sys.stderr)
+                print(
+                    f"note: {truncated} message(s) longer than {clf.spec.max_length} tokens were truncated to it, "
+                    f"as in training",
+                    file=sys.stderr,
+                )
             if empty:
-                print(f"note: {empty} message(s) were empty or whitespace only; they were classified as they are",
-                      file=sys.stderr)
+                print(
+                    f"note: {empty} message(s) were empty or whitespace only; they were classified as they are",
+                    file=sys.stderr,
+                )
             if args.out:
                 print(f"written: {args.out} ({sink.count} messages)", file=sys.stderr)
     finally:
@@ -117,7 +132,9 @@ def _decode(raw: bytes, source: str) -> str:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         line = raw[: e.start].count(b"\n") + 1
-        raise UserError(f"{source} is not UTF-8 (bad byte at line {line}); re-save it as UTF-8, e.g. iconv -f latin1 -t utf-8")
+        raise UserError(
+            f"{source} is not UTF-8 (bad byte at line {line}); re-save it as UTF-8, e.g. iconv -f latin1 -t utf-8"
+        ) from e
 
 
 def _lines(raw: bytes, source: str) -> list[str]:
@@ -135,9 +152,11 @@ def _from_file(path: Path, column: str) -> list[str]:
     try:
         frame = pd.read_csv(io.StringIO(text), sep=sep, dtype=str, keep_default_na=False)
     except (pd.errors.ParserError, pd.errors.EmptyDataError) as e:
-        raise UserError(f"{path} is not a well-formed {'CSV' if sep == ',' else 'TSV'} file "
-                        f"({str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__}); "
-                        f"quote fields that hold the separator")
+        raise UserError(
+            f"{path} is not a well-formed {'CSV' if sep == ',' else 'TSV'} file "
+            f"({str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__}); "
+            f"quote fields that hold the separator"
+        ) from e
     if column not in frame.columns:
         raise UserError(f"{path} has no column {column!r} (found {list(frame.columns)}); pass --text-column NAME")
     return frame[column].tolist()
@@ -159,7 +178,7 @@ class Writer:
             try:
                 self.stream = open(self.tmp, "w", encoding="utf-8")
             except OSError as e:
-                raise UserError(f"cannot write --out {self.target} ({e.strerror}); pick a writable path")
+                raise UserError(f"cannot write --out {self.target} ({e.strerror}); pick a writable path") from e
         else:
             self.stream = sys.stdout
         if fmt == "json":
@@ -178,7 +197,9 @@ class Writer:
             else:
                 text = " ".join(r["text"].split())
                 text = text if len(text) <= 70 else text[:67] + "..."
-                self.stream.write(f"{self.count + 1:>6}  {r['label']:<{self.width}}  {r['probs'][r['label']]:>6.3f}  {text}\n")
+                self.stream.write(
+                    f"{self.count + 1:>6}  {r['label']:<{self.width}}  {r['probs'][r['label']]:>6.3f}  {text}\n"
+                )
             self.count += 1
 
     def close(self) -> None:

@@ -25,8 +25,14 @@ from .classifier import Classifier
 SPLITS = ("train", "validation", "test")
 
 
-def evaluate_run(run_dir: Path, split: str = "test", data: str | None = None, device: str = "auto",
-                 batch_size: int = 32, precision: str = "fp32") -> dict:
+def evaluate_run(
+    run_dir: Path,
+    split: str = "test",
+    data: str | None = None,
+    device: str = "auto",
+    batch_size: int = 32,
+    precision: str = "fp32",
+) -> dict:
     """{"source", "count", "loss", "accuracy", "per_class", "macro", "confusion", "classes"}."""
     run_dir = Path(run_dir)
     if split not in SPLITS:
@@ -36,22 +42,31 @@ def evaluate_run(run_dir: Path, split: str = "test", data: str | None = None, de
     find(run_dir)  # a run with a saved adapter, or one clear error
     file = Path(data) if data else run_dir / "splits" / f"{split}.csv"
     if not data and not file.is_file():
-        raise UserError(f"{run_dir} lacks its saved splits ({file}); pass a directory written by lora-dist train, "
-                        f"or --data with a labelled file")
+        raise UserError(
+            f"{run_dir} lacks its saved splits ({file}); pass a directory written by lora-dist train, "
+            f"or --data with a labelled file"
+        )
     clf = Classifier.from_pretrained(run_dir, device=device, precision=precision)
     frame = read_table(file)
     labels = clf.labels
     unknown = sorted(set(frame["label"]) - set(labels))
     if unknown:
-        raise UserError(f"{file} has label {unknown[0]!r}, which is not one of the model's labels {labels}; "
-                        f"relabel the file or evaluate a model trained on these labels")
+        raise UserError(
+            f"{file} has label {unknown[0]!r}, which is not one of the model's labels {labels}; "
+            f"relabel the file or evaluate a model trained on these labels"
+        )
     target = torch.tensor([labels.index(x) for x in frame["label"]])
     logits = clf.logits(frame["text"].tolist(), batch_size)  # (N, classes)
     k = len(labels)
     confusion = torch.bincount(target * k + logits.argmax(-1), minlength=k * k).view(k, k).tolist()
     loss = F.cross_entropy(logits, target).item() if len(target) else 0.0
-    return {"source": str(data) if data else split, "loss": loss, **scores(confusion, labels),
-            "confusion": confusion, "classes": labels}
+    return {
+        "source": str(data) if data else split,
+        "loss": loss,
+        **scores(confusion, labels),
+        "confusion": confusion,
+        "classes": labels,
+    }
 
 
 def format_result(r: dict) -> str:
@@ -61,18 +76,39 @@ def format_result(r: dict) -> str:
     cell = max(8, *(len(c) for c in classes))
     head = "true \\ predicted"
     rows = [f"  {head:>{width}} " + " ".join(f"{c:>{cell}}" for c in classes)]
-    rows += [f"  {name:>{width}} " + " ".join(f"{n:>{cell},}" for n in row) for name, row in zip(classes, r["confusion"])]
-    per = [f"  {name:>{width}}  precision {v['precision'] * 100:6.2f}%  recall {v['recall'] * 100:6.2f}%  "
-           f"F1 {v['f1'] * 100:6.2f}%  ({v['support']:,} messages)" for name, v in r["per_class"].items()]
+    rows += [
+        f"  {name:>{width}} " + " ".join(f"{n:>{cell},}" for n in row)
+        for name, row in zip(classes, r["confusion"], strict=True)
+    ]
+    per = [
+        f"  {name:>{width}}  precision {v['precision'] * 100:6.2f}%  recall {v['recall'] * 100:6.2f}%  "
+        f"F1 {v['f1'] * 100:6.2f}%  ({v['support']:,} messages)"
+        for name, v in r["per_class"].items()
+    ]
     m = r["macro"]
-    per.append(f"  {'macro':>{width}}  precision {m['precision'] * 100:6.2f}%  recall {m['recall'] * 100:6.2f}%  "
-               f"F1 {m['f1'] * 100:6.2f}%")
-    return "\n".join([f"{r['source']}: {r['count']:,} messages, loss {r['loss']:.4f}, accuracy {r['accuracy'] * 100:.2f}%",
-                      *per, "confusion matrix:", *rows])
+    per.append(
+        f"  {'macro':>{width}}  precision {m['precision'] * 100:6.2f}%  recall {m['recall'] * 100:6.2f}%  "
+        f"F1 {m['f1'] * 100:6.2f}%"
+    )
+    return "\n".join(
+        [
+            f"{r['source']}: {r['count']:,} messages, loss {r['loss']:.4f}, accuracy {r['accuracy'] * 100:.2f}%",
+            *per,
+            "confusion matrix:",
+            *rows,
+        ]
+    )
 
 
-def main(run_dir: str, split: str = "test", data: str | None = None, device: str = "auto", as_json: bool = False,
-         precision: str = "fp32", batch_size: int = 32) -> int:
+def main(
+    run_dir: str,
+    split: str = "test",
+    data: str | None = None,
+    device: str = "auto",
+    as_json: bool = False,
+    precision: str = "fp32",
+    batch_size: int = 32,
+) -> int:
     result = evaluate_run(Path(run_dir), split, data, device, batch_size, precision)
     print(json.dumps(result, indent=2) if as_json else format_result(result))
     return 0

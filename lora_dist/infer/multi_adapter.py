@@ -48,26 +48,36 @@ def read_adapters(adapters: dict[str, str | Path]) -> list[Loaded]:
     out = []
     for name, path in adapters.items():
         if not NAME.match(name):
-            raise UserError(f"adapter name {name!r} must be 1-64 letters, digits, '_', '-' or '.', starting with a letter or digit")
+            raise UserError(
+                f"adapter name {name!r} must be 1-64 letters, digits, '_', '-' or '.', starting with a letter or digit"
+            )
         spec, tensors, source = read_adapter(path)
         if spec.kind != "lora":
-            raise UserError(f"adapter '{name}' ({source}) trains whole layers (train.trainable={spec.trainable}), which "
-                            f"replace base weights; only LoRA adapters share a base: use `lora-dist classify` for it")
+            raise UserError(
+                f"adapter '{name}' ({source}) trains whole layers (train.trainable={spec.trainable}), which "
+                f"replace base weights; only LoRA adapters share a base: use `lora-dist classify` for it"
+            )
         if spec.overrides:
-            raise UserError(f"adapter '{name}' ({source}) replaces base tensors ({', '.join(spec.overrides[:3])}); "
-                            f"only adapters that leave the base untouched can share it")
+            raise UserError(
+                f"adapter '{name}' ({source}) replaces base tensors ({', '.join(spec.overrides[:3])}); "
+                f"only adapters that leave the base untouched can share it"
+            )
         out.append(Loaded(name, spec, tensors, source))
     first = out[0]
     for a in out[1:]:
         why = first.spec.base.mismatch(a.spec.base)
         if why:
-            raise UserError(f"adapter '{a.name}' ({a.source}) was trained on {a.spec.base.describe()}, but adapter "
-                            f"'{first.name}' ({first.source}) on {first.spec.base.describe()} ({why}); serve adapters "
-                            f"of one base together, one service per base")
+            raise UserError(
+                f"adapter '{a.name}' ({a.source}) was trained on {a.spec.base.describe()}, but adapter "
+                f"'{first.name}' ({first.source}) on {first.spec.base.describe()} ({why}); serve adapters "
+                f"of one base together, one service per base"
+            )
         for key in ("pooling", "causal_mask"):
             if getattr(a.spec, key) != getattr(first.spec, key):
-                raise UserError(f"adapter '{a.name}' reads the model with {key}={getattr(a.spec, key)}, adapter "
-                                f"'{first.name}' with {key}={getattr(first.spec, key)}; serve them separately")
+                raise UserError(
+                    f"adapter '{a.name}' reads the model with {key}={getattr(a.spec, key)}, adapter "
+                    f"'{first.name}' with {key}={getattr(first.spec, key)}; serve them separately"
+                )
     return out
 
 
@@ -94,13 +104,15 @@ class MultiAdapterClassifier:
         self.sources = {a.name: a.source for a in adapters}
 
     @classmethod
-    def from_pretrained(cls, base: str | Path | None, adapters: dict[str, str | Path], *, device: str = "auto",
-                        precision: str = "fp32") -> "MultiAdapterClassifier":
+    def from_pretrained(
+        cls, base: str | Path | None, adapters: dict[str, str | Path], *, device: str = "auto", precision: str = "fp32"
+    ) -> MultiAdapterClassifier:
         return cls.from_loaded(read_adapters(adapters), base, device=device, precision=precision)
 
     @classmethod
-    def from_loaded(cls, loaded: list[Loaded], base: str | Path | None = None, *, device: str = "auto",
-                    precision: str = "fp32") -> "MultiAdapterClassifier":
+    def from_loaded(
+        cls, loaded: list[Loaded], base: str | Path | None = None, *, device: str = "auto", precision: str = "fp32"
+    ) -> MultiAdapterClassifier:
         parts = [lora_parts(a) for a in loaded]
         first = loaded[0]
         cfg = base_config(first.spec, first.source, None if base is None else str(base))
@@ -129,7 +141,7 @@ class MultiAdapterClassifier:
     def encode(self, texts: list[str], adapters: list[str]) -> list[list[int]]:
         """Token ids as in training (`data.encode`), each truncated to its adapter's max_length."""
         ids, _ = encode(texts)
-        return [i[: self.specs[a].max_length] for i, a in zip(ids, adapters)]
+        return [i[: self.specs[a].max_length] for i, a in zip(ids, adapters, strict=True)]
 
     def batches(self, ids: list[list[int]], adapters: list[str], batch_size: int):
         """(positions, Batch) over `ids`, as `Classifier.batches` makes them: rows share a padded batch when
@@ -156,7 +168,9 @@ class MultiAdapterClassifier:
         ids = self.encode(texts, adapters)
         out = torch.empty(len(ids), self.model.head.W.shape[1])
         number = torch.tensor([self.number[a] for a in adapters], dtype=torch.long)
-        for chunk, batch in self.batches(ids, adapters, batch_size):  # the model packs a batch: its padding costs nothing
+        for chunk, batch in self.batches(
+            ids, adapters, batch_size
+        ):  # the model packs a batch: its padding costs nothing
             self.rows.set(number[chunk].to(self.device), [max(len(ids[i]), 1) for i in chunk])
             with autocast(self.device, self.precision):
                 logits = self.model(batch.ids.to(self.device), batch.last.to(self.device))  # (B, L_max)
@@ -168,8 +182,8 @@ class MultiAdapterClassifier:
         adapters = [adapters] * len(texts) if isinstance(adapters, str) else list(adapters)
         probs = self.logits(texts, adapters, batch_size).softmax(dim=-1)
         out = []
-        for i, (t, a) in enumerate(zip(texts, adapters)):
+        for i, (t, a) in enumerate(zip(texts, adapters, strict=True)):
             labels = self.specs[a].labels
-            row = results([t], probs[i: i + 1, : len(labels)], labels)[0]
+            row = results([t], probs[i : i + 1, : len(labels)], labels)[0]
             out.append({"text": t, "adapter": a, "label": row["label"], "probs": row["probs"]})
         return out

@@ -62,8 +62,19 @@ class Failure(Exception):
 class Service:
     """The model (built in the background at startup), its batcher, the metrics, the limits and the token."""
 
-    def __init__(self, loaded, *, base=None, device="auto", precision="fp32", max_batch=32, max_wait_ms=5.0,
-                 limits: Limits = Limits(), token: str | None = None, log=None):
+    def __init__(
+        self,
+        loaded,
+        *,
+        base=None,
+        device="auto",
+        precision="fp32",
+        max_batch=32,
+        max_wait_ms=5.0,
+        limits: Limits = Limits(),
+        token: str | None = None,
+        log=None,
+    ):
         self.loaded, self.base, self.device, self.precision = loaded, base, device, precision
         self.specs = {a.name: a.spec for a in loaded}
         self.limits, self.token, self.max_batch = limits, token, max_batch
@@ -76,8 +87,9 @@ class Service:
     def load(self) -> None:
         t0 = time.perf_counter()
         try:
-            self.model = MultiAdapterClassifier.from_loaded(self.loaded, self.base, device=self.device,
-                                                            precision=self.precision)
+            self.model = MultiAdapterClassifier.from_loaded(
+                self.loaded, self.base, device=self.device, precision=self.precision
+            )
             names = list(self.specs)
             self.model.predict(["warm up"] * len(names), names)  # first-call costs (weight packing) paid here
         except Exception as e:  # noqa: BLE001  (readyz and every request say why)
@@ -90,27 +102,49 @@ class Service:
         return self.model.predict(texts, adapters, batch_size=self.max_batch)
 
     def adapters(self) -> list[dict]:
-        return [{"name": n, "labels": list(s.labels), "base": s.base.describe(), "rank": s.lora["rank"],
-                 "layers": len([t for t in s.lora["targets"] if t != "head"]), "max_length": s.max_length}
-                for n, s in self.specs.items()]
+        return [
+            {
+                "name": n,
+                "labels": list(s.labels),
+                "base": s.base.describe(),
+                "rank": s.lora["rank"],
+                "layers": len([t for t in s.lora["targets"] if t != "head"]),
+                "max_length": s.max_length,
+            }
+            for n, s in self.specs.items()
+        ]
 
     async def classify(self, req: ClassifyRequest) -> dict:
         lim = self.limits
         if req.adapter not in self.specs:
-            raise Failure(404, f"unknown adapter {req.adapter!r}; this service has {', '.join(self.specs)} "
-                               f"(GET /v1/adapters)", "unknown_adapter")
+            raise Failure(
+                404,
+                f"unknown adapter {req.adapter!r}; this service has {', '.join(self.specs)} (GET /v1/adapters)",
+                "unknown_adapter",
+            )
         if not req.texts:
             raise Failure(422, f"texts is empty; send 1 to {lim.max_texts} messages", "empty")
         if len(req.texts) > lim.max_texts:
-            raise Failure(413, f"{len(req.texts)} texts in one request; the limit is {lim.max_texts} "
-                               f"(--max-texts): split the request", "too_many_texts")
+            raise Failure(
+                413,
+                f"{len(req.texts)} texts in one request; the limit is {lim.max_texts} (--max-texts): split the request",
+                "too_many_texts",
+            )
         for i, t in enumerate(req.texts):
             if len(t) > lim.max_chars:
-                raise Failure(413, f"texts[{i}] has {len(t)} characters; the limit is {lim.max_chars} (--max-chars)",
-                              "text_too_long")
+                raise Failure(
+                    413,
+                    f"texts[{i}] has {len(t)} characters; the limit is {lim.max_chars} (--max-chars)",
+                    "text_too_long",
+                )
         if self.model is None:
-            raise Failure(503, f"the model failed to load ({self.failed})" if self.failed else
-                          "the model is still loading; retry once GET /readyz answers 200", "not_ready")
+            raise Failure(
+                503,
+                f"the model failed to load ({self.failed})"
+                if self.failed
+                else "the model is still loading; retry once GET /readyz answers 200",
+                "not_ready",
+            )
         self.metrics.queued.inc()
         try:
             rows = await self.batcher.submit(req.adapter, req.texts)
@@ -129,8 +163,12 @@ def create_app(service: Service) -> FastAPI:
         await loading
         await service.batcher.stop()
 
-    app = FastAPI(title="lora-dist", summary="Classify messages with LoRA adapters over one frozen GPT-2",
-                  version="1", lifespan=lifespan)
+    app = FastAPI(
+        title="lora-dist",
+        summary="Classify messages with LoRA adapters over one frozen GPT-2",
+        version="1",
+        lifespan=lifespan,
+    )
     app.add_middleware(BodyLimit, limit=service.limits.max_body, metrics=service.metrics)
 
     def auth(request: Request) -> None:
@@ -157,14 +195,19 @@ def create_app(service: Service) -> FastAPI:
             msg = f"the body is not valid JSON ({errors[0].get('ctx', {}).get('error', errors[0]['msg'])})"
         else:
             status, reason = 422, "bad_schema"
-            where = "; ".join(f"{'.'.join(str(p) for p in err['loc'] if p != 'body') or 'body'}: {err['msg']}" for err in errors[:5])
+            where = "; ".join(
+                f"{'.'.join(str(p) for p in err['loc'] if p != 'body') or 'body'}: {err['msg']}" for err in errors[:5]
+            )
             msg = f'the body does not match {{"adapter": "NAME", "texts": ["message", ...]}}: {where}'
         service.metrics.error("-", reason, status)
         return JSONResponse({"error": msg}, status_code=status)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, e: HTTPException):
-        msg = {404: f"no such endpoint {request.url.path}; see /docs", 405: f"{request.method} is not allowed on {request.url.path}"}
+        msg = {
+            404: f"no such endpoint {request.url.path}; see /docs",
+            405: f"{request.method} is not allowed on {request.url.path}",
+        }
         return JSONResponse({"error": msg.get(e.status_code, str(e.detail))}, status_code=e.status_code)
 
     @app.exception_handler(Exception)
@@ -173,8 +216,12 @@ def create_app(service: Service) -> FastAPI:
         service.metrics.error(_adapter_label(request, service), "internal", 500)
         return JSONResponse({"error": f"internal error: {type(e).__name__}: {e}"}, status_code=500)
 
-    @app.post("/v1/classify", response_model=ClassifyResponse, dependencies=[Depends(auth)],
-              responses={400: {}, 401: {}, 404: {}, 413: {}, 422: {}, 503: {}})
+    @app.post(
+        "/v1/classify",
+        response_model=ClassifyResponse,
+        dependencies=[Depends(auth)],
+        responses={400: {}, 401: {}, 404: {}, 413: {}, 422: {}, 503: {}},
+    )
     async def classify(req: ClassifyRequest):
         """Label each message with the adapter's labels; probabilities over its own labels."""
         t0 = time.perf_counter()
@@ -207,8 +254,12 @@ def create_app(service: Service) -> FastAPI:
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def index():
-        return HTMLResponse(page, headers={"Content-Security-Policy": "default-src 'self'; style-src 'unsafe-inline'; "
-                                                                      "script-src 'unsafe-inline'"})
+        return HTMLResponse(
+            page,
+            headers={
+                "Content-Security-Policy": "default-src 'self'; style-src 'unsafe-inline'; script-src 'unsafe-inline'"
+            },
+        )
 
     return app
 
@@ -242,9 +293,16 @@ class BodyLimit:
             too_big = len(body) > self.limit
         if too_big:
             self.metrics.error("-", "body_too_large", 413)
-            msg = json.dumps({"error": f"the body is over {self.limit} bytes (--max-body-bytes); send fewer or shorter texts"})
-            await send({"type": "http.response.start", "status": 413,
-                        "headers": [(b"content-type", b"application/json"), (b"connection", b"close")]})
+            msg = json.dumps(
+                {"error": f"the body is over {self.limit} bytes (--max-body-bytes); send fewer or shorter texts"}
+            )
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"connection", b"close")],
+                }
+            )
             return await send({"type": "http.response.body", "body": msg.encode()})
         scope.setdefault("state", {})["body"] = body
         sent = False

@@ -1,6 +1,6 @@
 """Dynamic batching: concurrent requests, for one adapter or several, gathered into one forward pass.
 
-    python -c "import asyncio; from lora_dist.batcher import Batcher; print(asyncio.run(Batcher(lambda t, a: [x.upper() for x in t]).run_once('a', ['hi'])))"
+    python -c "import asyncio; from lora_dist.serve.batcher import *; print(asyncio.run(Batcher(lambda t, a: t).run_once('a', ['hi'])))"
 
 `submit(adapter, texts)` queues a request and waits for its results. One task takes the first request in
 the queue, then everything else that arrives within `max_wait_ms` (or already waits) while the batch holds
@@ -32,8 +32,13 @@ class Request:
 
 
 class Batcher:
-    def __init__(self, run: Callable[[list[str], list[str]], list], max_batch: int = 32, max_wait_ms: float = 5.0,
-                 on_batch: Callable[[list[Request]], None] | None = None):
+    def __init__(
+        self,
+        run: Callable[[list[str], list[str]], list],
+        max_batch: int = 32,
+        max_wait_ms: float = 5.0,
+        on_batch: Callable[[list[Request]], None] | None = None,
+    ):
         if max_batch < 1 or max_wait_ms < 0:
             raise ValueError("max_batch must be >= 1 and max_wait_ms >= 0")
         self.run, self.max_batch, self.max_wait = run, max_batch, max_wait_ms / 1000
@@ -148,6 +153,6 @@ class Batcher:
             start = 0
             for r in batch:
                 if not r.future.done():  # the caller may have gone away
-                    r.future.set_result(out[start: start + len(r.texts)])
+                    r.future.set_result(out[start : start + len(r.texts)])
                 start += len(r.texts)
             self.busy = False

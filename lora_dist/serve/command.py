@@ -25,14 +25,18 @@ from ..infer.multi_adapter import read_adapters
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--adapters", required=True, help="NAME=PATH[,NAME=PATH...]: runs or adapter directories of one base")
+    p.add_argument(
+        "--adapters", required=True, help="NAME=PATH[,NAME=PATH...]: runs or adapter directories of one base"
+    )
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=8000, help="(default: 8000)")
     p.add_argument("--base", help="a directory holding the adapters' base weights, if not where training found them")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
     p.add_argument("--precision", default="fp32", choices=("auto", "fp32", "bf16", "fp16"), help="(default: fp32)")
     p.add_argument("--max-batch", type=int, default=32, help="messages per forward pass (default: 32; 1: no batching)")
-    p.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a batch waits for more requests (default: 5)")
+    p.add_argument(
+        "--max-wait-ms", type=float, default=5.0, help="how long a batch waits for more requests (default: 5)"
+    )
     p.add_argument("--max-texts", type=int, default=64, help="messages per request (default: 64)")
     p.add_argument("--max-chars", type=int, default=4000, help="characters per message (default: 4000)")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="bytes per request body (default: 1 MiB)")
@@ -60,7 +64,7 @@ def read_token(token_file: str | None) -> str | None:
         try:
             token = Path(token_file).read_text().strip()
         except OSError as e:
-            raise UserError(f"--token-file {token_file} cannot be read ({e.strerror})")
+            raise UserError(f"--token-file {token_file} cannot be read ({e.strerror})") from e
         if not token:
             raise UserError(f"--token-file {token_file} is empty; put the token in it")
         return token
@@ -73,10 +77,14 @@ def main(args) -> int:
 
         from .app import Limits, Service, create_app
     except ImportError as e:
-        raise UserError(f"serve needs the [serve] extra ({e.name} is missing): pip install 'lora-dist[serve]'")
+        raise UserError(f"serve needs the [serve] extra ({e.name} is missing): pip install 'lora-dist[serve]'") from e
 
-    for flag, value in (("--max-batch", args.max_batch), ("--max-texts", args.max_texts),
-                        ("--max-chars", args.max_chars), ("--max-body-bytes", args.max_body_bytes)):
+    for flag, value in (
+        ("--max-batch", args.max_batch),
+        ("--max-texts", args.max_texts),
+        ("--max-chars", args.max_chars),
+        ("--max-body-bytes", args.max_body_bytes),
+    ):
         if value < 1:
             raise UserError(f"{flag} must be >= 1; got {value}")
     if args.max_wait_ms < 0:
@@ -86,14 +94,30 @@ def main(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
-    service = Service(loaded, base=args.base, device=args.device, precision=args.precision, max_batch=args.max_batch,
-                      max_wait_ms=args.max_wait_ms, limits=Limits(args.max_texts, args.max_chars, args.max_body_bytes),
-                      token=token, log=log)
-    config = uvicorn.Config(create_app(service), host=args.host, port=args.port, log_level="warning",
-                            access_log=args.access_log, timeout_graceful_shutdown=None)
+    service = Service(
+        loaded,
+        base=args.base,
+        device=args.device,
+        precision=args.precision,
+        max_batch=args.max_batch,
+        max_wait_ms=args.max_wait_ms,
+        limits=Limits(args.max_texts, args.max_chars, args.max_body_bytes),
+        token=token,
+        log=log,
+    )
+    config = uvicorn.Config(
+        create_app(service),
+        host=args.host,
+        port=args.port,
+        log_level="warning",
+        access_log=args.access_log,
+        timeout_graceful_shutdown=None,
+    )
     server = Server(config, service)
-    log(f"serving {', '.join(service.specs)} on http://{args.host}:{args.port}/ "
-        f"(max batch {args.max_batch}, max wait {args.max_wait_ms:g} ms, auth {'on' if token else 'off'})")
+    log(
+        f"serving {', '.join(service.specs)} on http://{args.host}:{args.port}/ "
+        f"(max batch {args.max_batch}, max wait {args.max_wait_ms:g} ms, auth {'on' if token else 'off'})"
+    )
     # uvicorn re-raises the signal that stopped it once it is done; a handler that ignores it makes the
     # exit after a graceful SIGTERM a clean 0.
     signal.signal(signal.SIGTERM, lambda *_: None)

@@ -18,17 +18,33 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 class Metrics:
     def __init__(self):
         r = self.registry = CollectorRegistry()
-        self.requests = Counter("lora_dist_requests", "classify requests answered, by adapter and HTTP status",
-                                ["adapter", "status"], registry=r)
+        self.requests = Counter(
+            "lora_dist_requests",
+            "classify requests answered, by adapter and HTTP status",
+            ["adapter", "status"],
+            registry=r,
+        )
         self.messages = Counter("lora_dist_messages", "messages classified, by adapter", ["adapter"], registry=r)
-        self.latency = Histogram("lora_dist_request_seconds", "classify request latency (queue + model), by adapter",
-                                 ["adapter"], buckets=LATENCY_BUCKETS, registry=r)
-        self.batch = Histogram("lora_dist_batch_size", "messages per forward pass (all adapters)",
-                               buckets=BATCH_BUCKETS, registry=r)
-        self.batch_rows = Histogram("lora_dist_batch_rows", "an adapter's messages in each forward pass it is in",
-                                    ["adapter"], buckets=BATCH_BUCKETS, registry=r)
-        self.errors = Counter("lora_dist_errors", "failed requests, by adapter and reason", ["adapter", "reason"],
-                              registry=r)
+        self.latency = Histogram(
+            "lora_dist_request_seconds",
+            "classify request latency (queue + model), by adapter",
+            ["adapter"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batch = Histogram(
+            "lora_dist_batch_size", "messages per forward pass (all adapters)", buckets=BATCH_BUCKETS, registry=r
+        )
+        self.batch_rows = Histogram(
+            "lora_dist_batch_rows",
+            "an adapter's messages in each forward pass it is in",
+            ["adapter"],
+            buckets=BATCH_BUCKETS,
+            registry=r,
+        )
+        self.errors = Counter(
+            "lora_dist_errors", "failed requests, by adapter and reason", ["adapter", "reason"], registry=r
+        )
         self.queued = Gauge("lora_dist_queued_requests", "requests waiting for or in a forward pass", registry=r)
 
     def batch_done(self, batch) -> None:

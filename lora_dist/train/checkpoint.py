@@ -19,8 +19,8 @@ import json
 import os
 import random
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -48,7 +48,9 @@ def begin(staging: Path) -> None:
     staging.mkdir(parents=True)
 
 
-def commit(staging: Path, *, adapter: dict, optimizer: dict | None, rng_states: list[dict], meta: dict, keep: int) -> Path:
+def commit(
+    staging: Path, *, adapter: dict, optimizer: dict | None, rng_states: list[dict], meta: dict, keep: int
+) -> Path:
     """Rank 0: write the files, then state.json with their hashes, fsync, rename into place, prune."""
     save_file({k: v.detach().cpu().contiguous() for k, v in adapter.items()}, str(staging / "adapter.safetensors"))
     py_np = []
@@ -97,7 +99,7 @@ def verify(path: Path) -> dict:
         state = json.loads(sf.read_text())
         files = state["files"]
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise UserError(f"checkpoint {path} is corrupt or incomplete ({STATE}: {type(e).__name__})")
+        raise UserError(f"checkpoint {path} is corrupt or incomplete ({STATE}: {type(e).__name__})") from e
     for rel, digest in files.items():
         p = path / rel
         if not p.is_file():
@@ -125,7 +127,9 @@ def resolve(resume: str, run_dir: Path, say: Callable[[str], None] = print) -> t
         return latest_valid(run_dir, say)
     path = Path(resume)
     if not path.is_dir():
-        raise UserError(f"train.resume={resume} is not a checkpoint directory; use auto, never, or a path like {checkpoints_dir(run_dir)}/step-00000100")
+        raise UserError(
+            f"train.resume={resume} is not a checkpoint directory; use auto, never, or a path like {checkpoints_dir(run_dir)}/step-00000100"
+        )
     return path, verify(path)
 
 
@@ -133,7 +137,7 @@ def load_tensors(path: Path, name: str) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path / name))
     except (SafetensorError, OSError) as e:
-        raise UserError(f"checkpoint {path}: {name} cannot be read ({e})")
+        raise UserError(f"checkpoint {path}: {name} cannot be read ({e})") from e
 
 
 # ---------------------------------------------------------------------------------- optimizer state
@@ -177,7 +181,9 @@ def rng_state() -> dict:
     }
 
 
-def restore_rng(path: Path, state: dict, rank: int, world: int | None = None, say: Callable[[str], None] = print) -> None:
+def restore_rng(
+    path: Path, state: dict, rank: int, world: int | None = None, say: Callable[[str], None] = print
+) -> None:
     """This rank's generators as saved. A rank the checkpoint has no state for (more ranks now), or a GPU
     count that differs from the saved one, gets states derived from the saved ones and this rank's number:
     distinct on every rank, the same on every resume. `say` (rank 0's print) names what was not restored."""
@@ -185,9 +191,15 @@ def restore_rng(path: Path, state: dict, rank: int, world: int | None = None, sa
     world = len(saved) if world is None else world
     tensors = load_tensors(path, "rng.safetensors")
     if world != len(saved):
-        say(f"warning: checkpoint {path} holds the random states of {len(saved)} rank(s), this run has {world}; "
-            f"{'ranks ' + str(len(saved)) + '-' + str(world - 1) + ' start from new states derived from them' if world > len(saved) else 'the others are dropped'} "
-            f"(resume with {len(saved)} rank(s) for the exact continuation)")
+        fate = (
+            f"ranks {len(saved)}-{world - 1} start from new states derived from them"
+            if world > len(saved)
+            else "the others are dropped"
+        )
+        say(
+            f"warning: checkpoint {path} holds the random states of {len(saved)} rank(s), this run has {world}; {fate} "
+            f"(resume with {len(saved)} rank(s) for the exact continuation)"
+        )
     if rank >= len(saved):
         seed = _derived_seed(tensors[f"rank{rank % len(saved)}.torch"], rank)
         random.seed(seed)
@@ -200,14 +212,21 @@ def restore_rng(path: Path, state: dict, rank: int, world: int | None = None, sa
     random.setstate((py[0], tuple(py[1]), py[2]))
     np.random.set_state((npy[0], np.array(npy[1], dtype=np.uint32), npy[2], npy[3], npy[4]))
     torch.set_rng_state(tensors[f"rank{rank}.torch"])
-    cuda = [tensors[k] for k in sorted((k for k in tensors if k.startswith(f"rank{rank}.cuda")), key=lambda k: int(k.rsplit("cuda", 1)[1]))]
+    cuda = [
+        tensors[k]
+        for k in sorted(
+            (k for k in tensors if k.startswith(f"rank{rank}.cuda")), key=lambda k: int(k.rsplit("cuda", 1)[1])
+        )
+    ]
     if not torch.cuda.is_available():
         return
     if len(cuda) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(cuda)
         return
-    say(f"warning: checkpoint {path} holds CUDA random states for {len(cuda)} GPU(s) per rank, this node shows "
-        f"{torch.cuda.device_count()}; each rank's CUDA generators start from a new state derived from its saved one")
+    say(
+        f"warning: checkpoint {path} holds CUDA random states for {len(cuda)} GPU(s) per rank, this node shows "
+        f"{torch.cuda.device_count()}; each rank's CUDA generators start from a new state derived from its saved one"
+    )
     torch.cuda.manual_seed_all(_derived_seed(tensors[f"rank{rank}.torch"], rank, salt=b"cuda"))
 
 

@@ -25,7 +25,9 @@ TAG = "state"
 COMMS_SAMPLE_EVERY = 10  # steps 1, 11, 21, ... count their collectives
 
 
-def deepspeed_config(cfg, micro: int, accum: int, world: int, device_type: str = "cuda", precision: str | None = None) -> dict:
+def deepspeed_config(
+    cfg, micro: int, accum: int, world: int, device_type: str = "cuda", precision: str | None = None
+) -> dict:
     """The DeepSpeed config dict: the user's file with the project's values filled in."""
     path = cfg.dist.deepspeed_config
     user: dict = {}
@@ -36,7 +38,7 @@ def deepspeed_config(cfg, micro: int, accum: int, world: int, device_type: str =
         try:
             user = yaml.safe_load(p.read_text()) or {}  # JSON is YAML
         except yaml.YAMLError as e:
-            raise UserError(f"{path} is not valid JSON/YAML ({str(e).splitlines()[0]})")
+            raise UserError(f"{path} is not valid JSON/YAML ({str(e).splitlines()[0]})") from e
     t = cfg.train
     precision = precision or t.precision  # the resolved precision (train.precision may say "auto")
     ours = {
@@ -44,7 +46,10 @@ def deepspeed_config(cfg, micro: int, accum: int, world: int, device_type: str =
         "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": accum,
         "gradient_clipping": t.max_grad_norm or 0.0,
-        "optimizer": {"type": "AdamW", "params": {"lr": t.lr, "betas": list(t.betas), "eps": 1e-8, "weight_decay": t.weight_decay}},
+        "optimizer": {
+            "type": "AdamW",
+            "params": {"lr": t.lr, "betas": list(t.betas), "eps": 1e-8, "weight_decay": t.weight_decay},
+        },
         "bf16": {"enabled": precision == "bf16"},
         "fp16": {"enabled": precision == "fp16"},
     }
@@ -75,7 +80,7 @@ def _fill(user: dict, ours: dict, source: str, prefix: str = "") -> dict:
         elif have != v:
             raise UserError(
                 f"{source} sets {prefix}{k}={have!r} but the project config gives {v!r}; "
-                f"write \"auto\" there and set it in the project config (train.*)"
+                f'write "auto" there and set it in the project config (train.*)'
             )
     return out
 
@@ -150,16 +155,21 @@ class DeepSpeed(DDP):
         params = dict(self.module.named_parameters())
         chosen = [params[n] for n in names]
         out = {}
-        for n, p in zip(names, chosen):
+        for n, p in zip(names, chosen, strict=True):
             master = safe_get_full_fp32_param(p)  # collective under ZeRO; None where no master copy exists
             if master is not None:
                 out[n] = master.detach().float().cpu().clone()
-        rest = [(n, p) for n, p in zip(names, chosen) if n not in out]
+        rest = [(n, p) for n, p in zip(names, chosen, strict=True) if n not in out]
         if rest and self.precision != "fp32" and self.rank == 0:  # ZeRO stage 0 with fp16 keeps no mapping
-            warnings.warn(f"DeepSpeed exposes no fp32 master copy of {rest[0][0]} (and {len(rest) - 1} more) under "
-                          f"ZeRO stage {self.stage} with {self.precision}; saving the {self.precision} copy. "
-                          f"ZeRO stage 1-3, or bf16, save fp32.")
-        with deepspeed.zero.GatheredParameters([p for _, p in rest], modifier_rank=None, enabled=self.stage == 3 and bool(rest)):
+            warnings.warn(
+                f"DeepSpeed exposes no fp32 master copy of {rest[0][0]} (and {len(rest) - 1} more) under "
+                f"ZeRO stage {self.stage} with {self.precision}; saving the {self.precision} copy. "
+                f"ZeRO stage 1-3, or bf16, save fp32.",
+                stacklevel=2,
+            )
+        with deepspeed.zero.GatheredParameters(
+            [p for _, p in rest], modifier_rank=None, enabled=self.stage == 3 and bool(rest)
+        ):
             out |= {n: p.detach().float().cpu().clone() for n, p in rest}
         return {n: out[n] for n in names}
 
@@ -176,7 +186,9 @@ class DeepSpeed(DDP):
     def load_sharded(self, path) -> None:
         load_path, _ = self.model.load_checkpoint(str(Path(path) / "deepspeed"), tag=TAG, load_module_strict=False)
         if load_path is None:
-            raise UserError(f"checkpoint {path} has no DeepSpeed state; resume it with the strategy it was written with")
+            raise UserError(
+                f"checkpoint {path} has no DeepSpeed state; resume it with the strategy it was written with"
+            )
 
 
 def _skip_shm_kernel(deepspeed) -> None:
@@ -202,6 +214,9 @@ def _reduced_bytes() -> int:
     comms logger; parameter all-gathers (ZeRO-3) are not gradient traffic and are left out."""
     from deepspeed.comm.comm import comms_logger
 
-    return sum(size * rec[0] for name, sizes in comms_logger.comms_dict.items() if "reduce" in name
-               for size, rec in sizes.items())
-
+    return sum(
+        size * rec[0]
+        for name, sizes in comms_logger.comms_dict.items()
+        if "reduce" in name
+        for size, rec in sizes.items()
+    )

@@ -31,8 +31,17 @@ class ShardedSampler(DistributedSampler):
     training split at batch 8, where 5.5% of the tokens are padding (16: 8.5%; no buckets: 44%).
     """
 
-    def __init__(self, dataset, num_replicas: int, rank: int, micro: int, accum: int, seed: int,
-                 lengths: list[int] | None = None, bucket_window: int | None = None):
+    def __init__(
+        self,
+        dataset,
+        num_replicas: int,
+        rank: int,
+        micro: int,
+        accum: int,
+        seed: int,
+        lengths: list[int] | None = None,
+        bucket_window: int | None = None,
+    ):
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True)
         self.micro, self.accum = micro, accum
         self.global_batch = num_replicas * micro * accum
@@ -100,8 +109,18 @@ class Loaders:
     max_length: int
 
 
-def make_loaders(datasets: dict[str, SpamDataset], length: int, cfg: DataConfig, micro: int, accum: int,
-                 world: int, rank: int, seed: int, num_workers: int = 0, pin_memory: bool = False) -> Loaders:
+def make_loaders(
+    datasets: dict[str, SpamDataset],
+    length: int,
+    cfg: DataConfig,
+    micro: int,
+    accum: int,
+    world: int,
+    rank: int,
+    seed: int,
+    num_workers: int = 0,
+    pin_memory: bool = False,
+) -> Loaders:
     train = datasets["train"]
     steps = len(train) // (micro * accum * world)
     if steps == 0:
@@ -112,14 +131,22 @@ def make_loaders(datasets: dict[str, SpamDataset], length: int, cfg: DataConfig,
     lengths = train.lengths if (cfg.padding == "batch" and cfg.bucket) else None
     sampler = ShardedSampler(train, world, rank, micro, accum, seed, lengths)
     collate = Collate(cfg.pad_token_id, fixed_length(cfg, length))
-    loader = DataLoader(train, batch_size=micro, sampler=sampler, collate_fn=collate, drop_last=False,
-                        num_workers=num_workers, pin_memory=pin_memory, persistent_workers=num_workers > 0)
+    loader = DataLoader(
+        train,
+        batch_size=micro,
+        sampler=sampler,
+        collate_fn=collate,
+        drop_last=False,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        persistent_workers=num_workers > 0,
+    )
     return Loaders(loader, sampler, datasets, collate, length)
 
 
-def eval_loader(loaders: Loaders, split_name: str, batch_size: int, world: int, rank: int, limit: int | None = None) -> DataLoader:
+def eval_loader(
+    loaders: Loaders, split_name: str, batch_size: int, world: int, rank: int, limit: int | None = None
+) -> DataLoader:
     ds = loaders.datasets[split_name]
     sampler = ShardedEvalSampler(len(ds), world, rank, limit)
     return DataLoader(ds, batch_size=batch_size, sampler=sampler, collate_fn=loaders.collate)
-
-

@@ -40,12 +40,13 @@ def make_strategy(cfg: Config, env: DistEnv | None = None) -> Local:
     if kind == "auto":
         kind = "ddp" if env.world_size > 1 else "none"
     if kind == "none" and env.world_size > 1:
-        raise UserError(f"dist.strategy=none, but {env.world_size} processes were launched; use dist.strategy=ddp or deepspeed (or auto)")
+        raise UserError(
+            f"dist.strategy=none, but {env.world_size} processes were launched; use dist.strategy=ddp or deepspeed (or auto)"
+        )
     device = pick_device(cfg.train.device, env.local_rank)
     if kind == "deepspeed":
         return DeepSpeed(cfg, env, device)
     return {"none": Local, "ddp": DDP}[kind](cfg, env, device)
-
 
 
 class StopRequested:
@@ -82,7 +83,10 @@ class Trainer:
         cfg, out, s = self.cfg, self.out, self.strategy
         digests = s.all_gather_object(cfg.digest())
         if len(set(digests)) > 1:
-            raise UserError(f"ranks started with different configs (hashes {sorted(set(digests))}); launch every rank with the same config and overrides")
+            raise UserError(
+                f"ranks started with different configs (hashes {sorted(set(digests))}); "
+                f"launch every rank with the same config and overrides"
+            )
         out.call(prepare_run_dir, out.dir, cfg.overwrite, cfg.train.resume != "never")
         s.barrier()
         out.add_sink(JsonlSink(out.path("metrics.jsonl")))
@@ -100,8 +104,18 @@ class Trainer:
         length = self.length
         t = cfg.train
         self.micro = micro_batch_size(t.batch_size, self.world, t.grad_accum)
-        self.loaders = make_loaders(datasets, length, cfg.data, self.micro, t.grad_accum, self.world, self.rank,
-                                    t.seed, t.num_workers, pin_memory=s.device.type == "cuda")
+        self.loaders = make_loaders(
+            datasets,
+            length,
+            cfg.data,
+            self.micro,
+            t.grad_accum,
+            self.world,
+            self.rank,
+            t.seed,
+            t.num_workers,
+            pin_memory=s.device.type == "cuda",
+        )
         self.steps_per_epoch = self.loaders.sampler.steps
         self.total_steps = self.steps_per_epoch * t.epochs
         if t.max_steps:
@@ -118,10 +132,22 @@ class Trainer:
             f"{' (' + str(length) + ' tokens)' if cfg.data.padding != 'batch' else ''}; "
             f"global batch {t.batch_size} = {self.world} x {self.micro} x {t.grad_accum}; {self.total_steps} steps"
         )
-        out.start(cfg, {"model": cfg.model.name, "total_params": self.total_params, "trainable_params": self.trainable_params,
-                        "lora_layers": len(self.lora_modules), "world_size": self.world, "strategy": s.name,
-                        "device": str(s.device), "precision": s.precision, "optimizer": s.optimizer_text(), "steps_per_epoch": self.steps_per_epoch,
-                        "total_steps": self.total_steps})
+        out.start(
+            cfg,
+            {
+                "model": cfg.model.name,
+                "total_params": self.total_params,
+                "trainable_params": self.trainable_params,
+                "lora_layers": len(self.lora_modules),
+                "world_size": self.world,
+                "strategy": s.name,
+                "device": str(s.device),
+                "precision": s.precision,
+                "optimizer": s.optimizer_text(),
+                "steps_per_epoch": self.steps_per_epoch,
+                "total_steps": self.total_steps,
+            },
+        )
         self.step, self.epoch, self.step_in_epoch, self.examples_seen, self.tokens_seen = 0, 0, 0, 0, 0
         self.train_seconds = 0.0
         self._resume()
@@ -138,7 +164,10 @@ class Trainer:
             return
         path, state = found
         if state.get("world_size") != self.world and self.strategy.name == "deepspeed":
-            raise UserError(f"checkpoint {path} was written by {state.get('world_size')} DeepSpeed ranks, not {self.world}; resume with the same world size")
+            raise UserError(
+                f"checkpoint {path} was written by {state.get('world_size')} DeepSpeed ranks, not {self.world}; "
+                f"resume with the same world size"
+            )
         self.strategy.load_adapter(ckpt.load_tensors(path, "adapter.safetensors"), source=str(path))
         if state.get("optimizer") is not None:
             self.strategy.load_optimizer_state(ckpt.optimizer_state(path, state["optimizer"]))
@@ -146,7 +175,9 @@ class Trainer:
         ckpt.restore_rng(path, state, self.rank, self.world, say=self.out.print)
         for k in ("step", "epoch", "step_in_epoch", "examples_seen", "tokens_seen", "train_seconds"):
             setattr(self, k, state[k])
-        self.out.print(f"resumed from {path} (step {self.step}, epoch {self.epoch + 1}, {self.step_in_epoch} steps into it)")
+        self.out.print(
+            f"resumed from {path} (step {self.step}, epoch {self.epoch + 1}, {self.step_in_epoch} steps into it)"
+        )
         self.out.log({"event": "resume", "step": self.step, "checkpoint": str(path)})
 
     # ------------------------------------------------------------------------------------------ train
@@ -198,7 +229,9 @@ class Trainer:
                     window.zero_()
                     if reduced[2] > 0:
                         self.save_checkpoint()
-                        out.print(f"stop signal received: checkpoint saved at step {self.step}; exiting (resume with train.resume=auto)")
+                        out.print(
+                            f"stop signal received: checkpoint saved at step {self.step}; exiting (resume with train.resume=auto)"
+                        )
                         return False
                     if self.step >= self.total_steps:
                         break
@@ -217,12 +250,18 @@ class Trainer:
     def _after_step(self, loss: float, grad_norm: float, seconds: float) -> None:
         cfg, out = self.cfg, self.out
         t = cfg.train
-        record = {"step": self.step, "epoch": self.epoch, "examples_seen": self.examples_seen, "train_loss_step": loss,
-                  "lr": lr_at(self.step - 1, t.lr, self.total_steps, t.schedule, t.warmup_steps), "grad_norm": grad_norm,
-                  "step_seconds": seconds,
-                  # running averages since step 0; tokens/s is this rank's tokens x world size (an estimate)
-                  "examples_per_s": self.examples_seen / max(self.train_seconds, 1e-9),
-                  "tokens_per_s": self.tokens_seen * self.world / max(self.train_seconds, 1e-9)}
+        record = {
+            "step": self.step,
+            "epoch": self.epoch,
+            "examples_seen": self.examples_seen,
+            "train_loss_step": loss,
+            "lr": lr_at(self.step - 1, t.lr, self.total_steps, t.schedule, t.warmup_steps),
+            "grad_norm": grad_norm,
+            "step_seconds": seconds,
+            # running averages since step 0; tokens/s is this rank's tokens x world size (an estimate)
+            "examples_per_s": self.examples_seen / max(self.train_seconds, 1e-9),
+            "tokens_per_s": self.tokens_seen * self.world / max(self.train_seconds, 1e-9),
+        }
         if (comm := self.strategy.comm_bytes()) is not None:  # DeepSpeed counts only sampled steps
             record["allreduce_bytes"] = comm
         if self.strategy.device.type == "cuda":
@@ -231,19 +270,32 @@ class Trainer:
             limit = t.eval_batches * t.batch_size
             tr, va = self.evaluate("train", limit), self.evaluate("validation", limit)
             record |= {"train_loss": tr["loss"], "val_loss": va["loss"]}
-            out.print(f"epoch {self.epoch + 1} step {self.step}: train loss {tr['loss']:.3f}, val loss {va['loss']:.3f}")
+            out.print(
+                f"epoch {self.epoch + 1} step {self.step}: train loss {tr['loss']:.3f}, val loss {va['loss']:.3f}"
+            )
         out.log(record)
         ex_s = self.examples_seen / max(self.train_seconds, 1e-9)
-        out.progress(step=self.step, total=self.total_steps, epoch=self.epoch, epochs=t.epochs, loss=loss, ex_per_s=ex_s)
+        out.progress(
+            step=self.step, total=self.total_steps, epoch=self.epoch, epochs=t.epochs, loss=loss, ex_per_s=ex_s
+        )
         if t.checkpoint_every and self.step % t.checkpoint_every == 0 and self.step_in_epoch < self.steps_per_epoch:
             self.save_checkpoint()
 
     def _epoch_end(self) -> None:
         limit = self.cfg.train.eval_batches * self.cfg.train.batch_size
         tr, va = self.evaluate("train", limit), self.evaluate("validation", limit)
-        self.out.print(f"epoch {self.epoch}: train accuracy {tr['accuracy'] * 100:.2f}%, validation accuracy {va['accuracy'] * 100:.2f}%")
-        self.out.log({"step": self.step, "epoch": self.epoch, "examples_seen": self.examples_seen,
-                      "train_acc": tr["accuracy"], "val_acc": va["accuracy"]})
+        self.out.print(
+            f"epoch {self.epoch}: train accuracy {tr['accuracy'] * 100:.2f}%, validation accuracy {va['accuracy'] * 100:.2f}%"
+        )
+        self.out.log(
+            {
+                "step": self.step,
+                "epoch": self.epoch,
+                "examples_seen": self.examples_seen,
+                "train_acc": tr["accuracy"],
+                "val_acc": va["accuracy"],
+            }
+        )
 
     # ------------------------------------------------------------------------------------- evaluation
     @torch.no_grad()
@@ -276,8 +328,12 @@ class Trainer:
         sums = s.all_reduce(sums)
         count = max(1.0, float(sums[1]))
         confusion = sums[2:].view(k, k).long()
-        return {"loss": float(sums[0]) / count, "accuracy": float(confusion.diag().sum()) / count,
-                "count": int(sums[1]), "confusion": confusion.tolist()}
+        return {
+            "loss": float(sums[0]) / count,
+            "accuracy": float(confusion.diag().sum()) / count,
+            "count": int(sums[1]),
+            "confusion": confusion.tolist(),
+        }
 
     # ------------------------------------------------------------------------------------ checkpoints
     def save_checkpoint(self) -> None:
@@ -289,41 +345,76 @@ class Trainer:
         s.save_sharded(staging)
         adapter = s.adapter_state(self.adapter_names)
         optimizer = s.optimizer_state()
-        meta = {"step": self.step, "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
-                "examples_seen": self.examples_seen, "tokens_seen": self.tokens_seen, "train_seconds": self.train_seconds,
-                "world_size": self.world, "strategy": s.name, "config": self.cfg.to_dict(), "config_digest": self.cfg.digest()}
-        path = out.call(ckpt.commit, staging, adapter=adapter, optimizer=optimizer, rng_states=rng, meta=meta,
-                        keep=self.cfg.train.keep_checkpoints)
+        meta = {
+            "step": self.step,
+            "epoch": self.epoch,
+            "step_in_epoch": self.step_in_epoch,
+            "examples_seen": self.examples_seen,
+            "tokens_seen": self.tokens_seen,
+            "train_seconds": self.train_seconds,
+            "world_size": self.world,
+            "strategy": s.name,
+            "config": self.cfg.to_dict(),
+            "config_digest": self.cfg.digest(),
+        }
+        path = out.call(
+            ckpt.commit,
+            staging,
+            adapter=adapter,
+            optimizer=optimizer,
+            rng_states=rng,
+            meta=meta,
+            keep=self.cfg.train.keep_checkpoints,
+        )
         s.barrier()
         if path is not None:
             out.log({"event": "checkpoint", "step": self.step, "path": str(path)})
 
     def save_result(self, tensors: dict[str, torch.Tensor]) -> None:
         """adapter/ (LoRA) or weights/ (trained layers), described so they can be used without the run."""
-        spec = adapters.AdapterSpec.for_run(self.cfg, self.labels, self.length, self.lora_modules,
-                                            adapters.base_of(self.cfg))
+        spec = adapters.AdapterSpec.for_run(
+            self.cfg, self.labels, self.length, self.lora_modules, adapters.base_of(self.cfg)
+        )
         adapters.save(self.out.dir, spec, tensors)
 
     # ----------------------------------------------------------------------------------------- finish
     def finish(self, wall_seconds: float) -> dict:
-        s, out, cfg = self.strategy, self.out, self.cfg
+        s, out = self.strategy, self.out
         ev = {name: self.evaluate(name) for name in ("train", "validation", "test")}
         tokens = int(s.all_reduce(torch.tensor([self.tokens_seen], dtype=torch.float64))[0])
         secs = max(self.train_seconds, 1e-9)
         results = {
-            "train_accuracy": ev["train"]["accuracy"], "val_accuracy": ev["validation"]["accuracy"],
-            "test_accuracy": ev["test"]["accuracy"], "train_loss": ev["train"]["loss"], "val_loss": ev["validation"]["loss"],
-            "test_loss": ev["test"]["loss"], "trainable_params": self.trainable_params, "total_params": self.total_params,
-            "world_size": self.world, "strategy": s.name, "steps": self.step, "epochs": self.epoch,
-            "examples_seen": self.examples_seen, "wall_seconds": wall_seconds, "train_seconds": self.train_seconds,
-            "examples_per_second": self.examples_seen / secs, "tokens_per_second": tokens / secs,
-            "classes": list(self.labels), "confusion": {k: v["confusion"] for k, v in ev.items()},
+            "train_accuracy": ev["train"]["accuracy"],
+            "val_accuracy": ev["validation"]["accuracy"],
+            "test_accuracy": ev["test"]["accuracy"],
+            "train_loss": ev["train"]["loss"],
+            "val_loss": ev["validation"]["loss"],
+            "test_loss": ev["test"]["loss"],
+            "trainable_params": self.trainable_params,
+            "total_params": self.total_params,
+            "world_size": self.world,
+            "strategy": s.name,
+            "steps": self.step,
+            "epochs": self.epoch,
+            "examples_seen": self.examples_seen,
+            "wall_seconds": wall_seconds,
+            "train_seconds": self.train_seconds,
+            "examples_per_second": self.examples_seen / secs,
+            "tokens_per_second": tokens / secs,
+            "classes": list(self.labels),
+            "confusion": {k: v["confusion"] for k, v in ev.items()},
         }
         tensors = s.adapter_state(self.adapter_names)
         out.call(self.save_result, tensors)
         out.write_json("results.json", results)
-        out.log({"step": self.step, "epoch": self.epoch, "examples_seen": self.examples_seen,
-                 **{f"final_{k}": v for k, v in results.items() if isinstance(v, (int, float))}})
+        out.log(
+            {
+                "step": self.step,
+                "epoch": self.epoch,
+                "examples_seen": self.examples_seen,
+                **{f"final_{k}": v for k, v in results.items() if isinstance(v, (int, float))},
+            }
+        )
         out.call(finish_report, out.dir, out.print)  # report.md and plots/; a failure there is only a warning
         out.print(
             f"done in {wall_seconds:.1f}s: train {results['train_accuracy'] * 100:.2f}%, validation "

@@ -1,6 +1,6 @@
 """What produced a run: the git commit of the lora-dist source, when it is a git checkout.
 
-    python -c "from lora_dist.provenance import git_info; print(git_info())"
+python -c "from lora_dist.provenance import git_info; print(git_info())"
 """
 
 from __future__ import annotations

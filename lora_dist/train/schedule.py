@@ -1,6 +1,6 @@
 """Learning-rate schedules as pure functions of the step, so resuming needs nothing but the step.
 
-    python -c "from lora_dist.schedule import lr_at; print([lr_at(s, 1e-3, 100, 'cosine', 10) for s in (0, 10, 100)])"
+python -c "from lora_dist.schedule import lr_at; print([lr_at(s, 1e-3, 100, 'cosine', 10) for s in (0, 10, 100)])"
 """
 
 from __future__ import annotations

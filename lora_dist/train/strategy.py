@@ -19,7 +19,6 @@ from torch import nn
 
 from ..config import Config
 from ..device import AMP_DTYPES, DistEnv, autocast, init_process_group, leave_process_group, resolve_precision
-from ..errors import UserError
 from ..lora import load_adapter_state_dict
 
 
@@ -154,7 +153,9 @@ class DDP(Local):
 
     def init(self) -> None:
         super().init()
-        self.backend, self._set_env = init_process_group(self.device, self.cfg.dist.timeout_s, self.cfg.dist.backend, self.env)
+        self.backend, self._set_env = init_process_group(
+            self.device, self.cfg.dist.timeout_s, self.cfg.dist.backend, self.env
+        )
         self.reduced_params: set[int] = set()
 
     def prepare(self, model: nn.Module, micro: int, accum: int) -> None:
@@ -210,4 +211,3 @@ def _counting_allreduce_hook(state, bucket):  # no annotations: DDP checks them,
     buf.div_(state.world_size)
     fut = dist.all_reduce(buf, async_op=True).get_future()
     return fut.then(lambda f: f.value()[0])
-

@@ -11,8 +11,9 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 from tqdm import tqdm
 
@@ -21,8 +22,19 @@ from ..files import write_atomic
 from .provenance import git_info
 from .wandb_sink import open_wandb
 
-RESULT_FILES = ("results.json", "metrics.jsonl", "checkpoints", "adapter", "weights", "config.yaml", "report.md", "plots", "splits",
-                "wandb", "wandb_run_id")
+RESULT_FILES = (
+    "results.json",
+    "metrics.jsonl",
+    "checkpoints",
+    "adapter",
+    "weights",
+    "config.yaml",
+    "report.md",
+    "plots",
+    "splits",
+    "wandb",
+    "wandb_run_id",
+)
 
 
 class MetricSink(Protocol):
@@ -55,7 +67,9 @@ class Progress:
     def update(self, step: int, total: int, epoch: int, epochs: int, loss: float, ex_per_s: float) -> None:
         if self.tty:
             if self.bar is None:
-                self.bar = tqdm(total=total, initial=step - 1, file=self.stream, unit="step", dynamic_ncols=True, leave=False)
+                self.bar = tqdm(
+                    total=total, initial=step - 1, file=self.stream, unit="step", dynamic_ncols=True, leave=False
+                )
             self.bar.set_description(f"epoch {epoch + 1}/{epochs}", refresh=False)
             self.bar.set_postfix(loss=f"{loss:.4f}", ex_s=f"{ex_per_s:.1f}", refresh=False)
             self.bar.update(step - self.bar.n)
@@ -165,8 +179,10 @@ def prepare_run_dir(run_dir: Path, overwrite: bool, resume: bool) -> None:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as e:
-        raise UserError(f"output_dir {run_dir} cannot be created or written ({e.strerror or type(e).__name__}); "
-                        f"pass an output_dir=... in a writable place, e.g. output_dir=runs/my-run")
+        raise UserError(
+            f"output_dir {run_dir} cannot be created or written ({e.strerror or type(e).__name__}); "
+            f"pass an output_dir=... in a writable place, e.g. output_dir=runs/my-run"
+        ) from e
 
 
 # What a start that failed before step 1 leaves behind; anything else (results, adapter, checkpoints, a

@@ -31,10 +31,18 @@ INIT_TIMEOUT_S = 30.0  # wandb's own default is 90 s; WANDB_INIT_TIMEOUT overrid
 # metrics.jsonl names -> W&B names (the part before "/" is a section in the W&B UI). Other numeric keys
 # pass through unchanged.
 KEYS = {
-    "train_loss_step": "train/loss", "lr": "train/lr", "grad_norm": "train/grad_norm",
-    "examples_per_s": "train/examples_per_s", "tokens_per_s": "train/tokens_per_s",
-    "allreduce_bytes": "train/allreduce_bytes", "step_seconds": "train/step_seconds", "gpu_mem_gb": "train/gpu_mem_gb",
-    "train_loss": "eval/train_loss", "val_loss": "eval/val_loss", "train_acc": "eval/train_acc", "val_acc": "eval/val_acc",
+    "train_loss_step": "train/loss",
+    "lr": "train/lr",
+    "grad_norm": "train/grad_norm",
+    "examples_per_s": "train/examples_per_s",
+    "tokens_per_s": "train/tokens_per_s",
+    "allreduce_bytes": "train/allreduce_bytes",
+    "step_seconds": "train/step_seconds",
+    "gpu_mem_gb": "train/gpu_mem_gb",
+    "train_loss": "eval/train_loss",
+    "val_loss": "eval/val_loss",
+    "train_acc": "eval/train_acc",
+    "val_acc": "eval/val_acc",
 }
 SPLITS = {"train": "train", "validation": "val", "test": "test"}  # results.json confusion key -> key prefix
 
@@ -52,8 +60,14 @@ def resolve_mode(mode: str, env=os.environ) -> tuple[str, str | None]:
         explicit = True
     if mode == "disabled" or _wandb() is not None:
         return mode, None
-    note = (f"warning: tracking.wandb.mode={mode} but wandb is not installed; training continues without W&B "
-            f"(pip install 'lora-dist[wandb]', or set tracking.wandb.mode=disabled)") if explicit else None
+    note = (
+        (
+            f"warning: tracking.wandb.mode={mode} but wandb is not installed; training continues without W&B "
+            f"(pip install 'lora-dist[wandb]', or set tracking.wandb.mode=disabled)"
+        )
+        if explicit
+        else None
+    )
     return "disabled", note
 
 
@@ -78,8 +92,11 @@ def run_id(run_dir: Path, resume: bool) -> str:
 
 def wandb_record(record: dict) -> dict:
     """A metrics.jsonl record as W&B history: renamed keys, numbers only, no wall-clock time or step."""
-    return {KEYS.get(k, k): v for k, v in record.items()
-            if k not in ("time", "step") and isinstance(v, (int, float)) and not isinstance(v, bool)}
+    return {
+        KEYS.get(k, k): v
+        for k, v in record.items()
+        if k not in ("time", "step") and isinstance(v, (int, float)) and not isinstance(v, bool)
+    }
 
 
 def summary_of(results: dict) -> dict:
@@ -97,7 +114,7 @@ def summary_of(results: dict) -> dict:
     return out
 
 
-def open_wandb(cfg, run_dir: Path, info: dict, say=print) -> "WandbSink | None":
+def open_wandb(cfg, run_dir: Path, info: dict, say=print) -> WandbSink | None:
     """Start (or continue) the W&B run for this output_dir; None when W&B is disabled or cannot start."""
     w = cfg.tracking.wandb
     mode, note = resolve_mode(w.mode)
@@ -108,10 +125,18 @@ def open_wandb(cfg, run_dir: Path, info: dict, say=print) -> "WandbSink | None":
     wandb = _wandb()
     run_dir = Path(run_dir)
     try:
-        kwargs = dict(project=w.project, entity=w.entity, name=w.name or run_dir.resolve().name,
-                      group=w.group or default_group(), tags=list(w.tags) or None, job_type="train",
-                      config={**cfg.to_dict(), "run": info}, id=run_id(run_dir, cfg.train.resume != "never"),
-                      resume="allow", dir=str(run_dir))
+        kwargs = dict(
+            project=w.project,
+            entity=w.entity,
+            name=w.name or run_dir.resolve().name,
+            group=w.group or default_group(),
+            tags=list(w.tags) or None,
+            job_type="train",
+            config={**cfg.to_dict(), "run": info},
+            id=run_id(run_dir, cfg.train.resume != "never"),
+            resume="allow",
+            dir=str(run_dir),
+        )
         if "WANDB_INIT_TIMEOUT" not in os.environ:
             kwargs["settings"] = wandb.Settings(init_timeout=INIT_TIMEOUT_S)
     except Exception as e:  # noqa: BLE001
@@ -123,8 +148,10 @@ def open_wandb(cfg, run_dir: Path, info: dict, say=print) -> "WandbSink | None":
         if mode != "online":
             say(f"warning: W&B could not start ({_line(e)}); training continues without W&B")
             return None
-        say(f"warning: W&B online could not start ({_line(e)}); logging offline to {run_dir / 'wandb'} instead "
-            f"(upload later with: wandb sync {run_dir / 'wandb'}/offline-run-*)")
+        say(
+            f"warning: W&B online could not start ({_line(e)}); logging offline to {run_dir / 'wandb'} instead "
+            f"(upload later with: wandb sync {run_dir / 'wandb'}/offline-run-*)"
+        )
     _teardown(wandb)
     try:
         return WandbSink(wandb.init(mode="offline", **kwargs), run_dir, say)
@@ -146,7 +173,7 @@ class WandbSink:
         if self.run is None or "event" in record:  # start / resume / checkpoint events are not metrics
             return
         try:
-            final = {k[len("final_"):]: v for k, v in record.items() if k.startswith("final_")}
+            final = {k[len("final_") :]: v for k, v in record.items() if k.startswith("final_")}
             if final:
                 self.run.summary.update(summary_of(final))
                 self.finished = True
@@ -190,8 +217,12 @@ class WandbSink:
             if not (folder / tensors).is_file():
                 continue
             meta = json.loads((folder / desc).read_text()) if (folder / desc).is_file() else {}
-            artifact = wandb.Artifact(f"{sub}-{self.run.id}", type="model", metadata=meta,
-                                      description=f"{sub}/: {tensors} + {desc} (lora-dist adapter info describes it)")
+            artifact = wandb.Artifact(
+                f"{sub}-{self.run.id}",
+                type="model",
+                metadata=meta,
+                description=f"{sub}/: {tensors} + {desc} (lora-dist adapter info describes it)",
+            )
             with _data_dir(self.dir / "wandb"):  # wandb copies the files to stage them: keep that copy in the run
                 artifact.add_dir(str(folder))
             self.run.log_artifact(artifact)
