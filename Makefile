@@ -1,6 +1,6 @@
 # lora-dist: the two quick-start commands, and the setup they share.
 #   make train   set up .venv and fine-tune GPT-2 small on the SMS data (the book's recipe)
-#   make test    set up .venv with the test extras and run the tests
+#   make test    set up .venv with the test extras and run the tests (make test-fast: the quick ones; make lint)
 # On a machine whose Python already has a CUDA build of torch:  make train USE_SYSTEM_TORCH=1
 # Another torch build:  make train TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
 
@@ -19,7 +19,7 @@ TEST_WORKERS ?= $(shell echo $$(( $$(nproc) + 1 )))
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.lora-dist-installed
 
-.PHONY: setup setup-dev train smoke test clean
+.PHONY: setup setup-dev train smoke test test-fast lint clean
 
 $(BIN)/python:
 ifeq ($(USE_SYSTEM_TORCH),1)
@@ -55,6 +55,17 @@ smoke: setup
 
 test: setup-dev
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
+
+# The tests not marked slow (no multi-process, DeepSpeed, Docker, Slurm or benchmark runs): under 2 minutes
+# on 2 cores, for the edit-test loop. `make test` runs everything, as CI does.
+test-fast: setup-dev
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not slow" $(PYTEST_ARGS)
+
+# ruff (lint and format check) and mypy, configured in pyproject.toml; `$(BIN)/ruff format .` fixes the format.
+lint: setup-dev
+	$(BIN)/ruff check lora_dist tests bench launcher
+	$(BIN)/ruff format --check lora_dist tests bench launcher
+	$(BIN)/mypy
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

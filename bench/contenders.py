@@ -144,7 +144,7 @@ def common_overrides(args) -> list[str]:
 
 
 class LoraDist:
-    """lora-dist's own step, as train.py takes it: strategy forward at the last real token, CE loss,
+    """lora-dist's own step, as train/loop.py takes it: strategy forward at the last real token, CE loss,
     backward, AdamW step (with the gradient-norm computation), and the loss read back."""
 
     def __init__(self, spec: Spec, args):

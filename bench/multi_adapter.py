@@ -18,16 +18,15 @@ The three take turns pass by pass, so that drift in a shared machine's load hits
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import multiprocessing as mp
 import os
-import platform
-import shlex
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+import results_file
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -164,25 +163,8 @@ def main() -> None:
         )
     table = "\n".join(lines)
     print(table)
-    machine = f"{platform.machine()}-{os.cpu_count()}c"
-    doc = {
-        "command": "python bench/multi_adapter.py " + shlex.join(sys.argv[1:]),
-        "model": a.model,
-        "rows": a.rows,
-        "batch": a.batch,
-        "rank": a.rank,
-        "threads": a.threads,
-        "machine": machine,
-        "load_average": os.getloadavg(),
-        "date": datetime.date.today().isoformat(),
-        "results": results,
-        "table": table,
-    }
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"multi-adapter-{a.model}-{machine}-{doc['date']}.json"
-    path.write_text(json.dumps(doc, indent=2) + "\n")
-    print(f"written: {path}")
+    fields = {"model": a.model, "rows": a.rows, "batch": a.batch, "rank": a.rank, "threads": a.threads}
+    results_file.write(a.out, f"multi-adapter-{a.model}", {**fields, "results": results, "table": table})
 
 
 if __name__ == "__main__":

@@ -15,12 +15,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime
 import json
 import os
-import platform
 import random
-import shlex
 import socket
 import statistics
 import subprocess
@@ -29,6 +26,8 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
+
+import results_file
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -207,27 +206,19 @@ def main() -> None:
         )
     table = "\n".join(lines)
     print(table)
-    machine = f"{platform.machine()}-{os.cpu_count()}c"
-    doc = {
-        "command": "python bench/serve_load.py " + shlex.join(sys.argv[1:]),
+    full = a.requests >= FULL
+    fields = {
         "model": a.model,
         "adapters": a.adapters,
         "requests_per_phase": a.requests,
-        "full_run": a.requests >= FULL,
+        "full_run": full,
         "max_batch": a.max_batch,
         "max_wait_ms": a.max_wait_ms,
         "threads": a.threads,
-        "machine": machine,
-        "load_average": os.getloadavg(),
-        "date": datetime.date.today().isoformat(),
-        "results": results,
-        "table": table,
     }
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"serve-load-{a.model}-{machine}-{doc['date']}{'' if doc['full_run'] else '-quick'}.json"
-    path.write_text(json.dumps(doc, indent=2) + "\n")
-    print(f"written: {path}")
+    results_file.write(
+        a.out, f"serve-load-{a.model}", {**fields, "results": results, "table": table}, suffix="" if full else "-quick"
+    )
 
 
 if __name__ == "__main__":

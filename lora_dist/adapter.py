@@ -22,7 +22,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from .config import Config, DataConfig, LoRAConfig, ModelConfig, TrainConfig, load_config
+from .config import Config, load_config
+from .config import build as build_config
 from .data import build_datasets, fixed_length, read_table
 from .errors import UserError
 from .files import save_file, write_atomic
@@ -98,7 +99,7 @@ class AdapterSpec:
     # ------------------------------------------------------------------------------------ building
     @classmethod
     def for_run(cls, cfg: Config, labels, length: int, modules: list[str], base: BaseModel) -> AdapterSpec:
-        """The description of what `cfg` trains (train.py calls this when it saves the result)."""
+        """The description of what `cfg` trains (train/loop.py calls this when it saves the result)."""
         lora = None
         if cfg.train.trainable == "lora":
             lora = {
@@ -128,31 +129,23 @@ class AdapterSpec:
         """A Config from which `build.build_model` rebuilds this model (base, head, adapters)."""
         b = self.base
         weights = "random" if b.source == "random" else ("pretrained" if _is_hub_id(b.source) else b.source)
-        model = ModelConfig(
-            name=b.name,
-            weights=weights,
-            num_classes=len(self.labels),
-            context_length=b.context_length,
-            pooling=self.pooling,
-            causal_mask=self.causal_mask,
-        )
-        lora = LoRAConfig()
+        raw: dict = {
+            "model": {
+                "name": b.name,
+                "weights": weights,
+                "num_classes": len(self.labels),
+                "context_length": b.context_length,
+                "pooling": self.pooling,
+                "causal_mask": self.causal_mask,
+            },
+            "data": {"pad_token_id": self.pad_token_id},
+            "train": {"trainable": self.trainable, "seed": b.seed if b.seed is not None else 123},
+        }
         if self.lora:
-            targets = tuple(t for t in self.lora["targets"] if t != "head") or ("head",)
-            lora = LoRAConfig(
-                rank=int(self.lora["rank"]),
-                alpha=float(self.lora["alpha"]),
-                scaling=self.lora["scaling"],
-                targets=targets,
-                head=bool(self.lora["head"]),
-                train_head=bool(self.lora["train_head"]),
-            )
-        return Config(
-            model=model,
-            lora=lora,
-            data=DataConfig(pad_token_id=self.pad_token_id),
-            train=TrainConfig(trainable=self.trainable, seed=b.seed if b.seed is not None else 123),
-        )
+            targets = [t for t in self.lora["targets"] if t != "head"] or ["head"]
+            raw["lora"] = {key: self.lora[key] for key in ("rank", "alpha", "scaling", "head", "train_head")}
+            raw["lora"]["targets"] = targets
+        return build_config(Config, raw, "")  # checked as a config file is
 
     # ---------------------------------------------------------------------------------------- JSON
     def to_json(self) -> dict:

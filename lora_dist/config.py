@@ -12,6 +12,7 @@ import hashlib
 import json
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -208,7 +209,7 @@ def _to_plain(obj):
 # ----------------------------------------------------------------------------------------- loading
 
 
-def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Config:
     """Read a YAML file (or start from defaults), apply `a.b=value` overrides, and validate."""
     raw: dict = {}
     if path is not None:

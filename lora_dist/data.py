@@ -49,7 +49,7 @@ def download_sms(url: str, cache_dir: Path | None = None, timeout: float = 15.0)
     Raises OSError (or ValueError for a bad archive) when that cannot be done; `sms_path` falls back to
     the shipped copy then.
     """
-    cache_dir = Path(cache_dir or os.environ.get("LORA_DIST_CACHE", Path.home() / ".cache" / "lora_dist"))
+    cache_dir = Path(cache_dir or os.environ.get("LORA_DIST_CACHE") or Path.home() / ".cache" / "lora_dist")
     target = cache_dir / "SMSSpamCollection"
     if target.is_file() and _sha256(target.read_bytes()) == SMS_SHA256:
         return target

@@ -14,6 +14,7 @@ import contextlib
 import datetime
 import os
 import socket
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -130,7 +131,7 @@ def init_process_group(
     return backend, added
 
 
-def leave_process_group(added: list[str] = (), barrier: bool = True) -> None:
+def leave_process_group(added: Sequence[str] = (), barrier: bool = True) -> None:
     """Tear the group down (after a barrier, so no rank leaves while others still talk), and unset what
     `init_process_group` set."""
     if dist.is_initialized():

@@ -149,7 +149,8 @@ def classifier_config(cfg, spec) -> dict:
 
 def write_peft(model, spec, names: set[str], source: str, out: Path, final: Path, base: str | None) -> list[str]:
     """adapter_config.json + adapter_model.safetensors (PEFT's names), and lora-dist's description beside them."""
-    table, C, notes = hf_modules(model.cfg.n_layers), model.cfg.emb_dim, []
+    table, C = hf_modules(model.cfg.n_layers), model.cfg.emb_dim
+    notes: list[str] = []
     groups: dict[str, dict] = {}  # HF module -> {slot: LoRALayer}
     used = set()
     for name, m in model.named_modules():

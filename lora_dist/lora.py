@@ -81,7 +81,7 @@ class LinearWithLoRA(nn.Module):
     @torch.no_grad()
     def unmerge(self) -> None:
         """Restore the exact base weight. Idempotent."""
-        if not self.merged:
+        if self._original is None:
             return
         self.linear.weight.copy_(self._original)
         self._original = None

@@ -36,8 +36,8 @@ class Rows:
         self.single = numbers[0] if len(set(numbers)) == 1 else None
         lengths = lengths or [1] * len(numbers)
         self.by_row, self.by_token, row, token = [], [], 0, 0
-        for number, run in itertools.groupby(zip(numbers, lengths, strict=True), key=lambda p: p[0]):
-            run = [n for _, n in run]
+        for number, group in itertools.groupby(zip(numbers, lengths, strict=True), key=lambda p: p[0]):
+            run = [n for _, n in group]
             self.by_row.append((number, row, row + len(run)))
             self.by_token.append((number, token, token + sum(run)))
             row, token = row + len(run), token + sum(run)
@@ -52,7 +52,10 @@ class Rows:
 class MultiLoRALinear(nn.Module):
     """base(x) + scale_i * (x @ A_i) @ B_i for each row, i = that row's adapter."""
 
-    def __init__(self, linear: nn.Module, rows: Rows, updates: list[tuple[torch.Tensor, torch.Tensor, float] | None]):
+    A: torch.Tensor  # (n, in, r_max), a buffer
+    B: torch.Tensor  # (n, r_max, out), a buffer
+
+    def __init__(self, linear: nn.Linear, rows: Rows, updates: list[tuple[torch.Tensor, torch.Tensor, float] | None]):
         super().__init__()
         self.linear, self.rows = linear, rows
         w = linear.weight
@@ -86,6 +89,9 @@ class MultiLoRALinear(nn.Module):
 class MultiHead(nn.Module):
     """Each row through its own adapter's head: (B, C) -> (B, L_max) logits; labels past an adapter's own
     count are padded with -inf (they get probability 0)."""
+
+    W: torch.Tensor  # (n, L_max, C), a buffer
+    b: torch.Tensor  # (n, L_max), a buffer
 
     def __init__(self, rows: Rows, heads: list[tuple[torch.Tensor, torch.Tensor]], device):
         super().__init__()

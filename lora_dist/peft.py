@@ -43,7 +43,7 @@ UNSUPPORTED = {
 
 def hf_modules(n_layers: int) -> dict[str, tuple[str, int | None]]:
     """Our LoRA-able Linear layers -> (module of GPT2ForSequenceClassification, slot in the fused c_attn)."""
-    m = {}
+    m: dict[str, tuple[str, int | None]] = {}
     for i in range(n_layers):
         b, h = f"blocks.{i}.", f"transformer.h.{i}."
         m |= {
@@ -75,7 +75,8 @@ def read(path: Path, base: str | None) -> tuple[AdapterSpec, dict[str, torch.Ten
     base_model = template.base if template else _base(cfg.get("base_model_name_or_path"), base, path)
     gpt = _gpt_config(base_model, base)
     C = gpt.emb_dim
-    lora, saved = {}, {}
+    lora: dict[str, dict[str, torch.Tensor]] = {}
+    saved: dict[str, torch.Tensor] = {}
     for key, t in tensors.items():
         name = key.removeprefix(PREFIX)
         m = re.fullmatch(r"(.+)\.(lora_A|lora_B)\.weight", name)
@@ -269,7 +270,7 @@ def _labels(b: BaseModel, base: str | None, n: int) -> list[str]:
 def _overrides(saved: dict[str, torch.Tensor], gpt, path: Path) -> dict[str, torch.Tensor]:
     """Saved base modules (modules_to_save other than score) in lora-dist's names."""
     table = key_map(gpt)
-    out = {}
+    out: dict[str, torch.Tensor] = {}
     for name, t in saved.items():
         key = name.removeprefix("transformer.")
         if key not in table:

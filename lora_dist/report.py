@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import yaml
@@ -48,7 +49,7 @@ def load_results(run_dir: Path) -> dict:
     return results
 
 
-def render(run_dir: Path, results: dict, plots: list[Path] = ()) -> str:
+def render(run_dir: Path, results: dict, plots: Sequence[Path] = ()) -> str:
     """The report as Markdown."""
     run_dir = Path(run_dir)
     lines = [f"# lora-dist report: {run_dir.resolve().name}", "", *_header(run_dir, results), ""]
@@ -147,10 +148,10 @@ def finish_report(run_dir: Path, say=print) -> None:
 
 
 def _header(run_dir: Path, results: dict) -> list[str]:
-    cfg = {}
+    cfg: dict = {}
     if (run_dir / "config.yaml").is_file():
         cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
-    start = {}
+    start: dict = {}
     if (run_dir / "metrics.jsonl").is_file():
         start = next((r for r in reversed(read_metrics(run_dir / "metrics.jsonl")) if r.get("event") == "start"), {})
     model, lora, train = cfg.get("model", {}), cfg.get("lora", {}), cfg.get("train", {})

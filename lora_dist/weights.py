@@ -39,19 +39,18 @@ def load_gpt2(
 
     `weights` is "pretrained" (hub download, or the directory's own file), "random", or a directory.
     """
-    adjust = dict(dropout=dropout, context_length=context_length, causal=causal)
     if weights not in ("pretrained", "random"):
-        return _from_dir(Path(weights), **adjust)
+        return _from_dir(Path(weights), dropout, context_length, causal)
     if _looks_like_path(name_or_path):
         if weights == "random":
             cfg = _config_from_json(Path(name_or_path) / "config.json")
-            return GPT2(_adjust(cfg, **adjust))
-        return _from_dir(Path(name_or_path), **adjust)
+            return GPT2(_adjust(cfg, dropout, context_length, causal))
+        return _from_dir(Path(name_or_path), dropout, context_length, causal)
     name = canonical_name(name_or_path)
-    cfg = _adjust(SIZES[name], **adjust)
+    cfg = _adjust(SIZES[name], dropout, context_length, causal)
     if weights == "random":
         return GPT2(cfg)
-    return _from_dir(base_dir(name, weights), **adjust)
+    return _from_dir(base_dir(name, weights), dropout, context_length, causal)
 
 
 def base_dir(name: str, weights: str = "pretrained") -> Path:
@@ -221,16 +220,16 @@ def download(repo_id: str, revision: str = "main") -> Path:
     Stops at once, with what it tried and how to proceed, when the hub cannot be reached and nothing is
     cached.
     """
-    cached = [try_to_load_from_cache(repo_id, f, revision=revision) for f in ("config.json", "model.safetensors")]
-    if all(isinstance(c, str) for c in cached):
-        folder = Path(cached[1]).parent
-        _verify_blob(Path(cached[1]))
-        return folder
+    config, weights = (
+        try_to_load_from_cache(repo_id, f, revision=revision) for f in ("config.json", "model.safetensors")
+    )
+    if isinstance(config, str) and isinstance(weights, str):
+        _verify_blob(Path(weights))
+        return Path(weights).parent
     endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
     url = f"{endpoint}/{repo_id}/resolve/{revision}/config.json"
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false"):
-        problem = "HF_HUB_OFFLINE is set"
-    else:
+    problem: str | None = "HF_HUB_OFFLINE is set"
+    if os.environ.get("HF_HUB_OFFLINE", "0") in ("0", "", "false"):
         problem = _probe(url)
     if problem is None:
         try:

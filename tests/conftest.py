@@ -34,34 +34,44 @@ def cli_env(**extra) -> dict:
     return env
 
 
-def run_cli(*args: str, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+def lora_dist_cmd(*args: str) -> list[str]:
+    """`python -m lora_dist ARGS` as an argument list."""
+    return [sys.executable, "-m", "lora_dist", *args]
+
+
+def torchrun_cmd(nproc: int, *args: str, extra: tuple = ()) -> list[str]:
+    """`torchrun --nproc_per_node=N [EXTRA] -m lora_dist ARGS` on the loopback, as an argument list."""
+    run = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--rdzv-backend=c10d"]
+    return [*run, "--rdzv-endpoint=127.0.0.1:0", *extra, "-m", "lora_dist", *args]
+
+
+def train_args(out, *overrides: str) -> list[str]:
+    """`train --config configs/smoke.yaml output_dir=OUT OVERRIDES`."""
+    return ["train", "--config", str(SMOKE), f"output_dir={out}", *overrides]
+
+
+def run_cli(*args: str, timeout: float = 300, env: dict | None = None, input: str | None = None):
     """`python -m lora_dist ARGS` in a subprocess (as a user would run it)."""
     return subprocess.run(
-        [sys.executable, "-m", "lora_dist", *args],
+        lora_dist_cmd(*args),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env or cli_env(),
+        input=input,
+    )
+
+
+def torchrun(nproc: int, *args: str, timeout: float = 300, extra: tuple = (), env: dict | None = None):
+    return subprocess.run(
+        torchrun_cmd(nproc, *args, extra=extra),
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=timeout,
         env=env or cli_env(),
     )
-
-
-def torchrun(
-    nproc: int, *args: str, timeout: float = 300, extra: tuple = (), env: dict | None = None
-) -> subprocess.CompletedProcess:
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        f"--nproc_per_node={nproc}",
-        "--rdzv-backend=c10d",
-        "--rdzv-endpoint=127.0.0.1:0",
-        *extra,
-        "-m",
-        "lora_dist",
-        *args,
-    ]
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env or cli_env())
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
@@ -121,6 +131,17 @@ def smoke_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     epochs): (run directory, finished process). Tests that only read a finished run share it; a test that
     changes a file in it puts the file back. Under pytest-xdist every worker shares the one run."""
     return shared_train(tmp_path_factory, "smoke")
+
+
+# Messages of mixed lengths and kinds, for the inference tests.
+SAMPLE_TEXTS = [
+    "WINNER!! Claim your £900 prize now",
+    "see you at 6",
+    "Ok lar... Joking wif u oni...",
+    "URGENT! Call 09061701461 now to claim your cash",
+    "my invoice is wrong again",
+    "",
+]
 
 
 # What the Slurm templates and the container image train (their jobs append it to configs/smoke.yaml): one

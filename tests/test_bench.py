@@ -102,6 +102,7 @@ else:
 """
 
 
+@pytest.mark.slow
 def test_gpu_check_dry_run_on_the_cpu(tmp_path, baseline):
     """The GPU check is one prepared script that runs on a rented GPU; its --dry-run takes every step of the
     script on the CPU with a stand-in interpreter (STUB), so a broken flag, path or field shows up here in

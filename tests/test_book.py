@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import ROOT, SMOKE, read_metrics, run_cli, torchrun
+from conftest import ROOT, SMOKE, read_metrics, shared_train, torchrun
 from safetensors.torch import load_file
 
 from lora_dist.build import build_model, seed_everything
@@ -200,10 +200,7 @@ SHORT = (
 
 @pytest.fixture(scope="module")
 def last_block_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("last-block") / "run"
-    proc = run_cli("train", "--config", str(SMOKE), f"output_dir={out}", *SHORT)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return out
+    return shared_train(tmp_path_factory, "book-last-block", *SHORT)[0]
 
 
 def test_last_block_run_saves_those_weights_and_is_usable(last_block_run, capsys):
@@ -226,6 +223,7 @@ def test_last_block_run_saves_those_weights_and_is_usable(last_block_run, capsys
     assert json.loads(capsys.readouterr().out)[0]["label"] in ("ham", "spam")
 
 
+@pytest.mark.slow
 def test_last_block_one_and_two_processes_agree(last_block_run, tmp_path):
     """Full blocks trainable under DDP: the same weights as one process, and each step all-reduces exactly
     the trainable tensors' gradients."""

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 
 import pandas as pd
 import pytest
 import torch
-from conftest import ROOT, SMOKE, cli_env, run_cli, torchrun
+from conftest import SMOKE, run_cli, torchrun
 
 from lora_dist import Classifier, UserError
 from lora_dist.cli import main
@@ -36,15 +34,7 @@ def clf(run):
 
 
 def cli(*args, input=None, env=None):
-    return subprocess.run(
-        [sys.executable, "-m", "lora_dist", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        input=input,
-        env=env or cli_env(),
-        timeout=300,
-    )
+    return run_cli(*args, input=input, env=env)
 
 
 # ------------------------------------------------------------------------------------ the adapter
@@ -247,6 +237,7 @@ def test_an_existing_out_file_survives_a_failure(run, tmp_path):
     assert proc.returncode == 2 and out.read_text() == "precious\n"
 
 
+@pytest.mark.slow
 def test_one_and_two_processes_write_the_same_file(run, tmp_path):
     """torchrun shards the input; rank 0 writes it once, in input order: byte for byte what one process writes."""
     test = pd.read_csv(run / "splits" / "test.csv", keep_default_na=False)

@@ -8,11 +8,13 @@ import subprocess
 import deepspeed  # noqa: E402,F401  (a dev extra: pip install -e .[dev]; a broken install fails here, it does not skip)
 import pytest
 import torch
-from conftest import ROOT, SMOKE, cli_env, read_metrics, torchrun
+from conftest import ROOT, SMOKE, cli_env, read_metrics, torchrun, torchrun_cmd, train_args
 from test_distributed import _children, _wait_for_step, adapter, assert_same_adapter, results
 
 from lora_dist import UserError, load_config
 from lora_dist.train.deepspeed_strategy import COMMS_SAMPLE_EVERY, deepspeed_config
+
+pytestmark = pytest.mark.slow  # several processes each: make test runs them, make test-fast not
 
 # 30 steps: enough for the trajectories to part if a gradient were lost or reduced twice, and for the ZeRO-3
 # run to be stopped at step 8 or so with 20 steps still to go.
@@ -60,7 +62,7 @@ def test_zero3_saves_full_adapter_and_resumes(zero2_run, tmp_path):
     """Stopped by SIGTERM mid-run, resumed: the ZeRO-3 adapter file holds the real gathered tensors and ends
     where ZeRO-2 (unpartitioned) ends."""
     out = tmp_path / "zero3"
-    cmd = [*torchrun_cmd(out), *RUN, *ds_args("zero3"), "train.resume=auto", "train.checkpoint_every=10"]
+    cmd = [*two_process_cmd(out), *RUN, *ds_args("zero3"), "train.resume=auto", "train.checkpoint_every=10"]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert _wait_for_step(out, 8, proc, timeout=400), "ZeRO-3 run ended before the signal"
     for pid in _children(proc.pid):
@@ -81,23 +83,8 @@ def test_zero3_saves_full_adapter_and_resumes(zero2_run, tmp_path):
     assert all(grad_bytes <= b <= grad_bytes + 64 for b in per_step)  # ZeRO-3's weight all-gathers are not counted
 
 
-def torchrun_cmd(out):
-    import sys
-
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=2",
-        "--rdzv-backend=c10d",
-        "--rdzv-endpoint=127.0.0.1:0",
-        "-m",
-        "lora_dist",
-        "train",
-        "--config",
-        str(SMOKE),
-        f"output_dir={out}",
-    ]
+def two_process_cmd(out):
+    return torchrun_cmd(2, *train_args(out))
 
 
 def proc_signal(pid):

@@ -12,8 +12,21 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, SMOKE, cli_env, read_metrics, run_cli, torchrun
+from conftest import (
+    ROOT,
+    SMOKE,
+    cli_env,
+    lora_dist_cmd,
+    read_metrics,
+    run_cli,
+    shared_train,
+    torchrun,
+    torchrun_cmd,
+    train_args,
+)
 from safetensors.torch import load_file
+
+pytestmark = pytest.mark.slow  # several processes each: make test runs them, make test-fast not
 
 SHORT = ("train.epochs=1", "train.max_steps=24", "train.eval_every=10", "train.eval_batches=2")
 
@@ -52,10 +65,7 @@ def assert_same_adapter(a, b, rtol=1e-5, atol=1e-5):
 
 @pytest.fixture(scope="module")
 def one_process(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ws1") / "run"
-    proc = run_cli("train", "--config", str(SMOKE), f"output_dir={out}", *SHORT)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return out
+    return shared_train(tmp_path_factory, "distributed-one-process", *SHORT)[0]
 
 
 @pytest.fixture(scope="module")
@@ -123,25 +133,12 @@ LONG = ("train.epochs=1", "train.checkpoint_every=10", "train.eval_every=1000") 
 
 @pytest.fixture(scope="module")
 def clean_long(tmp_path_factory):
-    out = tmp_path_factory.mktemp("clean") / "run"
-    proc = run_cli("train", "--config", str(SMOKE), f"output_dir={out}", *LONG)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return out
+    return shared_train(tmp_path_factory, "distributed-clean-long", *LONG)[0]
 
 
 def test_exact_resume_after_sigkill(clean_long, tmp_path):
     out = tmp_path / "killed"
-    cmd = [
-        sys.executable,
-        "-m",
-        "lora_dist",
-        "train",
-        "--config",
-        str(SMOKE),
-        f"output_dir={out}",
-        *LONG,
-        "train.resume=auto",
-    ]
+    cmd = lora_dist_cmd(*train_args(out, *LONG, "train.resume=auto"))
     proc = subprocess.Popen(cmd, cwd=ROOT, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     assert _wait_for_step(out, 75, proc), "the run ended before it could be killed"
     proc.send_signal(signal.SIGKILL)
@@ -158,17 +155,7 @@ def test_exact_resume_after_sigkill(clean_long, tmp_path):
 
 def test_sigterm_checkpoints_and_exits_zero_then_resumes(clean_long, tmp_path):
     out = tmp_path / "preempted"
-    cmd = [
-        sys.executable,
-        "-m",
-        "lora_dist",
-        "train",
-        "--config",
-        str(SMOKE),
-        f"output_dir={out}",
-        *LONG,
-        "train.resume=auto",
-    ]
+    cmd = lora_dist_cmd(*train_args(out, *LONG, "train.resume=auto"))
     proc = subprocess.Popen(cmd, cwd=ROOT, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert _wait_for_step(out, 45, proc)
     proc.send_signal(signal.SIGTERM)
@@ -208,24 +195,7 @@ def _children(pid):
 
 
 def _torchrun_cmd(nproc, out, *extra_args, launcher_args=()):
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        f"--nproc_per_node={nproc}",
-        "--rdzv-backend=c10d",
-        "--rdzv-endpoint=127.0.0.1:0",
-        *launcher_args,
-        "-m",
-        "lora_dist",
-        "train",
-        "--config",
-        str(SMOKE),
-        f"output_dir={out}",
-        *LONG,
-        "train.resume=auto",
-        *extra_args,
-    ]
+    return torchrun_cmd(nproc, *train_args(out, *LONG, "train.resume=auto", *extra_args), extra=launcher_args)
 
 
 @pytest.fixture(scope="module")

@@ -7,11 +7,13 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT, SMOKE, cli_env, read_metrics
+from conftest import ROOT, cli_env, read_metrics, train_args
 from test_distributed import _wait_for_step
 
 sys.path.insert(0, str(ROOT / "launcher"))
 import launch  # noqa: E402
+
+pytestmark = pytest.mark.slow  # several processes each: make test runs them, make test-fast not
 
 QUICK = ("train.epochs=1", "train.max_steps=12", "train.eval_every=1000", "tracking.wandb.mode=disabled")
 
@@ -86,136 +88,42 @@ def test_impossible_layouts(monkeypatch, argv, env, message):
         build(argv, monkeypatch, **env)
 
 
+def run_launcher(*args: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    """`python launcher/launch.py ARGS` as a user runs it, with `env` added to the test environment."""
+    cmd = [sys.executable, "launcher/launch.py", *args]
+    return subprocess.run(
+        cmd, cwd=ROOT, capture_output=True, text=True, env={**cli_env(), **(env or {})}, timeout=timeout
+    )
+
+
 def test_deepspeed_launcher_keeps_to_the_visible_gpus():
     """deepspeed's runner would start on GPUs 0..N-1 (and reset CUDA_VISIBLE_DEVICES) given --num_gpus."""
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "launcher/launch.py",
-            "--dry-run",
-            "--launcher",
-            "deepspeed",
-            "--",
-            "train",
-            "--config",
-            "configs/smoke.yaml",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        env={**cli_env(), "CUDA_VISIBLE_DEVICES": "2,3"},
-    )
+    dry = "--dry-run --launcher deepspeed".split()
+    proc = run_launcher(*dry, "--", "train", "--config", "configs/smoke.yaml", env={"CUDA_VISIBLE_DEVICES": "2,3"})
     assert proc.returncode == 0, proc.stderr
-    assert (
-        "deepspeed.launcher.runner --include localhost:2,3 --master_port" in proc.stdout
-        and "--num_gpus" not in proc.stdout
-    )
-    one = subprocess.run(
-        [
-            sys.executable,
-            "launcher/launch.py",
-            "--dry-run",
-            "--launcher",
-            "deepspeed",
-            "--nproc-per-node",
-            "1",
-            "--",
-            "train",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        env={**cli_env(), "CUDA_VISIBLE_DEVICES": "5,6"},
-    )
+    assert "deepspeed.launcher.runner --include localhost:2,3 --master_port" in proc.stdout
+    assert "--num_gpus" not in proc.stdout
+    one = run_launcher(*dry, "--nproc-per-node", "1", "--", "train", env={"CUDA_VISIBLE_DEVICES": "5,6"})
     assert "--include localhost:5 " in one.stdout
-    too_many = subprocess.run(
-        [
-            sys.executable,
-            "launcher/launch.py",
-            "--dry-run",
-            "--launcher",
-            "deepspeed",
-            "--nproc-per-node",
-            "3",
-            "--",
-            "train",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        env={**cli_env(), "CUDA_VISIBLE_DEVICES": "5,6"},
-    )
+    too_many = run_launcher(*dry, "--nproc-per-node", "3", "--", "train", env={"CUDA_VISIBLE_DEVICES": "5,6"})
     assert too_many.returncode != 0 and "CUDA_VISIBLE_DEVICES shows 2 GPU(s)" in too_many.stderr
 
 
 def test_dry_run_prints_the_command():
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "launcher/launch.py",
-            "--dry-run",
-            "--nproc-per-node",
-            "2",
-            "--",
-            "train",
-            "--config",
-            "configs/smoke.yaml",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        env=cli_env(),
-    )
+    proc = run_launcher("--dry-run", "--nproc-per-node", "2", "--", "train", "--config", "configs/smoke.yaml")
     assert proc.returncode == 0 and "torch.distributed.run --nproc-per-node=2" in proc.stdout
 
 
 def test_two_processes_through_the_launcher(tmp_path):
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "launcher/launch.py",
-            "--nproc-per-node",
-            "2",
-            "--",
-            "train",
-            "--config",
-            str(SMOKE),
-            f"output_dir={tmp_path}",
-            *QUICK,
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        env=cli_env(),
-        timeout=300,
-    )
+    proc = run_launcher("--nproc-per-node", "2", "--", *train_args(tmp_path, *QUICK), timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((tmp_path / "results.json").read_text())["world_size"] == 2
 
 
 def test_deepspeed_launcher_runs(tmp_path):
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "launcher/launch.py",
-            "--launcher",
-            "deepspeed",
-            "--nproc-per-node",
-            "2",
-            "--",
-            "train",
-            "--config",
-            str(SMOKE),
-            f"output_dir={tmp_path}",
-            *QUICK,
-            "dist.strategy=deepspeed",
-            "dist.deepspeed_config=configs/deepspeed/zero2.json",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        env=cli_env(),
-        timeout=600,
+    ds = ("dist.strategy=deepspeed", "dist.deepspeed_config=configs/deepspeed/zero2.json")
+    proc = run_launcher(
+        "--launcher", "deepspeed", "--nproc-per-node", "2", "--", *train_args(tmp_path, *QUICK, *ds), timeout=600
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = json.loads((tmp_path / "results.json").read_text())
@@ -223,22 +131,14 @@ def test_deepspeed_launcher_runs(tmp_path):
 
 
 def test_usr1_to_the_launcher_checkpoints_and_resumes(tmp_path):
-    args = [
-        sys.executable,
-        "launcher/launch.py",
-        "--nproc-per-node",
-        "2",
-        "--",
-        "train",
-        "--config",
-        str(SMOKE),
-        f"output_dir={tmp_path}",
+    overrides = (
         "train.epochs=1",
         "train.max_steps=60",
         "train.eval_every=1000",
         "train.resume=auto",
         "tracking.wandb.mode=disabled",
-    ]
+    )
+    args = [sys.executable, "launcher/launch.py", "--nproc-per-node", "2", "--", *train_args(tmp_path, *overrides)]
     proc = subprocess.Popen(args, cwd=ROOT, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert _wait_for_step(tmp_path, 20, proc)
     proc.send_signal(signal.SIGUSR1)

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, SAMPLE_TEXTS
 
 from lora_dist import Classifier, MultiAdapterClassifier, UserError
 
@@ -14,12 +14,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from fake_adapters import LABELS, make_adapter  # noqa: E402
 
 MESSAGES = [
-    "WINNER!! Claim your £900 prize now",
-    "see you at 6",
-    "Ok lar... Joking wif u oni...",
-    "URGENT! Call 09061701461 now to claim your cash",
-    "my invoice is wrong again",
-    "",
+    *SAMPLE_TEXTS,
     "x " * 400,
     "I'll be home soon, want anything from the shop?",
     "<|endoftext|> is just text here",

@@ -24,19 +24,14 @@ from types import SimpleNamespace
 import fastapi  # noqa: E402,F401  (the [serve] extra and httpx from [dev]: a broken install fails, not skips)
 import httpx  # noqa: E402
 import pytest
-from conftest import ROOT, cli_env
+from conftest import ROOT, SAMPLE_TEXTS, cli_env
 
 sys.path.insert(0, str(ROOT / "bench"))
 from fake_adapters import LABELS, make_adapter  # noqa: E402
 
 TOKEN = "s3cret-token-for-tests"
 TEXTS = [
-    "WINNER!! Claim your £900 prize now",
-    "see you at 6",
-    "Ok lar... Joking wif u oni...",
-    "URGENT! Call 09061701461 now to claim your cash",
-    "my invoice is wrong again",
-    "",
+    *SAMPLE_TEXTS,
     "I'll be home soon, want anything from the shop?",
     "the app crashes when I log in",
 ]
@@ -194,7 +189,7 @@ def test_batcher_gathers_concurrent_requests_and_returns_each_its_own():
 
 def test_loading_and_every_batch_run_on_the_one_model_thread(monkeypatch):
     """Each thread that runs torch gets its own OpenMP team, and two teams on 2 cores made every forward pass
-    3-6x slower (lora_dist/batcher.py). So the model is built, warmed up and run on one thread only."""
+    3-6x slower (lora_dist/serve/batcher.py). So the model is built, warmed up and run on one thread only."""
     from fastapi.testclient import TestClient
 
     from lora_dist.infer import multi_adapter

@@ -18,6 +18,7 @@ def bench(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     return p
 
 
+@pytest.mark.slow
 def test_multi_adapter_bench_quick(tmp_path):
     p = bench(
         "bench/multi_adapter.py",

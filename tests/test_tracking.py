@@ -85,6 +85,7 @@ def ddp_run(tmp_path_factory):
     return out, proc, runs, wandb_records(runs[0]) if runs else []
 
 
+@pytest.mark.slow
 def test_two_processes_make_one_wandb_run(ddp_run):
     out, proc, runs, records = ddp_run
     assert len(runs) == 1, runs
@@ -171,6 +172,7 @@ def test_no_secret_is_written(ddp_run):
 # ------------------------------------------------------------------------------ resume and disabled
 
 
+@pytest.mark.slow
 def test_resume_continues_the_same_wandb_run(tmp_path):
     out = tmp_path / "run"
     args = ("train", "--config", str(SMOKE), f"output_dir={out}", "train.epochs=1", "tracking.wandb.mode=offline")

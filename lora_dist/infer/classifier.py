@@ -49,7 +49,7 @@ class Classifier:
         cls,
         path: str | Path,
         *,
-        device: str = "auto",
+        device: str | torch.device = "auto",
         precision: str = "auto",
         merge: bool = False,
         base: str | None = None,

@@ -17,6 +17,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import TextIO
 
 import pandas as pd
 import torch.distributed as dist
@@ -76,17 +77,17 @@ def main(args) -> int:
             mine = texts[start + env.rank * size : start + (env.rank + 1) * size]
             probs = clf.logits(mine, args.batch_size, progress=None if R == 1 else False).softmax(-1) if mine else None
             truncated += clf.truncated if mine else 0
-            parts = [probs]
+            parts: list = [probs]
             if spread:
-                parts = [None] * R if env.rank == 0 else None
-                dist.gather_object(probs, parts, dst=0)
+                parts = [None] * R
+                dist.gather_object(probs, parts if env.rank == 0 else None, dst=0)
             if sink is not None:
                 for p in parts:  # rank order is input order: rank r holds the r-th slice of this round
                     if p is not None:
                         sink.write(results(texts[sink.count : sink.count + len(p)], p, clf.labels))
         if spread:
-            counts = [0] * R if env.rank == 0 else None
-            dist.gather_object(truncated, counts, dst=0)
+            counts = [0] * R
+            dist.gather_object(truncated, counts if env.rank == 0 else None, dst=0)
             truncated = sum(counts) if env.rank == 0 else truncated
         if sink is not None:
             sink.close()
@@ -176,7 +177,7 @@ class Writer:
                 raise UserError(f"--out {self.target} is a directory; give a file name")
             self.tmp = self.target.with_name(f".{self.target.name}.{os.getpid()}.tmp")
             try:
-                self.stream = open(self.tmp, "w", encoding="utf-8")
+                self.stream: TextIO = open(self.tmp, "w", encoding="utf-8")
             except OSError as e:
                 raise UserError(f"cannot write --out {self.target} ({e.strerror}); pick a writable path") from e
         else:

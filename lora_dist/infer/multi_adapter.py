@@ -88,6 +88,7 @@ def lora_parts(a: Loaded) -> tuple[dict[str, tuple], tuple[torch.Tensor, torch.T
     with torch.device("meta"):  # the adapter's own model structure: names and shapes, no weights
         model, wrapped = build_model(replace(cfg, model=structure), len(a.spec.labels))
     load_adapter_state_dict(model, a.tensors, source=a.source)
+    assert a.spec.lora is not None  # read_adapters keeps LoRA adapters only
     t, scale = a.tensors, float(a.spec.lora["scale"])
     layers = {n: (t[f"{n}.lora.A"], t[f"{n}.lora.B"], scale) for n in wrapped if n != "head"}
     if "head" in wrapped:

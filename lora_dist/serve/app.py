@@ -81,7 +81,7 @@ class Service:
         self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
         self.metrics = Metrics()
         self.batcher = Batcher(self._run, max_batch, max_wait_ms, on_batch=self.metrics.batch_done)
-        self.model = None
+        self.model: MultiAdapterClassifier | None = None
         self.failed: str | None = None
 
     def load(self) -> None:
@@ -99,6 +99,7 @@ class Service:
         self.log(f"ready: {len(self.specs)} adapters on {self.model.device} in {time.perf_counter() - t0:.1f} s")
 
     def _run(self, texts: list[str], adapters: list[str]) -> list[dict]:
+        assert self.model is not None  # requests reach the batcher only once the model is loaded
         return self.model.predict(texts, adapters, batch_size=self.max_batch)
 
     def adapters(self) -> list[dict]:
@@ -271,7 +272,7 @@ def _adapter_label(request: Request, service: Service) -> str:
         name = json.loads(body).get("adapter") if body else None
     except (ValueError, AttributeError):
         name = None
-    return name if name in service.specs else "-"
+    return name if isinstance(name, str) and name in service.specs else "-"
 
 
 class BodyLimit:

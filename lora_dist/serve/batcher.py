@@ -43,11 +43,12 @@ class Batcher:
             raise ValueError("max_batch must be >= 1 and max_wait_ms >= 0")
         self.run, self.max_batch, self.max_wait = run, max_batch, max_wait_ms / 1000
         self.on_batch = on_batch or (lambda batch: None)
-        self.queue: asyncio.Queue[Request] | None = None
+        self.queue: asyncio.Queue[Request] = asyncio.Queue()  # made anew in `start`, on the serving loop
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
         self.task: asyncio.Task | None = None
         self.flushing = False  # shutting down: stop waiting for more requests
-        self.wake: asyncio.Event | None = None
+        self.wake = asyncio.Event()
+        self.loop: asyncio.AbstractEventLoop | None = None  # the serving loop, once started
         self.busy = False  # a batch is gathered or running
         self.held: Request | None = None  # taken from the queue, did not fit the last batch
 
@@ -57,7 +58,7 @@ class Batcher:
 
     @property
     def queued(self) -> int:
-        return self.queue.qsize() if self.queue else 0
+        return self.queue.qsize()
 
     def start(self) -> None:
         self.queue, self.wake = asyncio.Queue(), asyncio.Event()
@@ -67,13 +68,13 @@ class Batcher:
     def flush(self) -> None:
         """Run what is queued now, without waiting out `max_wait_ms` (at shutdown)."""
         self.flushing = True
-        if self.wake:  # callable from a signal handler or another thread
+        if self.loop is not None:  # callable from a signal handler or another thread
             self.loop.call_soon_threadsafe(self.wake.set)
 
     async def stop(self) -> None:
         """Finish every queued request, then stop."""
         self.flush()
-        while self.queue and (not self.queue.empty() or self.held is not None or self.busy):
+        while not self.queue.empty() or self.held is not None or self.busy:
             await asyncio.sleep(0.01)
         if self.task:
             self.task.cancel()
@@ -117,7 +118,7 @@ class Batcher:
         return None
 
     async def _gather(self) -> list[Request]:
-        first = await self.queue.get() if self.held is None else self._take_held()
+        first, self.held = self.held or await self.queue.get(), None
         self.busy = True
         batch, size = [first], len(first.texts)
         deadline = time.perf_counter() + self.max_wait
@@ -131,10 +132,6 @@ class Batcher:
             batch.append(nxt)
             size += len(nxt.texts)
         return batch
-
-    def _take_held(self) -> Request:
-        r, self.held = self.held, None
-        return r
 
     async def _loop(self) -> None:
         while True:

@@ -45,8 +45,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--access-log", action="store_true", help="log every request (method, path, status)")
 
 
-def parse_adapters(text: str) -> dict[str, str]:
-    out: dict[str, str] = {}
+def parse_adapters(text: str) -> dict[str, str | Path]:
+    out: dict[str, str | Path] = {}
     for item in filter(None, (s.strip() for s in text.split(","))):
         name, sep, path = item.partition("=")
         if not sep or not name or not path:

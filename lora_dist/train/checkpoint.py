@@ -171,7 +171,8 @@ def optimizer_state(path: Path, meta: dict) -> dict:
 
 def rng_state() -> dict:
     """This process's generators: Python, NumPy, torch and (where present) CUDA."""
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    kind, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
+    assert not isinstance(keys, str)  # legacy=True: the (name, keys, pos, has_gauss, cached) tuple
     version, internal, gauss = random.getstate()
     return {
         "python": [version, list(internal), gauss],

@@ -102,6 +102,7 @@ class DeepSpeed(DDP):
             model=model, model_parameters=trainable, config=self.ds_config, dist_init_required=False
         )
         self._steps = 0
+        self._sampled_bytes: int | None = None
         self._counting = False
         _count_collectives(False)
         self._count_next = True
@@ -136,14 +137,14 @@ class DeepSpeed(DDP):
         if self._counting:
             _count_collectives(False)
             self._counting = False
-            self._comm_bytes = _reduced_bytes() - self._logged_bytes
+            self._sampled_bytes = _reduced_bytes() - self._logged_bytes
         self._count_next = self._steps % COMMS_SAMPLE_EVERY == 0
         norm = self.model.get_global_grad_norm()
         return float(norm) if norm is not None else float("nan")
 
     def comm_bytes(self) -> int | None:
         """Bytes reduced in the last sampled step (steps 1, 11, 21, ...), None on the steps between."""
-        out, self._comm_bytes = self._comm_bytes, None
+        out, self._sampled_bytes = self._sampled_bytes, None
         return out
 
     def adapter_state(self, names: list[str]) -> dict[str, torch.Tensor]:

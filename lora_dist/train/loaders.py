@@ -33,7 +33,7 @@ class ShardedSampler(DistributedSampler):
 
     def __init__(
         self,
-        dataset,
+        dataset: SpamDataset,
         num_replicas: int,
         rank: int,
         micro: int,
@@ -45,17 +45,19 @@ class ShardedSampler(DistributedSampler):
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True)
         self.micro, self.accum = micro, accum
         self.global_batch = num_replicas * micro * accum
-        self.steps = len(dataset) // self.global_batch
-        self.lengths = lengths
+        self.n = len(dataset)
+        self.steps = self.n // self.global_batch
+        self.lengths: list[int] = lengths or []
+        self.bucketed = lengths is not None
         self.bucket_window = bucket_window or max(1, min(self.steps // 4, 50))
         self.start_step = 0  # resume inside an epoch: skip the steps already taken
 
     def global_batches(self) -> list[list[int]]:
         g = torch.Generator()
         g.manual_seed(self.seed + self.epoch)
-        order = torch.randperm(len(self.dataset), generator=g).tolist()[: self.steps * self.global_batch]
+        order = torch.randperm(self.n, generator=g).tolist()[: self.steps * self.global_batch]
         G = self.global_batch
-        if self.lengths is None:
+        if not self.bucketed:
             return [order[i : i + G] for i in range(0, len(order), G)]
         batches = []
         W = G * self.bucket_window
@@ -68,7 +70,7 @@ class ShardedSampler(DistributedSampler):
     def __iter__(self):
         m, R = self.micro, self.num_replicas
         for batch in self.global_batches()[self.start_step :]:
-            if self.lengths is not None:
+            if self.bucketed:
                 batch = sorted(batch, key=lambda i: self.lengths[i])  # accumulation chunks of like lengths
             for a in range(self.accum):
                 chunk = batch[a * R * m : (a + 1) * R * m]

@@ -312,11 +312,10 @@ class Trainer:
         s.model.eval()
         batches = iter(loader)
         for _ in range(n_batches):
-            batch = next(batches, None)
-            real = batch is not None
-            if not real:  # a stand-in forward pass, not counted
-                batch = self.loaders.collate([self.loaders.datasets[split][0]])
-            batch = batch.to(s.device)
+            got = next(batches, None)
+            real = got is not None
+            # a rank with fewer batches runs stand-in forward passes, not counted
+            batch = (got if got is not None else self.loaders.collate([self.loaders.datasets[split][0]])).to(s.device)
             logits = s.forward(batch.ids, batch.last).float()
             if not real:
                 continue

@@ -12,6 +12,7 @@ state methods. Only trainable (adapter) tensors ever reach the optimizer or the 
 from __future__ import annotations
 
 import contextlib
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -30,8 +31,10 @@ class Local:
     def __init__(self, cfg: Config, env: DistEnv, device: torch.device):
         self.cfg, self.env, self.device = cfg, env, device
         self.rank, self.world_size = env.rank, env.world_size
-        self.model: nn.Module | None = None
-        self.optimizer: torch.optim.Optimizer | None = None
+        # The model as the backend wraps it (nn.Module, DistributedDataParallel or a DeepSpeed engine) and its
+        # optimizer; both set by `prepare`.
+        self.model: Any = None
+        self.optimizer: Any = None
         if device.type == "cuda":  # first: whatever asks the GPU something below asks this rank's GPU
             torch.cuda.set_device(device)
         self.precision = precision = resolve_precision(cfg.train.precision, device, self.name)
@@ -77,7 +80,9 @@ class Local:
         # The fused kernel: one pass over all adapter tensors. On the CPU torch would otherwise loop over
         # them one op at a time (about 8 ms a step for gpt2-small's 146 adapter tensors, against 2 fused).
         fused = self.device.type in ("cpu", "cuda")
-        return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay, betas=tuple(t.betas), fused=fused)
+        return torch.optim.AdamW(
+            params, lr=t.lr, weight_decay=t.weight_decay, betas=(t.betas[0], t.betas[1]), fused=fused
+        )
 
     def autocast(self):
         return autocast(self.device, self.precision)
@@ -106,7 +111,7 @@ class Local:
         self.optimizer.zero_grad(set_to_none=True)
         return float(norm)
 
-    def comm_bytes(self) -> int:
+    def comm_bytes(self) -> int | None:
         """Gradient bytes all-reduced since the last call."""
         out, self._comm_bytes = self._comm_bytes, 0
         return out

@@ -62,17 +62,18 @@ class Progress:
         self.stream = stream or sys.stdout
         self.tty = self.stream.isatty()
         self.every = every
-        self.bar = None
+        self.bar: tqdm | None = None
 
     def update(self, step: int, total: int, epoch: int, epochs: int, loss: float, ex_per_s: float) -> None:
         if self.tty:
-            if self.bar is None:
-                self.bar = tqdm(
+            bar = self.bar
+            if bar is None:
+                bar = self.bar = tqdm(
                     total=total, initial=step - 1, file=self.stream, unit="step", dynamic_ncols=True, leave=False
                 )
-            self.bar.set_description(f"epoch {epoch + 1}/{epochs}", refresh=False)
-            self.bar.set_postfix(loss=f"{loss:.4f}", ex_s=f"{ex_per_s:.1f}", refresh=False)
-            self.bar.update(step - self.bar.n)
+            bar.set_description(f"epoch {epoch + 1}/{epochs}", refresh=False)
+            bar.set_postfix(loss=f"{loss:.4f}", ex_s=f"{ex_per_s:.1f}", refresh=False)
+            bar.update(step - bar.n)
         elif step % self.every == 0 or step == total:
             text = f"epoch {epoch + 1}/{epochs} step {step}/{total} loss {loss:.4f} {ex_per_s:.1f} ex/s"
             print(text, file=self.stream, flush=True)
