@@ -49,10 +49,14 @@ class BaseModel:
     sha256: str | None = None  # of model.safetensors (pretrained and local weights)
     seed: int | None = None  # random weights: torch.manual_seed(seed) before the model is built redraws them
     context_length: int | None = None  # a shortened positional table (model.context_length)
+    # Random weights: where they were drawn, "cpu" or "cuda" (the model is built on the device it trains on,
+    # and torch's CPU and CUDA generators give different numbers for one seed).
+    device: str = "cpu"
 
     def describe(self) -> str:
         if self.source == "random":
-            return f"{self.name} with random weights (seed {self.seed})"
+            drawn = "" if self.device == "cpu" else f", drawn on {self.device}"
+            return f"{self.name} with random weights (seed {self.seed}{drawn})"
         digest = f", sha256 {self.sha256[:12]}..." if self.sha256 else ""
         return f"{self.name} from {self.source}{digest}"
 
@@ -65,6 +69,8 @@ class BaseModel:
             return "random against pretrained weights"
         if self.source == "random" and self.seed != other.seed:
             return "random weights of another seed"
+        if self.source == "random" and self.device != other.device:
+            return "random weights drawn on another kind of device"
         if self.sha256 and other.sha256 and self.sha256 != other.sha256:
             return "other weights (SHA-256 differs)"
         if (self.context_length or 0) != (other.context_length or 0):
@@ -152,6 +158,8 @@ class AdapterSpec:
         d = asdict(self)
         d["labels"] = list(self.labels)
         d["overrides"] = list(self.overrides)
+        if self.base.device == "cpu":
+            del d["base"]["device"]  # the default: what adapters written before the field say
         extra = d.pop("extra")
         return {"format": d.pop("format"), **d, **extra}
 
@@ -269,11 +277,14 @@ def _legacy_spec(d: dict, run_dir: Path) -> AdapterSpec:
     )
 
 
-def base_of(cfg: Config, hash_weights: bool = True) -> BaseModel:
-    """The base model a run's config names (the weights' SHA-256 read from the HF cache, or computed once)."""
+def base_of(cfg: Config, hash_weights: bool = True, device_type: str = "cpu") -> BaseModel:
+    """The base model a run's config names (the weights' SHA-256 read from the HF cache, or computed once);
+    random weights drawn on a device of `device_type`."""
     m = cfg.model
     if m.weights == "random":
-        return BaseModel(m.name, "random", None, cfg.train.seed, m.context_length)
+        return BaseModel(
+            m.name, "random", None, cfg.train.seed, m.context_length, "cuda" if device_type == "cuda" else "cpu"
+        )
     if m.weights == "pretrained" and not _looks_local(m.name):
         name = canonical_name(m.name)
         sha = weights_sha256(base_dir(name)) if hash_weights else None

@@ -47,12 +47,22 @@ def num_classes(cfg: Config, labels: tuple[str, ...]) -> int:
     return len(labels)
 
 
-def build_model(cfg: Config, num_classes: int, trainable: str | None = None) -> tuple[GPT2, list[str]]:
+def build_model(
+    cfg: Config, num_classes: int, trainable: str | None = None, device: str | torch.device | None = None
+) -> tuple[GPT2, list[str]]:
     """The frozen GPT-2 with a fresh `num_classes` head, made trainable as `trainable` (default:
-    `train.trainable`) says, the same on every rank. Returns the model and the names of the Linear layers
-    that carry LoRA adapters."""
+    `train.trainable`) says, on `device` (default: the CPU). Returns the model and the names of the Linear
+    layers that carry LoRA adapters.
+
+    What it builds is a function of the config alone, the same on every rank: random base weights are drawn
+    from `train.seed` (on `device`'s generator), and the head and the adapters from `train.seed` again, so
+    they do not depend on how the base was made (read from a file, or drawn on the CPU or a GPU)."""
     m = cfg.model
-    model = load_gpt2(m.name, m.weights, dropout=m.dropout, context_length=m.context_length, causal=m.causal_mask)
+    seed_everything(cfg.train.seed)
+    model = load_gpt2(
+        m.name, m.weights, dropout=m.dropout, context_length=m.context_length, causal=m.causal_mask, device=device
+    )
+    torch.manual_seed(cfg.train.seed)
     model.set_classifier(num_classes, m.pooling)
     model.activation_checkpointing = m.activation_checkpointing
     return model, make_trainable(model, cfg, trainable or cfg.train.trainable)
@@ -99,12 +109,35 @@ def read_adapter(path: str | Path, base: str | None = None) -> tuple[AdapterSpec
     return a.spec, a.tensors(), str(a.tensor_file)
 
 
-def load_trained(spec: AdapterSpec, tensors: dict[str, torch.Tensor], source: str, base: str | None = None) -> GPT2:
+def build_device(spec: AdapterSpec, source: str, device: str | torch.device | None = None) -> torch.device | None:
+    """Where to build an adapter's base: on `device` when it is read from a file; random weights where they
+    were drawn (`BaseModel.device`), for torch's generators differ between the CPU and CUDA."""
+    b = spec.base
+    if b.source != "random":
+        return None if device is None else torch.device(device)
+    if b.device != "cuda":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise UserError(
+            f"{source} was trained on {b.describe()}, which only a CUDA GPU draws again; use it on a machine "
+            f"with a GPU, or train it with pretrained weights (or on the CPU)"
+        )
+    want = torch.device(device) if device is not None else torch.device("cuda")
+    return want if want.type == "cuda" else torch.device("cuda")
+
+
+def load_trained(
+    spec: AdapterSpec,
+    tensors: dict[str, torch.Tensor],
+    source: str,
+    base: str | None = None,
+    device: str | torch.device | None = None,
+) -> GPT2:
     """The model an adapter description (`adapter.AdapterSpec`) names, with its tensors loaded, frozen and
-    in eval mode. `base` points at another directory holding the same base weights (checked by SHA-256)."""
+    in eval mode, built on `device` where it can be (see `build_device`; the caller moves it). `base` points
+    at another directory holding the same base weights (checked by SHA-256)."""
     cfg = base_config(spec, source, base)
-    seed_everything(cfg.train.seed)  # random base weights are redrawn exactly as training drew them
-    model, _ = build_model(cfg, len(spec.labels))
+    model, _ = build_model(cfg, len(spec.labels), device=build_device(spec, source, device))
     tensors = dict(tensors)
     overrides = {k: tensors.pop(k) for k in spec.overrides if k in tensors}
     load_adapter_state_dict(model, tensors, source=source)

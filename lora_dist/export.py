@@ -42,7 +42,7 @@ def main(path: str, fmt: str, out: str, base: str | None = None) -> int:
     target = Path(out)
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
         raise UserError(f"--out {target} exists and is not an empty directory; choose a new one")
-    model = load_trained(spec, tensors, source, base)
+    model = load_trained(spec, tensors, source, base).cpu()  # a random base drawn on a GPU is drawn there
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)

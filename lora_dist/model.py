@@ -242,10 +242,11 @@ class GPT2(nn.Module):
             nn.init.normal_(m.weight, mean=0.0, std=0.02)
 
     def set_classifier(self, num_classes: int, pooling: str = "last_real") -> None:
-        """Replace the tied LM head by a fresh `num_classes` Linear layer (with bias, as the book does)."""
+        """Replace the tied LM head by a fresh `num_classes` Linear layer (with bias, as the book does). It is
+        drawn on the default device (the CPU), whatever device the model is on, then moved there."""
         if pooling not in POOLING:
             raise UserError(f"unknown pooling {pooling!r}; use one of {', '.join(POOLING)}")
-        self.head = nn.Linear(self.cfg.emb_dim, num_classes)
+        self.head = nn.Linear(self.cfg.emb_dim, num_classes).to(self.tok_emb.weight.device)
         self.pooling = pooling
 
     def features(

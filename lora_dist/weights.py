@@ -34,23 +34,34 @@ def load_gpt2(
     dropout: float = 0.0,
     context_length: int | None = None,
     causal: bool = True,
+    device: str | torch.device | None = None,
 ) -> GPT2:
     """GPT-2 by name ("gpt2-small", "gpt2-small (124M)", ..., "tiny") or from a local directory.
 
-    `weights` is "pretrained" (hub download, or the directory's own file), "random", or a directory.
+    `weights` is "pretrained" (hub download, or the directory's own file), "random", or a directory. The model
+    is made on `device` (default: torch's default device): weights from a file are read straight onto it (the
+    model is laid out on the meta device first, so nothing is initialised only to be overwritten); random
+    weights are drawn there, from torch's generator of that device (seeded by `torch.manual_seed`).
     """
     if weights not in ("pretrained", "random"):
-        return _from_dir(Path(weights), dropout, context_length, causal)
+        return _from_dir(Path(weights), dropout, context_length, causal, device)
     if _looks_like_path(name_or_path):
         if weights == "random":
             cfg = _config_from_json(Path(name_or_path) / "config.json")
-            return GPT2(_adjust(cfg, dropout, context_length, causal))
-        return _from_dir(Path(name_or_path), dropout, context_length, causal)
+            return _random(_adjust(cfg, dropout, context_length, causal), device)
+        return _from_dir(Path(name_or_path), dropout, context_length, causal, device)
     name = canonical_name(name_or_path)
     cfg = _adjust(SIZES[name], dropout, context_length, causal)
     if weights == "random":
+        return _random(cfg, device)
+    return _from_dir(base_dir(name, weights), dropout, context_length, causal, device)
+
+
+def _random(cfg: GPTConfig, device: str | torch.device | None) -> GPT2:
+    if device is None:
         return GPT2(cfg)
-    return _from_dir(base_dir(name, weights), dropout, context_length, causal)
+    with torch.device(device):
+        return GPT2(cfg)
 
 
 def base_dir(name: str, weights: str = "pretrained") -> Path:
@@ -96,7 +107,13 @@ def _config_from_json(path: Path) -> GPTConfig:
         ) from e
 
 
-def _from_dir(path: Path, dropout: float, context_length: int | None, causal: bool = True) -> GPT2:
+def _from_dir(
+    path: Path,
+    dropout: float,
+    context_length: int | None,
+    causal: bool = True,
+    device: str | torch.device | None = None,
+) -> GPT2:
     if not path.is_dir():
         raise UserError(
             f"weights directory {path} not found; point model.weights at a directory with config.json + model.safetensors"
@@ -107,17 +124,20 @@ def _from_dir(path: Path, dropout: float, context_length: int | None, causal: bo
         raise UserError(
             f"{file} not found; the weights directory needs model.safetensors (pytorch_model.bin is not read: it is a pickle)"
         )
+    target = torch.device(device) if device is not None else torch.get_default_device()
     try:
-        state = load_file(str(file))
-    except (SafetensorError, OSError, ValueError) as e:
+        state = load_file(str(file), device=str(target))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise UserError(f"{file} is not a readable safetensors file ({e}); download it again") from e
-    model = GPT2(cfg)
+    with torch.device("meta"):
+        model = GPT2(cfg)  # the layout only: its tensors come from the file
     load_hf_state_dict(model, state, source=str(file))
     return model
 
 
 def load_hf_state_dict(model: GPT2, state: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
-    """Copy a Hugging Face GPT-2 state dict into `model`; a missing or misshapen tensor is a UserError."""
+    """Put a Hugging Face GPT-2 state dict into `model` (copied into its tensors, or, for a model laid out on the
+    meta device, taking their place); a missing or misshapen tensor is a UserError."""
     state = {k.removeprefix("transformer."): v for k, v in state.items()}
     ours = model.state_dict()
     mapped: dict[str, torch.Tensor] = {}
@@ -134,6 +154,13 @@ def load_hf_state_dict(model: GPT2, state: dict[str, torch.Tensor], source: str 
                     f"this model ({key} is {list(ours[key].shape)}); the file is for another GPT-2 size"
                 )
             mapped[key] = t
+    if model.tok_emb.weight.is_meta:
+        model.load_state_dict({k: t.contiguous() for k, t in mapped.items()}, strict=False, assign=True)
+        model.head.weight = model.tok_emb.weight  # the tie: the output layer is the token embedding
+        left = [n for n, p in model.named_parameters() if p.is_meta]
+        if left:
+            raise UserError(f"{source} leaves {left[0]} unset; it is not a complete GPT-2 checkpoint")
+        return
     with torch.no_grad():
         for key, t in mapped.items():
             ours[key].copy_(t)

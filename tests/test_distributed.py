@@ -47,17 +47,21 @@ def step_losses(run_dir):
     return [out[k] for k in sorted(out)]
 
 
-def assert_same_adapter(a, b, rtol=1e-5, atol=1e-5):
-    """Equal up to the order of float sums: each tensor within `rtol` relative norm, or each element within
-    `atol`. AdamW's first steps move an element by about lr (1e-3 in the smoke config) whatever the size of
-    its gradient, so the rounding of a near-zero gradient can leave one element a few 1e-6 apart (measured:
-    4.2e-6 in one of 2,048, a relative norm of 1.7e-5) while a different batch, a lost micro-batch or a
+def assert_same_adapter(a, b, rtol=1e-5, atol=1e-4):
+    """Equal up to the order of float sums: the whole adapter within `rtol` relative norm, and each tensor
+    within `rtol` relative norm or each of its elements within `atol`. AdamW moves an element by about lr
+    (1e-3 in the smoke config) whatever the size of its gradient, so the rounding of a near-zero gradient can
+    leave a few elements of a small tensor apart (measured: 2.6e-5 in ZeRO-3 against ZeRO-2, a relative norm
+    of 9e-5 for that tensor and 1.6e-6 for the adapter), while a different batch, a lost micro-batch or a
     skipped all-reduce moves elements by about 1e-3. rtol=0 means bit-identical."""
     assert a.keys() == b.keys()
-    for k in a:
-        if rtol == 0.0:
+    if rtol == 0.0:
+        for k in a:
             assert torch.equal(a[k], b[k]), k
-            continue
+        return
+    total = sum((a[k] - b[k]).norm() ** 2 for k in a) ** 0.5 / sum(a[k].norm() ** 2 for k in a) ** 0.5
+    assert total <= rtol, total
+    for k in a:
         rel = ((a[k] - b[k]).norm() / a[k].norm().clamp_min(1e-12)).item()
         worst = (a[k] - b[k]).abs().max().item()
         assert rel <= rtol or worst <= atol, (k, rel, worst)

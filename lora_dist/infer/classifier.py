@@ -56,7 +56,8 @@ class Classifier:
     ) -> Classifier:
         """PATH: a training run, its adapter/ (or weights/) directory, or a PEFT export of one."""
         spec, tensors, source = read_adapter(path, base)
-        return cls(load_trained(spec, tensors, source, base), spec, device, precision, merge)
+        dev = pick_device(device, key="device")
+        return cls(load_trained(spec, tensors, source, base, device=dev), spec, dev, precision, merge)
 
     @property
     def labels(self) -> list[str]:

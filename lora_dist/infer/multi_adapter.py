@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from ..adapter import AdapterSpec
-from ..build import base_config, build_model, read_adapter, seed_everything
+from ..build import base_config, build_device, build_model, read_adapter
 from ..data import Collate, batch_plan, encode
 from ..device import autocast, pick_device, resolve_precision
 from ..errors import UserError
@@ -117,9 +117,9 @@ class MultiAdapterClassifier:
         parts = [lora_parts(a) for a in loaded]
         first = loaded[0]
         cfg = base_config(first.spec, first.source, None if base is None else str(base))
-        seed_everything(cfg.train.seed)  # random base weights are redrawn exactly as training drew them
-        model, _ = build_model(cfg, len(first.spec.labels), trainable="none")  # the bare frozen base
         dev = pick_device(device, key="device")
+        where = build_device(first.spec, first.source, dev)
+        model, _ = build_model(cfg, len(first.spec.labels), trainable="none", device=where)  # the bare frozen base
         precision = resolve_precision(precision, dev, key="precision")
         model = model.eval().to(dev)
         rows = Rows()

@@ -97,7 +97,9 @@ class Trainer:
         self.labels = split_labels(splits, cfg.data)
         self.num_classes = num_classes(cfg, self.labels)
         out.call(write_splits, splits, out.path("splits"))
-        model, self.lora_modules = build_model(cfg, self.num_classes)
+        # Built on the GPU it trains on: no slow CPU initialisation of weights that are overwritten anyway.
+        self.build_device = s.device if s.device.type == "cuda" else torch.device("cpu")
+        model, self.lora_modules = build_model(cfg, self.num_classes, device=self.build_device)
         self.total_params, self.trainable_params = count_params(model)
         self.adapter_names = list(adapter_state_dict(model))
         datasets, self.length = build_datasets(splits, cfg.data, model.cfg.context_length, self.labels)
@@ -372,7 +374,11 @@ class Trainer:
     def save_result(self, tensors: dict[str, torch.Tensor]) -> None:
         """adapter/ (LoRA) or weights/ (trained layers), described so they can be used without the run."""
         spec = adapters.AdapterSpec.for_run(
-            self.cfg, self.labels, self.length, self.lora_modules, adapters.base_of(self.cfg)
+            self.cfg,
+            self.labels,
+            self.length,
+            self.lora_modules,
+            adapters.base_of(self.cfg, device_type=self.build_device.type),
         )
         adapters.save(self.out.dir, spec, tensors)
 
