@@ -19,10 +19,10 @@ import torch.nn.functional as F
 
 from lora_dist.build import build_model, seed_everything
 from lora_dist.config import DataConfig, TrainConfig, load_config
-from lora_dist.data import build_datasets, prepare_splits, split_labels
+from lora_dist.data import build_datasets, pad_multiple, prepare_splits, split_labels
 from lora_dist.device import pick_device
 from lora_dist.lora import cast_frozen
-from lora_dist.model import SIZES
+from lora_dist.model import PADDING_FREE, SIZES
 from lora_dist.train.loaders import ShardedSampler, make_loaders
 from lora_dist.train.loop import make_strategy
 
@@ -63,6 +63,10 @@ VARIANTS: dict[str, Spec] = {
         ("plain_linear", "full_last_block", "plain_lora"),
     ),
     "a-compile": Spec("lora-dist", "(a) with torch.compile", _defaults() + ("train.compile=true",)),
+    "a-nographs": Spec(
+        "lora-dist", "(a) without CUDA graphs (eager steps)", _defaults() + ("train.cuda_graphs=false",)
+    ),
+    "a-nopad64": Spec("lora-dist", "(a) with each batch at its own length", _defaults() + ("data.pad_multiple=1",)),
     "a-workers": Spec("lora-dist", "(a) with one DataLoader worker", _defaults() + ("train.num_workers=1",)),
     "a-adamw-loop": Spec("lora-dist", "(a) with torch's default (unfused) AdamW", _defaults(), ("unfused_adamw",)),
     "a-bf16": Spec(
@@ -154,7 +158,8 @@ class LoraDist:
         seed_everything(args.seed)
         splits = prepare_splits(cfg.data, say=lambda *a: None)
         labels = split_labels(splits, cfg.data)
-        model, _ = build_model(cfg, len(labels))
+        cuda = args.device.startswith("cuda")
+        model, _ = build_model(cfg, len(labels), device=args.device if cuda else None)  # as the trainer builds it
         if "cast_frozen" in spec.patches:
             cast_frozen(model, {"bf16": torch.bfloat16, "fp16": torch.float16}[t.precision])
         self.model_cfg = model.cfg
@@ -169,7 +174,8 @@ class LoraDist:
             0,
             t.seed,
             t.num_workers,
-            pin_memory=args.device.startswith("cuda"),
+            pin_memory=cuda,
+            multiple=pad_multiple(cfg.data, "cuda" if cuda else "cpu", cfg.model.pooling in PADDING_FREE),
         )
         self.steps_per_epoch = self.loaders.sampler.steps
         if t.compile:
@@ -193,10 +199,7 @@ class LoraDist:
         batch = self._next()
         lengths = (batch.last + 1).tolist()
         batch = batch.to(s.device)
-        logits = s.forward(batch.ids, batch.last)
-        loss = F.cross_entropy(logits.float(), batch.labels)
-        s.backward(loss, True)
-        s.step(self.lr)
+        loss, _ = s.train_micro(batch, True, self.lr)  # the loop's step: a captured CUDA graph where it applies
         loss.item()
         return Step(len(batch), batch.tokens, batch.ids.numel(), lengths, batch.ids.shape[1])
 

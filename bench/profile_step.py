@@ -2,6 +2,7 @@
 
     python bench/profile_step.py a                 # lora-dist defaults, gpt2-small, 15 steps
     python bench/profile_step.py a-bf16-sdpa --steps 30
+    python bench/profile_step.py a-nographs --device cuda --precision bf16    # CUDA kernels by GPU time
 
 The contenders are those of bench/contenders.py. Warm-up steps come from epoch 1, the profiled ones from the
 start of epoch 0. The profiler's own overhead lowers the examples/s it prints; compare ops, not rates.
@@ -25,28 +26,36 @@ def main() -> None:
     ap.add_argument("--model", default="gpt2-small")
     ap.add_argument("--steps", type=int, default=15)
     ap.add_argument("--rows", type=int, default=20)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     args = ap.parse_args()
     os.chdir(HERE.parent)  # the recipe config is read relative to the repository
+    import torch
     from contenders import build
     from torch.profiler import ProfilerActivity, profile
 
-    runner, _ = build(
-        args.contender, argparse.Namespace(model=args.model, batch=8, device="cpu", precision="fp32", seed=123)
-    )
+    ns = argparse.Namespace(model=args.model, batch=8, device=args.device, precision=args.precision, seed=123)
+    runner, _ = build(args.contender, ns)
+    cuda = args.device.startswith("cuda")
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     runner.reset(1)
     for _ in range(3):
         runner.step()
     runner.reset(0)
     examples = 0
+    sync()
     start = time.perf_counter()
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
         for _ in range(args.steps):
             examples += runner.step().examples
+        sync()
     seconds = time.perf_counter() - start
     print(
         f"{args.contender}: {args.steps} steps in {seconds:.2f}s ({examples / seconds:.2f} examples/s under the profiler)"
     )
-    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows))
+    sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=sort, row_limit=args.rows))
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ from .data import build_datasets, fixed_length, read_table
 from .errors import UserError
 from .files import save_file, write_atomic
 from .lora import scale_factor
-from .model import ALIASES, HUB_REPOS, canonical_name
+from .model import ALIASES, HUB_REPOS, PADDING_FREE, canonical_name
 from .weights import base_dir, load_gpt2, weights_sha256
 
 FORMAT = "lora-dist/2"
@@ -100,7 +100,7 @@ class AdapterSpec:
     def padding_free(self) -> bool:
         """Whether right-padding leaves a message's prediction unchanged: causal attention read at the last
         real token, the first token, or the mean over real tokens. Such messages may share a padded batch."""
-        return self.causal_mask and self.pooling in ("last_real", "first", "mean")
+        return self.causal_mask and self.pooling in PADDING_FREE
 
     # ------------------------------------------------------------------------------------ building
     @classmethod

@@ -59,6 +59,10 @@ class DataConfig:
     # own longest; context: to the model's context length (the book's row 13)
     padding: Literal["longest", "batch", "context"] = "batch"
     bucket: bool = True  # length-bucketed batches (padding=batch only); global batches stay random
+    # padding=batch: round each batch's length up to a multiple of this (null: 64 on CUDA, so that attention
+    # kernels and CUDA graphs see a handful of shapes; 1, the batch's own length, on the CPU). Only where padding
+    # changes no prediction (causal attention, pooling last_real, first or mean); elsewhere batches keep their length.
+    pad_multiple: int | None = None
     pad_token_id: int = 50256
 
     def __post_init__(self):
@@ -68,6 +72,7 @@ class DataConfig:
             f"data.train_frac + data.val_frac = {self.train_frac + self.val_frac:g} leaves no test set; make their sum < 1",
         )
         _check(self.max_length is None or self.max_length > 0, "data.max_length must be > 0")
+        _check(self.pad_multiple is None or self.pad_multiple >= 1, "data.pad_multiple must be >= 1 (or null: auto)")
         _check(
             self.labels is None or (len(self.labels) >= 2 and len(set(self.labels)) == len(self.labels)),
             "data.labels must list at least two distinct labels (or be null: the labels found in the data)",
@@ -115,6 +120,10 @@ class TrainConfig:
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 where native (strategy.resolve_precision)
     tf32: bool = True  # fp32 on CUDA: TF32 tensor-core matmuls (A100 and newer); false: full fp32
     compile: bool = False  # torch.compile the model's forward (parameter names stay as they are)
+    # Capture the whole training step (forward, backward, clipping, AdamW) as one CUDA graph per batch shape and
+    # replay it: null (auto) where it applies (one CUDA process, bf16 or fp32, grad_accum 1, no compile, no
+    # activation checkpointing), true to insist (an error says what stands in the way), false never.
+    cuda_graphs: bool | None = None
     num_workers: int = 0
     checkpoint_every: int = 0  # steps between checkpoints (0: only at epoch ends)
     keep_checkpoints: int = 2

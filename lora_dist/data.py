@@ -286,20 +286,37 @@ class Batch:
 
 
 class Collate:
-    """Right-pads to `fixed_length` (the book's `padding: longest`) or to the batch's longest message."""
+    """Right-pads to `fixed_length` (the book's `padding: longest`), or to the batch's longest message rounded
+    up to a multiple of `multiple` (at most `cap` tokens, the model's context)."""
 
-    def __init__(self, pad_id: int, fixed_length: int | None = None):
-        self.pad_id, self.fixed_length = pad_id, fixed_length
+    def __init__(self, pad_id: int, fixed_length: int | None = None, multiple: int = 1, cap: int | None = None):
+        self.pad_id, self.fixed_length, self.multiple, self.cap = pad_id, fixed_length, multiple, cap
 
     def __call__(self, items) -> Batch:
         seqs = [ids if ids else [self.pad_id] for ids, _ in items]
-        T = self.fixed_length or max(len(s) for s in seqs)
+        T = self.fixed_length or self.width(max(len(s) for s in seqs))
         ids = torch.full((len(seqs), T), self.pad_id, dtype=torch.long)
         for row, s in enumerate(seqs):
             ids[row, : len(s)] = torch.tensor(s, dtype=torch.long)
         last = torch.tensor([len(s) - 1 for s in seqs], dtype=torch.long)
         labels = torch.tensor([label for _, label in items], dtype=torch.long)
         return Batch(ids, last, labels, sum(len(s) for s in seqs))
+
+    def width(self, longest: int) -> int:
+        """The padded length of a batch whose longest message has `longest` tokens."""
+        T = -(-longest // self.multiple) * self.multiple
+        return max(longest, min(T, self.cap)) if self.cap is not None else T
+
+
+def pad_multiple(cfg: DataConfig, device_type: str, padding_free: bool) -> int:
+    """What `padding: batch` rounds a batch's length up to: `data.pad_multiple`, else 64 on CUDA (a few shapes,
+    which attention kernels, CUDA graphs and torch.compile build once) and 1 on the CPU (every token costs
+    there). Always 1 where padding changes what the head reads (`padding_free` False)."""
+    if cfg.padding != "batch" or not padding_free:
+        return 1
+    if cfg.pad_multiple is not None:
+        return cfg.pad_multiple
+    return 64 if device_type == "cuda" else 1
 
 
 def batch_plan(

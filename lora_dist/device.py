@@ -96,12 +96,21 @@ def resolve_precision(
     return "fp32"
 
 
-def autocast(device: torch.device, precision: str):
-    """The context a forward pass runs in: autocast to bf16/fp16, or nothing for fp32."""
+def autocast(device: torch.device, precision: str, cache: bool = True):
+    """The context a forward pass runs in: autocast to bf16/fp16, or nothing for fp32. `cache=False` for a pass
+    captured in a CUDA graph (autocast's cache of cast weights must not outlive the capture)."""
     dtype = AMP_DTYPES[precision]
     if dtype is None:
         return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=dtype)
+    return torch.autocast(device.type, dtype=dtype, cache_enabled=cache)
+
+
+def prefer_attention_kernels(device: torch.device) -> None:
+    """On CUDA, scaled-dot-product attention without the cuDNN backend: PyTorch builds a cuDNN graph for each new
+    sequence length (8-9 ms of host time each, measured on an H200 with torch 2.11), while the flash and
+    memory-efficient kernels need nothing built. Process-wide; nothing to do on other devices."""
+    if device.type == "cuda":
+        torch.backends.cuda.enable_cudnn_sdp(False)
 
 
 def init_process_group(

@@ -207,6 +207,8 @@ class Block(nn.Module):
 
 
 POOLING = ("last_real", "last", "first", "mean", "mean_all")
+# The poolings that read real tokens only: under causal attention, right-padding changes nothing they read.
+PADDING_FREE = ("last_real", "first", "mean")
 
 
 class GPT2(nn.Module):
@@ -278,7 +280,7 @@ class GPT2(nn.Module):
         # Packing drops the padding, so only where padding changes nothing: causal attention, read at real tokens.
         packed = (
             Packed(last_index + 1, T)
-            if self.cfg.causal and self.pooling in ("last_real", "first", "mean") and packs(idx, last_index)
+            if self.cfg.causal and self.pooling in PADDING_FREE and packs(idx, last_index)
             else None
         )
         if packed is not None and self.pooling == "mean":

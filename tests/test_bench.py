@@ -66,13 +66,14 @@ def test_harness_smoke(tmp_path):
 
 # The stand-in for `python` in the GPU check's dry run: it records every command, checks each against the
 # real parsers (the config and its overrides through load_config, bench flags through train_throughput's
-# argparse and the contender table), and writes what the real program would write; heredocs (`python -`)
-# run in the real interpreter, on those files.
+# argparse and the contender table, profile_step's flags), and writes what the real program would write: a
+# run's results.json and metrics.jsonl, a throughput file whose contenders carry figures. Heredocs (`python -`),
+# `-c` and the summary script run in the real interpreter, on those files.
 STUB = r"""
-import json, os, sys
+import json, os, sys, time
 sys.path[:0] = [os.environ["STUB_ROOT"], os.path.join(os.environ["STUB_ROOT"], "bench")]
 args = sys.argv[1:]
-if args[:1] == ["-"]:
+if args[:1] in (["-"], ["-c"], ["bench/gpu_summary.py"]):
     os.execv(os.environ["STUB_PYTHON"], [os.environ["STUB_PYTHON"], *args])
 with open(os.environ["STUB_LOG"], "a") as f:
     f.write(json.dumps(args) + "\n")
@@ -83,20 +84,29 @@ if args[:3] == ["-m", "lora_dist", "train"]:
     os.makedirs(cfg.output_dir, exist_ok=True)
     with open(os.path.join(cfg.output_dir, "results.json"), "w") as f:
         f.write(os.environ["STUB_RESULTS"])
+    with open(os.path.join(cfg.output_dir, "metrics.jsonl"), "w") as f:
+        f.write(json.dumps({"time": time.time(), "event": "first_step", "step": 1}) + "\n")
 elif args[:1] == ["bench/train_throughput.py"]:
     import train_throughput
     from contenders import VARIANTS
 
     def run(ns):
-        unknown = [c for c in ns.contenders.split(",") if c not in VARIANTS]
+        names = ns.contenders.split(",")
+        unknown = [c for c in names if c not in VARIANTS]
         assert not unknown, unknown
+        figures = {c: {"tokens_per_s": 1000.0 * (i + 1), "mfu": 0.5, "cuda_max_allocated_mb": 2048.0 * (i + 1)}
+                   for i, c in enumerate(names)}
         path = os.path.join(ns.out, "throughput-" + ns.tag + ".json")
         with open(path, "w") as f:
-            json.dump(vars(ns), f)
+            json.dump({"settings": vars(ns), "contenders": figures}, f)
         sys.exit(0)
 
     train_throughput.run = run
     train_throughput.main(args[1:])
+elif args[:1] == ["bench/profile_step.py"]:
+    import argparse
+    from contenders import VARIANTS
+    assert args[1] in VARIANTS, args
 else:
     sys.exit("unexpected command: " + " ".join(args))
 """
@@ -106,7 +116,8 @@ else:
 def test_gpu_check_dry_run_on_the_cpu(tmp_path, baseline):
     """The GPU check is one prepared script that runs on a rented GPU; its --dry-run takes every step of the
     script on the CPU with a stand-in interpreter (STUB), so a broken flag, path or field shows up here in
-    seconds. The programs it calls are tested for themselves (test_harness_smoke, tests/test_train.py)."""
+    seconds, and the summary JSON is made from what the steps wrote. The programs it calls are tested for
+    themselves (test_harness_smoke, tests/test_train.py)."""
     stub = tmp_path / "python"
     stub.write_text(f"#!{sys.executable}\n{STUB}")
     stub.chmod(0o755)
@@ -127,34 +138,33 @@ def test_gpu_check_dry_run_on_the_cpu(tmp_path, baseline):
     commands = [json.loads(line) for line in log.read_text().splitlines()]
     trains = [c for c in commands if c[:3] == ["-m", "lora_dist", "train"]]
     benches = [c for c in commands if c[:1] == ["bench/train_throughput.py"]]
-    assert len(trains) == 2 and len(benches) == 2 and len(commands) == 4, commands
+    profiles = [c for c in commands if c[:1] == ["bench/profile_step.py"]]
+    assert len(trains) == 3 and len(benches) == 2 and len(profiles) == 1 and len(commands) == 6, commands
+    assert [c[4] for c in trains] == [
+        "configs/gpt2-small-lora.yaml",
+        "configs/book/appendix-e.yaml",
+        "configs/gpt2-xl-lora.yaml",
+    ]
     for c in trains:
-        assert c[4] == "configs/gpt2-small-lora.yaml" and "train.precision=bf16" in c and "train.device=cpu" in c
-        assert "model.name=tiny" in c and "model.weights=random" in c and "train.max_steps=3" in c
-    assert "data.padding=longest" in trains[1] and "data.padding=batch" in trains[0]
-    settings = {doc["tag"]: doc for doc in (json.loads(p.read_text()) for p in out.rglob("throughput-*.json"))}
-    assert settings.keys() == {"xl", "small"}
-    assert (
-        settings["xl"]["contenders"] == "a,a-bf16,a-ckpt"
-        and settings["small"]["contenders"] == "a,b,c,a-bf16,a-compile"
-    )
-    assert all(d["device"] == "cpu" and d["precision"] == "bf16" and d["model"] == "tiny" for d in settings.values())
-    # Everything came back under $OUT: the log with both end-to-end lines (read from results.json's fields).
-    (done,) = out.glob("gpu-check-dry-run")
-    assert {p.name for p in done.iterdir()} >= {
-        "gpu_check.log",
-        "e2e-defaults",
-        "e2e-book",
-        "e2e-defaults.log",
-        "e2e-book.log",
-        "throughput-xl.json",
-        "throughput-small.json",
+        assert "train.device=cpu" in c and "model.name=tiny" in c and "model.weights=random" in c
+    assert "train.batch_size=8" in trains[2] and "train.max_steps=2" in trains[2]
+    settings = {
+        doc["settings"]["tag"]: doc["settings"]
+        for doc in (json.loads(p.read_text()) for p in out.rglob("throughput-*.json"))
     }
-    text = (done / "gpu_check.log").read_text()
-    for mode in ("defaults", "book"):
-        line = next(x for x in text.splitlines() if x.startswith(f"{mode}: "))
-        assert f"test accuracy {baseline['test_accuracy'] * 100:.1f}%" in line and "s end to end" in line, line
-    assert text.count("== ") == 4 and "== done: " in text
+    assert settings["small"]["contenders"] == "a,a-nographs,c" and settings["xl"]["contenders"] == "a,a-ckpt"
+    assert all(d["device"] == "cpu" and d["precision"] == "bf16" and d["model"] == "tiny" for d in settings.values())
+    # The summary, from those files: every field the issue names, with the stand-in's figures.
+    (summary_file,) = out.glob("gpu-check-dry-run.json")
+    doc = json.loads(summary_file.read_text())
+    assert doc["device"] == "cpu" and doc["train_seconds"] == baseline["train_seconds"] and doc["e2e_seconds"] > 0
+    assert doc["small_vs_peft"] == pytest.approx(1000 / 3000) and doc["xl_mfu"] == 0.5
+    assert doc["xl_peak_memory_gb"] == {"plain": 2.0, "activation_checkpointing": 4.0}
+    assert 0 < doc["xl_first_step_seconds"] < 300
+    assert doc["status"] == {"e2e-defaults": 0, "e2e-book": 0, "small": 0, "xl-start": 0, "xl": 0, "profile": 0}
+    assert doc["targets"]["small_vs_peft >= 4.0"] is False and doc["targets"]["xl_mfu >= 0.4"] is True
+    (archive,) = out.glob("gpu-check-dry-run.tar.gz")
+    assert archive.stat().st_size > 0
 
 
 @pytest.mark.slow

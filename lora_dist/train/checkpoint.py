@@ -151,7 +151,9 @@ def _flatten_optimizer(sd: dict) -> tuple[dict[str, torch.Tensor], dict]:
                 tensors[f"state.{idx}.{k}"] = v.detach().cpu().contiguous()
             else:
                 scalars[f"{idx}.{k}"] = v
-    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+    # A learning rate held as a tensor (the CUDA-graph step's, train/graphs.py) is saved as the number it holds.
+    groups = [{k: v.item() if torch.is_tensor(v) else v for k, v in g.items()} for g in sd["param_groups"]]
+    return tensors, {"param_groups": groups, "scalars": scalars}
 
 
 def optimizer_state(path: Path, meta: dict) -> dict:

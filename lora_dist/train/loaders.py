@@ -122,7 +122,10 @@ def make_loaders(
     seed: int,
     num_workers: int = 0,
     pin_memory: bool = False,
+    multiple: int = 1,
 ) -> Loaders:
+    """This rank's training loader; batches padded as `data.padding` says, a batch's own length rounded up to
+    a multiple of `multiple` (`data.pad_multiple`)."""
     train = datasets["train"]
     steps = len(train) // (micro * accum * world)
     if steps == 0:
@@ -132,7 +135,7 @@ def make_loaders(
         )
     lengths = train.lengths if (cfg.padding == "batch" and cfg.bucket) else None
     sampler = ShardedSampler(train, world, rank, micro, accum, seed, lengths)
-    collate = Collate(cfg.pad_token_id, fixed_length(cfg, length))
+    collate = Collate(cfg.pad_token_id, fixed_length(cfg, length), multiple, cap=length)
     loader = DataLoader(
         train,
         batch_size=micro,

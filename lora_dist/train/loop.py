@@ -20,10 +20,11 @@ import torch.nn.functional as F
 from .. import adapter as adapters
 from ..build import build_model, num_classes, seed_everything
 from ..config import Config
-from ..data import build_datasets, prepare_splits, split_labels, write_splits
+from ..data import build_datasets, pad_multiple, prepare_splits, split_labels, write_splits
 from ..device import DistEnv, pick_device
 from ..errors import UserError
 from ..lora import adapter_state_dict, count_params
+from ..model import PADDING_FREE
 from ..report import finish_report
 from . import checkpoint as ckpt
 from .deepspeed_strategy import DeepSpeed
@@ -106,6 +107,7 @@ class Trainer:
         length = self.length
         t = cfg.train
         self.micro = micro_batch_size(t.batch_size, self.world, t.grad_accum)
+        free = cfg.model.causal_mask and cfg.model.pooling in PADDING_FREE
         self.loaders = make_loaders(
             datasets,
             length,
@@ -117,7 +119,11 @@ class Trainer:
             t.seed,
             t.num_workers,
             pin_memory=s.device.type == "cuda",
+            multiple=pad_multiple(cfg.data, s.device.type, free),
         )
+        # Evaluation batches: as in training where padding could change a prediction; on a GPU, where it
+        # cannot, 64 messages a pass (a pass costs about the same for 8 or 64).
+        self.eval_batch = max(self.micro, 64) if free and s.device.type == "cuda" else self.micro
         self.steps_per_epoch = self.loaders.sampler.steps
         self.total_steps = self.steps_per_epoch * t.epochs
         if t.max_steps:
@@ -152,6 +158,7 @@ class Trainer:
         )
         self.step, self.epoch, self.step_in_epoch, self.examples_seen, self.tokens_seen = 0, 0, 0, 0, 0
         self.train_seconds = 0.0
+        self.stepped = False
         self._resume()
 
     def _trained_text(self) -> str:
@@ -200,17 +207,13 @@ class Trainer:
                 tick = time.perf_counter()
                 for i, batch in enumerate(self.loaders.train):
                     boundary = (i + 1) % t.grad_accum == 0
-                    batch = batch.to(s.device)
-                    with s.micro_step(boundary):
-                        logits = s.forward(batch.ids, batch.last)
-                        loss = F.cross_entropy(logits.float(), batch.labels)
-                        s.backward(loss, boundary)
-                    loss_sum += loss.detach()
+                    lr = lr_at(self.step, t.lr, self.total_steps, t.schedule, t.warmup_steps)
+                    loss, grad_norm = s.train_micro(batch.to(s.device), boundary, lr)
+                    loss_sum += loss
                     window[1] += 1
                     self.tokens_seen += batch.tokens
-                    if not boundary:
+                    if grad_norm is None:  # inside an accumulation
                         continue
-                    grad_norm = s.step(lr_at(self.step, t.lr, self.total_steps, t.schedule, t.warmup_steps))
                     self.step += 1
                     self.step_in_epoch += 1
                     self.examples_seen += t.batch_size
@@ -252,6 +255,9 @@ class Trainer:
     def _after_step(self, loss: float, grad_norm: float, seconds: float) -> None:
         cfg, out = self.cfg, self.out
         t = cfg.train
+        if not self.stepped:  # when this process finished its first step (start-up time, bench/gpu_check.sh)
+            self.stepped = True
+            out.log({"event": "first_step", "step": self.step})
         record = {
             "step": self.step,
             "epoch": self.epoch,
@@ -305,8 +311,8 @@ class Trainer:
         """Loss and accuracy over a split (or its first `limit` examples), exact across ranks: counts are
         all-reduced and each example is read by exactly one rank."""
         s = self.strategy
-        # Micro-batches, as in training: a padding-sensitive pooling (`last` with padding batch) sees the same shapes.
-        loader = eval_loader(self.loaders, split, self.micro, self.world, self.rank, limit)
+        # `eval_batch`: micro-batches where padding could change a prediction (pooling `last` with padding batch).
+        loader = eval_loader(self.loaders, split, self.eval_batch, self.world, self.rank, limit)
         # Every rank runs the same number of forward passes (ZeRO-3 gathers weights collectively).
         n_batches = int(s.all_reduce(torch.tensor([len(loader)], dtype=torch.float64), op="max")[0])
         k = self.num_classes

@@ -16,11 +16,23 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 
 from ..config import Config
-from ..device import AMP_DTYPES, DistEnv, autocast, init_process_group, leave_process_group, resolve_precision
-from ..lora import load_adapter_state_dict
+from ..data import Batch
+from ..device import (
+    AMP_DTYPES,
+    DistEnv,
+    autocast,
+    init_process_group,
+    leave_process_group,
+    prefer_attention_kernels,
+    resolve_precision,
+)
+from ..errors import UserError
+from ..lora import cast_frozen, load_adapter_state_dict
+from .graphs import GraphedStep, obstacle
 
 
 class Local:
@@ -47,7 +59,15 @@ class Local:
         self.amp_dtype = AMP_DTYPES[precision]
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
         self._comm_bytes = 0
+        prefer_attention_kernels(device)
         self.init()
+        # The whole step as CUDA graphs (train/graphs.py), where it applies; made at the first step, once a
+        # resumed run's optimizer state is loaded.
+        why = obstacle(cfg, self.name, device, precision)
+        if cfg.train.cuda_graphs and why:
+            raise UserError(f"train.cuda_graphs=true, but {why}; drop train.cuda_graphs (null: where it applies)")
+        self.use_graphs = cfg.train.cuda_graphs is not False and why is None
+        self.graphed: GraphedStep | None = None
 
     def init(self) -> None:
         pass
@@ -72,8 +92,18 @@ class Local:
 
     def prepare(self, model: nn.Module, micro: int, accum: int) -> None:
         self.accum = accum
-        self.model = model.to(self.device)
+        self.model = self.place(model)
         self.optimizer = self._adamw(self.trainable())
+
+    def place(self, model: nn.Module) -> nn.Module:
+        """The model on this rank's device. On a GPU under bf16/fp16 autocast, the frozen Linear weights are
+        stored in that dtype once (autocast would round them to it at every use anyway: the same numbers,
+        half the memory, no casts); adapters, head, norms, embeddings and optimizer state stay fp32. The CPU
+        keeps fp32 storage (frozen_linear packs bf16 copies itself)."""
+        model = model.to(self.device)
+        if self.device.type == "cuda" and self.amp_dtype is not None:
+            cast_frozen(model, self.amp_dtype)
+        return model
 
     def _adamw(self, params) -> torch.optim.Optimizer:
         t = self.cfg.train
@@ -83,6 +113,20 @@ class Local:
         return torch.optim.AdamW(
             params, lr=t.lr, weight_decay=t.weight_decay, betas=(t.betas[0], t.betas[1]), fused=fused
         )
+
+    def train_micro(self, batch: Batch, boundary: bool, lr: float) -> tuple[torch.Tensor, float | None]:
+        """One micro-batch (on the device): forward and backward, and at the accumulation boundary the
+        optimizer step at learning rate `lr`. Returns the loss (detached) and, at a boundary, the gradient norm
+        before clipping."""
+        if self.use_graphs:
+            self.graphed = self.graphed or GraphedStep(self)
+            loss, norm = self.graphed.step(batch, lr)
+            return loss, float(norm)
+        with self.micro_step(boundary):
+            logits = self.forward(batch.ids, batch.last)
+            loss = F.cross_entropy(logits.float(), batch.labels)
+            self.backward(loss, boundary)
+        return loss.detach(), self.step(lr) if boundary else None
 
     def autocast(self):
         return autocast(self.device, self.precision)
@@ -165,7 +209,7 @@ class DDP(Local):
 
     def prepare(self, model: nn.Module, micro: int, accum: int) -> None:
         self.accum = accum
-        model = model.to(self.device)
+        model = self.place(model)
         ids = [self.device.index] if self.device.type == "cuda" else None
         self.model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
         self.model.register_comm_hook(self, _counting_allreduce_hook)
