@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from lora_dist import load_config
+from lora_dist.build import build_model
 from lora_dist.data import Batch, DataConfig, SpamDataset
 from lora_dist.device import DistEnv
 from lora_dist.train.loaders import make_loaders
@@ -38,8 +39,10 @@ def fake_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "set_device", set_device)
     monkeypatch.setattr(torch.cuda, "get_device_capability", get_device_capability)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", is_bf16_supported)
+    cudnn_sdp = torch.backends.cuda.cudnn_sdp_enabled()
     with tf32_flags_restored():
         yield calls
+    torch.backends.cuda.enable_cudnn_sdp(cudnn_sdp)
 
 
 @contextlib.contextmanager
@@ -86,6 +89,31 @@ def test_fp32_on_cuda_uses_tf32_unless_switched_off(fake_gpu):
     assert not off.tf32 and not torch.backends.cuda.matmul.allow_tf32 and off.precision_text() == "fp32"
     bf16 = strategy("train.precision=auto")  # capability 8.0: bf16, and TF32 does not apply
     assert bf16.precision_text() == "bf16 (auto)" and not bf16.tf32
+
+
+def test_on_a_gpu_frozen_weights_are_stored_in_bf16_and_the_step_is_captured(fake_gpu, monkeypatch):
+    """bf16 autocast on a GPU: the frozen Linear weights of the blocks are stored in bf16 once (adapters, head,
+    norms and embeddings stay fp32); the step is captured where nothing stands in the way; cuDNN attention is
+    off. fp32 keeps fp32 weights; several processes or accumulation keep eager steps."""
+    real_to = torch.nn.Module.to
+
+    def to(self, *args, **kwargs):  # no GPU to move to here: moves are dropped, dtype casts happen
+        args = [a for a in args if not isinstance(a, (torch.device, str))]
+        kwargs.pop("device", None)
+        return real_to(self, *args, **kwargs) if args or kwargs else self
+
+    monkeypatch.setattr(torch.nn.Module, "to", to)
+    torch.backends.cuda.enable_cudnn_sdp(True)
+    s = strategy("train.precision=auto", "model.name=tiny", "model.weights=random")
+    assert s.precision == "bf16" and s.use_graphs and not torch.backends.cuda.cudnn_sdp_enabled()
+    model = s.place(build_model(s.cfg, 2)[0])
+    att = model.blocks[0].att.query
+    assert att.linear.weight.dtype == torch.bfloat16 and model.blocks[1].ff.proj.linear.weight.dtype == torch.bfloat16
+    assert att.lora.A.dtype == torch.float32 and model.head.linear.weight.dtype == torch.float32
+    assert model.tok_emb.weight.dtype == torch.float32 and model.blocks[0].norm1.weight.dtype == torch.float32
+    fp32 = strategy("train.precision=fp32", "model.name=tiny", "model.weights=random")
+    assert fp32.place(build_model(fp32.cfg, 2)[0]).blocks[0].att.query.linear.weight.dtype == torch.float32
+    assert not strategy("train.grad_accum=2").use_graphs and not strategy("train.cuda_graphs=false").use_graphs
 
 
 def test_tf32_is_left_alone_on_the_cpu():
