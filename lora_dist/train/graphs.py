@@ -59,7 +59,8 @@ class CudaGraph:
         self.graph, self.pool = torch.cuda.CUDAGraph(), pool
 
     def capture(self, fn: Callable[[], None]) -> None:
-        with torch.cuda.graph(self.graph, pool=self.pool):
+        # thread_local: a DataLoader's pin-memory thread may allocate page-locked memory during the capture
+        with torch.cuda.graph(self.graph, pool=self.pool, capture_error_mode="thread_local"):
             fn()
 
     def replay(self) -> None:
