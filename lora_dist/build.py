@@ -99,12 +99,29 @@ def read_adapter(path: str | Path, base: str | None = None) -> tuple[AdapterSpec
     return a.spec, a.tensors(), str(a.tensor_file)
 
 
+def check_fits(spec: AdapterSpec, model: GPT2, source: str) -> None:
+    """UserError when the description asks for more than its base holds: messages longer than the base's
+    context (the positional table has no row for them), or a pad token outside its vocabulary."""
+    ctx, vocab = model.cfg.context_length, model.cfg.vocab_size
+    if spec.max_length > ctx:
+        raise UserError(
+            f"{source}: max_length is {spec.max_length} tokens, longer than its base's context of {ctx}; no run "
+            f"writes that: restore the adapter's description (max_length at most {ctx})"
+        )
+    if spec.pad_token_id >= vocab:
+        raise UserError(
+            f"{source}: pad_token_id {spec.pad_token_id} is outside its base's vocabulary of {vocab} tokens; "
+            f"restore the adapter's description"
+        )
+
+
 def load_trained(spec: AdapterSpec, tensors: dict[str, torch.Tensor], source: str, base: str | None = None) -> GPT2:
     """The model an adapter description (`adapter.AdapterSpec`) names, with its tensors loaded, frozen and
     in eval mode. `base` points at another directory holding the same base weights (checked by SHA-256)."""
     cfg = base_config(spec, source, base)
     seed_everything(cfg.train.seed)  # random base weights are redrawn exactly as training drew them
     model, _ = build_model(cfg, len(spec.labels))
+    check_fits(spec, model, source)
     tensors = dict(tensors)
     overrides = {k: tensors.pop(k) for k in spec.overrides if k in tensors}
     load_adapter_state_dict(model, tensors, source=source)
