@@ -87,6 +87,10 @@ def _nul_label(d):
     )
 
 
+def _token_not_ascii(d):
+    (d / "token").write_text("s\u00e9cret\n")  # no Authorization header could match it
+
+
 def _adapter(d, config=None, lora=None, text=None, tensors=None):
     """A random tiny adapter in {d}/a, its description edited (`config`, `lora`: keys to set; `text`: the whole
     file) or its tensors (`tensors(dict)`), as a tampered or hand-made adapter would be."""
@@ -215,6 +219,21 @@ CASES = [
         None,
         ["serve", "--adapters", "spam={d}", "--token-file", "{d}/nope"],
         "cannot be read",
+    ),
+    # every numeric flag of serve is checked (issue 22): not finite, negative, past a port's range
+    ("serve-max-wait-nan", None, ["serve", "--adapters", "spam={d}", "--max-wait-ms", "nan"], "finite number"),
+    ("serve-max-wait-inf", None, ["serve", "--adapters", "spam={d}", "--max-wait-ms", "inf"], "finite number"),
+    ("serve-threads-negative", None, ["serve", "--adapters", "spam={d}", "--threads", "-3"], "--threads must be >= 1"),
+    ("serve-port-99999", None, ["serve", "--adapters", "spam={d}", "--port", "99999"], "--port must be <= 65535"),
+    ("serve-read-timeout-0", None, ["serve", "--adapters", "spam={d}", "--read-timeout-s", "0"], "--read-timeout-s"),
+    ("serve-max-queue-0", None, ["serve", "--adapters", "spam={d}", "--max-queue", "0"], "--max-queue must be >= 1"),
+    ("serve-max-conn-0", None, ["serve", "--adapters", "spam={d}", "--max-connections", "0"], "--max-connections"),
+    ("serve-shutdown-nan", None, ["serve", "--adapters", "spam={d}", "--shutdown-timeout-s", "nan"], "finite number"),
+    (
+        "serve-token-not-ascii",
+        _token_not_ascii,
+        ["serve", "--adapters", "spam={d}", "--token-file", "{d}/token"],
+        "printable ASCII",
     ),
     (
         "serve-empty-token-file",
