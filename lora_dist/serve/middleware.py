@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 
 from .metrics import Metrics
+from .server import READ_TIMEOUT
 
 
 async def answer(send, status: int, message: str, headers: tuple = ()) -> None:
@@ -30,8 +31,8 @@ async def answer(send, status: int, message: str, headers: tuple = ()) -> None:
 
 
 class AccessLog:
-    """`--access-log`: a line per request, `access: CLIENT "METHOD PATH" STATUS TIME ms` (status "-": no answer
-    was sent, the client left or its request was not read in time)."""
+    """`--access-log`: a line per request, `access: CLIENT "METHOD PATH" STATUS TIME ms` (408: its body was not
+    read within --read-timeout-s, serve/server.py; "-": no answer, the client left)."""
 
     def __init__(self, app, log: Callable[[str], None]):
         self.app, self.log = app, log
@@ -50,6 +51,8 @@ class AccessLog:
         try:
             await self.app(scope, receive, sending)
         finally:
+            if status == "-" and scope.get("state", {}).get(READ_TIMEOUT):
+                status = 408
             client = scope.get("client")
             who = f"{client[0]}:{client[1]}" if client else "-"
             path = scope.get("raw_path", scope["path"].encode()).decode("latin-1")

@@ -23,6 +23,7 @@ if TYPE_CHECKING:  # the [serve] extra's modules are imported only when serving
     from .metrics import Metrics
 
 STATUS = {408: b"408 Request Timeout", 503: b"503 Service Unavailable"}
+READ_TIMEOUT = "lora_dist.read_timeout"  # set in a request's scope["state"] when the deadline cut it off
 
 
 def raw_answer(transport: asyncio.Transport, status: int, message: str, headers: bytes = b"") -> None:
@@ -90,8 +91,10 @@ def guarded_protocol(read_timeout: float, max_connections: int, metrics: Metrics
                 return
             metrics.dropped.labels("read_timeout").inc()
             why = f"the request was not read within {read_timeout:g} s (--read-timeout-s)"
-            if self.cycle is not None and self.cycle.response_started:
-                return self.transport.close()
+            if self.cycle is not None:
+                self.cycle.scope.setdefault("state", {})[READ_TIMEOUT] = True  # for the access log
+                if self.cycle.response_started:
+                    return self.transport.close()
             raw_answer(self.transport, 408, why)
 
         def shutdown(self) -> None:
