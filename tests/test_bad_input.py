@@ -121,7 +121,8 @@ def _peft_pickle_only(d):
 
 
 TRAIN = ["train", "--config", str(SMOKE), "output_dir={d}/out"]
-CLASSIFY = ["classify", "--adapter", "{d}/a", "win a prize " * 400]  # 1,200 tokens: longer than tiny's context
+CLASSIFY = ["classify", "--adapter", "{d}/a", "win a prize " * 400]
+SERVE = ["serve", "--adapters", "spam={d}"]  # 1,200 tokens: longer than tiny's context
 
 # (id, files to make, argv, words the error line must hold); {d} is the test's temporary directory.
 CASES = [
@@ -221,20 +222,20 @@ CASES = [
         "cannot be read",
     ),
     # every numeric flag of serve is checked (issue 22): not finite, negative, past a port's range
-    ("serve-max-wait-nan", None, ["serve", "--adapters", "spam={d}", "--max-wait-ms", "nan"], "finite number"),
-    ("serve-max-wait-inf", None, ["serve", "--adapters", "spam={d}", "--max-wait-ms", "inf"], "finite number"),
-    ("serve-threads-negative", None, ["serve", "--adapters", "spam={d}", "--threads", "-3"], "--threads must be >= 1"),
-    ("serve-port-99999", None, ["serve", "--adapters", "spam={d}", "--port", "99999"], "--port must be <= 65535"),
-    ("serve-read-timeout-0", None, ["serve", "--adapters", "spam={d}", "--read-timeout-s", "0"], "--read-timeout-s"),
-    ("serve-max-queue-0", None, ["serve", "--adapters", "spam={d}", "--max-queue", "0"], "--max-queue must be >= 1"),
-    ("serve-max-conn-0", None, ["serve", "--adapters", "spam={d}", "--max-connections", "0"], "--max-connections"),
-    ("serve-shutdown-nan", None, ["serve", "--adapters", "spam={d}", "--shutdown-timeout-s", "nan"], "finite number"),
-    (
-        "serve-token-not-ascii",
-        _token_not_ascii,
-        ["serve", "--adapters", "spam={d}", "--token-file", "{d}/token"],
-        "printable ASCII",
-    ),
+    *[
+        (f"serve-{flag.strip('-')}-{value}", None, [*SERVE, flag, value], words)
+        for flag, value, words in (
+            ("--max-wait-ms", "nan", "--max-wait-ms must be a finite number"),
+            ("--max-wait-ms", "inf", "--max-wait-ms must be a finite number"),
+            ("--threads", "-3", "--threads must be >= 1"),
+            ("--port", "99999", "--port must be <= 65535"),
+            ("--read-timeout-s", "0", "--read-timeout-s must be >= 0.001"),
+            ("--max-queue", "0", "--max-queue must be >= 1"),
+            ("--max-connections", "0", "--max-connections must be >= 1"),
+            ("--shutdown-timeout-s", "nan", "--shutdown-timeout-s must be a finite number"),
+        )
+    ],
+    ("serve-token-not-ascii", _token_not_ascii, [*SERVE, "--token-file", "{d}/token"], "printable ASCII"),
     (
         "serve-empty-token-file",
         _file_empty,
