@@ -120,7 +120,7 @@ class Service:
         deadline = self.stop_by or time.monotonic() + self.shutdown_timeout_s
         try:
             await asyncio.wait_for(asyncio.shield(loading), max(0.0, deadline - time.monotonic()))
-        except TimeoutError:
+        except asyncio.TimeoutError:  # noqa: UP041  (Python 3.10: not the builtin TimeoutError)
             pass
         finished = loading.done() and await self.batcher.stop(deadline)
         self.stopped_cleanly = finished
