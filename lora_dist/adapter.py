@@ -14,7 +14,10 @@ the first format (`lora-dist/1`) are read through their run's `config.yaml`.
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
+import typing
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -22,11 +25,11 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from .config import Config, load_config
+from .config import Config, LoRAConfig, ModelConfig, TrainConfig, load_config
 from .config import build as build_config
 from .data import build_datasets, fixed_length, read_table
 from .errors import UserError
-from .files import save_file, write_atomic
+from .files import WRITE_ERRORS, read_json, save_file, write_atomic, write_error
 from .lora import scale_factor
 from .model import ALIASES, HUB_REPOS, PADDING_FREE, canonical_name
 from .weights import base_dir, load_gpt2, weights_sha256
@@ -165,11 +168,19 @@ class AdapterSpec:
 
     @classmethod
     def from_json(cls, d: dict, source: str) -> AdapterSpec:
+        if not isinstance(d, dict):
+            raise UserError(
+                f"{source} is not a lora-dist adapter description (it holds {type(d).__name__}, not an object); "
+                f"restore the file the run wrote"
+            )
         try:
+            labels = d["labels"]
+            if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels):
+                raise TypeError(f"labels must be a list of names, not {labels!r}"[:200])
             known = {f for f in cls.__dataclass_fields__ if f != "extra"}
             kw = {k: v for k, v in d.items() if k in known}
             kw["base"] = BaseModel(**d["base"])
-            kw["labels"] = tuple(str(x) for x in d["labels"])
+            kw["labels"] = tuple(labels)
             kw["overrides"] = tuple(d.get("overrides") or ())
             spec = cls(**kw, extra={k: v for k, v in d.items() if k not in known})
         except (KeyError, TypeError, ValueError) as e:
@@ -177,11 +188,91 @@ class AdapterSpec:
                 f"{source} is not a lora-dist adapter description ({type(e).__name__}: {e}); "
                 f"retrain, or restore the file the run wrote"
             ) from e
-        if spec.kind not in LAYOUT or len(spec.labels) < 2 or (spec.kind == "lora") != bool(spec.lora):
-            raise UserError(
-                f"{source} is not a valid lora-dist adapter description (kind {spec.kind!r}); restore the file the run wrote"
-            )
+        spec.check(source)
         return spec
+
+    def check(self, source: str) -> None:
+        """UserError naming the first field that no run could have written (a wrong type, an impossible value)."""
+        why = self.problem()
+        if why:
+            raise UserError(
+                f"{source} is not a valid lora-dist adapter description ({why}); restore the file the run wrote"
+            )
+
+    def problem(self) -> str | None:
+        """What makes this description unusable, or None."""
+        b, n = self.base, self.max_length
+        checks = (
+            (self.kind in LAYOUT, f"kind {self.kind!r} is neither lora nor weights"),
+            (isinstance(b.name, str) and isinstance(b.source, str), "base.name and base.source must be strings"),
+            (
+                b.sha256 is None or (isinstance(b.sha256, str) and re.fullmatch("[0-9a-f]{64}", b.sha256)),
+                "base.sha256 must be 64 hex digits or null",
+            ),
+            (b.seed is None or whole(b.seed, 0), f"base.seed must be a whole number or null, not {b.seed!r}"),
+            (
+                b.context_length is None or whole(b.context_length, 1),
+                f"base.context_length must be a whole number >= 1 or null, not {b.context_length!r}",
+            ),
+            (
+                len(self.labels) >= 2 and len(set(self.labels)) == len(self.labels) and all(self.labels),
+                f"labels must be two or more distinct, non-empty names; got {list(self.labels)}"[:300],
+            ),
+            (self.trainable in _choices(TrainConfig, "trainable"), f"trainable {self.trainable!r} is unknown"),
+            ((self.kind == "lora") == bool(self.lora), f"kind {self.kind!r} does not match lora {self.lora!r}"[:200]),
+            (self.lora is None or not _lora_problem(self.lora), f"lora.{_lora_problem(self.lora or {})}"),
+            (self.pooling in _choices(ModelConfig, "pooling"), f"pooling {self.pooling!r} is unknown"),
+            (isinstance(self.causal_mask, bool), f"causal_mask must be true or false, not {self.causal_mask!r}"),
+            (whole(n, 1), f"max_length must be a whole number of tokens >= 1, not {n!r}"),
+            (
+                self.pad_to is None or whole(self.pad_to, 1, n if whole(n, 1) else 1),
+                f"pad_to must be null or a whole number from 1 to max_length ({n}), not {self.pad_to!r}",
+            ),
+            (whole(self.pad_token_id, 0), f"pad_token_id must be a token id >= 0, not {self.pad_token_id!r}"),
+            (
+                self.tokenizer == TOKENIZER,
+                f"tokenizer {self.tokenizer!r} is not one lora-dist has (only {TOKENIZER!r}, GPT-2's BPE)"[:200],
+            ),
+            (all(isinstance(o, str) for o in self.overrides), "overrides must be a list of tensor names"),
+        )
+        return next((why for ok, why in checks if not ok), None)
+
+
+def whole(v, lo: int, hi: int | None = None) -> bool:
+    """Whether `v` is an int (not a bool, not a float such as 1e12) in [lo, hi]."""
+    return isinstance(v, int) and not isinstance(v, bool) and v >= lo and (hi is None or v <= hi)
+
+
+def finite_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _choices(cls, name: str) -> tuple:
+    return typing.get_args(typing.get_type_hints(cls)[name])
+
+
+def _lora_problem(lora) -> str | None:
+    """What is wrong with an adapter description's `lora` object, or None."""
+    if not isinstance(lora, dict):
+        return "lora must be an object"
+    missing = [k for k in ("rank", "alpha", "scaling", "scale", "targets", "head", "train_head") if k not in lora]
+    if missing:
+        return f"{missing[0]} is missing"
+    checks = (
+        (whole(lora["rank"], 1), f"rank must be a whole number >= 1, not {lora['rank']!r}"),
+        (finite_number(lora["alpha"]), f"alpha must be a finite number, not {lora['alpha']!r}"),
+        (lora["scaling"] in _choices(LoRAConfig, "scaling"), f"scaling {lora['scaling']!r} is unknown"),
+        (finite_number(lora["scale"]), f"scale must be a finite number, not {lora['scale']!r}"),
+        (
+            isinstance(lora["targets"], list) and lora["targets"] and all(isinstance(t, str) for t in lora["targets"]),
+            "targets must be a list of layer names",
+        ),
+        (
+            isinstance(lora["head"], bool) and isinstance(lora["train_head"], bool),
+            "head and train_head must be booleans",
+        ),
+    )
+    return next((why[:200] for ok, why in checks if not ok), None)
 
 
 def _is_hub_id(source: str) -> bool:
@@ -203,10 +294,35 @@ class Adapter:
         return self.dir / LAYOUT[self.spec.kind][1]
 
     def tensors(self) -> dict[str, torch.Tensor]:
+        """The tensor file's tensors, checked: floating point, finite, and of the rank the description names."""
         try:
-            return load_file(str(self.tensor_file))
+            tensors = load_file(str(self.tensor_file))
         except (SafetensorError, OSError) as e:
             raise UserError(f"{self.tensor_file} cannot be read ({e}); it is damaged, retrain or restore it") from e
+        check_values(tensors, str(self.tensor_file))
+        rank = self.spec.lora["rank"] if self.spec.lora else None
+        for k, t in tensors.items():
+            if rank is not None and k.endswith(".lora.A") and (t.dim() != 2 or t.shape[1] != rank):
+                raise UserError(
+                    f"{self.tensor_file}: tensor '{k}' has shape {list(t.shape)}, but the description says rank "
+                    f"{rank}; the adapter's files do not belong together, restore the ones the run wrote"
+                )
+        return tensors
+
+
+def check_values(tensors: dict[str, torch.Tensor], source: str) -> None:
+    """UserError unless every tensor is floating point and finite (a NaN adapter answers NaN for every message)."""
+    for k, t in tensors.items():
+        if not t.is_floating_point():
+            raise UserError(
+                f"{source}: tensor '{k}' is {str(t.dtype).removeprefix('torch.')}; adapters hold floating-point "
+                f"tensors, so this file was not written by training: restore it"
+            )
+        if not torch.isfinite(t).all():
+            raise UserError(
+                f"{source}: tensor '{k}' holds NaN or infinite values; the adapter is damaged (or was saved after "
+                f"the loss diverged): retrain, or restore an earlier copy"
+            )
 
 
 def find(path: str | Path) -> Adapter:
@@ -217,11 +333,12 @@ def find(path: str | Path) -> Adapter:
     for sub, tensors, desc in LAYOUT.values():
         for d in (p, p / sub):
             if (d / desc).is_file():
+                spec = _read_spec(d / desc, d)
                 if not (d / tensors).is_file():
                     raise UserError(
                         f"{d} has {desc} but no {tensors}; the run did not finish, resume it with train.resume=auto"
                     )
-                return Adapter(d, _read_spec(d / desc, d))
+                return Adapter(d, spec)
     hint = (
         "it holds checkpoints but never finished: resume it with train.resume=auto"
         if (p / "checkpoints").is_dir()
@@ -232,14 +349,21 @@ def find(path: str | Path) -> Adapter:
     )
 
 
+# PEFT's pickle files: never loaded (unpickling runs code), only named in the message that refuses them.
+PICKLES = ("adapter_model.bin", "pytorch_model.bin")
+
+
 def _read_spec(file: Path, directory: Path) -> AdapterSpec:
-    try:
-        d = json.loads(file.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"{file} is not valid JSON ({type(e).__name__}); restore the file the run wrote") from e
+    d = read_json(file, "restore the file the run wrote")
     if not isinstance(d, dict):
         raise UserError(f"{file} is not a lora-dist adapter description; restore the file the run wrote")
     if "peft_type" in d:
+        pickles = [n for n in PICKLES if (directory / n).is_file()]
+        if pickles and not (directory / "adapter_model.safetensors").is_file():
+            raise UserError(
+                f"{directory} is a PEFT adapter whose only weights are {pickles[0]}, a pickle, which lora-dist never "
+                f"loads (unpickling can run code); re-save it with save_pretrained(..., safe_serialization=True)"
+            )
         raise UserError(
             f"{file} is a PEFT adapter; load it with Classifier.from_pretrained or lora-dist classify, "
             f"which read PEFT exports"
@@ -304,12 +428,14 @@ def save(run_dir: Path, spec: AdapterSpec, tensors: dict[str, torch.Tensor]) -> 
     d = Path(run_dir) / sub
     d.mkdir(parents=True, exist_ok=True)
     tmp = d / f".{tensor_name}.tmp"
-    save_file(
-        {k: v.detach().cpu().contiguous() for k, v in tensors.items()},
-        str(tmp),
-        metadata={"format": "pt", "lora_dist": spec.format},
-    )
-    os.replace(tmp, d / tensor_name)
+    cpu = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    try:
+        save_file(cpu, str(tmp), metadata={"format": "pt", "lora_dist": spec.format})
+        os.replace(tmp, d / tensor_name)
+    except WRITE_ERRORS as e:
+        tmp.unlink(missing_ok=True)
+        needed = sum(t.nbytes for t in cpu.values())
+        raise write_error(d, needed, e, tensor_name, "free some space, then resume with train.resume=auto") from e
     counts = {"tensors": len(tensors), "parameters": int(sum(t.numel() for t in tensors.values()))}
     spec = replace(spec, extra={**spec.extra, **counts})
     write_atomic(d / desc, json.dumps(spec.to_json(), indent=2) + "\n")

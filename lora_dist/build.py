@@ -109,6 +109,22 @@ def read_adapter(path: str | Path, base: str | None = None) -> tuple[AdapterSpec
     return a.spec, a.tensors(), str(a.tensor_file)
 
 
+def check_fits(spec: AdapterSpec, model: GPT2, source: str) -> None:
+    """UserError when the description asks for more than its base holds: messages longer than the base's
+    context (the positional table has no row for them), or a pad token outside its vocabulary."""
+    ctx, vocab = model.cfg.context_length, model.cfg.vocab_size
+    if spec.max_length > ctx:
+        raise UserError(
+            f"{source}: max_length is {spec.max_length} tokens, longer than its base's context of {ctx}; no run "
+            f"writes that: restore the adapter's description (max_length at most {ctx})"
+        )
+    if spec.pad_token_id >= vocab:
+        raise UserError(
+            f"{source}: pad_token_id {spec.pad_token_id} is outside its base's vocabulary of {vocab} tokens; "
+            f"restore the adapter's description"
+        )
+
+
 def build_device(spec: AdapterSpec, source: str, device: str | torch.device | None = None) -> torch.device | None:
     """Where to build an adapter's base: on `device` when it is read from a file; random weights where they
     were drawn (`BaseModel.device`), for torch's generators differ between the CPU and CUDA."""
@@ -138,6 +154,7 @@ def load_trained(
     at another directory holding the same base weights (checked by SHA-256)."""
     cfg = base_config(spec, source, base)
     model, _ = build_model(cfg, len(spec.labels), device=build_device(spec, source, device))
+    check_fits(spec, model, source)
     tensors = dict(tensors)
     overrides = {k: tensors.pop(k) for k in spec.overrides if k in tensors}
     load_adapter_state_dict(model, tensors, source=source)

@@ -128,6 +128,7 @@ class TrainConfig:
     checkpoint_every: int = 0  # steps between checkpoints (0: only at epoch ends)
     keep_checkpoints: int = 2
     resume: str = "never"  # never | auto | a checkpoint directory
+    resume_other_data: bool = False  # resume even though the data differs from the checkpoint's (its fingerprint)
 
     def __post_init__(self):
         _check(self.epochs > 0, f"train.epochs must be > 0, got {self.epochs}")

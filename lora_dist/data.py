@@ -147,10 +147,27 @@ def _validate(frame: pd.DataFrame, path: Path) -> pd.DataFrame:
     if (frame["label"].str.len() == 0).any():
         row = int(frame.index[frame["label"].str.len() == 0][0]) + 1
         raise UserError(f"{path} has a message without a label at row {row}; label it or remove it")
+    odd = frame["label"].str.contains(r"[\x00-\x1f\x7f]", regex=True)
+    if odd.any():
+        row = int(frame.index[odd][0]) + 1
+        raise UserError(
+            f"{path} has the label {frame['label'][odd].iloc[0]!r} at row {row}, which holds a control character "
+            f"(a stray NUL or tab, as from a binary or mis-exported file); labels found: {label_counts(frame)}; "
+            f"fix that row"
+        )
     if (frame["text"].str.len() == 0).any():
         row = int(frame.index[frame["text"].str.len() == 0][0]) + 1
         raise UserError(f"{path} has an empty message at row {row}; remove it")
     return frame.reset_index(drop=True)
+
+
+def label_counts(frame: pd.DataFrame, most: int = 6) -> str:
+    """The labels of `frame` with their message counts, e.g. "ham (4825), spam (747)"."""
+    counts = frame["label"].value_counts()
+    shown = [
+        f"{label!r} ({n})" if not str(label).isprintable() else f"{label} ({n})" for label, n in counts[:most].items()
+    ]
+    return ", ".join(shown) + (f" and {len(counts) - most} more" if len(counts) > most else "")
 
 
 def load_frame(source: str, cfg: DataConfig | None = None, say=print) -> pd.DataFrame:
@@ -209,10 +226,21 @@ def split(frame: pd.DataFrame, train_frac: float, val_frac: float, seed: int = 1
     for name, part in parts.items():
         if len(part) == 0:
             raise UserError(
-                f"the {name} split is empty ({len(frame)} messages, train_frac={train_frac}, val_frac={val_frac}); "
-                f"use more data or other fractions"
+                f"the {name} split is empty ({len(frame)} messages, labels {label_counts(frame)}; "
+                f"train_frac={train_frac}, val_frac={val_frac}); use more data or other fractions"
             )
     return {k: v.reset_index(drop=True) for k, v in parts.items()}
+
+
+def fingerprint(splits: dict[str, pd.DataFrame]) -> str:
+    """The SHA-256 of the prepared splits (each message and its label, in order): the data a run trains and
+    is evaluated on. A resumed run checks it against its checkpoint's."""
+    digest = hashlib.sha256()
+    for name in sorted(splits):
+        digest.update(f"{name}\0{len(splits[name])}\0".encode())
+        for text, label in zip(splits[name]["text"], splits[name]["label"], strict=True):
+            digest.update(f"{label}\0{text}\0".encode("utf-8", "surrogatepass"))
+    return digest.hexdigest()
 
 
 def prepare_splits(cfg: DataConfig, say=print) -> dict[str, pd.DataFrame]:

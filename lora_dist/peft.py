@@ -25,8 +25,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from .adapter import AdapterSpec, BaseModel
+from .adapter import AdapterSpec, BaseModel, check_values, finite_number, whole
 from .errors import UserError
+from .files import read_json
 from .model import ALIASES, HUB_REPOS
 from .weights import from_hf, key_map, load_gpt2
 
@@ -38,6 +39,16 @@ UNSUPPORTED = {
     "trainable_token_indices": "trainable tokens",
     "layer_replication": "layer replication",
     "target_parameters": "LoRA on parameters",
+}
+
+# adapter_config.json's keys that lora-dist reads, and what PEFT writes into them
+CONFIG_TYPES = {
+    "r": lambda v: whole(v, 1),
+    "lora_alpha": finite_number,
+    "lora_dropout": lambda v: v is None or finite_number(v),
+    "rank_pattern": lambda v: v is None or (isinstance(v, dict) and all(map(finite_number, v.values()))),
+    "alpha_pattern": lambda v: v is None or (isinstance(v, dict) and all(map(finite_number, v.values()))),
+    "base_model_name_or_path": lambda v: v is None or isinstance(v, str),
 }
 
 
@@ -61,9 +72,10 @@ def is_peft_dir(path) -> bool:
     """Whether PATH is a PEFT adapter directory (adapter_config.json with a peft_type)."""
     f = Path(path) / "adapter_config.json"
     try:
-        return f.is_file() and "peft_type" in json.loads(f.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        config = read_json(f, "") if f.is_file() else None
+    except UserError:
         return False
+    return isinstance(config, dict) and "peft_type" in config
 
 
 def read(path: Path, base: str | None) -> tuple[AdapterSpec, dict[str, torch.Tensor]]:
@@ -175,15 +187,15 @@ def read(path: Path, base: str | None) -> tuple[AdapterSpec, dict[str, torch.Ten
         overrides=tuple(overrides),
         extra={"peft": str(path)},
     )
+    spec.check(str(path))
     return spec, out
 
 
 def _config(path: Path) -> dict:
     file = path / "adapter_config.json"
-    try:
-        cfg = json.loads(file.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"{file} is not valid JSON ({type(e).__name__}); restore the file") from e
+    cfg = read_json(file, "restore the file")
+    if not isinstance(cfg, dict):
+        raise UserError(f"{file} holds {type(cfg).__name__}, not a PEFT adapter config; restore the file")
     if cfg.get("peft_type") != "LORA":
         raise UserError(f"{path} is a PEFT {cfg.get('peft_type')} adapter; lora-dist reads LoRA adapters only")
     if cfg.get("task_type") not in (None, "SEQ_CLS"):
@@ -194,6 +206,9 @@ def _config(path: Path) -> dict:
     for key, what in UNSUPPORTED.items():
         if cfg.get(key):
             raise UserError(f"{path} uses {what} ({key}), which lora-dist cannot represent")
+    for key, ok in CONFIG_TYPES.items():
+        if key in cfg and not ok(cfg[key]):
+            raise UserError(f"{file}: {key} has the value {cfg[key]!r:.80}, which PEFT never writes; restore the file")
     return cfg
 
 
@@ -205,21 +220,18 @@ def _tensors(path: Path) -> dict[str, torch.Tensor]:
         )
         raise UserError(f"{file} not found{pickle if (path / 'adapter_model.bin').exists() else ''}")
     try:
-        return load_file(str(file))
+        tensors = load_file(str(file))
     except (SafetensorError, OSError, ValueError) as e:
         raise UserError(f"{file} cannot be read ({e}); it is damaged, export or download it again") from e
+    check_values(tensors, str(file))
+    return tensors
 
 
 def _sidecar(file: Path) -> AdapterSpec | None:
     if not file.is_file():
         return None
-    try:
-        return AdapterSpec.from_json(json.loads(file.read_text()), str(file))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(
-            f"{file} is not valid JSON ({type(e).__name__}); restore it, or delete it to read the "
-            f"adapter as PEFT describes it"
-        ) from e
+    fix = "restore it, or delete it to read the adapter as PEFT describes it"
+    return AdapterSpec.from_json(read_json(file, fix), str(file))
 
 
 def _pattern(cfg: dict, key: str, module: str, default):
@@ -262,7 +274,7 @@ def _labels(b: BaseModel, base: str | None, n: int) -> list[str]:
         labels = [id2label[str(i)] for i in range(n)]
         if len(id2label) == n:
             return labels
-    except (OSError, ValueError, KeyError, AttributeError):
+    except (OSError, ValueError, KeyError, AttributeError, RecursionError):
         pass
     return [f"LABEL_{i}" for i in range(n)]
 

@@ -7,18 +7,29 @@ values, as YAML and as key=value overrides, may only load or raise UserError.
 """
 
 import json
+import os
 import string
+import subprocess
+import sys
+from functools import partial
 
 import pytest
 import torch
 import yaml
-from conftest import SMOKE, read_metrics, run_cli
+from conftest import ROOT, SMOKE, read_metrics, run_cli
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 
 from lora_dist import UserError, load_config
 from lora_dist.cli import main
 from lora_dist.config import valid_keys
+from lora_dist.train import checkpoint as ckpt
+from lora_dist.train.tracking import lock_run_dir
+
+sys.path.insert(0, str(ROOT / "bench"))
+from fake_adapters import make_adapter  # noqa: E402
 
 
 def _header_only(d):
@@ -70,7 +81,48 @@ def _bad_json_results(d):
     (d / "run" / "results.json").write_text("{oops")
 
 
+def _nul_label(d):
+    (d / "nul.csv").write_bytes(
+        b"text,label\n" + b"".join(b"hi %d,ham\nwin %d,spam\n" % (i, i) for i in range(9)) + b"buy,spam\x00\n"
+    )
+
+
+def _token_not_ascii(d):
+    (d / "token").write_text("s\u00e9cret\n")  # no Authorization header could match it
+
+
+def _adapter(d, config=None, lora=None, text=None, tensors=None):
+    """A random tiny adapter in {d}/a, its description edited (`config`, `lora`: keys to set; `text`: the whole
+    file) or its tensors (`tensors(dict)`), as a tampered or hand-made adapter would be."""
+    a = make_adapter(d / "a", seed=1, rank=4) / "adapter"
+    f = a / "adapter_config.json"
+    desc = json.loads(f.read_text())
+    desc.update(config or {})
+    desc["lora"].update(lora or {})
+    f.write_text(text if text is not None else json.dumps(desc))
+    if tensors:
+        t = load_file(str(a / "adapter_model.safetensors"))
+        tensors(t)
+        save_file(t, str(a / "adapter_model.safetensors"))
+
+
+def _nan(t):
+    t["head.lora.B"][0, 0] = float("nan")
+
+
+def _int64(t):
+    t["head.lora.B"] = t["head.lora.B"].long()
+
+
+def _peft_pickle_only(d):
+    (d / "peft").mkdir()
+    (d / "peft" / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 8, "lora_alpha": 16}))
+    (d / "peft" / "adapter_model.bin").write_bytes(b"\x80\x04not really a pickle")
+
+
 TRAIN = ["train", "--config", str(SMOKE), "output_dir={d}/out"]
+CLASSIFY = ["classify", "--adapter", "{d}/a", "win a prize " * 400]
+SERVE = ["serve", "--adapters", "spam={d}"]  # 1,200 tokens: longer than tiny's context
 
 # (id, files to make, argv, words the error line must hold); {d} is the test's temporary directory.
 CASES = [
@@ -169,11 +221,64 @@ CASES = [
         ["serve", "--adapters", "spam={d}", "--token-file", "{d}/nope"],
         "cannot be read",
     ),
+    # every numeric flag of serve is checked (issue 22): not finite, negative, past a port's range
+    *[
+        (f"serve-{flag.strip('-')}-{value}", None, [*SERVE, flag, value], words)
+        for flag, value, words in (
+            ("--max-wait-ms", "nan", "--max-wait-ms must be a finite number"),
+            ("--max-wait-ms", "inf", "--max-wait-ms must be a finite number"),
+            ("--threads", "-3", "--threads must be >= 1"),
+            ("--port", "99999", "--port must be <= 65535"),
+            ("--read-timeout-s", "0", "--read-timeout-s must be >= 0.001"),
+            ("--max-queue", "0", "--max-queue must be >= 1"),
+            ("--max-connections", "0", "--max-connections must be >= 1"),
+            ("--shutdown-timeout-s", "nan", "--shutdown-timeout-s must be a finite number"),
+        )
+    ],
+    ("serve-token-not-ascii", _token_not_ascii, [*SERVE, "--token-file", "{d}/token"], "printable ASCII"),
     (
         "serve-empty-token-file",
         _file_empty,
         ["serve", "--adapters", "spam={d}", "--token-file", "{d}/empty.txt"],
         "is empty",
+    ),
+    ("train-label-with-a-nul-byte", _nul_label, [*TRAIN, "data.source={d}/nul.csv"], "'spam\\x00' at row 19"),
+    # adapters edited by hand, or damaged (issue 22): each is one error line naming the file and the field
+    ("classify-max-length-a-string", partial(_adapter, config={"max_length": "512"}), CLASSIFY, "max_length must be"),
+    ("classify-max-length-1e12", partial(_adapter, config={"max_length": 1e12}), CLASSIFY, "max_length must be"),
+    (
+        "classify-max-length-past-the-context",
+        partial(_adapter, config={"max_length": 10**12}),
+        CLASSIFY,
+        "context of 256",
+    ),
+    ("classify-max-length-negative", partial(_adapter, config={"max_length": -1}), CLASSIFY, "max_length must be"),
+    ("adapter-info-scale-a-string", partial(_adapter, lora={"scale": "2"}), ["adapter", "info", "{d}/a"], "lora.scale"),
+    (
+        "classify-config-nested-deep",
+        partial(_adapter, text="[" * 100_000 + "]" * 100_000),
+        CLASSIFY,
+        "nested too deeply",
+    ),
+    ("classify-config-null", partial(_adapter, text="null"), CLASSIFY, "not a lora-dist adapter description"),
+    ("classify-rank-1e9", partial(_adapter, lora={"rank": 10**9}), CLASSIFY, "the description says rank 1000000000"),
+    ("serve-rank-1e9", partial(_adapter, lora={"rank": 10**9}), ["serve", "--adapters", "a={d}/a"], "says rank"),
+    ("classify-pad-to-1e9", partial(_adapter, config={"pad_to": 10**9}), CLASSIFY, "pad_to must be"),
+    ("classify-nan-tensor", partial(_adapter, tensors=_nan), CLASSIFY, "NaN"),
+    ("classify-int64-tensor", partial(_adapter, tensors=_int64), CLASSIFY, "is int64"),
+    ("classify-duplicate-labels", partial(_adapter, config={"labels": ["ham", "ham"]}), CLASSIFY, "distinct"),
+    ("classify-unknown-tokenizer", partial(_adapter, config={"tokenizer": "llama"}), CLASSIFY, "tokenizer 'llama'"),
+    (
+        "serve-max-length-past-the-context",
+        partial(_adapter, config={"max_length": 4096}),
+        ["serve", "--adapters", "a={d}/a"],
+        "context of 256",
+    ),
+    (
+        "adapter-info-peft-pickle-only",
+        _peft_pickle_only,
+        ["adapter", "info", "{d}/peft"],
+        "adapter_model.bin, a pickle",
     ),
     ("no-command", None, [], "required"),
     ("unknown-command", None, ["fly"], "invalid choice"),
@@ -184,11 +289,18 @@ if not torch.cuda.is_available():
 
 def run_main(argv, capsys) -> tuple[int, str]:
     """`lora-dist ARGV` in this process: (exit status, stderr). argparse exits through SystemExit."""
+    code, _, err = run_main_out(argv, capsys)
+    return code, err
+
+
+def run_main_out(argv, capsys) -> tuple[int, str, str]:
+    """(exit status, stdout, stderr) of `lora-dist ARGV` in this process."""
     try:
         code = main(argv)
     except SystemExit as e:
         code = e.code
-    return code, capsys.readouterr().err
+    out, err = capsys.readouterr()
+    return code, out, err
 
 
 @pytest.mark.parametrize("make,argv,words", [pytest.param(*c[1:], id=c[0]) for c in CASES])
@@ -236,12 +348,13 @@ def test_bad_input_as_the_user_runs_it(tmp_path, argv, words):
     assert "Traceback" not in proc.stderr + proc.stdout
 
 
-def small_data(d) -> str:
-    """80 messages of the SMS data (40 ham, 40 spam): a run on them ends (evaluation included) in seconds."""
+def small_data(d, n: int = 40) -> str:
+    """80 messages of the SMS data (40 ham, 40 spam; `n` of each): a run on them ends (evaluation included) in
+    seconds."""
     from lora_dist.data import read_sms, shipped_sms_path
 
     frame = read_sms(shipped_sms_path())
-    frame = frame.groupby("label").head(40)
+    frame = frame.groupby("label").head(n)
     frame[["text", "label"]].to_csv(d / "small.csv", index=False)
     return f"data.source={d / 'small.csv'}"
 
@@ -277,8 +390,6 @@ def test_deepspeed_in_a_plain_process_is_a_world_of_one(tmp_path, capsys, monkey
     """`lora-dist train ... dist.strategy=deepspeed` without a launcher trains as rank 0 of 1, as torchrun's
     single worker would, and leaves this process's environment as it found it. On the CPU it compiles
     nothing: DeepSpeed's shared-memory inference kernel (minutes of gcc) is not built."""
-    import os
-
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "extensions"))
     out = tmp_path / "out"
     before = {k: os.environ.get(k) for k in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
@@ -305,6 +416,143 @@ def test_deepspeed_in_a_plain_process_is_a_world_of_one(tmp_path, capsys, monkey
     assert len(losses) == 3 and all(x == x for x in losses)
     assert {k: os.environ.get(k) for k in before} == before
     assert not (tmp_path / "extensions").exists()  # nothing compiled
+
+
+# -------------------------------------------------------------- training: lock, data, disk (issue 22)
+
+
+def quick_run(d, *extra: str) -> list[str]:
+    """`lora-dist train` on the small data into {d}/out: a few steps, seconds."""
+    return [
+        "train",
+        "--config",
+        str(SMOKE),
+        f"output_dir={d / 'out'}",
+        *(extra if any(e.startswith("data.source=") for e in extra) else (small_data(d), *extra)),
+        "train.epochs=1",
+        "train.eval_batches=1",
+        "tracking.wandb.mode=disabled",
+    ]
+
+
+def test_a_training_holds_its_output_dirs_lock_and_a_second_is_refused(tmp_path, capsys, monkeypatch):
+    """Another process holding output_dir's lock (as a running training does) makes a second training into it
+    one error line that writes nothing; once that process is killed (-9), the kernel has released the lock and
+    training runs, holding the lock itself until it ends."""
+    out = tmp_path / "out"
+    out.mkdir()
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import fcntl, os, sys, time\n"
+            "fd = os.open(sys.argv[1], os.O_RDONLY)\n"
+            "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+            "print('locked', flush=True)\n"
+            "time.sleep(300)",
+            str(out),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        code, err = run_main(quick_run(tmp_path, "train.max_steps=1"), capsys)
+        assert code == 2 and "is in use by another lora-dist training" in err and "Traceback" not in err, err
+        assert list(out.iterdir()) == []  # refused before writing anything
+    finally:
+        holder.kill()
+        holder.wait(60)
+    from lora_dist.train.loop import Trainer
+
+    held = []
+    finish = Trainer.finish
+
+    def finish_and_probe(self, wall):
+        with pytest.raises(UserError, match="in use"):  # a second opener, while the run finishes
+            lock_run_dir(out)
+        held.append(True)
+        return finish(self, wall)
+
+    monkeypatch.setattr(Trainer, "finish", finish_and_probe)
+    code, err = run_main(quick_run(tmp_path, "train.max_steps=1"), capsys)
+    assert code == 0 and held == [True], err
+    os.close(lock_run_dir(out))  # released when the run ended
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []  # no lock file left behind
+
+
+def test_resume_on_other_data_is_refused_unless_asked_for(tmp_path, capsys):
+    """The run records its splits' SHA-256; resume=auto after the data file changed is one error line naming
+    train.resume_other_data, which then continues on the new data. A checkpoint past the run's steps is refused."""
+    from lora_dist.config import load_config
+    from lora_dist.data import fingerprint, prepare_splits
+
+    out = tmp_path / "out"
+    code, err = run_main(quick_run(tmp_path, "train.max_steps=1"), capsys)
+    assert code == 0, err
+    recorded = fingerprint(prepare_splits(load_config(SMOKE, [small_data(tmp_path)]).data, say=lambda *_: None))
+    (ckpt_dir,) = (out / "checkpoints").iterdir()
+    assert json.loads((ckpt_dir / "state.json").read_text())["data_sha256"] == recorded
+    assert json.loads((out / "results.json").read_text())["data_sha256"] == recorded
+    assert [r["data_sha256"] for r in read_metrics(out) if r.get("event") == "start"] == [recorded]
+
+    other = small_data(tmp_path, n=30)  # the data file replaced: 60 messages instead of 80
+    code, err = run_main(quick_run(tmp_path, other, "train.max_steps=2", "train.resume=auto"), capsys)
+    assert code == 2 and "was trained on other data" in err and "train.resume_other_data=true" in err, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    code, out_text, err = run_main_out(
+        quick_run(tmp_path, other, "train.max_steps=2", "train.resume=auto", "train.resume_other_data=true"), capsys
+    )
+    assert code == 0 and "continuing on this data" in out_text, err
+    assert json.loads((out / "results.json").read_text())["steps"] == 2
+
+    newest = sorted((out / "checkpoints").iterdir())[-1]
+    state = json.loads((newest / "state.json").read_text())
+    (newest / "state.json").write_text(json.dumps({**state, "step": 10**12}))  # a whole number, but no run's
+    code, err = run_main(quick_run(tmp_path, other, "train.max_steps=3", "train.resume=auto"), capsys)
+    assert code == 2 and "past this run's 3 steps" in err and "Traceback" not in err, err
+
+
+def test_a_full_disk_is_one_error_line_and_earlier_checkpoints_resume(tmp_path, capsys, monkeypatch):
+    """The disk fills while the step-2 checkpoint is written (safetensors' own error, as on a full tmpfs): one
+    error line naming the disk, its free space and the size needed; no staging directory is left, step 1's
+    checkpoint is intact, and resume=auto continues from it."""
+    real = ckpt.save_file
+
+    def fills_up(tensors, path, *args, **kwargs):
+        if "step-00000002" in str(path):
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+        return real(tensors, path, *args, **kwargs)
+
+    monkeypatch.setattr(ckpt, "save_file", fills_up)
+    args = quick_run(tmp_path, "train.max_steps=3", "train.checkpoint_every=1")
+    code, err = run_main(args, capsys)
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
+    assert f"the disk holding {tmp_path / 'out' / 'checkpoints'}" in lines[0] and "MiB free" in lines[0], lines
+    assert "needed to write checkpoint step-00000002" in lines[0] and "train.resume=auto" in lines[0], lines
+    assert [p.name for p in (tmp_path / "out" / "checkpoints").iterdir()] == ["step-00000001"]
+    ckpt.verify(tmp_path / "out" / "checkpoints" / "step-00000001")
+    monkeypatch.undo()
+    code, out_text, err = run_main_out([*args, "train.resume=auto"], capsys)
+    assert code == 0 and "resumed from" in out_text and "step-00000001" in out_text, err
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["steps"] == 3
+
+
+def test_a_full_disk_while_saving_the_adapter_leaves_no_partial_file(tmp_path, monkeypatch):
+    import errno
+
+    from lora_dist import adapter
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    spec = json.loads((make_adapter(tmp_path / "a", seed=1) / "adapter" / "adapter_config.json").read_text())
+    spec = adapter.AdapterSpec.from_json(spec, "test")
+    monkeypatch.setattr(adapter, "save_file", full)
+    with pytest.raises(UserError, match=r"is full: .* MiB free, .* MiB needed to write adapter_model.safetensors"):
+        adapter.save(tmp_path / "run", spec, {"head.weight": torch.ones(2, 128)})
+    assert list((tmp_path / "run" / "adapter").iterdir()) == []
 
 
 # ------------------------------------------------------------------------------ config loading, fuzzed

@@ -1,12 +1,16 @@
 """Checkpoints: atomic, verified, pruned, and a corrupt one is named and skipped."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
 from lora_dist import UserError
 from lora_dist.train import checkpoint as ckpt
+
+# what the training loop saves beside the tensors (train/loop.py, save_checkpoint)
+META = {"step": 1, "epoch": 0, "step_in_epoch": 1, "examples_seen": 8, "tokens_seen": 100, "train_seconds": 1.5}
 
 
 def _write(run_dir, step, keep=2, value=1.0):
@@ -20,7 +24,7 @@ def _write(run_dir, step, keep=2, value=1.0):
         adapter={"a.lora.A": torch.full((2, 2), value)},
         optimizer=opt.state_dict(),
         rng_states=[ckpt.rng_state()],
-        meta={"step": step},
+        meta={**META, "step": step, "step_in_epoch": step},
         keep=keep,
     )
 
@@ -52,8 +56,28 @@ def test_half_written_checkpoint_is_never_taken(tmp_path):
     assert path.name == "step-00000010"
 
 
-@pytest.mark.parametrize("damage", ["truncate", "delete_state", "bad_json", "delete_file"])
-def test_corrupt_checkpoint_falls_back_to_the_previous(tmp_path, damage):
+def _edit_state(path, change):
+    state = json.loads((path / "state.json").read_text())
+    change(state)
+    (path / "state.json").write_text(json.dumps(state))
+
+
+# state.json edited as no run writes it: each makes the checkpoint corrupt (the issue's tampering cases)
+TAMPERED = {
+    "bad_rng": lambda s: s["rng"][0].update(python=[3, [1, 2, 3], None]),
+    "numpy_rng_not_a_list": lambda s: s["rng"][0].update(numpy=["MT19937", "abc", 0, 0, 0.0]),
+    "negative_step": lambda s: s.update(step=-5),
+    "step_1e12": lambda s: s.update(step=1e12),
+    "step_a_string": lambda s: s.update(step="20"),
+    "file_outside": lambda s: s["files"].update({"../" * 40 + "etc/passwd": "0" * 64}),  # /etc/passwd from anywhere
+    "absolute_file": lambda s: s["files"].update({"/etc/passwd": "0" * 64}),
+    "no_adapter": lambda s: s["files"].pop("adapter.safetensors"),
+    "nested_deep": None,  # state.json of 100,000 nested lists
+}
+
+
+@pytest.mark.parametrize("damage", ["truncate", "delete_state", "bad_json", "delete_file", *TAMPERED])
+def test_corrupt_checkpoint_falls_back_to_the_previous(tmp_path, damage, monkeypatch):
     _write(tmp_path, 10, keep=3)
     newest = _write(tmp_path, 20, keep=3)
     if damage == "truncate":
@@ -63,14 +87,22 @@ def test_corrupt_checkpoint_falls_back_to_the_previous(tmp_path, damage):
         (newest / "state.json").unlink()
     elif damage == "bad_json":
         (newest / "state.json").write_text("{")
-    else:
+    elif damage == "delete_file":
         (newest / "rng.safetensors").unlink()
+    elif damage == "nested_deep":
+        (newest / "state.json").write_text("[" * 100_000 + "]" * 100_000)
+    else:
+        _edit_state(newest, TAMPERED[damage])
+    hashed = []
+    real = ckpt.sha256
+    monkeypatch.setattr(ckpt, "sha256", lambda p: hashed.append(Path(p)) or real(p))
     said = []
     path, _ = ckpt.latest_valid(tmp_path, say=said.append)
     assert path.name == "step-00000010"
     assert len(said) == 1 and "step-00000020" in said[0] and "falling back" in said[0]
     with pytest.raises(UserError, match="step-00000020"):
         ckpt.verify(newest)
+    assert all(p.resolve().is_relative_to(tmp_path.resolve()) for p in hashed), hashed  # nothing outside is read
 
 
 def test_rng_round_trip(tmp_path):
@@ -100,9 +132,7 @@ def test_rng_on_more_ranks_than_saved_is_distinct_per_rank_and_said(tmp_path):
     for seed in (1, 2):
         torch.manual_seed(seed)
         states.append(ckpt.rng_state())
-    path = ckpt.commit(
-        staging, adapter={"a": torch.ones(1)}, optimizer=None, rng_states=states, meta={"step": 1}, keep=2
-    )
+    path = ckpt.commit(staging, adapter={"a": torch.ones(1)}, optimizer=None, rng_states=states, meta=META, keep=2)
     said = []
     draws = [_draw(path, r, 4, said) for r in range(4)]
     assert len(set(draws)) == 4, draws

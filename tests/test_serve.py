@@ -1,15 +1,20 @@
-"""`lora-dist serve` over real HTTP on loopback: answers, every error, auth, batching, SIGTERM, the page.
+"""`lora-dist serve` over real HTTP on loopback: answers, every error, auth, batching, SIGTERM, the page; slow,
+surplus and departed clients, failing requests, a full queue, a failed warm-up.
 
     pytest tests/test_serve.py -v
 
-Two services run as subprocesses on free ports for the whole module: "open" (no auth, small limits) and
-"locked" (a token, and a batch that waits 10 minutes for more requests: only a SIGTERM runs it, so
-the requests it holds are in flight for sure when the signal comes).
+Services run as subprocesses for the whole module, all started at once: "open" (no auth, small limits) and
+"locked" (a token, and a batch that waits 10 minutes for more requests: only a SIGTERM runs it, so the
+requests it holds are in flight for sure when the signal comes) hold real adapters; "stand_in", "warmup_fails",
+"slow_stop" and "stuck_stop" run a stand-in model (tests/serve_stand_in.py) whose batches a test can hold until
+it releases them, fail, or watch, on a port the system picks (--port 0; the test reads it from the log). Every
+wait is bounded and waits for an event (a log line, a metric, a file), not for time to pass.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import shutil
 import signal
@@ -25,6 +30,8 @@ import fastapi  # noqa: E402,F401  (the [serve] extra and httpx from [dev]: a br
 import httpx  # noqa: E402
 import pytest
 from conftest import ROOT, SAMPLE_TEXTS, cli_env
+
+from lora_dist import UserError
 
 sys.path.insert(0, str(ROOT / "bench"))
 from fake_adapters import LABELS, make_adapter  # noqa: E402
@@ -44,21 +51,46 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, adapters: dict, *args: str, env: dict | None = None, log: Path):
-        self.port = free_port()
+    """`lora-dist serve --adapters ADAPTERS ARGS` in a subprocess, its stderr in `log`; `stand_in`: with the
+    stand-in model (tests/serve_stand_in.py), writing into the directory `stand_in`, on a port the system picks."""
+
+    def __init__(self, adapters: dict, *args: str, env: dict | None = None, log: Path, stand_in: Path | None = None):
+        self.port = 0 if stand_in else free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.log = log
+        self.log, self.dir = log, stand_in
         spec = ",".join(f"{k}={v}" for k, v in adapters.items())
+        entry = [str(ROOT / "tests" / "serve_stand_in.py")] if stand_in else ["-m", "lora_dist"]
+        env = env or cli_env()
+        if stand_in:
+            env = {**env, "FAKE_MODEL_DIR": str(stand_in), "PYTHONPATH": str(ROOT)}
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "lora_dist", "serve", "--adapters", spec, "--port", str(self.port), *args],
+            [sys.executable, *entry, "serve", "--adapters", spec, "--port", str(self.port), *args],
             cwd=ROOT,
-            env=env or cli_env(),
+            env=env,
             stdout=subprocess.PIPE,
             stderr=log.open("w"),
             text=True,
         )
 
+    def logged(self, text: str, timeout: float = 120) -> str:
+        """The log, once it holds `text`."""
+        end = time.monotonic() + timeout
+        while text not in (log := self.log.read_text()):
+            assert self.proc.poll() is None or text in self.log.read_text(), f"the service exited: {log[-3000:]}"
+            assert time.monotonic() < end, f"{text!r} not logged after {timeout} s: {log[-3000:]}"
+            time.sleep(0.05)
+        return log
+
+    def bound(self, timeout: float = 180) -> Server:
+        """Once listening: the port it logs it bound (with --port 0, the system's pick)."""
+        line = next(x for x in self.logged("serving ", timeout).splitlines() if x.startswith("serving "))
+        self.port = int(line.split(" on http://127.0.0.1:")[1].split("/")[0])
+        self.url = f"http://127.0.0.1:{self.port}"
+        return self
+
     def wait_ready(self, timeout: float = 180) -> Server:
+        if self.port == 0:
+            self.bound(timeout)
         end = time.monotonic() + timeout
         while time.monotonic() < end:
             assert self.proc.poll() is None, f"the service exited: {self.log.read_text()[-3000:]}"
@@ -69,6 +101,26 @@ class Server:
                 pass
             time.sleep(0.2)
         raise AssertionError(f"not ready after {timeout} s: {self.log.read_text()[-3000:]}")
+
+    def metric(self, name: str, **headers) -> float:
+        """A series' value in GET /metrics (0 when absent)."""
+        text = httpx.get(self.url + "/metrics", headers=headers, timeout=10).text
+        return sum(float(x.rsplit(" ", 1)[1]) for x in text.splitlines() if x.startswith(name + " "))
+
+    def until(self, check, what: str, timeout: float = 60) -> None:
+        end = time.monotonic() + timeout
+        while not check():
+            assert self.proc.poll() is None, f"the service exited: {self.log.read_text()[-3000:]}"
+            assert time.monotonic() < end, f"{what} did not happen within {timeout} s: {self.log.read_text()[-2000:]}"
+            time.sleep(0.05)
+
+    def batches(self) -> list[list[str]]:
+        """What the stand-in model was given, batch by batch."""
+        f = self.dir / "batches.jsonl"
+        return [json.loads(x) for x in f.read_text().splitlines()] if f.exists() else []
+
+    def release(self, name: str) -> None:
+        (self.dir / name).touch()
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -91,10 +143,32 @@ def adapters(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def servers(adapters, tmp_path_factory):
-    """Both services start at once (each takes seconds to import and build)."""
+    """Every service starts at once (each takes seconds to import and build)."""
     d = tmp_path_factory.mktemp("serve-logs")
     (d / "token").write_text(TOKEN + "\n")
+    spam = {"spam": adapters["spam"]}
+    stand = {name: tmp_path_factory.mktemp(f"stand-in-{name}") for name in ("stand_in", "warmup", "slow", "stuck")}
     started = {
+        "stand_in": Server(
+            spam,
+            *("--token-file", str(d / "token"), "--open-metrics", "--access-log", "--max-queue", "3"),
+            *("--max-wait-ms", "1", "--read-timeout-s", "2"),
+            log=d / "stand_in.log",
+            stand_in=stand["stand_in"],
+        ),
+        "warmup_fails": Server(
+            spam,
+            env=cli_env(FAKE_MODEL_WARMUP="fail"),
+            log=d / "warmup.log",
+            stand_in=stand["warmup"],
+        ),
+        "slow_stop": Server(
+            spam,
+            *("--read-timeout-s", "300", "--max-connections", "4", "--shutdown-timeout-s", "300"),
+            log=d / "slow.log",
+            stand_in=stand["slow"],
+        ),
+        "stuck_stop": Server(spam, "--shutdown-timeout-s", "2", log=d / "stuck.log", stand_in=stand["stuck"]),
         "open": Server(
             adapters,
             "--max-wait-ms",
@@ -134,6 +208,11 @@ def locked(servers):
 
 
 @pytest.fixture(scope="module")
+def stand_in(servers):
+    return servers["stand_in"].wait_ready()
+
+
+@pytest.fixture(scope="module")
 def truth(adapters):
     """What each adapter alone gives, through Classifier (the reference for every answer)."""
     from lora_dist import Classifier
@@ -144,6 +223,46 @@ def truth(adapters):
 
 def post(server, body, **kw):
     return httpx.post(server.url + "/v1/classify", json=body, timeout=60, **kw)
+
+
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+def send_request(sock: socket.socket, body: dict, headers: dict = AUTH) -> None:
+    """A POST /v1/classify written on a raw (keep-alive) connection."""
+    data = json.dumps(body).encode()
+    head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+    sock.sendall(
+        f"POST /v1/classify HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n{head}"
+        f"Content-Length: {len(data)}\r\n\r\n".encode()
+        + data
+    )
+
+
+def read_response(sock: socket.socket) -> tuple[int, dict, bytes]:
+    """(status, headers, body) of the next answer on a raw connection (its timeout bounds the wait)."""
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        chunk = sock.recv(65536)
+        assert chunk, f"the connection was closed after {buf!r}"
+        buf += chunk
+    head, _, body = buf.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {k.strip().lower(): v.strip() for k, _, v in (x.partition(":") for x in lines[1:])}
+    while len(body) < int(headers.get("content-length", 0)):
+        chunk = sock.recv(65536)
+        assert chunk, "the connection was closed mid-answer"
+        body += chunk
+    return int(lines[0].split()[1]), headers, body
+
+
+def connect(server) -> socket.socket:
+    return socket.create_connection(("127.0.0.1", server.port), timeout=60)
+
+
+def labels(r) -> list[str]:
+    assert r.status_code == 200, r.text
+    return [x["label"] for x in r.json()["results"]]
 
 
 def same(answer: dict, expected: list[dict]) -> None:
@@ -182,6 +301,17 @@ def test_batcher_gathers_concurrent_requests_and_returns_each_its_own():
         assert [len(c) for c in calls[1:]] == [3, 6]
         with pytest.raises(RuntimeError, match="model failed"):
             await b.submit("z", ["boom"])
+        # a batch holding one failing request: it alone gets the error, the others their answers
+        calls.clear()
+        jobs = [asyncio.ensure_future(b.submit("a", [t])) for t in ("ok1", "boom", "ok2")]
+        gone = asyncio.ensure_future(b.submit("a", ["gone"]))
+        while b.queued < 4:
+            await asyncio.sleep(0)
+        gone.cancel()  # its caller left before the batch ran
+        b.flush()
+        done = await asyncio.gather(*jobs, return_exceptions=True)
+        assert done[0] == ["a:ok1"] and done[2] == ["a:ok2"] and isinstance(done[1], RuntimeError), done
+        assert [[t for _, t in c] for c in calls] == [["ok1", "boom", "ok2"], ["ok1"], ["boom"], ["ok2"]]
         await b.stop()
 
     asyncio.run(scenario())
@@ -363,6 +493,27 @@ def test_auth_on_needs_the_bearer_token(locked):
     assert httpx.get(locked.url + "/healthz").status_code == 200  # probes need no token
 
 
+def test_auth_on_guards_metrics_and_readyz_names_no_adapter(locked):
+    """With a token: /metrics needs it (it lists adapters and their traffic), /readyz answers without it but
+    names no adapter, and an unauthenticated body is never read: bad JSON or too big, it gets 401."""
+    r = httpx.get(locked.url + "/metrics")
+    assert r.status_code == 401 and "spam" not in r.text and r.headers["www-authenticate"] == "Bearer"
+    r = httpx.get(locked.url + "/metrics", headers=AUTH)
+    assert r.status_code == 200 and "lora_dist_requests_total" in r.text
+    r = httpx.get(locked.url + "/readyz")
+    assert r.status_code == 200 and r.json() == {"status": "ready"}
+    for content in (b"{not json", b'{"adapter": "spam", "texts": ["' + b"x" * (2 << 20) + b'"]}'):
+        r = httpx.post(locked.url + "/v1/classify", content=content, headers={"content-type": "application/json"})
+        assert r.status_code == 401 and "no Authorization header" in r.json()["error"], r.text
+
+
+def test_open_metrics_answers_without_the_token(stand_in):
+    """--open-metrics: Prometheus scrapes without the token; the API still needs it."""
+    assert httpx.get(stand_in.url + "/metrics").status_code == 200
+    assert httpx.get(stand_in.url + "/v1/adapters").status_code == 401
+    assert httpx.get(stand_in.url + "/v1/adapters", headers=AUTH).status_code == 200
+
+
 def test_bad_arguments_and_the_token_from_the_environment(adapters, tmp_path, capsys, monkeypatch):
     """A bad --adapters or --token-file is one error line before anything starts; LORA_DIST_TOKEN works
     like --token-file."""
@@ -384,6 +535,9 @@ def test_bad_arguments_and_the_token_from_the_environment(adapters, tmp_path, ca
         assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
     monkeypatch.setenv("LORA_DIST_TOKEN", "from-env")
     assert read_token(None) == "from-env"
+    monkeypatch.setenv("LORA_DIST_TOKEN", "s\u00e9cret")  # no header can carry it as the service would compare it
+    with pytest.raises(UserError, match="LORA_DIST_TOKEN holds characters other than printable ASCII"):
+        read_token(None)
     monkeypatch.delenv("LORA_DIST_TOKEN")
     assert read_token(None) is None
 
@@ -401,7 +555,7 @@ def test_sigterm_finishes_the_requests_in_flight_then_exits_0(locked, truth):
     with ThreadPoolExecutor(3) as pool:
         futures = [pool.submit(post, locked, {"adapter": "spam", "texts": t}, headers=auth) for t in texts]
         end = time.monotonic() + 60
-        while "lora_dist_queued_requests 3.0" not in httpx.get(locked.url + "/metrics").text:
+        while "lora_dist_queued_requests 3.0" not in httpx.get(locked.url + "/metrics", headers=auth).text:
             assert time.monotonic() < end and not any(f.done() for f in futures), "the requests never queued"
             time.sleep(0.05)
         locked.proc.send_signal(signal.SIGTERM)
@@ -414,6 +568,179 @@ def test_sigterm_finishes_the_requests_in_flight_then_exits_0(locked, truth):
         httpx.get(locked.url + "/healthz", timeout=2)
     log = locked.log.read_text()
     assert "stopped" in log and TOKEN not in log and TOKEN not in (locked.proc.stdout.read() or "")
+
+
+def test_sigterm_with_slow_clients_stops_at_once_and_surplus_connections_get_503(servers):
+    """Clients that send nothing, half their headers, or one byte of a 1,000-byte body (read timeout 300 s) do not
+    hold the stop back: SIGTERM closes them and the service exits 0 at once. Past --max-connections 4, a
+    connection is answered 503 with Retry-After and closed."""
+    slow = servers["slow_stop"].wait_ready()
+    head = b"POST /v1/classify HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n"
+    clients = [connect(slow) for _ in range(3)]
+    for sock, sent in zip(clients, (b"", head[:20], head + b"{"), strict=True):
+        sock.sendall(sent)
+    # the cap: counting a probe connection that may not be closed yet, connections 5 and 6 are past 4
+    extra = [connect(slow) for _ in range(3)]
+    for sock in extra[1:]:
+        status, headers, body = read_response(sock)
+        assert status == 503 and headers["retry-after"] == "1" and b"--max-connections" in body
+        assert sock.recv(1) == b""
+    t0 = time.monotonic()
+    slow.proc.send_signal(signal.SIGTERM)
+    assert slow.proc.wait(60) == 0
+    assert time.monotonic() - t0 < 30  # not the 300 s of --read-timeout-s or --shutdown-timeout-s
+    for sock in clients:
+        assert sock.recv(1000) == b""  # closed, unanswered: none of them had sent a whole request
+        sock.close()
+    for sock in extra:
+        sock.close()
+    log = slow.log.read_text()
+    assert "stopped" in log and "Traceback" not in log, log
+
+
+def test_sigterm_with_a_forward_pass_that_never_ends_exits_after_the_shutdown_timeout(servers):
+    """A batch stuck in the model (the stand-in holds it for 60 s) delays the stop by --shutdown-timeout-s (2 s)
+    only; the service says so and exits 0, without a traceback."""
+    stuck = servers["stuck_stop"].wait_ready()
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1) as pool:
+        held = pool.submit(
+            httpx.post, stuck.url + "/v1/classify", json={"adapter": "spam", "texts": ["hold:never"]}, timeout=60
+        )
+        stuck.until(lambda: ["hold:never"] in stuck.batches(), "the stuck batch")
+        t0 = time.monotonic()
+        stuck.proc.send_signal(signal.SIGTERM)
+        assert stuck.proc.wait(60) == 0
+        elapsed = time.monotonic() - t0
+        try:
+            answer = held.result(60)
+            assert answer.status_code == 503 and "stopped before answering" in answer.json()["error"]
+        except httpx.TransportError:
+            pass  # the process left before the answer was written: the client sees the connection close
+    assert 2 <= elapsed < 30, elapsed  # the 2 s of --shutdown-timeout-s, not the 60 s the batch would take
+    log = stuck.log.read_text()
+    assert "with a forward pass still running" in log and "Traceback" not in log, log
+
+
+# ------------------------------------------------------------------- the stand-in: failures and load
+
+
+def test_port_0_listens_on_a_free_port_and_logs_it(stand_in):
+    assert stand_in.port != 0
+    assert f"on http://127.0.0.1:{stand_in.port}/" in stand_in.log.read_text()
+    assert httpx.get(stand_in.url + "/healthz").json() == {"status": "ok"}
+
+
+def test_a_failing_request_fails_alone_and_its_connection_stays_open(stand_in):
+    """Three requests batched together, one of which the model fails on: the other two get their answers, the
+    failing one a 500 naming the error, and its keep-alive connection answers the next request."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(3) as pool, connect(stand_in) as sock:
+        held = pool.submit(post, stand_in, {"adapter": "spam", "texts": ["hold:gate-batch"]}, headers=AUTH)
+        stand_in.until(lambda: ["hold:gate-batch"] in stand_in.batches(), "the held batch")
+        a = pool.submit(post, stand_in, {"adapter": "spam", "texts": ["a1"]}, headers=AUTH)
+        c = pool.submit(post, stand_in, {"adapter": "spam", "texts": ["c1", "c2"]}, headers=AUTH)
+        send_request(sock, {"adapter": "spam", "texts": ["boom"]})
+        stand_in.until(lambda: stand_in.metric("lora_dist_queued_requests") == 4, "three requests queued")
+        stand_in.release("gate-batch")
+        status, _, body = read_response(sock)
+        assert status == 500 and "index out of range in self" in json.loads(body)["error"], body
+        send_request(sock, {"adapter": "spam", "texts": ["next"]})
+        status, _, body = read_response(sock)  # the same connection
+        assert status == 200 and [x["label"] for x in json.loads(body)["results"]] == ["next"]
+        assert labels(held.result(60)) == ["hold:gate-batch"]
+        assert labels(a.result(60)) == ["a1"] and labels(c.result(60)) == ["c1", "c2"]
+    batched = [b for b in stand_in.batches() if "boom" in b]
+    assert len(batched) == 2 and sorted(batched[0]) == ["a1", "boom", "c1", "c2"] and batched[1] == ["boom"]
+    assert "a request for adapter 'spam' failed in the model: RuntimeError" in stand_in.log.read_text()
+
+
+def test_a_full_queue_answers_503_with_retry_after(stand_in):
+    """--max-queue 3: while the model is busy, a fourth waiting request is refused at once; the three get
+    their answers once it is free."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(4) as pool:
+        held = pool.submit(post, stand_in, {"adapter": "spam", "texts": ["hold:gate-queue"]}, headers=AUTH)
+        stand_in.until(lambda: ["hold:gate-queue"] in stand_in.batches(), "the held batch")
+        queued = [pool.submit(post, stand_in, {"adapter": "spam", "texts": [f"q{i}"]}, headers=AUTH) for i in range(3)]
+        stand_in.until(lambda: stand_in.metric("lora_dist_queued_requests") == 4, "three requests queued")
+        r = post(stand_in, {"adapter": "spam", "texts": ["one too many"]}, headers=AUTH)
+        assert r.status_code == 503 and r.headers["retry-after"] == "1" and "--max-queue" in r.json()["error"]
+        stand_in.release("gate-queue")
+        assert labels(held.result(60)) == ["hold:gate-queue"]
+        assert [labels(f.result(60)) for f in queued] == [["q0"], ["q1"], ["q2"]]
+    assert not any("one too many" in b for b in stand_in.batches())
+
+
+def test_requests_whose_clients_left_are_never_computed(stand_in):
+    """Three clients send a request while the model is busy, then leave: their requests are dropped (counted),
+    never run, and the next request is answered at once."""
+    abandoned = stand_in.metric("lora_dist_abandoned_requests_total")
+    skipped = stand_in.metric("lora_dist_skipped_requests_total")
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1) as pool:
+        held = pool.submit(post, stand_in, {"adapter": "spam", "texts": ["hold:gate-gone"]}, headers=AUTH)
+        stand_in.until(lambda: ["hold:gate-gone"] in stand_in.batches(), "the held batch")
+        clients = [connect(stand_in) for _ in range(3)]
+        for i, sock in enumerate(clients):
+            send_request(sock, {"adapter": "spam", "texts": [f"gone-{i}"] * 8})
+        stand_in.until(lambda: stand_in.metric("lora_dist_queued_requests") == 4, "three requests queued")
+        for sock in clients:
+            sock.close()
+        stand_in.until(lambda: stand_in.metric("lora_dist_abandoned_requests_total") == abandoned + 3, "noticed")
+        stand_in.release("gate-gone")
+        assert labels(held.result(60)) == ["hold:gate-gone"]
+    assert labels(post(stand_in, {"adapter": "spam", "texts": ["after"]}, headers=AUTH)) == ["after"]
+    assert stand_in.metric("lora_dist_skipped_requests_total") == skipped + 3
+    assert not any(t.startswith("gone-") for b in stand_in.batches() for t in b)
+
+
+@pytest.mark.parametrize(
+    "sent",
+    [
+        b"",
+        b"POST /v1/classify HTTP/1.1\r\nHost: t\r\n",
+        b"POST /v1/classify HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer " + TOKEN.encode() + b"\r\n"
+        b"Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{",
+    ],
+    ids=["nothing", "half-the-headers", "one-byte-of-the-body"],
+)
+def test_a_client_too_slow_to_send_its_request_is_cut_off(stand_in, sent):
+    """--read-timeout-s 2: a request not read in 2 s is answered 408 and its connection closed (uvicorn alone
+    waits for ever, and such connections used up the file descriptors)."""
+    before = stand_in.metric('lora_dist_dropped_connections_total{reason="read_timeout"}')
+    t0 = time.monotonic()
+    with connect(stand_in) as sock:
+        sock.sendall(sent)
+        status, headers, body = read_response(sock)
+        assert status == 408 and b"--read-timeout-s" in body and headers["connection"] == "close"
+        assert sock.recv(1) == b""
+    assert time.monotonic() - t0 >= 1.9  # not before the deadline
+    if b"Content-Length" in sent:  # the request reached the API: the access log names its 408
+        stand_in.logged('"POST /v1/classify" 408 ')
+    assert stand_in.metric('lora_dist_dropped_connections_total{reason="read_timeout"}') == before + 1
+
+
+def test_access_log_has_a_line_per_request(stand_in):
+    httpx.get(stand_in.url + "/healthz?probe=access-log")
+    stand_in.logged('"GET /healthz?probe=access-log" 200 ')
+    line = next(x for x in stand_in.log.read_text().splitlines() if "probe=access-log" in x)
+    assert line.startswith("access: 127.0.0.1:") and line.endswith(" ms"), line
+
+
+def test_readyz_says_not_ready_after_a_failed_warm_up(servers):
+    """The warm-up fails after the model was built: /readyz stays 503 naming why, classify answers 503."""
+    s = servers["warmup_fails"].bound()
+    s.logged("error: the model did not load (RuntimeError: CUDA out of memory (stand-in))")
+    r = httpx.get(s.url + "/readyz")
+    assert r.status_code == 503 and "CUDA out of memory" in r.json()["error"], r.text
+    assert httpx.get(s.url + "/healthz").status_code == 200
+    r = post(s, {"adapter": "spam", "texts": ["hi"]})
+    assert r.status_code == 503 and "the model failed to load" in r.json()["error"]
 
 
 # ------------------------------------------------------------------------------------------ the page

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from ..adapter import AdapterSpec
-from ..build import base_config, build_device, build_model, read_adapter
+from ..build import base_config, build_device, build_model, check_fits, read_adapter
 from ..data import Collate, batch_plan, encode
 from ..device import autocast, pick_device, resolve_precision
 from ..errors import UserError
@@ -63,6 +63,7 @@ def read_adapters(adapters: dict[str, str | Path]) -> list[Loaded]:
                 f"only adapters that leave the base untouched can share it"
             )
         out.append(Loaded(name, spec, tensors, source))
+        lora_parts(out[-1])  # its structure, on the meta device: a misfit is refused before anything is built
     first = out[0]
     for a in out[1:]:
         why = first.spec.base.mismatch(a.spec.base)
@@ -87,6 +88,7 @@ def lora_parts(a: Loaded) -> tuple[dict[str, tuple], tuple[torch.Tensor, torch.T
     structure = replace(cfg.model, weights="random", name=a.spec.base.name)
     with torch.device("meta"):  # the adapter's own model structure: names and shapes, no weights
         model, wrapped = build_model(replace(cfg, model=structure), len(a.spec.labels))
+    check_fits(a.spec, model, a.source)
     load_adapter_state_dict(model, a.tensors, source=a.source)
     assert a.spec.lora is not None  # read_adapters keeps LoRA adapters only
     t, scale = a.tensors, float(a.spec.lora["scale"])

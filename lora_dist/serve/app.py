@@ -10,7 +10,6 @@ The OpenAPI schema is at /openapi.json (and /docs). Every error answers {"error"
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import sys
 import time
@@ -18,15 +17,16 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from importlib import resources
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, StrictStr
 from starlette.exceptions import HTTPException
 
 from ..infer.multi_adapter import MultiAdapterClassifier
-from .batcher import Batcher
+from .batcher import Batcher, Stopped
 from .metrics import Metrics
+from .middleware import AccessLog, Auth, BodyLimit
 
 
 @dataclass(frozen=True)
@@ -55,12 +55,14 @@ class ClassifyResponse(BaseModel):
 class Failure(Exception):
     """An answer with an HTTP error status and a message saying what was wrong."""
 
-    def __init__(self, status: int, message: str, reason: str = "bad_request"):
-        self.status, self.message, self.reason = status, message, reason
+    def __init__(self, status: int, message: str, reason: str = "bad_request", headers: dict | None = None):
+        self.status, self.message, self.reason, self.headers = status, message, reason, headers
 
 
 class Service:
-    """The model (built in the background at startup), its batcher, the metrics, the limits and the token."""
+    """The model (built in the background at startup), its batcher, the metrics, the limits and the token.
+    At most `max_queue` requests wait for a batch; more get 503 with Retry-After. With a token, /metrics needs
+    it too unless `open_metrics`, and /readyz names no adapter."""
 
     def __init__(
         self,
@@ -74,29 +76,58 @@ class Service:
         limits: Limits = Limits(),
         token: str | None = None,
         log=None,
+        max_queue: int = 128,
+        open_metrics: bool = False,
+        access_log: bool = False,
+        shutdown_timeout_s: float = 20.0,
     ):
         self.loaded, self.base, self.device, self.precision = loaded, base, device, precision
         self.specs = {a.name: a.spec for a in loaded}
-        self.limits, self.token, self.max_batch = limits, token, max_batch
+        self.limits, self.token, self.max_batch, self.max_queue = limits, token, max_batch, max_queue
+        self.open_metrics, self.access_log, self.shutdown_timeout_s = open_metrics, access_log, shutdown_timeout_s
         self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
         self.metrics = Metrics()
-        self.batcher = Batcher(self._run, max_batch, max_wait_ms, on_batch=self.metrics.batch_done)
+        self.batcher = Batcher(
+            self._run,
+            max_batch,
+            max_wait_ms,
+            on_batch=self.metrics.batch_done,
+            on_abandoned=lambda r: self.metrics.skipped.inc(),
+        )
         self.model: MultiAdapterClassifier | None = None
         self.failed: str | None = None
+        self.stop_by: float | None = None  # time.monotonic() by which a stop must be done (set at SIGTERM)
+        self.stopped_cleanly = True
 
     def load(self) -> None:
+        """Build the model and warm it up; only a model whose warm-up passed is ready (GET /readyz)."""
         t0 = time.perf_counter()
         try:
-            self.model = MultiAdapterClassifier.from_loaded(
+            model = MultiAdapterClassifier.from_loaded(
                 self.loaded, self.base, device=self.device, precision=self.precision
             )
             names = list(self.specs)
-            self.model.predict(["warm up"] * len(names), names)  # first-call costs (weight packing) paid here
+            model.predict(["warm up"] * len(names), names)  # first-call costs (weight packing) paid here
         except Exception as e:  # noqa: BLE001  (readyz and every request say why)
             self.failed = f"{type(e).__name__}: {e}"
             self.log(f"error: the model did not load ({self.failed})")
             return
-        self.log(f"ready: {len(self.specs)} adapters on {self.model.device} in {time.perf_counter() - t0:.1f} s")
+        self.model = model
+        self.log(f"ready: {len(self.specs)} adapters on {model.device} in {time.perf_counter() - t0:.1f} s")
+
+    async def stop(self, loading: asyncio.Future) -> None:
+        """Finish what is queued, by --shutdown-timeout-s after the SIGTERM at the latest."""
+        deadline = self.stop_by or time.monotonic() + self.shutdown_timeout_s
+        try:
+            await asyncio.wait_for(asyncio.shield(loading), max(0.0, deadline - time.monotonic()))
+        except asyncio.TimeoutError:  # noqa: UP041  (Python 3.10: not the builtin TimeoutError)
+            pass
+        finished = loading.done() and await self.batcher.stop(deadline)
+        self.stopped_cleanly = finished
+
+    def protected(self, path: str) -> bool:
+        """Whether `path` needs the token (when there is one): the API, and /metrics unless `open_metrics`."""
+        return path.startswith("/v1/") or (path == "/metrics" and not self.open_metrics)
 
     def _run(self, texts: list[str], adapters: list[str]) -> list[dict]:
         assert self.model is not None  # requests reach the batcher only once the model is loaded
@@ -146,9 +177,21 @@ class Service:
                 else "the model is still loading; retry once GET /readyz answers 200",
                 "not_ready",
             )
+        if self.batcher.waiting >= self.max_queue:
+            raise Failure(
+                503,
+                f"the service is busy: {self.max_queue} requests already wait for the model (--max-queue); retry",
+                "queue_full",
+                {"Retry-After": "1"},
+            )
         self.metrics.queued.inc()
         try:
             rows = await self.batcher.submit(req.adapter, req.texts)
+        except Stopped as e:
+            raise Failure(503, f"{e}; retry on another replica", "stopping") from e
+        except Exception as e:
+            self.log(f"error: a request for adapter {req.adapter!r} failed in the model: {type(e).__name__}: {e}")
+            raise Failure(500, f"the model failed on this request ({type(e).__name__}: {e})", "model_error") from e
         finally:
             self.metrics.queued.dec()
         self.metrics.messages.labels(req.adapter).inc(len(rows))
@@ -161,8 +204,7 @@ def create_app(service: Service) -> FastAPI:
         service.batcher.start()
         loading = asyncio.ensure_future(service.batcher.call(service.load))  # on the model thread (batcher.py)
         yield
-        await loading
-        await service.batcher.stop()
+        await service.stop(loading)
 
     app = FastAPI(
         title="lora-dist",
@@ -170,23 +212,17 @@ def create_app(service: Service) -> FastAPI:
         version="1",
         lifespan=lifespan,
     )
+    # added last runs first: the access log, then the token, then the body's size
     app.add_middleware(BodyLimit, limit=service.limits.max_body, metrics=service.metrics)
-
-    def auth(request: Request) -> None:
-        if service.token is None:
-            return
-        got = request.headers.get("authorization", "")
-        scheme, _, value = got.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), service.token.encode()):
-            why = "no Authorization header" if not got else "a wrong bearer token"
-            raise Failure(401, f"{why}; send 'Authorization: Bearer <token>' with the service's token", "unauthorized")
+    app.add_middleware(Auth, token=service.token, protected=service.protected, metrics=service.metrics)
+    if service.access_log:
+        app.add_middleware(AccessLog, log=service.log)
 
     @app.exception_handler(Failure)
     async def failure(request: Request, e: Failure):
         adapter = _adapter_label(request, service)
         service.metrics.error(adapter, e.reason, e.status)
-        headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else None
-        return JSONResponse({"error": e.message}, status_code=e.status, headers=headers)
+        return JSONResponse({"error": e.message}, status_code=e.status, headers=e.headers)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, e: RequestValidationError):
@@ -220,18 +256,27 @@ def create_app(service: Service) -> FastAPI:
     @app.post(
         "/v1/classify",
         response_model=ClassifyResponse,
-        dependencies=[Depends(auth)],
-        responses={400: {}, 401: {}, 404: {}, 413: {}, 422: {}, 503: {}},
+        responses={400: {}, 401: {}, 404: {}, 413: {}, 422: {}, 500: {}, 503: {}},
     )
-    async def classify(req: ClassifyRequest):
+    async def classify(req: ClassifyRequest, request: Request):
         """Label each message with the adapter's labels; probabilities over its own labels."""
         t0 = time.perf_counter()
-        out = await service.classify(req)
+        try:
+            out = await _unless_gone(request, service.classify(req))
+        except asyncio.CancelledError:
+            if service.stop_by is None:
+                raise
+            # what still runs past --shutdown-timeout-s is cancelled (by uvicorn): an answer, not a traceback
+            service.metrics.error(req.adapter, "stopping", 503)
+            return JSONResponse({"error": "the service stopped before answering (--shutdown-timeout-s)"}, 503)
+        if out is None:  # the client left: nothing to answer, and its messages were not run if still queued
+            service.metrics.abandoned.inc()
+            return Response(status_code=499)
         service.metrics.latency.labels(req.adapter).observe(time.perf_counter() - t0)
         service.metrics.requests.labels(req.adapter, "200").inc()
         return out
 
-    @app.get("/v1/adapters", dependencies=[Depends(auth)])
+    @app.get("/v1/adapters")
     async def adapters():
         """The adapters this service holds: name, labels, base model."""
         return {"adapters": service.adapters()}
@@ -242,10 +287,14 @@ def create_app(service: Service) -> FastAPI:
 
     @app.get("/readyz")
     async def readyz():
+        """200 once the model is loaded and warmed up. Open to probes: with a token it names no adapter."""
+        private = service.token is not None
         if service.model is None:
-            why = f"the model failed to load ({service.failed})" if service.failed else "the model is loading"
+            why = "the model is loading"
+            if service.failed:
+                why = "the model failed to load" + (" (see the service's log)" if private else f" ({service.failed})")
             return JSONResponse({"status": "not ready", "error": why}, status_code=503)
-        return {"status": "ready", "adapters": list(service.specs)}
+        return {"status": "ready"} if private else {"status": "ready", "adapters": list(service.specs)}
 
     @app.get("/metrics")
     async def metrics():
@@ -265,6 +314,29 @@ def create_app(service: Service) -> FastAPI:
     return app
 
 
+async def _unless_gone(request: Request, work):
+    """`work`'s result, or None once the client disconnects first (the work is then cancelled: a request still
+    queued is never run)."""
+    task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:  # also when this request is cancelled (a shutdown past --shutdown-timeout-s)
+        gone.cancel()
+        if not task.done():
+            task.cancel()
+    if task.done() and not task.cancelled():
+        return task.result()
+    await asyncio.gather(task, return_exceptions=True)  # it unwinds: its request leaves the queue unrun
+    return None
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client disconnects (the body has been read already: the next message is the end)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
 def _adapter_label(request: Request, service: Service) -> str:
     """The adapter a failed request named, for the metrics: a loaded one, else "-" (no unbounded labels)."""
     body = getattr(request.state, "body", None)
@@ -273,46 +345,3 @@ def _adapter_label(request: Request, service: Service) -> str:
     except (ValueError, AttributeError):
         name = None
     return name if isinstance(name, str) and name in service.specs else "-"
-
-
-class BodyLimit:
-    """Refuse a body over `limit` bytes with 413 (by Content-Length, or while reading a chunked one)."""
-
-    def __init__(self, app, limit: int, metrics: Metrics):
-        self.app, self.limit, self.metrics = app, limit, metrics
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
-            return await self.app(scope, receive, send)
-        length = dict(scope["headers"]).get(b"content-length")
-        too_big = length is not None and length.isdigit() and int(length) > self.limit
-        body, more = b"", True
-        while more and not too_big:
-            message = await receive()
-            body += message.get("body", b"")
-            more = message.get("more_body", False)
-            too_big = len(body) > self.limit
-        if too_big:
-            self.metrics.error("-", "body_too_large", 413)
-            msg = json.dumps(
-                {"error": f"the body is over {self.limit} bytes (--max-body-bytes); send fewer or shorter texts"}
-            )
-            await send(
-                {
-                    "type": "http.response.start",
-                    "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"connection", b"close")],
-                }
-            )
-            return await send({"type": "http.response.body", "body": msg.encode()})
-        scope.setdefault("state", {})["body"] = body
-        sent = False
-
-        async def replay():
-            nonlocal sent
-            if not sent:
-                sent = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
-
-        await self.app(scope, replay, send)

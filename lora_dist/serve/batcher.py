@@ -8,6 +8,11 @@ fewer than `max_batch` messages, and runs the whole batch through `run(texts, ad
 thread, off the event loop (torch releases the GIL, so the loop keeps reading requests meanwhile). Each
 caller gets back its own slice. A request larger than `max_batch` runs alone.
 
+A failure belongs to its own request: when a batch of several requests fails, each runs again alone, so
+only the one that fails gets the error. A request whose caller has gone (its future cancelled, as when its
+client disconnects) is dropped before it is run. `waiting` counts the requests not yet in a batch, which the
+service bounds.
+
 That one thread must run every torch call of the process, the model's loading included (`call`). Each
 thread that runs a parallel torch op gets its own OpenMP team, and once libgomp manages more threads than
 there are cores it barely spins before sleeping, so each of the hundreds of parallel regions of a forward
@@ -21,6 +26,10 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+
+
+class Stopped(Exception):
+    """What a request still waiting when the batcher stops gets."""
 
 
 @dataclass
@@ -38,11 +47,13 @@ class Batcher:
         max_batch: int = 32,
         max_wait_ms: float = 5.0,
         on_batch: Callable[[list[Request]], None] | None = None,
+        on_abandoned: Callable[[Request], None] | None = None,
     ):
-        if max_batch < 1 or max_wait_ms < 0:
-            raise ValueError("max_batch must be >= 1 and max_wait_ms >= 0")
+        if max_batch < 1 or not 0 <= max_wait_ms < float("inf"):
+            raise ValueError("max_batch must be >= 1 and max_wait_ms a finite number >= 0")
         self.run, self.max_batch, self.max_wait = run, max_batch, max_wait_ms / 1000
         self.on_batch = on_batch or (lambda batch: None)
+        self.on_abandoned = on_abandoned or (lambda request: None)
         self.queue: asyncio.Queue[Request] = asyncio.Queue()  # made anew in `start`, on the serving loop
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
         self.task: asyncio.Task | None = None
@@ -50,6 +61,7 @@ class Batcher:
         self.wake = asyncio.Event()
         self.loop: asyncio.AbstractEventLoop | None = None  # the serving loop, once started
         self.busy = False  # a batch is gathered or running
+        self.running = False  # a batch is in the model thread
         self.held: Request | None = None  # taken from the queue, did not fit the last batch
 
     async def call(self, fn: Callable, *args):
@@ -59,6 +71,11 @@ class Batcher:
     @property
     def queued(self) -> int:
         return self.queue.qsize()
+
+    @property
+    def waiting(self) -> int:
+        """Requests submitted and not yet in a batch."""
+        return self.queued + (self.held is not None)
 
     def start(self) -> None:
         self.queue, self.wake = asyncio.Queue(), asyncio.Event()
@@ -71,18 +88,30 @@ class Batcher:
         if self.loop is not None:  # callable from a signal handler or another thread
             self.loop.call_soon_threadsafe(self.wake.set)
 
-    async def stop(self) -> None:
-        """Finish every queued request, then stop."""
+    async def stop(self, deadline: float | None = None) -> bool:
+        """Finish every queued request, then stop; by `deadline` (time.monotonic()) at the latest, when the
+        requests still waiting get an error. False when a batch was still running then (its thread cannot be
+        interrupted: the process must leave without waiting for it)."""
         self.flush()
         while not self.queue.empty() or self.held is not None or self.busy:
+            if deadline is not None and time.monotonic() >= deadline:
+                break
             await asyncio.sleep(0.01)
+        stuck = self.running
         if self.task:
             self.task.cancel()
             try:
                 await self.task
             except asyncio.CancelledError:
                 pass
-        self.pool.shutdown(wait=True)
+        left = [self.held] if self.held else []
+        while not self.queue.empty():
+            left.append(self.queue.get_nowait())
+        for r in left:
+            if not r.future.done():
+                r.future.set_exception(Stopped("the service stopped before this request ran"))
+        self.pool.shutdown(wait=not stuck, cancel_futures=True)
+        return not stuck
 
     async def submit(self, adapter: str, texts: list[str]) -> list:
         future = asyncio.get_running_loop().create_future()
@@ -118,7 +147,10 @@ class Batcher:
         return None
 
     async def _gather(self) -> list[Request]:
-        first, self.held = self.held or await self.queue.get(), None
+        first = None
+        while first is None:
+            taken, self.held = self.held or await self.queue.get(), None
+            first = self._live(taken)
         self.busy = True
         batch, size = [first], len(first.texts)
         deadline = time.perf_counter() + self.max_wait
@@ -126,6 +158,8 @@ class Batcher:
             nxt = await self._next(deadline)
             if nxt is None:
                 break
+            if self._live(nxt) is None:
+                continue
             if size + len(nxt.texts) > self.max_batch:
                 self.held = nxt  # it starts the next batch
                 break
@@ -133,23 +167,43 @@ class Batcher:
             size += len(nxt.texts)
         return batch
 
+    def _live(self, r: Request) -> Request | None:
+        """`r`, or None when its caller has gone (nothing waits for its answer: it is not run)."""
+        if r.future.done():
+            self.on_abandoned(r)
+            return None
+        return r
+
     async def _loop(self) -> None:
         while True:
             batch = await self._gather()
-            texts = [t for r in batch for t in r.texts]
-            adapters = [r.adapter for r in batch for _ in r.texts]
             try:
-                out = await self.call(self.run, texts, adapters)
-            except Exception as e:  # every caller of the batch gets the error
-                for r in batch:
-                    if not r.future.done():
-                        r.future.set_exception(e)
+                await self._answer(batch)
+            finally:
                 self.busy = False
-                continue
-            self.on_batch(batch)
-            start = 0
+
+    async def _answer(self, batch: list[Request]) -> None:
+        """Run `batch` and give each caller its rows; if it fails, run its requests one by one, so that the
+        error goes to the request that causes it and the others get their answers."""
+        texts = [t for r in batch for t in r.texts]
+        adapters = [r.adapter for r in batch for _ in r.texts]
+        self.running = True
+        try:
+            out = await self.call(self.run, texts, adapters)
+        except Exception as e:
+            self.running = False
+            if len(batch) == 1:
+                if not batch[0].future.done():
+                    batch[0].future.set_exception(e)
+                return
             for r in batch:
-                if not r.future.done():  # the caller may have gone away
-                    r.future.set_result(out[start : start + len(r.texts)])
-                start += len(r.texts)
-            self.busy = False
+                if self._live(r) is not None:
+                    await self._answer([r])
+            return
+        self.running = False
+        self.on_batch(batch)
+        start = 0
+        for r in batch:
+            if not r.future.done():  # the caller may have gone away
+                r.future.set_result(out[start : start + len(r.texts)])
+            start += len(r.texts)

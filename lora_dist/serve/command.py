@@ -5,15 +5,19 @@
 
 Adapters come from the command line only (no request can name a path); they are read and checked before
 the port opens, and the model is built in the background: GET /healthz answers at once, GET /readyz once
-the model is loaded. SIGTERM (or Ctrl-C) stops accepting connections, finishes the requests in flight and
-exits 0. With --token-file (or LORA_DIST_TOKEN), every /v1/ request needs `Authorization: Bearer TOKEN`;
-the token is never printed.
+the model is loaded and warmed up. SIGTERM (or Ctrl-C) stops accepting connections, finishes the requests in
+flight and exits 0, within --shutdown-timeout-s. With --token-file (or LORA_DIST_TOKEN), every /v1/ request
+and /metrics (unless --open-metrics) need `Authorization: Bearer TOKEN`; the token is never printed. A client
+gets --read-timeout-s to send its request, at most --max-connections are open and --max-queue requests wait
+(serve/server.py, serve/app.py).
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
+import resource
 import signal
 import sys
 from pathlib import Path
@@ -22,6 +26,23 @@ import torch
 
 from ..errors import UserError
 from ..infer.multi_adapter import read_adapters
+from .server import guarded_protocol, server_class
+
+# flag -> (smallest, largest) value; every numeric flag is checked (a NaN or inf is refused too)
+BOUNDS = {
+    "--port": (0, 65535),
+    "--max-batch": (1, 1 << 20),
+    "--max-wait-ms": (0, 600_000),
+    "--max-texts": (1, 1 << 20),
+    "--max-chars": (1, 1 << 30),
+    "--max-body-bytes": (1, 1 << 40),
+    "--threads": (1, 1024),
+    "--read-timeout-s": (0.001, 86_400),
+    "--max-connections": (1, 1 << 20),
+    "--max-queue": (1, 1 << 20),
+    "--shutdown-timeout-s": (0, 86_400),
+}
+FILES_BESIDE_CONNECTIONS = 128  # file descriptors the process needs besides its connections (model, libraries)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -29,7 +50,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--adapters", required=True, help="NAME=PATH[,NAME=PATH...]: runs or adapter directories of one base"
     )
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
-    p.add_argument("--port", type=int, default=8000, help="(default: 8000)")
+    p.add_argument("--port", type=int, default=8000, help="(default: 8000; 0: any free port, logged)")
     p.add_argument("--base", help="a directory holding the adapters' base weights, if not where training found them")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
     p.add_argument("--precision", default="fp32", choices=("auto", "fp32", "bf16", "fp16"), help="(default: fp32)")
@@ -41,8 +62,39 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-chars", type=int, default=4000, help="characters per message (default: 4000)")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="bytes per request body (default: 1 MiB)")
     p.add_argument("--token-file", help="a file holding the bearer token (else $LORA_DIST_TOKEN; neither: no auth)")
+    p.add_argument("--open-metrics", action="store_true", help="with a token, let /metrics answer without it")
     p.add_argument("--threads", type=int, default=None, help="torch threads for the model (default: torch's)")
-    p.add_argument("--access-log", action="store_true", help="log every request (method, path, status)")
+    p.add_argument(
+        "--read-timeout-s",
+        type=float,
+        default=30.0,
+        help="seconds a client has to send a request, headers and body; then 408 and closed (default: 30)",
+    )
+    p.add_argument(
+        "--max-connections", type=int, default=1000, help="open connections; more get 503 and closed (default: 1000)"
+    )
+    p.add_argument(
+        "--max-queue", type=int, default=128, help="requests waiting for the model; more get 503 (default: 128)"
+    )
+    p.add_argument(
+        "--shutdown-timeout-s",
+        type=float,
+        default=20.0,
+        help="at SIGTERM, how long the requests in flight may take before the service exits anyway (default: 20)",
+    )
+    p.add_argument("--access-log", action="store_true", help="log every request (client, method, path, status, time)")
+
+
+def check_numbers(args) -> None:
+    """Every numeric flag within its bounds (BOUNDS), and finite."""
+    for flag, (lo, hi) in BOUNDS.items():
+        value = getattr(args, flag.removeprefix("--").replace("-", "_"))
+        if value is None:
+            continue
+        if not math.isfinite(value):
+            raise UserError(f"{flag} must be a finite number, from {lo} to {hi}; got {value}")
+        if value < lo or value > hi:
+            raise UserError(f"{flag} must be {f'>= {lo}' if value < lo else f'<= {hi}'}; got {value}")
 
 
 def parse_adapters(text: str) -> dict[str, str | Path]:
@@ -60,15 +112,41 @@ def parse_adapters(text: str) -> dict[str, str | Path]:
 
 
 def read_token(token_file: str | None) -> str | None:
+    """The bearer token: printable ASCII (an HTTP header carries no other text reliably), else a UserError."""
+    token: str | None
     if token_file:
         try:
-            token = Path(token_file).read_text().strip()
+            token = Path(token_file).read_bytes().decode("utf-8", "replace").strip()
         except OSError as e:
             raise UserError(f"--token-file {token_file} cannot be read ({e.strerror})") from e
         if not token:
             raise UserError(f"--token-file {token_file} is empty; put the token in it")
-        return token
-    return os.environ.get("LORA_DIST_TOKEN", "").strip() or None
+        where = f"--token-file {token_file}"
+    else:
+        token = os.environ.get("LORA_DIST_TOKEN", "").strip() or None
+        where = "LORA_DIST_TOKEN"
+    if token is not None and not (token.isascii() and token.isprintable()):
+        raise UserError(
+            f"{where} holds characters other than printable ASCII, which no Authorization header can match; "
+            f"use a token of letters, digits and -._~+/= (e.g. from: openssl rand -base64 32)"
+        )
+    return token
+
+
+def raise_file_limit(connections: int) -> None:
+    """Room for `connections` open sockets: the soft limit on file descriptors raised toward the hard one, or a
+    UserError saying what to lower."""
+    need = connections + FILES_BESIDE_CONNECTIONS
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < need:
+        if hard == resource.RLIM_INFINITY or hard >= need:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
+        else:
+            raise UserError(
+                f"--max-connections {connections} needs {need} file descriptors, but this process may open "
+                f"{hard} (ulimit -Hn); lower --max-connections to {max(1, hard - FILES_BESIDE_CONNECTIONS)} or "
+                f"raise the limit"
+            )
 
 
 def main(args) -> int:
@@ -79,21 +157,12 @@ def main(args) -> int:
     except ImportError as e:
         raise UserError(f"serve needs the [serve] extra ({e.name} is missing): pip install 'lora-dist[serve]'") from e
 
-    for flag, value in (
-        ("--max-batch", args.max_batch),
-        ("--max-texts", args.max_texts),
-        ("--max-chars", args.max_chars),
-        ("--max-body-bytes", args.max_body_bytes),
-    ):
-        if value < 1:
-            raise UserError(f"{flag} must be >= 1; got {value}")
-    if args.max_wait_ms < 0:
-        raise UserError(f"--max-wait-ms must be >= 0; got {args.max_wait_ms}")
+    check_numbers(args)
     token = read_token(args.token_file)
     loaded = read_adapters(parse_adapters(args.adapters))
+    raise_file_limit(args.max_connections)
     if args.threads:
         torch.set_num_threads(args.threads)
-    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     service = Service(
         loaded,
         base=args.base,
@@ -103,47 +172,38 @@ def main(args) -> int:
         max_wait_ms=args.max_wait_ms,
         limits=Limits(args.max_texts, args.max_chars, args.max_body_bytes),
         token=token,
-        log=log,
+        log=lambda msg: print(msg, file=sys.stderr, flush=True),
+        max_queue=args.max_queue,
+        open_metrics=args.open_metrics,
+        access_log=args.access_log,
+        shutdown_timeout_s=args.shutdown_timeout_s,
     )
     config = uvicorn.Config(
         create_app(service),
         host=args.host,
         port=args.port,
+        http=guarded_protocol(args.read_timeout_s, args.max_connections, service.metrics),
         log_level="warning",
-        access_log=args.access_log,
-        timeout_graceful_shutdown=None,
+        access_log=False,  # --access-log is lora-dist's own (serve/middleware.py): uvicorn's is at info level
+        timeout_graceful_shutdown=args.shutdown_timeout_s,
     )
-    server = Server(config, service)
-    log(
-        f"serving {', '.join(service.specs)} on http://{args.host}:{args.port}/ "
-        f"(max batch {args.max_batch}, max wait {args.max_wait_ms:g} ms, auth {'on' if token else 'off'})"
+    banner = (
+        f"{', '.join(service.specs)} on {{url}} (max batch {args.max_batch}, max wait {args.max_wait_ms:g} ms, "
+        f"auth {'on' if token else 'off'}{', open metrics' if token and args.open_metrics else ''})"
     )
+    server = server_class()(config, service, banner)
     # uvicorn re-raises the signal that stopped it once it is done; a handler that ignores it makes the
     # exit after a graceful SIGTERM a clean 0.
     signal.signal(signal.SIGTERM, lambda *_: None)
-    server.run()
+    try:
+        server.run()
+    except SystemExit:  # uvicorn's own exit when it cannot bind (it logged the reason)
+        pass
     if not server.started:
         raise UserError(f"could not listen on {args.host}:{args.port} (in use, or not an address of this machine)")
-    log("stopped")
+    if not service.stopped_cleanly:  # a forward pass still runs past --shutdown-timeout-s: leave without it
+        service.log(f"stopped after --shutdown-timeout-s {args.shutdown_timeout_s:g} with a forward pass still running")
+        sys.stderr.flush()
+        os._exit(0)
+    service.log("stopped")
     return 0
-
-
-def _server_class():
-    import uvicorn
-
-    class Server(uvicorn.Server):
-        """uvicorn's server; at SIGTERM the batcher stops waiting for more requests, so in-flight ones finish."""
-
-        def __init__(self, config, service):
-            super().__init__(config)
-            self.service = service
-
-        def handle_exit(self, sig, frame):
-            super().handle_exit(sig, frame)
-            self.service.batcher.flush()
-
-    return Server
-
-
-def Server(config, service):  # noqa: N802  (uvicorn is imported only when serving)
-    return _server_class()(config, service)

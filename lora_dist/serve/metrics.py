@@ -46,6 +46,20 @@ class Metrics:
             "lora_dist_errors", "failed requests, by adapter and reason", ["adapter", "reason"], registry=r
         )
         self.queued = Gauge("lora_dist_queued_requests", "requests waiting for or in a forward pass", registry=r)
+        self.abandoned = Counter(
+            "lora_dist_abandoned_requests", "classify requests whose client left before the answer", registry=r
+        )
+        self.skipped = Counter(
+            "lora_dist_skipped_requests", "abandoned requests dropped before the model ran them", registry=r
+        )
+        self.connections = Gauge("lora_dist_open_connections", "open HTTP connections", registry=r)
+        self.dropped = Counter(
+            "lora_dist_dropped_connections",
+            "connections closed by the service: read_timeout (a request not read in --read-timeout-s) or "
+            "too_many (past --max-connections)",
+            ["reason"],
+            registry=r,
+        )
 
     def batch_done(self, batch) -> None:
         self.batch.observe(sum(len(r.texts) for r in batch))

@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import random
+import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -28,7 +30,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..errors import UserError
-from ..files import sha256
+from ..files import WRITE_ERRORS, sha256, write_error
 
 STATE = "state.json"
 
@@ -51,27 +53,33 @@ def begin(staging: Path) -> None:
 def commit(
     staging: Path, *, adapter: dict, optimizer: dict | None, rng_states: list[dict], meta: dict, keep: int
 ) -> Path:
-    """Rank 0: write the files, then state.json with their hashes, fsync, rename into place, prune."""
-    save_file({k: v.detach().cpu().contiguous() for k, v in adapter.items()}, str(staging / "adapter.safetensors"))
+    """Rank 0: write the files, then state.json with their hashes, fsync, rename into place, prune. A write that
+    fails (a full disk) removes the staging directory and is one UserError; earlier checkpoints stay as they were."""
     py_np = []
-    torch_rng: dict[str, torch.Tensor] = {}
+    tensors = {"adapter": {k: v.detach().cpu().contiguous() for k, v in adapter.items()}, "rng": {}}
     for r, st in enumerate(rng_states):
         py_np.append({"python": st["python"], "numpy": st["numpy"]})
-        torch_rng[f"rank{r}.torch"] = st["torch"]
+        tensors["rng"][f"rank{r}.torch"] = st["torch"]
         for i, t in enumerate(st["cuda"]):
-            torch_rng[f"rank{r}.cuda{i}"] = t
-    save_file(torch_rng, str(staging / "rng.safetensors"))
+            tensors["rng"][f"rank{r}.cuda{i}"] = t
     opt_meta = None
     if optimizer is not None:
-        tensors, opt_meta = _flatten_optimizer(optimizer)
-        save_file(tensors, str(staging / "optimizer.safetensors"))
-    files = sorted(p for p in staging.rglob("*") if p.is_file())
-    hashes = {str(p.relative_to(staging)): sha256(p) for p in files}
-    state = dict(meta, optimizer=opt_meta, rng=py_np, files=hashes)
-    (staging / STATE).write_text(json.dumps(state, indent=1))
-    for p in list(staging.rglob("*")):
-        if p.is_file():
-            _fsync(p)
+        tensors["optimizer"], opt_meta = _flatten_optimizer(optimizer)
+    try:
+        for name, part in tensors.items():
+            save_file(part, str(staging / f"{name}.safetensors"))
+        files = sorted(p for p in staging.rglob("*") if p.is_file())
+        hashes = {str(p.relative_to(staging)): sha256(p) for p in files}
+        state = dict(meta, optimizer=opt_meta, rng=py_np, files=hashes)
+        (staging / STATE).write_text(json.dumps(state, indent=1))
+        for p in list(staging.rglob("*")):
+            if p.is_file():
+                _fsync(p)
+    except WRITE_ERRORS as e:
+        shutil.rmtree(staging, ignore_errors=True)
+        needed = sum(t.nbytes for part in tensors.values() for t in part.values())
+        fix = "earlier checkpoints are intact: free some space, then resume with train.resume=auto"
+        raise write_error(staging.parent, needed, e, f"checkpoint {staging.name.removeprefix('.tmp-')}", fix) from e
     final = staging.parent / staging.name.removeprefix(".tmp-")
     if final.exists():
         shutil.rmtree(final)
@@ -93,13 +101,17 @@ def _candidates(ckpt_dir: Path) -> list[Path]:
 
 
 def verify(path: Path) -> dict:
-    """The checkpoint's state.json if every file matches its hash; else UserError naming what is wrong."""
+    """The checkpoint's state.json if it is one training wrote and every file matches its hash; else UserError
+    naming what is wrong."""
     sf = path / STATE
     try:
         state = json.loads(sf.read_text())
         files = state["files"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:
         raise UserError(f"checkpoint {path} is corrupt or incomplete ({STATE}: {type(e).__name__})") from e
+    why = _state_problem(state, path)
+    if why:
+        raise UserError(f"checkpoint {path} is corrupt ({STATE}: {why})")
     for rel, digest in files.items():
         p = path / rel
         if not p.is_file():
@@ -107,6 +119,50 @@ def verify(path: Path) -> dict:
         if sha256(p) != digest:
             raise UserError(f"checkpoint {path} is corrupt ({rel} does not match its sha256)")
     return state
+
+
+COUNTS = ("step", "epoch", "step_in_epoch", "examples_seen", "tokens_seen")
+
+
+def _state_problem(state, path: Path) -> str | None:
+    """What in a checkpoint's state.json no training run writes, or None: counts that are not whole numbers
+    >= 0, a file named outside the checkpoint, random states that do not restore."""
+    files = state.get("files")
+    if not isinstance(files, dict) or not {"adapter.safetensors", "rng.safetensors"} <= set(files):
+        return "files must name adapter.safetensors and rng.safetensors"
+    for rel, digest in files.items():
+        if not _inside(path, rel) or not (isinstance(digest, str) and re.fullmatch("[0-9a-f]{64}", digest)):
+            return f"files names {rel!r:.80}, which is not a file inside the checkpoint with a sha256"
+    for k in COUNTS:
+        v = state.get(k)
+        if not (isinstance(v, int) and not isinstance(v, bool) and v >= 0):
+            return f"{k} must be a whole number >= 0, not {v!r:.40}"
+    if state["step_in_epoch"] > state["step"] or state["epoch"] > state["step"]:
+        return f"step_in_epoch {state['step_in_epoch']} and epoch {state['epoch']} cannot exceed step {state['step']}"
+    digest = state.get("data_sha256")
+    if digest is not None and not (isinstance(digest, str) and re.fullmatch("[0-9a-f]{64}", digest)):
+        return f"data_sha256 must be 64 hex digits, not {digest!r:.40}"
+    t = state.get("train_seconds")
+    if not (isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t) and t >= 0):
+        return f"train_seconds must be a number of seconds >= 0, not {t!r:.40}"
+    rng = state.get("rng")
+    if not isinstance(rng, list) or not rng:
+        return "rng must list each rank's random states"
+    for r, st in enumerate(rng):
+        try:  # on scratch generators: the process's own are untouched
+            random.Random().setstate(_python_state(st["python"]))
+            np.random.RandomState().set_state(_numpy_state(st["numpy"]))
+        except (KeyError, TypeError, ValueError, IndexError, OverflowError) as e:
+            return f"rank {r}'s random state does not restore ({type(e).__name__})"
+    return None
+
+
+def _inside(path: Path, rel) -> bool:
+    """Whether `rel` names a file inside the checkpoint directory `path` (no absolute path, no '..', no link out)."""
+    if not isinstance(rel, str) or not rel or Path(rel).is_absolute() or ".." in Path(rel).parts:
+        return False
+    root = path.resolve()
+    return (root / rel).resolve().is_relative_to(root)
 
 
 def latest_valid(run_dir: Path, say: Callable[[str], None] = print) -> tuple[Path, dict] | None:
@@ -211,10 +267,15 @@ def restore_rng(
         if torch.cuda.is_available():
             torch.cuda.manual_seed_all(seed)
         return
-    py, npy = saved[rank]["python"], saved[rank]["numpy"]
-    random.setstate((py[0], tuple(py[1]), py[2]))
-    np.random.set_state((npy[0], np.array(npy[1], dtype=np.uint32), npy[2], npy[3], npy[4]))
-    torch.set_rng_state(tensors[f"rank{rank}.torch"])
+    random.setstate(_python_state(saved[rank]["python"]))
+    np.random.set_state(_numpy_state(saved[rank]["numpy"]))
+    try:
+        torch.set_rng_state(tensors[f"rank{rank}.torch"])
+    except (KeyError, RuntimeError, TypeError) as e:
+        raise UserError(
+            f"checkpoint {path}: rng.safetensors holds no usable torch random state for rank {rank} "
+            f"({type(e).__name__}); resume from another checkpoint (train.resume=PATH)"
+        ) from e
     cuda = [
         tensors[k]
         for k in sorted(
@@ -231,6 +292,14 @@ def restore_rng(
         f"{torch.cuda.device_count()}; each rank's CUDA generators start from a new state derived from its saved one"
     )
     torch.cuda.manual_seed_all(_derived_seed(tensors[f"rank{rank}.torch"], rank, salt=b"cuda"))
+
+
+def _python_state(py: list) -> tuple:
+    return (py[0], tuple(py[1]), py[2])
+
+
+def _numpy_state(npy: list) -> tuple:
+    return (npy[0], np.array(npy[1], dtype=np.uint32), npy[2], npy[3], npy[4])
 
 
 def _derived_seed(saved: torch.Tensor, rank: int, salt: bytes = b"") -> int:

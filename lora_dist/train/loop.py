@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from .. import adapter as adapters
 from ..build import build_model, num_classes, seed_everything
 from ..config import Config
-from ..data import build_datasets, pad_multiple, prepare_splits, split_labels, write_splits
+from ..data import build_datasets, fingerprint, pad_multiple, prepare_splits, split_labels, write_splits
 from ..device import DistEnv, pick_device
 from ..errors import UserError
 from ..lora import adapter_state_dict, count_params
@@ -31,7 +31,7 @@ from .deepspeed_strategy import DeepSpeed
 from .loaders import eval_loader, make_loaders, micro_batch_size
 from .schedule import lr_at
 from .strategy import DDP, Local
-from .tracking import JsonlSink, NullOutput, RunOutput, prepare_run_dir
+from .tracking import JsonlSink, NullOutput, RunOutput
 
 
 def make_strategy(cfg: Config, env: DistEnv | None = None) -> Local:
@@ -88,7 +88,7 @@ class Trainer:
                 f"ranks started with different configs (hashes {sorted(set(digests))}); "
                 f"launch every rank with the same config and overrides"
             )
-        out.call(prepare_run_dir, out.dir, cfg.overwrite, cfg.train.resume != "never")
+        out.claim(cfg.overwrite, cfg.train.resume != "never")  # locked until the run ends
         s.barrier()
         out.add_sink(JsonlSink(out.path("metrics.jsonl")))
         out.write_text("config.yaml", cfg.to_yaml())
@@ -96,6 +96,7 @@ class Trainer:
 
         splits = prepare_splits(cfg.data, say=out.print)
         self.labels = split_labels(splits, cfg.data)
+        self.data_sha256 = fingerprint(splits)
         self.num_classes = num_classes(cfg, self.labels)
         out.call(write_splits, splits, out.path("splits"))
         # Built on the GPU it trains on: no slow CPU initialisation of weights that are overwritten anyway.
@@ -154,6 +155,7 @@ class Trainer:
                 "optimizer": s.optimizer_text(),
                 "steps_per_epoch": self.steps_per_epoch,
                 "total_steps": self.total_steps,
+                "data_sha256": self.data_sha256,
             },
         )
         self.step, self.epoch, self.step_in_epoch, self.examples_seen, self.tokens_seen = 0, 0, 0, 0, 0
@@ -172,6 +174,7 @@ class Trainer:
         if found is None:
             return
         path, state = found
+        self._check_resumable(path, state)
         if state.get("world_size") != self.world and self.strategy.name == "deepspeed":
             raise UserError(
                 f"checkpoint {path} was written by {state.get('world_size')} DeepSpeed ranks, not {self.world}; "
@@ -188,6 +191,28 @@ class Trainer:
             f"resumed from {path} (step {self.step}, epoch {self.epoch + 1}, {self.step_in_epoch} steps into it)"
         )
         self.out.log({"event": "resume", "step": self.step, "checkpoint": str(path)})
+
+    def _check_resumable(self, path: Path, state: dict) -> None:
+        """A checkpoint continues this run only on the data it was trained on (unless train.resume_other_data
+        says otherwise) and only where this run's steps reach."""
+        saved = state.get("data_sha256")
+        if saved is not None and saved != self.data_sha256:
+            if not self.cfg.train.resume_other_data:
+                raise UserError(
+                    f"checkpoint {path} was trained on other data (splits sha256 {saved[:12]}, now "
+                    f"{self.data_sha256[:12]}: data.source's file, data.seed or the fractions changed); resume on "
+                    f"the data it was trained on, or pass train.resume_other_data=true to continue on this data"
+                )
+            self.out.print(
+                f"warning: checkpoint {path} was trained on other data (splits sha256 {saved[:12]}, now "
+                f"{self.data_sha256[:12]}); continuing on this data, as train.resume_other_data=true says"
+            )
+        if state["step"] > self.total_steps or state["step_in_epoch"] > self.steps_per_epoch:
+            raise UserError(
+                f"checkpoint {path} is at step {state['step']} ({state['step_in_epoch']} into an epoch), past this "
+                f"run's {self.total_steps} steps of {self.steps_per_epoch} per epoch; raise train.epochs or "
+                f"train.max_steps to continue it, or start over with overwrite=true"
+            )
 
     # ------------------------------------------------------------------------------------------ train
     def train(self) -> bool:
@@ -363,6 +388,7 @@ class Trainer:
             "strategy": s.name,
             "config": self.cfg.to_dict(),
             "config_digest": self.cfg.digest(),
+            "data_sha256": self.data_sha256,
         }
         path = out.call(
             ckpt.commit,
@@ -414,6 +440,7 @@ class Trainer:
             "tokens_per_second": tokens / secs,
             "classes": list(self.labels),
             "confusion": {k: v["confusion"] for k, v in ev.items()},
+            "data_sha256": self.data_sha256,
         }
         tensors = s.adapter_state(self.adapter_names)
         out.call(self.save_result, tensors)

@@ -6,6 +6,7 @@ nothing, so the training loop never asks which rank it is on.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -94,6 +95,11 @@ class RunOutput:
         self.dir = Path(run_dir)
         self.sinks: list[MetricSink] = []
         self.progress_bar = Progress(every=log_every)
+        self.lock: int | None = None
+
+    def claim(self, overwrite: bool, resume: bool) -> None:
+        """Lock the run directory for the whole run, and prepare it (`prepare_run_dir`)."""
+        self.lock = prepare_run_dir(self.dir, overwrite, resume)
 
     # -- console
     def print(self, *args: Any) -> None:
@@ -140,6 +146,9 @@ class RunOutput:
         for sink in self.sinks:
             sink.close()
         self.sinks = []
+        if self.lock is not None:
+            os.close(self.lock)  # releases the run directory's lock
+            self.lock = None
 
 
 class NullOutput:
@@ -157,23 +166,14 @@ class NullOutput:
         return lambda *a, **k: None
 
 
-def prepare_run_dir(run_dir: Path, overwrite: bool, resume: bool) -> None:
-    """Refuse to clobber a finished or started run unless told to overwrite or resume (rank 0 only).
+def prepare_run_dir(run_dir: Path, overwrite: bool, resume: bool) -> int | None:
+    """Lock `run_dir` (`lock_run_dir`), then refuse to clobber a finished or started run unless told to
+    overwrite or resume (rank 0 only). Returns the lock's file descriptor, to be closed when the run ends.
 
     A run that failed before its first step (missing weights, a bad data file) leaves only its start files
     (config.yaml, a metrics.jsonl without a step, splits/); they are no run, and its rerun replaces them."""
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"output_dir {run_dir} is a file, not a directory; pass another output_dir=...")
-    if failed_start(run_dir):
-        _remove(run_dir, [n for n in RESULT_FILES if (run_dir / n).exists()])
-    found = [n for n in RESULT_FILES if (run_dir / n).exists()]
-    if found and not (overwrite or resume):
-        raise UserError(
-            f"output_dir {run_dir} already holds a run ({', '.join(found)}); pass train.resume=auto to continue it, "
-            f"overwrite=true to replace it, or another output_dir=..."
-        )
-    if found and overwrite and not resume:
-        _remove(run_dir, found)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         probe = run_dir / f".write-test.{os.getpid()}"
@@ -184,6 +184,42 @@ def prepare_run_dir(run_dir: Path, overwrite: bool, resume: bool) -> None:
             f"output_dir {run_dir} cannot be created or written ({e.strerror or type(e).__name__}); "
             f"pass an output_dir=... in a writable place, e.g. output_dir=runs/my-run"
         ) from e
+    lock = lock_run_dir(run_dir)
+    try:
+        if failed_start(run_dir):
+            _remove(run_dir, [n for n in RESULT_FILES if (run_dir / n).exists()])
+        found = [n for n in RESULT_FILES if (run_dir / n).exists()]
+        if found and not (overwrite or resume):
+            raise UserError(
+                f"output_dir {run_dir} already holds a run ({', '.join(found)}); pass train.resume=auto to continue "
+                f"it, overwrite=true to replace it, or another output_dir=..."
+            )
+        if found and overwrite and not resume:
+            _remove(run_dir, found)
+    except BaseException:
+        if lock is not None:
+            os.close(lock)
+        raise
+    return lock
+
+
+def lock_run_dir(run_dir: Path) -> int | None:
+    """An exclusive `flock` on the directory itself, held by this process until it closes the returned file
+    descriptor or dies (the kernel releases it then: a killed run leaves no stale lock, and no lock file). A second
+    training into the same output_dir is refused while the first runs. None where the file system has no locks."""
+    fd = os.open(run_dir, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError as e:
+        os.close(fd)
+        raise UserError(
+            f"output_dir {run_dir} is in use by another lora-dist training, which holds its lock; wait for that run "
+            f"to end (train.resume=auto then continues it), or pass another output_dir=..."
+        ) from e
+    except OSError:  # no flock here (some network file systems): run unlocked, as before
+        os.close(fd)
+        return None
+    return fd
 
 
 # What a start that failed before step 1 leaves behind; anything else (results, adapter, checkpoints, a
