@@ -1,5 +1,5 @@
 # lora-dist: the two quick-start commands, and the setup they share.
-#   make train   set up .venv and fine-tune GPT-2 small on the SMS data (the book's recipe)
+#   make train   set up .venv and fine-tune GPT-2 small on the SMS data (configs/gpt2-small-lora.yaml, the recommended recipe)
 #   make test    set up .venv with the test extras and run the tests
 # On a machine whose Python already has a CUDA build of torch:  make train USE_SYSTEM_TORCH=1
 # Another torch build:  make train TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"

@@ -48,7 +48,7 @@ say "1. gpt2-small book recipe end to end, bf16, random weights ($DEVICE)"
 for mode in defaults book; do
     if [ $mode = book ]; then PAD=(data.padding=longest data.bucket=false); else PAD=(data.padding=batch data.bucket=true); fi
     start=$(date +%s.%N)
-    $PY -m lora_dist train --config configs/gpt2-small-lora.yaml model.name=$SMALL model.weights=random \
+    $PY -m lora_dist train --config configs/book/appendix-e.yaml model.name=$SMALL model.weights=random \
         data.download=false train.precision=bf16 train.device=$DEVICE tracking.wandb.mode=disabled \
         output_dir="$DIR/e2e-$mode" overwrite=true "${PAD[@]}" "${E2E_EXTRA[@]}" >"$DIR/e2e-$mode.log" 2>&1
     end=$(date +%s.%N)

@@ -128,7 +128,7 @@ def test_gpu_check_dry_run_on_the_cpu(tmp_path, baseline):
     benches = [c for c in commands if c[:1] == ["bench/train_throughput.py"]]
     assert len(trains) == 2 and len(benches) == 2 and len(commands) == 4, commands
     for c in trains:
-        assert c[4] == "configs/gpt2-small-lora.yaml" and "train.precision=bf16" in c and "train.device=cpu" in c
+        assert c[4] == "configs/book/appendix-e.yaml" and "train.precision=bf16" in c and "train.device=cpu" in c
         assert "model.name=tiny" in c and "model.weights=random" in c and "train.max_steps=3" in c
     assert "data.padding=longest" in trains[1] and "data.padding=batch" in trains[0]
     settings = {doc["tag"]: doc for doc in (json.loads(p.read_text()) for p in out.rglob("throughput-*.json"))}

@@ -3,6 +3,7 @@
 import json
 
 import pandas as pd
+import pytest
 import yaml
 from conftest import SMOKE, read_metrics, run_cli
 from safetensors.torch import load_file
@@ -69,8 +70,10 @@ def test_refuses_to_overwrite_a_finished_run(smoke_run):
     assert (out / "results.json").read_bytes() == before
 
 
-def test_params_command():
-    proc = run_cli("params", "--config", "configs/gpt2-small-lora.yaml")
+@pytest.mark.parametrize("config", ["configs/book/appendix-e.yaml", "configs/gpt2-small-lora.yaml"])
+def test_params_command(config):
+    """The book's appendix E exactly, and the recommended recipe (the same layers): 124,441,346 / 2,666,528."""
+    proc = run_cli("params", "--config", config)
     assert proc.returncode == 0, proc.stderr
     assert "total parameters: 124,441,346" in proc.stdout and "trainable parameters: 2,666,528" in proc.stdout
 
