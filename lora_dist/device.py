@@ -5,7 +5,8 @@
 `DistEnv` is what the launcher (torchrun, deepspeed, Slurm through launcher/launch.py) says about this
 process; `pick_device` turns `auto`/`cuda`/`cpu` into a device for its local rank; `resolve_precision` turns
 `auto` into bf16 where the hardware runs it natively and fp32 elsewhere; `autocast` runs a forward pass in
-that precision; `init_process_group` joins the job's process group (gloo on the CPU, NCCL on CUDA).
+that precision; `precision_note` is the line inference prints when it computes below fp32;
+`init_process_group` joins the job's process group (gloo on the CPU, NCCL on CUDA).
 """
 
 from __future__ import annotations
@@ -101,6 +102,20 @@ def autocast(device: torch.device, precision: str):
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=dtype)
+
+
+def precision_note(requested: str, resolved: str, device: torch.device, flag: str = "--precision") -> str | None:
+    """The one stderr line of `classify`, `eval` and `serve` when they compute in less than fp32, else None.
+
+    Inference defaults to fp32, as transformers computes GPT-2, and so as both exports answer; bf16 is about
+    twice as fast where the hardware has it natively, and moves probabilities in the third decimal or more."""
+    if resolved == "fp32":
+        return None
+    chose = f", which chose {resolved} on this {device.type.upper()}" if requested == "auto" else ""
+    return (
+        f"note: computing in {resolved} ({flag} {requested}{chose}): faster, but probabilities differ from fp32's "
+        f"(the default, and what transformers and the exports compute), often in the third decimal"
+    )
 
 
 def init_process_group(

@@ -139,7 +139,9 @@ def test_the_package_keeps_its_import_rules():
 
 def test_the_wings_are_where_the_rules_expect_them():
     graph = import_graph()
-    assert {"lora_dist.train.loop", "lora_dist.serve.app", "lora_dist.infer.classifier", "lora_dist.device"} <= set(graph)
+    assert {"lora_dist.train.loop", "lora_dist.serve.app", "lora_dist.infer.classifier", "lora_dist.device"} <= set(
+        graph
+    )
     assert "lora_dist.train.loop" in graph["lora_dist.cli"]  # the command line is the one way into training
 
 
@@ -155,19 +157,22 @@ def write_package(root: Path, files: dict[str, str]) -> Path:
 
 def test_each_rule_catches_an_import_that_breaks_it(tmp_path):
     """A package that breaks every rule once: each break is reported, naming the two modules."""
-    pkg = write_package(tmp_path, {
-        "train/loop.py": "",
-        "serve/app.py": "from ..train import loop\n",  # serving imports training
-        "infer/classifier.py": "def f():\n    import lora_dist.train.loop\n",  # inside a function still counts
-        "report.py": "from .serve.app import x\n",  # the core imports a wing
-        "model.py": "from .lora import inject_lora\n",  # the model imports LoRA
-        "lora.py": "",
-        "data.py": "from . import model\n",  # data imports the model
-        "a.py": "from .b import x\n",
-        "b.py": "from .a import y\n",  # a cycle
-        "serve/command.py": "from ..infer import classifier\n",  # allowed: serving runs inference
-        "cli.py": "from .train.loop import run\nfrom .serve import app\n",  # allowed: the command line
-    })
+    pkg = write_package(
+        tmp_path,
+        {
+            "train/loop.py": "",
+            "serve/app.py": "from ..train import loop\n",  # serving imports training
+            "infer/classifier.py": "def f():\n    import lora_dist.train.loop\n",  # inside a function still counts
+            "report.py": "from .serve.app import x\n",  # the core imports a wing
+            "model.py": "from .lora import inject_lora\n",  # the model imports LoRA
+            "lora.py": "",
+            "data.py": "from . import model\n",  # data imports the model
+            "a.py": "from .b import x\n",
+            "b.py": "from .a import y\n",  # a cycle
+            "serve/command.py": "from ..infer import classifier\n",  # allowed: serving runs inference
+            "cli.py": "from .train.loop import run\nfrom .serve import app\n",  # allowed: the command line
+        },
+    )
     found = broken_rules(import_graph(pkg))
     expected = [
         "lora_dist.data imports lora_dist.model: data never imports the model",

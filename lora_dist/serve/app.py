@@ -24,6 +24,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, StrictStr
 from starlette.exceptions import HTTPException
 
+from ..device import precision_note
 from ..infer.multi_adapter import MultiAdapterClassifier
 from .batcher import Batcher
 from .metrics import Metrics
@@ -97,6 +98,8 @@ class Service:
             self.log(f"error: the model did not load ({self.failed})")
             return
         self.log(f"ready: {len(self.specs)} adapters on {self.model.device} in {time.perf_counter() - t0:.1f} s")
+        if note := precision_note(self.precision, self.model.precision, self.model.device):
+            self.log(note)
 
     def _run(self, texts: list[str], adapters: list[str]) -> list[dict]:
         return self.model.predict(texts, adapters, batch_size=self.max_batch)
