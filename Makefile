@@ -36,7 +36,7 @@ $(STAMP): $(BIN)/python pyproject.toml
 ifneq ($(USE_SYSTEM_TORCH),1)
 	$(BIN)/python -m pip install -q $(TORCH_SPEC)
 endif
-	$(BIN)/python -m pip install -q -e ".[wandb,serve]"
+	$(BIN)/python -m pip install -q -e ".[wandb,serve,deepspeed]"
 	touch $@
 
 $(STAMP)-dev: $(STAMP)

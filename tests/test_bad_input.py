@@ -8,6 +8,7 @@ values, as YAML and as key=value overrides, may only load or raise UserError.
 
 import json
 import string
+import sys
 
 import pytest
 import torch
@@ -305,6 +306,18 @@ def test_deepspeed_in_a_plain_process_is_a_world_of_one(tmp_path, capsys, monkey
     assert len(losses) == 3 and all(x == x for x in losses)
     assert {k: os.environ.get(k) for k in before} == before
     assert not (tmp_path / "extensions").exists()  # nothing compiled
+
+
+def test_missing_deepspeed_is_one_error_line_that_says_how_to_install_it(tmp_path, capsys, monkeypatch):
+    """DeepSpeed is checked before the process group, the data or the model: one line, at once."""
+    monkeypatch.setitem(sys.modules, "deepspeed", None)  # `import deepspeed` raises ModuleNotFoundError
+    argv = ["train", "--config", str(SMOKE), f"output_dir={tmp_path / 'out'}", "dist.strategy=deepspeed"]
+    code, err = run_main(argv, capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1, err
+    assert lines[0].startswith("error: dist.strategy=deepspeed needs DeepSpeed, and it is not installed")
+    assert "pip install -e '.[deepspeed]'" in lines[0] and "Traceback" not in err
+    assert not (tmp_path / "out" / "splits").exists()  # nothing was prepared
 
 
 # ------------------------------------------------------------------------------ config loading, fuzzed
