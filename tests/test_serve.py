@@ -424,43 +424,67 @@ def test_sigterm_finishes_the_requests_in_flight_then_exits_0(locked, truth):
 # ------------------------------------------------------------------------------------------ the page
 
 
-def test_the_page_in_headless_chromium(open_server, tmp_path):
-    """Type a message, pick an adapter, click: the verdict shown is the API's."""
-    import os
-
+@pytest.fixture
+def chromium():
+    """Headless Chromium (Selenium) that can reach this machine's loopback and nothing else: every other
+    host name fails to resolve, so a page that needs a CDN shows it."""
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
     driver = shutil.which("chromedriver")
     if not browser or not driver:
         pytest.skip("Chromium is missing (Debian: apt-get install chromium chromium-driver)")
     from selenium import webdriver
-    from selenium.webdriver.support.ui import Select, WebDriverWait
 
     options = webdriver.ChromeOptions()
     options.binary_location = browser
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=900,700"):
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--window-size=900,700",
+        "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
+    ):
         options.add_argument(arg)
     b = webdriver.Chrome(service=webdriver.ChromeService(executable_path=driver), options=options)
-    try:
-        b.get(open_server.url + "/")
-        wait = WebDriverWait(b, 60)
-        wait.until(lambda d: len(Select(d.find_element("id", "adapter")).options) == 3)
-        message = "URGENT! Call 09061701461 now to claim your cash"
-        b.find_element("id", "texts").send_keys(message + "\nsee you at 6")
-        Select(b.find_element("id", "adapter")).select_by_value("support")
-        b.find_element("id", "go").click()
-        wait.until(lambda d: len(d.find_elements("css selector", "tr.result")) == 2)
-        shown = [
-            (
-                row.find_element("css selector", ".label").text,
-                float(row.find_element("css selector", ".label").get_attribute("data-p")),
-            )
-            for row in b.find_elements("css selector", "tr.result")
-        ]
-        b.save_screenshot(str(tmp_path / "serve-page.png"))
-        if os.environ.get("LORA_DIST_SCREENSHOT"):  # how docs/serve-page.png is made
-            b.save_screenshot(os.environ["LORA_DIST_SCREENSHOT"])
-    finally:
-        b.quit()
+    yield b
+    b.quit()
+
+
+def test_docs_render_offline(open_server, chromium):
+    """/docs draws the operations from /openapi.json with Swagger UI's files from the service itself."""
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    chromium.get(open_server.url + "/docs")
+    WebDriverWait(chromium, 60).until(lambda d: "/v1/classify" in d.find_element("id", "swagger-ui").text)
+    loaded = chromium.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")
+    assert loaded and all(u.startswith(open_server.url + "/") for u in loaded), loaded
+
+
+def test_the_page_in_headless_chromium(open_server, chromium, tmp_path):
+    """Type a message, pick an adapter, click: the verdict shown is the API's."""
+    import os
+
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    b = chromium
+    b.get(open_server.url + "/")
+    wait = WebDriverWait(b, 60)
+    wait.until(lambda d: len(Select(d.find_element("id", "adapter")).options) == 3)
+    message = "URGENT! Call 09061701461 now to claim your cash"
+    b.find_element("id", "texts").send_keys(message + "\nsee you at 6")
+    Select(b.find_element("id", "adapter")).select_by_value("support")
+    b.find_element("id", "go").click()
+    wait.until(lambda d: len(d.find_elements("css selector", "tr.result")) == 2)
+    shown = [
+        (
+            row.find_element("css selector", ".label").text,
+            float(row.find_element("css selector", ".label").get_attribute("data-p")),
+        )
+        for row in b.find_elements("css selector", "tr.result")
+    ]
+    b.save_screenshot(str(tmp_path / "serve-page.png"))
+    if os.environ.get("LORA_DIST_SCREENSHOT"):  # how docs/serve-page.png is made
+        b.save_screenshot(os.environ["LORA_DIST_SCREENSHOT"])
     api = post(open_server, {"adapter": "support", "texts": [message, "see you at 6"]}).json()["results"]
     assert [s[0] for s in shown] == [r["label"] for r in api]
     assert [s[1] for s in shown] == pytest.approx([r["probs"][r["label"]] for r in api], abs=1e-6)

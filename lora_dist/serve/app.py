@@ -3,7 +3,8 @@
     lora-dist serve --adapters spam=runs/smoke
     curl -s localhost:8000/v1/classify -H 'content-type: application/json' -d '{"adapter": "spam", "texts": ["see you at 6"]}'
 
-The OpenAPI schema is at /openapi.json (and /docs). Every error answers {"error": "what was wrong"}.
+The OpenAPI schema is at /openapi.json, and /docs shows it with Swagger UI's script and style served by the service
+itself (fastapi-offline), so it renders with no network. Every error answers {"error": "what was wrong"}.
 `Service` owns the model, the batcher, the metrics and the log; `create_app` puts HTTP in front of it.
 """
 
@@ -21,6 +22,7 @@ from importlib import resources
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi_offline import FastAPIOffline
 from pydantic import BaseModel, ConfigDict, StrictStr
 from starlette.exceptions import HTTPException
 
@@ -166,11 +168,12 @@ def create_app(service: Service) -> FastAPI:
         await loading
         await service.batcher.stop()
 
-    app = FastAPI(
+    app: FastAPI = FastAPIOffline(  # /docs and /redoc from assets in the package, not a CDN
         title="lora-dist",
         summary="Classify messages with LoRA adapters over one frozen GPT-2",
         version="1",
         lifespan=lifespan,
+        swagger_ui_parameters={"validatorUrl": None},  # no badge fetched from validator.swagger.io
     )
     app.add_middleware(BodyLimit, limit=service.limits.max_body, metrics=service.metrics)
 
