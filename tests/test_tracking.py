@@ -85,6 +85,14 @@ def ddp_run(tmp_path_factory):
     return out, proc, runs, wandb_records(runs[0]) if runs else []
 
 
+def test_wandb_says_where_the_run_goes_and_nothing_more(ddp_run):
+    """A few lines when the run starts; no history and summary tables (about 30 lines) when it ends."""
+    _, proc, _, _ = ddp_run
+    said = [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("wandb:")]
+    assert 1 <= len(said) <= 4, said
+    assert any("saved locally" in line for line in said) and not any("Run summary" in line for line in said), said
+
+
 def test_two_processes_make_one_wandb_run(ddp_run):
     out, proc, runs, records = ddp_run
     assert len(runs) == 1, runs
