@@ -263,7 +263,8 @@ def create_app(service: Service) -> FastAPI:
         return HTMLResponse(
             page,
             headers={
-                "Content-Security-Policy": "default-src 'self'; style-src 'unsafe-inline'; script-src 'unsafe-inline'"
+                "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; style-src 'unsafe-inline'; "
+                "script-src 'unsafe-inline'"  # data: for the page's inline favicon
             },
         )
 
