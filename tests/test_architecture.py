@@ -71,7 +71,8 @@ def broken_rules(graph: dict[str, set[str]]) -> list[str]:
         for dst in sorted(targets):
             a, b = part(src), part(dst)
             if b in WINGS and a not in IMPORTERS[b]:
-                who = " and ".join(sorted(f"{w}/" if w in WINGS else "the command line" for w in IMPORTERS[b]))
+                wings = sorted(f"{w}/" for w in IMPORTERS[b] if w in WINGS)
+                who = " and ".join(["the command line", *wings] if "entry" in IMPORTERS[b] else wings)
                 out.append(f"{src} imports {dst}: only {who} import {b}/")
             if leaf(src) in MODEL and a == "core" and leaf(dst) in LORA:
                 out.append(f"{src} imports {dst}: the model never imports LoRA (it is injected afterwards)")
