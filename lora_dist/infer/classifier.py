@@ -8,7 +8,7 @@
 The model is the one training built (`build.read_adapter`, `build.load_trained`); messages are tokenized,
 truncated and padded as in training (`data.encode`, `data.Collate`), and run in batches sorted by length
 (`data.batch_plan`), so a batch holds little padding. It computes in fp32 unless `precision` says otherwise
-(`auto`: bf16 where the hardware runs it natively; faster, and probabilities move in the third decimal).
+(`auto`: bf16 where the hardware runs it natively; faster, and probabilities move by up to about 1e-2).
 """
 
 from __future__ import annotations

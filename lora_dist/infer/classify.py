@@ -43,7 +43,7 @@ def add_arguments(p) -> None:
         default="fp32",
         choices=("auto", "fp32", "bf16", "fp16"),
         help="fp32 (default): what transformers and the exports compute; auto: bf16 where the hardware runs it "
-        "natively (faster; probabilities move in the third decimal), else fp32",
+        "natively (faster; probabilities move by up to about 1e-2), else fp32",
     )
     p.add_argument(
         "--merge", action="store_true", help="fold LoRA into the base weights first (faster; the same outputs to ~1e-6)"
