@@ -18,6 +18,9 @@ TEST_WORKERS ?= $(shell echo $$(( $$(nproc) + 1 )))
 
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.lora-dist-installed
+# pip install -e: setuptools' ten-line note that an editable install is one ("Editable installation ... be careful
+# with folders named like the package") is informational; nothing else of the build is hidden.
+EDITABLE := PYTHONWARNINGS="ignore:Editable installation" $(BIN)/python -m pip install -q -e
 
 .PHONY: setup setup-dev train smoke test clean
 
@@ -36,11 +39,11 @@ $(STAMP): $(BIN)/python pyproject.toml
 ifneq ($(USE_SYSTEM_TORCH),1)
 	$(BIN)/python -m pip install -q $(TORCH_SPEC)
 endif
-	$(BIN)/python -m pip install -q -e ".[wandb,serve,deepspeed]"
+	$(EDITABLE) ".[wandb,serve,deepspeed]"
 	touch $@
 
 $(STAMP)-dev: $(STAMP)
-	$(BIN)/python -m pip install -q -e ".[dev,serve]"
+	$(EDITABLE) ".[dev,serve]"
 	touch $@
 
 setup: $(STAMP)
