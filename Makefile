@@ -1,5 +1,5 @@
 # lora-dist: the two quick-start commands, and the setup they share.
-#   make train   set up .venv and fine-tune GPT-2 small on the SMS data (the book's recipe)
+#   make train   set up .venv and fine-tune GPT-2 small on the SMS data (configs/gpt2-small-lora.yaml, the recommended recipe)
 #   make test    set up .venv with the test extras and run the tests (make test-fast: the quick ones; make lint)
 # On a machine whose Python already has a CUDA build of torch:  make train USE_SYSTEM_TORCH=1
 # Another torch build:  make train TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
@@ -18,6 +18,9 @@ TEST_WORKERS ?= $(shell echo $$(( $$(nproc) + 1 )))
 
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.lora-dist-installed
+# pip install -e: setuptools' ten-line note that an editable install is one ("Editable installation ... be careful
+# with folders named like the package") is informational; nothing else of the build is hidden.
+EDITABLE := PYTHONWARNINGS="ignore:Editable installation" $(BIN)/python -m pip install -q -e
 
 .PHONY: setup setup-dev train smoke test test-fast lint clean
 
@@ -36,11 +39,11 @@ $(STAMP): $(BIN)/python pyproject.toml
 ifneq ($(USE_SYSTEM_TORCH),1)
 	$(BIN)/python -m pip install -q $(TORCH_SPEC)
 endif
-	$(BIN)/python -m pip install -q -e ".[wandb,serve]"
+	$(EDITABLE) ".[wandb,serve,deepspeed]"
 	touch $@
 
 $(STAMP)-dev: $(STAMP)
-	$(BIN)/python -m pip install -q -e ".[dev,serve]"
+	$(EDITABLE) ".[dev,serve]"
 	touch $@
 
 setup: $(STAMP)

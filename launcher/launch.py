@@ -10,9 +10,11 @@
 Unset options come from the environment: Slurm (SLURM_NNODES, SLURM_NODEID, SLURM_JOB_ID,
 SLURM_GPUS_ON_NODE), or NNODES / NODE_RANK / MASTER_ADDR / MASTER_PORT as Kubernetes operators set them.
 Multi-node runs use torchrun's c10d rendezvous, with each node's own address as --local-addr (under Slurm
-its NodeAddr), which the workers take as MASTER_ADDR. `--launcher deepspeed` keeps to CUDA_VISIBLE_DEVICES
-(--include localhost:2,3). SIGUSR1 or SIGTERM sent to this script is passed to the
-training workers as SIGUSR1: they save a checkpoint at the next step and exit 0 (Slurm preemption).
+its NodeAddr), which the workers take as MASTER_ADDR. Each worker gets OMP_NUM_THREADS = this machine's cores
+over the workers sharing it (every node's when the endpoint is 127.0.0.1), unless OMP_NUM_THREADS is set.
+`--launcher deepspeed` keeps to CUDA_VISIBLE_DEVICES (--include localhost:2,3). SIGUSR1 or SIGTERM sent to this
+script is passed to the training workers as SIGUSR1: they save a checkpoint at the next step and exit 0 (Slurm
+preemption).
 Standard library only, so it runs before anything is installed.
 """
 
@@ -111,7 +113,8 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     return args, rest
 
 
-def build_command(args: argparse.Namespace, rest: list[str]) -> list[str]:
+def layout(args: argparse.Namespace) -> tuple[int, int, int, str | None]:
+    """(nodes, this node's rank, processes per node, the rendezvous endpoint or None), from flags or environment."""
     nnodes = args.nnodes or _env_int("SLURM_NNODES", "SLURM_JOB_NUM_NODES", "NNODES") or 1
     node_rank = args.node_rank if args.node_rank is not None else (_env_int("SLURM_NODEID", "NODE_RANK") or 0)
     nproc = args.nproc_per_node or _gpu_count() or 1
@@ -126,6 +129,22 @@ def build_command(args: argparse.Namespace, rest: list[str]) -> list[str]:
         raise SystemExit(
             "launch.py: error: several nodes need --rdzv-endpoint HOST:PORT (the first node), or MASTER_ADDR"
         )
+    return nnodes, node_rank, nproc, endpoint
+
+
+def omp_threads(args: argparse.Namespace, cores: int) -> int:
+    """OpenMP threads for each worker: this machine's cores over the workers that share them. With a rendezvous
+    endpoint on the loopback (127.x, localhost, ::1) every node's workers run here. torchrun itself would give
+    each worker 1 thread when there are several, and leave a lone worker all the cores, so that two "nodes" on
+    one machine each take every core and fight over them."""
+    nnodes, _, nproc, endpoint = layout(args)
+    host = endpoint.rsplit(":", 1)[0].strip("[]").lower() if endpoint else ""
+    here = nnodes if host.startswith("127.") or host in ("localhost", "::1") else 1
+    return max(1, cores // (nproc * here))
+
+
+def build_command(args: argparse.Namespace, rest: list[str]) -> list[str]:
+    nnodes, node_rank, nproc, endpoint = layout(args)
     run_id = args.rdzv_id or os.environ.get("SLURM_JOB_ID") or "lora-dist"
     if args.launcher == "deepspeed":
         if nnodes > 1:
@@ -212,12 +231,14 @@ def training_workers(root: int) -> list[int]:
 def main(argv: list[str] | None = None) -> int:
     args, rest = parse(sys.argv[1:] if argv is None else argv)
     cmd = build_command(args, rest)
-    print("launch.py:", shlex.join(cmd), flush=True)
+    env = dict(os.environ)
+    # Threads per worker, unless OMP_NUM_THREADS says: the cores shared out (omp_threads).
+    env.setdefault("OMP_NUM_THREADS", str(omp_threads(args, len(os.sched_getaffinity(0)))))
+    print("launch.py:", f"OMP_NUM_THREADS={env['OMP_NUM_THREADS']}", shlex.join(cmd), flush=True)
     if args.dry_run:
         return 0
     # With restarts, torchrun's shared rendezvous store can hand a new round the previous round's
     # addresses (pytorch/pytorch#135712); each round then gets a store of its own.
-    env = dict(os.environ)
     env.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     # torchrun dies of SIGUSR1 (its default action), so it starts with SIGUSR1 ignored: a USR1 sent to
     # every process of a job (scancel --signal=USR1 JOBID) reaches the workers, whose handler overrides it.

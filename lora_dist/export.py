@@ -125,10 +125,14 @@ def write_merged(model, spec, out: Path) -> list[str]:
     score, ln_f_bias = head_without_bias(model, "the adapter")
     body = hf_state_dict(model.cfg, _plain_state(model))
     body["ln_f.bias"] = ln_f_bias
-    tensors = {f"transformer.{k}": v for k, v in body.items()} | {"score.weight": score}
-    _save(tensors, out / "model.safetensors")
-    (out / "config.json").write_text(json.dumps(classifier_config(model.cfg, spec), indent=2) + "\n")
+    write_classifier(model.cfg, spec, body, score, out)
     return []
+
+
+def write_classifier(cfg, spec, body: dict[str, torch.Tensor], score: torch.Tensor, out: Path) -> None:
+    """A GPT2ForSequenceClassification checkpoint: model.safetensors (`transformer.*`, `score.weight`), config.json."""
+    _save({f"transformer.{k}": v for k, v in body.items()} | {"score.weight": score}, out / "model.safetensors")
+    (out / "config.json").write_text(json.dumps(classifier_config(cfg, spec), indent=2) + "\n")
 
 
 def classifier_config(cfg, spec) -> dict:
@@ -244,23 +248,54 @@ def _saved_overrides(model, spec, groups, tensors, source) -> list[str]:
 
 
 def _base_ref(model, spec, out: Path, final: Path, base: str | None, notes: list[str]) -> str:
-    """base_model_name_or_path: the hub repo, the local base directory, or for random weights a copy of them."""
+    """base_model_name_or_path: the hub repo, the local base directory, or for random weights a copy of them in
+    base-model/, named by its absolute path (transformers reads a relative one from the working directory)."""
     if base is not None:
         return str(Path(base).resolve())
     if spec.base.source != "random":
         return spec.base.source
     where = out / "base-model"  # the body as training drew it (the PEFT export leaves it unmerged)
     where.mkdir()
-    body = hf_state_dict(model.cfg, _plain_state(model))
-    _save(body, where / "model.safetensors")
-    (where / "config.json").write_text(json.dumps(classifier_config(model.cfg, spec), indent=2) + "\n")
+    # score: zeros, the right shape, so that transformers loads the base without a "score.weight MISSING"
+    # report; the adapter's own score (modules_to_save) replaces it.
+    zeros = torch.zeros(len(spec.labels), model.cfg.emb_dim)
+    write_classifier(model.cfg, spec, hf_state_dict(model.cfg, _plain_state(model)), zeros, where)
     write_tokenizer(where, spec)
+    home = final.resolve()
+    (out / "README.md").write_text(MOVED.format(name=final.name, base=spec.base.describe(), home=home))
     notes.append(
-        f"the base model has random weights ({spec.base.describe()}); they are written to "
-        f"{final / 'base-model'}, which base_model_name_or_path names: move the two together, or load "
-        f"the base from wherever base-model/ goes"
+        f"the base model has random weights ({spec.base.describe()}); they are written to {final / 'base-model'}, "
+        f"which adapter_config.json names by its absolute path. If you move {final}, load the base from its "
+        f"base-model/ yourself: PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained("
+        f"'NEW/base-model'), 'NEW') (README.md in the export says the same; lora-dist classify reads it anywhere)"
     )
-    return str((final / "base-model").resolve())
+    return str(home / "base-model")
+
+
+MOVED = """# {name}: a PEFT LoRA adapter written by `lora-dist export`
+
+For transformers' `GPT2ForSequenceClassification`. Its base, {base}, is the folder `base-model/` beside this
+file; `adapter_config.json` names it by its absolute path, `{home}/base-model`.
+
+Where it was written:
+
+```python
+from peft import AutoPeftModelForSequenceClassification
+model = AutoPeftModelForSequenceClassification.from_pretrained("{home}")
+```
+
+Moved or copied elsewhere (to `NEW`), that path is gone: load the base from `base-model/` yourself.
+
+```python
+from peft import PeftModel
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+base = AutoModelForSequenceClassification.from_pretrained("NEW/base-model")
+model = PeftModel.from_pretrained(base, "NEW").eval()
+tok = AutoTokenizer.from_pretrained("NEW")  # pass truncation=True: the adapter's maximum length is set
+```
+
+`lora-dist classify --adapter NEW` and `lora_dist.Classifier.from_pretrained("NEW")` read it wherever it is.
+"""
 
 
 def write_tokenizer(out: Path, spec) -> None:

@@ -25,6 +25,7 @@ DIR = Path(os.environ["FAKE_MODEL_DIR"])
 
 class Model:
     device = "cpu"
+    precision = "fp32"  # what MultiAdapterClassifier says it computes in
 
     def predict(self, texts, adapters, batch_size=None):
         with (DIR / "batches.jsonl").open("a") as f:

@@ -555,6 +555,18 @@ def test_a_full_disk_while_saving_the_adapter_leaves_no_partial_file(tmp_path, m
     assert list((tmp_path / "run" / "adapter").iterdir()) == []
 
 
+def test_missing_deepspeed_is_one_error_line_that_says_how_to_install_it(tmp_path, capsys, monkeypatch):
+    """DeepSpeed is checked before the process group, the data or the model: one line, at once."""
+    monkeypatch.setitem(sys.modules, "deepspeed", None)  # `import deepspeed` raises ModuleNotFoundError
+    argv = ["train", "--config", str(SMOKE), f"output_dir={tmp_path / 'out'}", "dist.strategy=deepspeed"]
+    code, err = run_main(argv, capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1, err
+    assert lines[0].startswith("error: dist.strategy=deepspeed needs DeepSpeed, and it is not installed")
+    assert "pip install -e '.[deepspeed]'" in lines[0] and "Traceback" not in err
+    assert not (tmp_path / "out" / "splits").exists()  # nothing was prepared
+
+
 # ------------------------------------------------------------------------------ config loading, fuzzed
 
 KEYS = valid_keys()

@@ -124,7 +124,7 @@ def test_hand_computed_counts_match_the_books():
 
 @pytest.mark.parametrize("trainable", ["lora", "last_layer", "last_block", "last_two_blocks", "all"])
 def test_trainable_counts_for_gpt2_small(trainable, capsys):
-    cfg = ROOT / "configs" / "gpt2-small-lora.yaml"
+    cfg = ROOT / "configs" / "book" / "appendix-e.yaml"
     assert main(["params", "--config", str(cfg), f"train.trainable={trainable}"]) == 0
     out = capsys.readouterr().out
     assert f"trainable parameters: {expected_trainable('gpt2-small', trainable):,}" in out
@@ -157,7 +157,7 @@ def test_book_rows_cover_the_table():
     assert rows[17].model.causal_mask is False and rows[13].data.padding == "context"
     assert rows[12].lora.alpha == 8 and rows[12].model.name == "gpt2-xl"
     assert (rows[14].train.batch_size, rows[15].train.grad_accum) == (1, 8)
-    book = load_config(ROOT / "configs" / "gpt2-small-lora.yaml")
+    book = load_config(ROOT / "configs" / "book" / "appendix-e.yaml")
     assert book.model.pooling == "last" and book.lora.train_head is False  # appendix E: the head's adapter only
 
 

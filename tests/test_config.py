@@ -6,22 +6,23 @@ import pytest
 import torch
 
 from lora_dist import UserError, load_config
-from lora_dist.config import Config, valid_keys
+from lora_dist.config import Config, DataConfig, TrainConfig, valid_keys
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml")) + sorted((ROOT / "configs" / "book").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_every_config_loads_and_says_how_to_run_it(path):
     cfg = load_config(path)
     assert isinstance(cfg, Config)
-    first = path.read_text().splitlines()[:4]
-    assert any(f"--config configs/{path.name}" in line for line in first), first
+    lines = path.read_text().splitlines()
+    opening = lines[: next(i for i, line in enumerate(lines) if not line.startswith("#"))]
+    assert any(f"--config {path.relative_to(ROOT)}" in line for line in opening), opening
 
 
 def test_book_config_is_the_book_recipe():
-    cfg = load_config(ROOT / "configs/gpt2-small-lora.yaml")
+    cfg = load_config(ROOT / "configs/book/appendix-e.yaml")
     assert (cfg.lora.rank, cfg.lora.alpha, cfg.lora.scaling, cfg.lora.targets, cfg.lora.head) == (
         16,
         16.0,
@@ -31,6 +32,23 @@ def test_book_config_is_the_book_recipe():
     )
     assert (cfg.train.lr, cfg.train.weight_decay, cfg.train.batch_size, cfg.train.epochs) == (5e-5, 0.1, 8, 5)
     assert (cfg.data.padding, cfg.train.eval_every, cfg.train.eval_batches, cfg.train.seed) == ("longest", 50, 5, 123)
+    assert cfg.model.pooling == "last" and cfg.train.precision == "fp32"  # position -1, as the book
+
+
+def test_the_recommended_recipe_is_the_book_but_for_pooling_padding_and_precision():
+    """configs/gpt2-small-lora.yaml (`make train`) is appendix E with `last_real` pooling (which both exports take,
+    and which no padding changes), per-batch padding in length buckets and precision auto: lora-dist's defaults,
+    which a GPU turns into bf16, few shapes and CUDA graphs."""
+    book, ours = load_config(ROOT / "configs/book/appendix-e.yaml"), load_config(ROOT / "configs/gpt2-small-lora.yaml")
+    assert ours.model.pooling == "last_real" and ours.model.causal_mask
+    d = DataConfig()
+    assert (ours.data.padding, ours.data.bucket, ours.train.precision) == (d.padding, d.bucket, TrainConfig().precision)
+    assert ours.to_dict() | {"output_dir": "x"} == book.to_dict() | {
+        "output_dir": "x",
+        "model": book.to_dict()["model"] | {"pooling": "last_real"},
+        "data": book.to_dict()["data"] | {"padding": "batch", "bucket": True},
+        "train": book.to_dict()["train"] | {"precision": "auto"},
+    }
 
 
 def test_overrides_are_typed():
@@ -82,7 +100,7 @@ def test_bad_files(tmp_path):
 
 
 def test_resolved_config_round_trips(tmp_path):
-    cfg = load_config(ROOT / "configs/gpt2-small-lora.yaml", ["train.epochs=2"])
+    cfg = load_config(ROOT / "configs/book/appendix-e.yaml", ["train.epochs=2"])
     (tmp_path / "c.yaml").write_text(cfg.to_yaml())
     assert load_config(tmp_path / "c.yaml") == cfg
     assert cfg.digest() == load_config(tmp_path / "c.yaml").digest()

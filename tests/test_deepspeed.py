@@ -166,3 +166,19 @@ def test_stage_configs_exist_and_parse():
         assert cfg["train_batch_size"] == "auto" and cfg["zero_optimization"]["stage"] == stage, name
         offload = cfg["zero_optimization"].get("offload_optimizer", {}).get("device")
         assert offload == ("cpu" if name.endswith("offload") else None), name
+
+
+def test_without_deepspeed_every_rank_says_how_to_install_it(tmp_path):
+    """Under torchrun with DeepSpeed missing (a package that fails to import shadows it), no rank prints a
+    traceback: each that gets to fail prints the one line (rank 0 without a prefix) and exits 2."""
+    shadow = tmp_path / "shadow" / "deepspeed"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("raise ModuleNotFoundError('No module named deepspeed', name='deepspeed')\n")
+    env = cli_env(PYTHONPATH=shadow.parent)
+    proc = torchrun(2, "train", "--config", str(SMOKE), f"output_dir={tmp_path / 'out'}", *ds_args("zero2"), env=env)
+    assert proc.returncode != 0
+    said = [line for line in proc.stderr.splitlines() if "needs DeepSpeed" in line]
+    assert said and all(
+        line.startswith(("error: dist.strategy=deepspeed", "error (rank 1): dist.strategy=deepspeed")) for line in said
+    ), proc.stderr[-3000:]
+    assert "ModuleNotFoundError" not in proc.stderr and "exitcode  : 2" in proc.stderr

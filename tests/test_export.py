@@ -7,6 +7,7 @@ training saves them): the equality of the outputs does not need a trained model,
 from __future__ import annotations
 
 import json
+import shutil
 
 import peft  # noqa: E402  (test dependencies, pip install -e .[dev]: a broken install fails, not skips)
 import pytest
@@ -137,15 +138,30 @@ def test_merged_export_loads_with_load_gpt2(tiny_checkpoint, tmp_path):
     torch.testing.assert_close(clf.logits(MESSAGES).softmax(-1), ours(run), rtol=0, atol=1e-5)
 
 
-def test_random_base_is_written_beside_the_peft_export(tmp_path, capsys):
+def test_random_base_is_written_beside_the_peft_export(tmp_path, capfd):
     run = make_adapter(tmp_path / "run", "random")
     assert export(run, "peft", tmp_path / "peft") == 0
-    assert (
-        "random weights" in capsys.readouterr().out
-        and (tmp_path / "peft" / "base-model" / "model.safetensors").is_file()
-    )
+    note = capfd.readouterr().out
+    assert "random weights" in note and "If you move" in note and "base-model" in note
+    assert (tmp_path / "peft" / "base-model" / "model.safetensors").is_file()
     model = peft.AutoPeftModelForSequenceClassification.from_pretrained(tmp_path / "peft")  # base_model_name_or_path
+    # base-model/ holds a score (zeros), which the adapter's replaces: transformers reports no "MISSING" key
+    _, info = transformers.AutoModelForSequenceClassification.from_pretrained(
+        tmp_path / "peft" / "base-model", output_loading_info=True
+    )
+    assert not any(info.values()), info
     torch.testing.assert_close(probs_hf(model, tmp_path / "peft"), ours(run), rtol=0, atol=1e-4)
+
+    # Moved, the absolute base path is gone; what README.md in the export says to do works, and lora-dist reads it.
+    moved = tmp_path / "elsewhere" / "spam-peft"
+    moved.parent.mkdir()
+    shutil.move(tmp_path / "peft", moved)
+    readme = (moved / "README.md").read_text()
+    assert 'PeftModel.from_pretrained(base, "NEW")' in readme and 'from_pretrained("NEW/base-model")' in readme
+    base = transformers.AutoModelForSequenceClassification.from_pretrained(moved / "base-model")
+    with_peft = peft.PeftModel.from_pretrained(base, moved)
+    torch.testing.assert_close(probs_hf(with_peft, moved), ours(run), rtol=0, atol=1e-4)
+    torch.testing.assert_close(ours(moved), ours(run), rtol=0, atol=1e-5)
 
 
 def test_trained_layers_export_merged(tiny_checkpoint, tmp_path):

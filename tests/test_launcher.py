@@ -2,6 +2,7 @@
 SIGUSR1 passed to the workers (checkpoint, exit 0, resume)."""
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -107,6 +108,35 @@ def test_deepspeed_launcher_keeps_to_the_visible_gpus():
     assert "--include localhost:5 " in one.stdout
     too_many = run_launcher(*dry, "--nproc-per-node", "3", "--", "train", env={"CUDA_VISIBLE_DEVICES": "5,6"})
     assert too_many.returncode != 0 and "CUDA_VISIBLE_DEVICES shows 2 GPU(s)" in too_many.stderr
+
+
+@pytest.mark.parametrize(
+    "argv, cores, threads",
+    [
+        (["--nproc-per-node", "2"], 2, 1),  # torchrun would give each 1 as well
+        (["--nproc-per-node", "1"], 8, 8),  # a lone worker takes every core
+        (["--nproc-per-node", "2"], 8, 4),  # torchrun: 1 each, 6 cores idle
+        (["--nnodes", "2", "--node-rank", "0", "--rdzv-endpoint", "127.0.0.1:29500"], 2, 1),  # both "nodes" here
+        (["--nnodes", "2", "--node-rank", "1", "--rdzv-endpoint", "localhost:29500", "--nproc-per-node", "2"], 16, 4),
+        (["--nnodes", "2", "--node-rank", "0", "--rdzv-endpoint", "10.1.2.3:29500"], 8, 8),  # one worker a machine
+        (["--nproc-per-node", "4"], 2, 1),
+    ],
+)
+def test_each_worker_gets_its_share_of_the_cores(monkeypatch, argv, cores, threads):
+    build([*argv, "--", "train"], monkeypatch)  # clears the job's environment
+    args, _ = launch.parse([*argv, "--", "train"])
+    assert launch.omp_threads(args, cores) == threads
+
+
+def test_the_launcher_sets_threads_unless_told(tmp_path):
+    cmd = [sys.executable, "launcher/launch.py", "--dry-run", "--nnodes", "2", "--node-rank", "0"]
+    cmd += ["--rdzv-endpoint", "127.0.0.1:29500", "--", "train", "--config", "configs/smoke.yaml"]
+    env = {k: v for k, v in cli_env().items() if k != "OMP_NUM_THREADS"}
+    cores = len(os.sched_getaffinity(0))
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
+    assert f"launch.py: OMP_NUM_THREADS={max(1, cores // 2)} " in proc.stdout, proc.stdout
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**env, "OMP_NUM_THREADS": "3"})
+    assert "launch.py: OMP_NUM_THREADS=3 " in proc.stdout, proc.stdout
 
 
 def test_dry_run_prints_the_command():

@@ -99,8 +99,9 @@ def test_report_numbers_equal_results_json(finished_run):
     (trainable,) = table_rows(text, "trainable")
     assert number(total[1]) == results["total_params"] and number(trainable[1]) == results["trainable_params"]
     for label, key, digits in (
-        ("wall time", "wall_seconds", 1),
-        ("training time", "train_seconds", 1),
+        ("wall time (the whole run: setup, training, evaluations, checkpoints)", "wall_seconds", 1),
+        ("training time (the optimizer steps)", "train_seconds", 1),
+        ("final evaluation (every split)", "eval_seconds", 1),
         ("examples per second", "examples_per_second", 1),
         ("tokens per second", "tokens_per_second", 1),
         ("examples seen", "examples_seen", 0),

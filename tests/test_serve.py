@@ -328,7 +328,7 @@ def test_loading_and_every_batch_run_on_the_one_model_thread(monkeypatch):
     threads = []
 
     class Model:
-        device = "cpu"
+        device, precision = "cpu", "fp32"
 
         def predict(self, texts, adapters, batch_size=None):
             threads.append(("predict", threading.get_ident()))
@@ -746,44 +746,114 @@ def test_readyz_says_not_ready_after_a_failed_warm_up(servers):
 # ------------------------------------------------------------------------------------------ the page
 
 
-def test_the_page_in_headless_chromium(open_server, tmp_path):
-    """Type a message, pick an adapter, click: the verdict shown is the API's."""
-    import os
-
+@pytest.fixture
+def chromium():
+    """Headless Chromium (Selenium) that can reach this machine's loopback and nothing else: every other
+    host name fails to resolve, so a page that needs a CDN shows it."""
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
     driver = shutil.which("chromedriver")
     if not browser or not driver:
         pytest.skip("Chromium is missing (Debian: apt-get install chromium chromium-driver)")
     from selenium import webdriver
-    from selenium.webdriver.support.ui import Select, WebDriverWait
 
     options = webdriver.ChromeOptions()
     options.binary_location = browser
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=900,700"):
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--window-size=900,700",
+        "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
+    ):
         options.add_argument(arg)
     b = webdriver.Chrome(service=webdriver.ChromeService(executable_path=driver), options=options)
+    yield b
+    b.quit()
+
+
+def test_docs_render_offline(open_server, chromium):
+    """/docs draws the operations from /openapi.json with Swagger UI's files from the service itself."""
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    chromium.get(open_server.url + "/docs")
+    WebDriverWait(chromium, 60).until(lambda d: "/v1/classify" in d.find_element("id", "swagger-ui").text)
+    loaded = chromium.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")
+    assert loaded and all(u.startswith(open_server.url + "/") for u in loaded), loaded
+
+
+RED, GREEN = "rgba(179, 38, 30, 1)", "rgba(30, 123, 52, 1)"  # the page's verdict colours (serve.html's --bad, --good)
+
+
+def read_page(b) -> list[dict]:
+    """Each result row as the page shows it: verdict, its probability and colour, and the bars' colours."""
+    return [
+        {
+            "label": row.find_element("css selector", ".label").text,
+            "p": float(row.find_element("css selector", ".label").get_attribute("data-p")),
+            "colour": row.find_element("css selector", ".label").value_of_css_property("color"),
+            "bars": [
+                bar.value_of_css_property("background-color") for bar in row.find_elements("css selector", ".bar")
+            ],
+        }
+        for row in b.find_elements("css selector", "tr.result")
+    ]
+
+
+def classify_on_page(b, url: str, adapter: str, messages: list[str]) -> list[dict]:
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    b.get(url + "/")
+    wait = WebDriverWait(b, 60)
+    wait.until(
+        lambda d: any(o.get_attribute("value") == adapter for o in Select(d.find_element("id", "adapter")).options)
+    )
+    Select(b.find_element("id", "adapter")).select_by_value(adapter)
+    b.find_element("id", "texts").send_keys("\n".join(messages))
+    b.find_element("id", "go").click()
+    wait.until(lambda d: len(d.find_elements("css selector", "tr.result")) == len(messages))
+    return read_page(b)
+
+
+def test_the_page_in_headless_chromium(open_server, chromium, tmp_path):
+    """Type messages, pick an adapter, click: the verdicts shown are the API's, each label in a colour of its own,
+    with the adapter's labels and base, the time taken and a link to /docs."""
+    messages = ["URGENT! Call 09061701461 now to claim your cash", "see you at 6"]
+    shown = classify_on_page(chromium, open_server.url, "support", messages)
+    api = post(open_server, {"adapter": "support", "texts": messages}).json()["results"]
+    assert [s["label"] for s in shown] == [r["label"] for r in api]
+    assert [s["p"] for s in shown] == pytest.approx([r["probs"][r["label"]] for r in api], abs=1e-6)
+    assert all(len(set(s["bars"])) == 3 for s in shown)  # billing, bug, praise: three colours, none red or green
+    assert not {RED, GREEN} & {c for s in shown for c in s["bars"]}
+    about = chromium.find_element("id", "about").text
+    assert "billing, bug, praise" in about and "random weights (seed 123)" in about
+    assert "2 messages classified in" in chromium.find_element("id", "status").text
+    assert chromium.find_element("link text", "API docs").get_attribute("href") == open_server.url + "/docs"
+    assert chromium.find_element("css selector", "link[rel=icon]").get_attribute("href").startswith("data:image/svg")
+    chromium.save_screenshot(str(tmp_path / "page.png"))
+    assert (tmp_path / "page.png").stat().st_size > 1000
+
+
+def test_the_page_shows_spam_in_red_and_ham_in_green(smoke_run, chromium, tmp_path):
+    """The smoke run's adapter on real SMS messages it gets right: spam red, ham green, bars in the same colours.
+    LORA_DIST_SCREENSHOT=docs/serve-page.png makes the README's picture from this page."""
+    import os
+
+    spam = [
+        "FREE entry into our £250 weekly comp just send the word WIN to 80086 NOW. 18 T&C www.txttowin.co.uk",
+        "You have an important customer service announcement. Call FREEPHONE 0800 542 0825 now!",
+    ]
+    ham = ["Sorry, I'll call later", "Remember to ask alex about his pizza"]
+    messages = [spam[0], ham[0], spam[1], ham[1]]
+    server = Server({"spam": smoke_run[0]}, log=tmp_path / "serve.log").wait_ready()
+    chromium.set_window_size(960, 860)
     try:
-        b.get(open_server.url + "/")
-        wait = WebDriverWait(b, 60)
-        wait.until(lambda d: len(Select(d.find_element("id", "adapter")).options) == 3)
-        message = "URGENT! Call 09061701461 now to claim your cash"
-        b.find_element("id", "texts").send_keys(message + "\nsee you at 6")
-        Select(b.find_element("id", "adapter")).select_by_value("support")
-        b.find_element("id", "go").click()
-        wait.until(lambda d: len(d.find_elements("css selector", "tr.result")) == 2)
-        shown = [
-            (
-                row.find_element("css selector", ".label").text,
-                float(row.find_element("css selector", ".label").get_attribute("data-p")),
-            )
-            for row in b.find_elements("css selector", "tr.result")
-        ]
-        b.save_screenshot(str(tmp_path / "serve-page.png"))
+        shown = classify_on_page(chromium, server.url, "spam", messages)
         if os.environ.get("LORA_DIST_SCREENSHOT"):  # how docs/serve-page.png is made
-            b.save_screenshot(os.environ["LORA_DIST_SCREENSHOT"])
+            chromium.save_screenshot(os.environ["LORA_DIST_SCREENSHOT"])
     finally:
-        b.quit()
-    api = post(open_server, {"adapter": "support", "texts": [message, "see you at 6"]}).json()["results"]
-    assert [s[0] for s in shown] == [r["label"] for r in api]
-    assert [s[1] for s in shown] == pytest.approx([r["probs"][r["label"]] for r in api], abs=1e-6)
-    assert (tmp_path / "serve-page.png").stat().st_size > 1000
+        server.stop()
+    assert [s["label"] for s in shown] == ["spam", "ham", "spam", "ham"]
+    assert [s["colour"] for s in shown] == [RED, GREEN, RED, GREEN]
+    assert all(s["bars"] == [GREEN, RED] for s in shown)  # ham's bar, then spam's, in the adapter's label order
+    assert "Labels: ham, spam" in chromium.find_element("id", "about").text

@@ -86,6 +86,15 @@ def ddp_run(tmp_path_factory):
 
 
 @pytest.mark.slow
+def test_wandb_says_where_the_run_goes_and_nothing_more(ddp_run):
+    """A few lines when the run starts; no history and summary tables (about 30 lines) when it ends."""
+    _, proc, _, _ = ddp_run
+    said = [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("wandb:")]
+    assert 1 <= len(said) <= 4, said
+    assert any("saved locally" in line for line in said) and not any("Run summary" in line for line in said), said
+
+
+@pytest.mark.slow
 def test_two_processes_make_one_wandb_run(ddp_run):
     out, proc, runs, records = ddp_run
     assert len(runs) == 1, runs
@@ -338,3 +347,39 @@ def test_records_become_wandb_history():
         "train/tokens_per_s": 900.0,
         "eval/val_acc": 0.9,
     }
+
+
+class _Stream:
+    """A text stream that says whether it is a terminal."""
+
+    def __init__(self, tty: bool):
+        self.tty, self.text = tty, ""
+
+    def isatty(self) -> bool:
+        return self.tty
+
+    def write(self, text: str) -> int:
+        self.text += text
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+
+def test_a_long_task_shows_a_bar_on_a_terminal_and_lines_on_a_pipe():
+    from lora_dist.train.tracking import Progress
+
+    pipe = _Stream(tty=False)
+    tick = Progress(pipe).task("final evaluation", 10)
+    for _ in range(10):
+        tick()
+    assert pipe.text.splitlines() == [f"final evaluation: {n}/10 batches" for n in (3, 5, 8, 10)]
+
+    term = _Stream(tty=True)
+    bar = Progress(term)
+    tick = bar.task("final evaluation", 10)
+    for _ in range(10):
+        tick()
+    assert term.text.startswith("\rfinal evaluation:") and bar.bar.n == 10  # tqdm redraws at most every 0.1 s
+    bar.clear()
+    assert bar.bar is None and term.text.count("\n") == 0  # the bar leaves no line behind

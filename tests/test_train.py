@@ -3,6 +3,7 @@
 import json
 
 import pandas as pd
+import pytest
 import yaml
 from conftest import SMOKE, read_metrics, run_cli
 from safetensors.torch import load_file
@@ -60,6 +61,26 @@ def test_smoke_run_writes_its_files(smoke_run):
     assert "parameters:" in proc.stdout and "done in" in proc.stdout
 
 
+def test_reported_times_cover_the_whole_run(smoke_run):
+    """wall_seconds is the whole run, the final evaluation included; the evaluation is timed beside the training,
+    and a run on a pipe shows its progress in plain lines (a terminal gets a bar)."""
+    out, proc = smoke_run
+    r = json.loads((out / "results.json").read_text())
+    assert r["eval_seconds"] > 0 and r["train_seconds"] > 0
+    assert r["wall_seconds"] >= r["train_seconds"] + r["eval_seconds"], r
+    (done,) = [line for line in proc.stdout.splitlines() if line.startswith("done in")]
+    assert (
+        f"done in {r['wall_seconds']:.1f}s (training {r['train_seconds']:.1f}s, final evaluation "
+        f"{r['eval_seconds']:.1f}s)" in done
+    )
+    progress = [line for line in proc.stdout.splitlines() if line.startswith("final evaluation: ")]
+    counts = [tuple(map(int, line.split()[2].split("/"))) for line in progress]
+    total = counts[-1][1]
+    assert len(counts) == 4 and counts[-1] == (total, total) and [d for d, _ in counts] == sorted(d for d, _ in counts)
+    assert total == sum(-(-n // 8) for n in (1045, 149, 300))  # every batch of every split, 8 messages a batch
+    assert proc.stdout.index(progress[-1]) < proc.stdout.index(done)
+
+
 def test_refuses_to_overwrite_a_finished_run(smoke_run):
     out, _ = smoke_run
     before = (out / "results.json").read_bytes()
@@ -69,8 +90,10 @@ def test_refuses_to_overwrite_a_finished_run(smoke_run):
     assert (out / "results.json").read_bytes() == before
 
 
-def test_params_command():
-    proc = run_cli("params", "--config", "configs/gpt2-small-lora.yaml")
+@pytest.mark.parametrize("config", ["configs/book/appendix-e.yaml", "configs/gpt2-small-lora.yaml"])
+def test_params_command(config):
+    """The book's appendix E exactly, and the recommended recipe (the same layers): 124,441,346 / 2,666,528."""
+    proc = run_cli("params", "--config", config)
     assert proc.returncode == 0, proc.stderr
     assert "total parameters: 124,441,346" in proc.stdout and "trainable parameters: 2,666,528" in proc.stdout
 

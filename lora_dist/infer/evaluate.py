@@ -5,12 +5,14 @@
     lora-dist eval runs/smoke --data my_messages.csv   # CSV/TSV with a header holding text and label
 
 The model is the run's adapter (or trained weights) on its base, loaded as `Classifier` loads it; messages
-are truncated and padded as in training. Scores are computed in fp32 unless --precision says otherwise.
+are truncated and padded as in training. Scores are computed in fp32 unless --precision says otherwise (then
+one line on stderr says so, and the result's `precision` names it).
 """
 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -18,6 +20,7 @@ import torch.nn.functional as F
 
 from ..adapter import find
 from ..data import read_table
+from ..device import precision_note
 from ..errors import UserError
 from ..scores import scores
 from .classifier import Classifier
@@ -33,7 +36,7 @@ def evaluate_run(
     batch_size: int = 32,
     precision: str = "fp32",
 ) -> dict:
-    """{"source", "count", "loss", "accuracy", "per_class", "macro", "confusion", "classes"}."""
+    """{"source", "count", "loss", "accuracy", "per_class", "macro", "confusion", "classes", "precision"}."""
     run_dir = Path(run_dir)
     if split not in SPLITS:
         raise UserError(f"--split must be one of {', '.join(SPLITS)}; got {split!r}")
@@ -47,6 +50,9 @@ def evaluate_run(
             f"or --data with a labelled file"
         )
     clf = Classifier.from_pretrained(run_dir, device=device, precision=precision)
+    note = precision_note(precision, clf.precision, clf.device)
+    if note:
+        print(note, file=sys.stderr, flush=True)
     frame = read_table(file)
     labels = clf.labels
     unknown = sorted(set(frame["label"]) - set(labels))
@@ -66,6 +72,7 @@ def evaluate_run(
         **scores(confusion, labels),
         "confusion": confusion,
         "classes": labels,
+        "precision": clf.precision,
     }
 
 

@@ -3,7 +3,8 @@
     lora-dist serve --adapters spam=runs/smoke
     curl -s localhost:8000/v1/classify -H 'content-type: application/json' -d '{"adapter": "spam", "texts": ["see you at 6"]}'
 
-The OpenAPI schema is at /openapi.json (and /docs). Every error answers {"error": "what was wrong"}.
+The OpenAPI schema is at /openapi.json, and /docs shows it with Swagger UI's script and style served by the service
+itself (fastapi-offline), so it renders with no network. Every error answers {"error": "what was wrong"}.
 `Service` owns the model, the batcher, the metrics and the log; `create_app` puts HTTP in front of it.
 """
 
@@ -20,9 +21,11 @@ from importlib import resources
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi_offline import FastAPIOffline
 from pydantic import BaseModel, ConfigDict, StrictStr
 from starlette.exceptions import HTTPException
 
+from ..device import precision_note
 from ..infer.multi_adapter import MultiAdapterClassifier
 from .batcher import Batcher, Stopped
 from .metrics import Metrics
@@ -114,6 +117,8 @@ class Service:
             return
         self.model = model
         self.log(f"ready: {len(self.specs)} adapters on {model.device} in {time.perf_counter() - t0:.1f} s")
+        if note := precision_note(self.precision, model.precision, model.device):
+            self.log(note)
 
     async def stop(self, loading: asyncio.Future) -> None:
         """Finish what is queued, by --shutdown-timeout-s after the SIGTERM at the latest."""
@@ -206,11 +211,12 @@ def create_app(service: Service) -> FastAPI:
         yield
         await service.stop(loading)
 
-    app = FastAPI(
+    app: FastAPI = FastAPIOffline(  # /docs and /redoc from assets in the package, not a CDN
         title="lora-dist",
         summary="Classify messages with LoRA adapters over one frozen GPT-2",
         version="1",
         lifespan=lifespan,
+        swagger_ui_parameters={"validatorUrl": None},  # no badge fetched from validator.swagger.io
     )
     # added last runs first: the access log, then the token, then the body's size
     app.add_middleware(BodyLimit, limit=service.limits.max_body, metrics=service.metrics)
@@ -307,7 +313,8 @@ def create_app(service: Service) -> FastAPI:
         return HTMLResponse(
             page,
             headers={
-                "Content-Security-Policy": "default-src 'self'; style-src 'unsafe-inline'; script-src 'unsafe-inline'"
+                "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; style-src 'unsafe-inline'; "
+                "script-src 'unsafe-inline'"  # data: for the page's inline favicon
             },
         )
 

@@ -85,12 +85,28 @@ def _fill(user: dict, ours: dict, source: str, prefix: str = "") -> dict:
     return out
 
 
+def import_deepspeed():
+    """The deepspeed module, or one error line that says how to install it (every rank raises the same)."""
+    try:
+        import deepspeed
+    except ImportError as e:
+        missing = "it is not installed" if e.name in (None, "deepspeed") else f"its dependency {e.name} is missing"
+        raise UserError(
+            f"dist.strategy=deepspeed needs DeepSpeed, and {missing}: .venv/bin/pip install -e '.[deepspeed]' "
+            f"(make setup installs it), or use dist.strategy=ddp"
+        ) from e
+    return deepspeed
+
+
 class DeepSpeed(DDP):
     name = "deepspeed"
 
-    def prepare(self, model: nn.Module, micro: int, accum: int) -> None:
-        import deepspeed
+    def init(self) -> None:
+        import_deepspeed()  # before the process group, the data and the model: a missing DeepSpeed fails at once
+        super().init()
 
+    def prepare(self, model: nn.Module, micro: int, accum: int) -> None:
+        deepspeed = import_deepspeed()
         if self.device.type == "cpu":
             _skip_shm_kernel(deepspeed)
         self.accum = accum
@@ -150,8 +166,9 @@ class DeepSpeed(DDP):
     def adapter_state(self, names: list[str]) -> dict[str, torch.Tensor]:
         """Full fp32 tensors: under bf16/fp16 the optimizer's fp32 master weights, not the module's 16-bit
         copy; under ZeRO-3 gathered from their partitions. Every rank must call this."""
-        import deepspeed
         from deepspeed.utils import safe_get_full_fp32_param
+
+        deepspeed = import_deepspeed()
 
         params = dict(self.module.named_parameters())
         chosen = [params[n] for n in names]

@@ -331,15 +331,19 @@ class Trainer:
         )
 
     # ------------------------------------------------------------------------------------- evaluation
-    @torch.no_grad()
-    def evaluate(self, split: str, limit: int | None = None) -> dict:
-        """Loss and accuracy over a split (or its first `limit` examples), exact across ranks: counts are
-        all-reduced and each example is read by exactly one rank."""
-        s = self.strategy
+    def eval_plan(self, split: str, limit: int | None = None):
+        """(this rank's loader over the split or its first `limit` examples, the number of forward passes)."""
         # `eval_batch`: micro-batches where padding could change a prediction (pooling `last` with padding batch).
         loader = eval_loader(self.loaders, split, self.eval_batch, self.world, self.rank, limit)
         # Every rank runs the same number of forward passes (ZeRO-3 gathers weights collectively).
-        n_batches = int(s.all_reduce(torch.tensor([len(loader)], dtype=torch.float64), op="max")[0])
+        return loader, int(self.strategy.all_reduce(torch.tensor([len(loader)], dtype=torch.float64), op="max")[0])
+
+    @torch.no_grad()
+    def evaluate(self, split: str, limit: int | None = None, plan=None, tick=None) -> dict:
+        """Loss and accuracy over a split (or its first `limit` examples), exact across ranks: counts are
+        all-reduced and each example is read by exactly one rank. `tick()`, if given, follows each batch."""
+        s = self.strategy
+        loader, n_batches = plan or self.eval_plan(split, limit)
         k = self.num_classes
         sums = torch.zeros(2 + k * k, dtype=torch.float64)  # loss sum, count, confusion (true x predicted)
         s.model.eval()
@@ -350,6 +354,8 @@ class Trainer:
             # a rank with fewer batches runs stand-in forward passes, not counted
             batch = (got if got is not None else self.loaders.collate([self.loaders.datasets[split][0]])).to(s.device)
             logits = s.forward(batch.ids, batch.last).float()
+            if tick is not None:
+                tick()
             if not real:
                 continue
             sums[0] += F.cross_entropy(logits, batch.labels, reduction="sum").item()
@@ -415,9 +421,15 @@ class Trainer:
         adapters.save(self.out.dir, spec, tensors)
 
     # ----------------------------------------------------------------------------------------- finish
-    def finish(self, wall_seconds: float) -> dict:
+    def finish(self, started: float) -> dict:
+        """The final evaluation of every split, the adapter, results.json and the report. `started`: when `run`
+        began (time.perf_counter()), so that wall_seconds counts the whole run, evaluation included."""
         s, out = self.strategy, self.out
-        ev = {name: self.evaluate(name) for name in ("train", "validation", "test")}
+        t0 = time.perf_counter()
+        plans = {name: self.eval_plan(name) for name in ("train", "validation", "test")}
+        tick = out.task("final evaluation", sum(n for _, n in plans.values()))
+        ev = {name: self.evaluate(name, plan=plan, tick=tick) for name, plan in plans.items()}
+        eval_seconds = time.perf_counter() - t0
         tokens = int(s.all_reduce(torch.tensor([self.tokens_seen], dtype=torch.float64))[0])
         secs = max(self.train_seconds, 1e-9)
         results = {
@@ -434,8 +446,9 @@ class Trainer:
             "steps": self.step,
             "epochs": self.epoch,
             "examples_seen": self.examples_seen,
-            "wall_seconds": wall_seconds,
+            "wall_seconds": None,  # below, once the adapter is saved
             "train_seconds": self.train_seconds,
+            "eval_seconds": eval_seconds,
             "examples_per_second": self.examples_seen / secs,
             "tokens_per_second": tokens / secs,
             "classes": list(self.labels),
@@ -444,6 +457,7 @@ class Trainer:
         }
         tensors = s.adapter_state(self.adapter_names)
         out.call(self.save_result, tensors)
+        results["wall_seconds"] = time.perf_counter() - started
         out.write_json("results.json", results)
         out.log(
             {
@@ -455,7 +469,8 @@ class Trainer:
         )
         out.call(finish_report, out.dir, out.print)  # report.md and plots/; a failure there is only a warning
         out.print(
-            f"done in {wall_seconds:.1f}s: train {results['train_accuracy'] * 100:.2f}%, validation "
+            f"done in {results['wall_seconds']:.1f}s (training {self.train_seconds:.1f}s, final evaluation "
+            f"{eval_seconds:.1f}s): train {results['train_accuracy'] * 100:.2f}%, validation "
             f"{results['val_accuracy'] * 100:.2f}%, test {results['test_accuracy'] * 100:.2f}% accuracy; "
             f"{results['examples_per_second']:.1f} examples/s; results in {out.dir}"
         )
@@ -469,7 +484,7 @@ def run(cfg: Config) -> dict | None:
     ok = False
     try:
         trainer.setup()
-        results = trainer.finish(time.perf_counter() - start) if trainer.train() else None
+        results = trainer.finish(start) if trainer.train() else None
         ok = True
         return results
     finally:

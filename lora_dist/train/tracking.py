@@ -79,6 +79,23 @@ class Progress:
             text = f"epoch {epoch + 1}/{epochs} step {step}/{total} loss {loss:.4f} {ex_per_s:.1f} ex/s"
             print(text, file=self.stream, flush=True)
 
+    def task(self, what: str, total: int) -> Callable[[], None]:
+        """Progress through a long task of `total` batches (the final evaluation): call the result once a batch.
+        A bar on a terminal; on a file or pipe a plain line at each quarter."""
+        self.clear()
+        if self.tty:
+            self.bar = tqdm(total=total, file=self.stream, desc=what, unit="batch", dynamic_ncols=True, leave=False)
+            return lambda: self.bar.update(1) if self.bar is not None else None
+        done = 0
+
+        def tick() -> None:
+            nonlocal done
+            done += 1
+            if 4 * done // max(total, 1) > 4 * (done - 1) // max(total, 1):
+                print(f"{what}: {min(done, total)}/{total} batches", file=self.stream, flush=True)
+
+        return tick
+
     def clear(self) -> None:
         """Take the bar off the screen before other output (it comes back at the next update)."""
         if self.bar is not None:
@@ -108,6 +125,9 @@ class RunOutput:
 
     def progress(self, **kw) -> None:
         self.progress_bar.update(**kw)
+
+    def task(self, what: str, total: int) -> Callable[[], None]:
+        return self.progress_bar.task(what, total)
 
     # -- metrics
     def add_sink(self, sink: MetricSink) -> None:

@@ -137,8 +137,9 @@ def open_wandb(cfg, run_dir: Path, info: dict, say=print) -> WandbSink | None:
             resume="allow",
             dir=str(run_dir),
         )
-        if "WANDB_INIT_TIMEOUT" not in os.environ:
-            kwargs["settings"] = wandb.Settings(init_timeout=INIT_TIMEOUT_S)
+        # quiet: W&B says where the run goes when it starts, but prints no 30-line history and summary at the end
+        settings = {"quiet": True} | ({} if "WANDB_INIT_TIMEOUT" in os.environ else {"init_timeout": INIT_TIMEOUT_S})
+        kwargs["settings"] = wandb.Settings(**settings)
     except Exception as e:  # noqa: BLE001
         say(f"warning: W&B could not start ({_line(e)}); training continues without W&B")
         return None
@@ -224,7 +225,8 @@ class WandbSink:
                 description=f"{sub}/: {tensors} + {desc} (lora-dist adapter info describes it)",
             )
             with _data_dir(self.dir / "wandb"):  # wandb copies the files to stage them: keep that copy in the run
-                artifact.add_dir(str(folder))
+                for f in sorted(folder.iterdir()):  # add_dir would print a line of its own
+                    artifact.add_file(str(f), name=f.name)
             self.run.log_artifact(artifact)
 
     def _fail(self, e: Exception) -> None:
