@@ -51,8 +51,9 @@ def begin(staging: Path) -> None:
 def commit(
     staging: Path, *, adapter: dict, optimizer: dict | None, rng_states: list[dict], meta: dict, keep: int
 ) -> Path:
-    """Rank 0: write the files, then state.json with their hashes, fsync, rename into place, prune."""
-    save_file({k: v.detach().cpu().contiguous() for k, v in adapter.items()}, str(staging / "adapter.safetensors"))
+    """Rank 0: write the files, then state.json with their hashes, fsync, rename into place, prune. Files
+    already in `staging` (DeepSpeed's shards, a sweep's adapters) are hashed with the rest."""
+    opt_meta = write_trainable(staging, adapter, optimizer)
     py_np = []
     torch_rng: dict[str, torch.Tensor] = {}
     for r, st in enumerate(rng_states):
@@ -61,10 +62,6 @@ def commit(
         for i, t in enumerate(st["cuda"]):
             torch_rng[f"rank{r}.cuda{i}"] = t
     save_file(torch_rng, str(staging / "rng.safetensors"))
-    opt_meta = None
-    if optimizer is not None:
-        tensors, opt_meta = _flatten_optimizer(optimizer)
-        save_file(tensors, str(staging / "optimizer.safetensors"))
     files = sorted(p for p in staging.rglob("*") if p.is_file())
     hashes = {str(p.relative_to(staging)): sha256(p) for p in files}
     state = dict(meta, optimizer=opt_meta, rng=py_np, files=hashes)
@@ -79,6 +76,18 @@ def commit(
     _fsync_dir(final.parent)
     prune(final.parent, keep)
     return final
+
+
+def write_trainable(directory: Path, adapter: dict, optimizer: dict | None) -> dict | None:
+    """adapter.safetensors and, given an optimizer state, optimizer.safetensors in `directory`; returns the
+    optimizer state's other values (for state.json), or None."""
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().cpu().contiguous() for k, v in adapter.items()}, str(directory / "adapter.safetensors"))
+    if optimizer is None:
+        return None
+    tensors, meta = _flatten_optimizer(optimizer)
+    save_file(tensors, str(directory / "optimizer.safetensors"))
+    return meta
 
 
 def prune(ckpt_dir: Path, keep: int) -> None:

@@ -111,6 +111,10 @@ class Local:
         self.optimizer.zero_grad(set_to_none=True)
         return float(norm)
 
+    def sync_grads(self, params: list[torch.Tensor]) -> None:
+        """Average the gradients of `params` over the ranks, in one all-reduce: a sweep's adapters, whose model
+        no DDP wraps (`train/sweep.py`). Nothing to do on one process."""
+
     def comm_bytes(self) -> int | None:
         """Gradient bytes all-reduced since the last call."""
         out, self._comm_bytes = self._comm_bytes, 0
@@ -187,6 +191,17 @@ class DDP(Local):
         work = t.to(self.device) if self.backend == "nccl" else t.cpu()
         dist.all_reduce(work, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op])
         return work.to(dev)
+
+    def sync_grads(self, params: list[torch.Tensor]) -> None:
+        """As DDP's hook does it (divide, then sum), in one bucket; a missing gradient counts as zeros."""
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        flat = torch.cat([p.grad.reshape(-1) for p in params])  # type: ignore[union-attr]
+        self._comm_bytes += flat.numel() * flat.element_size()
+        flat = self.all_reduce(flat.div_(self.world_size))
+        for p, g in zip(params, flat.split([p.numel() for p in params]), strict=True):
+            p.grad.copy_(g.view_as(p))  # type: ignore[union-attr]
 
     def all_gather_object(self, obj) -> list:
         out = [None] * self.world_size
