@@ -155,8 +155,14 @@ class GroupedLoRALinear(nn.Module):
         runs = self.rows.segments(x.shape[0])
         if not any(i in self.adapters for i, _, _ in runs):
             return y
-        parts = [y[s:e] if i not in self.adapters else self.adapters[i](x[s:e], y[s:e]) for i, s, e in runs]
-        return torch.cat(parts)
+        if len(runs) == 1:  # one adapter's rows only
+            return self.adapters[runs[0][0]](x, y)
+        # One split each, not a slice per segment: a slice's backward writes a zero tensor of x's whole size,
+        # which for N adapters is N^2 work.
+        sizes = [e - s for _, s, e in runs]
+        xs, ys = x.split(sizes), y.split(sizes)
+        lora = self.adapters
+        return torch.cat([lora[i](xs[k], ys[k]) if i in lora else ys[k] for k, (i, _, _) in enumerate(runs)])
 
 
 class GroupedHeads(nn.Module):
@@ -169,7 +175,10 @@ class GroupedHeads(nn.Module):
         self.adapters: dict[int, nn.Module] = {}  # adapter number -> its head module
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        return [self.adapters[i](x[s:e]) for i, s, e in self.rows.by_row]
+        runs = self.rows.by_row
+        return [
+            self.adapters[i](part) for (i, _, _), part in zip(runs, x.split([e - s for _, s, e in runs]), strict=True)
+        ]
 
 
 def group_layers(model: nn.Module, rows: Rows) -> None:

@@ -252,6 +252,8 @@ class Sweep:
             a.strategy.synced()
             with a.rng:
                 norms.append(a.strategy.step(a.lr()))
+        if self.job.device.type == "cuda":  # the step's time is the GPU's (a run alone waits for its loss)
+            torch.cuda.synchronize(self.job.device)
         now = time.perf_counter()
         self.step += 1
         self.examples += sum(a.cfg.train.batch_size for a in runs)
@@ -299,14 +301,15 @@ class Sweep:
 
     def _record(self, runs: list[AdapterRun], seconds: float) -> None:
         rate = self.examples / max(self.seconds, 1e-9)
-        self.out.log(
-            {
-                "step": self.step,
-                "adapters": [a.plan.name for a in runs],
-                "step_seconds": seconds,
-                "examples_per_s": rate,  # summed over the adapters, since the start (or resume)
-            }
-        )
+        record = {
+            "step": self.step,
+            "adapters": [a.plan.name for a in runs],
+            "step_seconds": seconds,
+            "examples_per_s": rate,  # summed over the adapters, since the start (or resume)
+        }
+        if self.job.device.type == "cuda":
+            record["gpu_mem_gb"] = torch.cuda.max_memory_allocated(self.job.device) / 2**30
+        self.out.log(record)
         every = self.plan.cfg.tracking.log_every
         if self.step % every == 0 or not self.runs:
             counts = {s: self.status.count(s) for s in ("training", "done", "queued", "failed")}
