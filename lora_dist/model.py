@@ -99,9 +99,19 @@ class Packed:
     def __init__(self, lengths: torch.Tensor, width: int, blocks: list[tuple[int, int]] | None = None):
         self.lengths = lengths  # (B,) real tokens per row
         self.by_row = blocks is None  # every row alone, cut to its real tokens
-        self.blocks = blocks if blocks is not None else [(1, n) for n in lengths.tolist()]  # (rows, width) each
+        if blocks is None:
+            blocks = [(1, n) for n in lengths.tolist()]
+        else:  # neighbours of one width are one block: one attention call for them (the same rows either way)
+            merged: list[tuple[int, int]] = []
+            for r, w in blocks:
+                if merged and merged[-1][1] == w:
+                    merged[-1] = (merged[-1][0] + r, w)
+                else:
+                    merged.append((r, w))
+            blocks = merged
+        self.blocks = blocks  # (rows, width) each
         # (B,) tokens each row keeps
-        self.kept = lengths if blocks is None else torch.tensor([w for r, w in blocks for _ in range(r)]).to(lengths)
+        self.kept = lengths if self.by_row else torch.tensor([w for r, w in blocks for _ in range(r)]).to(lengths)
         self.sizes = [r * w for r, w in self.blocks]  # tokens per block
         self.real = torch.arange(width, device=lengths.device) < self.kept[:, None]  # (B, L)
         self.starts = torch.cumsum(self.kept, 0) - self.kept  # (B,) each row's first token in the packed layout
