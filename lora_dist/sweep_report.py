@@ -113,7 +113,7 @@ def render(sweep_dir: Path, entries: list[dict], plot: Path | None) -> str:
         "",
         f"{len(entries)} adapters ({done} done) over {model.get('name', '?')} ({model.get('weights', '?')} weights), "
         f"trained in one job. Sorted by validation accuracy of the saved adapter, then validation loss; "
-        f'"best" is the best evaluation while training.',
+        f'"best" is the best evaluation while training (on train.eval_batches batches).',
         "",
         "| # | adapter | settings | val acc | val loss | best val acc (epoch) | test acc | test macro F1 | test loss | steps | status |",
         "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---|",

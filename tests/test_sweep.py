@@ -278,3 +278,31 @@ def test_memory_an_adapter_takes_grows_with_its_batch_and_length(configs):
     act32 = cost(2, 32) - cost(1, 32)
     assert 2 * cost(1, 32) - cost(2, 32) == 4 * trained
     assert 1.8 < (cost(1, 64) - 4 * trained) / act32 < 2.2
+
+
+def test_wandb_one_run_per_adapter_grouped_by_the_sweep(configs, tmp_path):
+    """W&B users compare runs: each adapter is a W&B run of its own (its config, metrics, summary and adapter
+    artifact, as a lone run has), open side by side in one process, and the sweep is their group."""
+    pytest.importorskip("wandb")
+    from test_slurm import wandb_groups
+
+    out = tmp_path / "sweep-wandb"
+    proc = run_cli(
+        "sweep",
+        "--config",
+        str(configs[0]),
+        f"output_dir={out}",
+        "train.max_steps=3",
+        "train.eval_batches=1",
+        "tracking.wandb.mode=offline",
+        "sweep.grid={lora.rank: [4, 8]}",
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ids = set()
+    for name in ("rank4", "rank8"):
+        run = out / "adapters" / name
+        ids.add((run / "wandb_run_id").read_text().strip())
+        assert wandb_groups(run) == [out.name]
+        assert len(list((run / "wandb").glob("offline-run-*/*.wandb"))) == 1
+    assert len(ids) == 2

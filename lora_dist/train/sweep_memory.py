@@ -102,7 +102,8 @@ def check_memory(base: GPT2, plan: SweepPlan, data: list[AdapterData], job: Loca
     k = min(plan.sweep.max_concurrent or n, n)
     worst = sorted(costs, reverse=True)
     need = sum(worst[:k])
-    free = available_memory(job.device)
+    known = [f for f in job.all_gather_object(available_memory(job.device)) if f is not None]
+    free = min(known) if known else None  # the tightest rank's: every rank decides alike
     gib = 2**30
     say(
         f"memory: {min(costs) / 2**20:.0f}-{max(costs) / 2**20:.0f} MiB per adapter in training (activations of its "
