@@ -64,6 +64,39 @@ def test_harness_smoke(tmp_path):
     assert "| (a) lora-dist, defaults |" in proc.stdout
 
 
+@pytest.mark.slow
+def test_sweep_throughput_harness(tmp_path):
+    """bench/sweep_throughput.py end to end on the tiny model: both sides measured for each N, the results file."""
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "bench/sweep_throughput.py",
+            "--counts",
+            "1,2",
+            "--steps",
+            "4",
+            "--warmup",
+            "1",
+            "--messages",
+            "120",
+        ]
+        + ["--threads", "1", "--out", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=cli_env(),
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (path,) = tmp_path.glob("sweep-throughput-tiny-*.json")
+    doc = json.loads(path.read_text())
+    assert [r["adapters"] for r in doc["results"]] == [1, 2]
+    for r in doc["results"]:
+        assert r["sweep"]["steps"] == 3 and r["sequential"]["steps"] == 3 * r["adapters"]
+        assert r["speedup"] == pytest.approx(r["sweep_examples_per_s"] / r["sequential_examples_per_s"])
+    assert "| 2 |" in proc.stdout and doc["command"].startswith("python bench/sweep_throughput.py")
+
+
 # The stand-in for `python` in the GPU check's dry run: it records every command, checks each against the
 # real parsers (the config and its overrides through load_config, bench flags through train_throughput's
 # argparse and the contender table), and writes what the real program would write; heredocs (`python -`)
