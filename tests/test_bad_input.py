@@ -185,92 +185,50 @@ CASES = [
         ["serve", "--adapters", "spam={d}", "--token-file", "{d}/empty.txt"],
         "is empty",
     ),
-    ("sweep-empty-grid", _sweep("  grid: {}\n"), SWEEP, "sweep.grid is empty"),
-    ("sweep-grid-key-without-values", _sweep("  grid: {lora.rank: []}\n"), SWEEP, "sweep.grid lora.rank has no values"),
-    ("sweep-no-adapters", _sweep("  adapters: []\n"), SWEEP, "the sweep has no adapters (N = 0)"),
-    ("sweep-empty-section", _sweep("  {}\n"), SWEEP, "the sweep has no adapters (N = 0)"),
-    (
-        "sweep-base-changing-key",
-        _sweep("  grid: {model.name: [tiny, gpt2-small]}\n"),
-        SWEEP,
+    ("no-command", None, [], "required"),
+    ("unknown-command", None, ["fly"], "invalid choice"),
+]
+# A sweep config (the smoke config and this sweep: section) and its one error line; (section, extra overrides).
+SWEEP_CASES = {
+    "sweep-empty-grid": ("grid: {}", "sweep.grid is empty"),
+    "sweep-grid-key-without-values": ("grid: {lora.rank: []}", "sweep.grid lora.rank has no values"),
+    "sweep-no-adapters": ("adapters: []", "the sweep has no adapters (N = 0)"),
+    "sweep-empty-section": ("{}", "the sweep has no adapters (N = 0)"),
+    "sweep-base-changing-key": (
+        "grid: {model.name: [tiny, gpt2-small]}",
         "sets model.name, which changes the frozen base",
     ),
-    (
-        "sweep-pooling",
-        _sweep("  adapters: [{model.pooling: last}]\n"),
-        SWEEP,
-        "sets model.pooling, which changes the frozen base",
-    ),
-    ("sweep-precision", _sweep("  grid: {train.precision: [bf16]}\n"), SWEEP, "sets train.precision, which changes"),
-    ("sweep-job-key", _sweep("  grid: {train.grad_accum: [1, 2]}\n"), SWEEP, "one setting for the whole sweep job"),
-    (
-        "sweep-duplicate-names",
-        _sweep("  adapters: [{name: a, lora.rank: 4}, {name: a, lora.rank: 8}]\n"),
-        SWEEP,
+    "sweep-pooling": ("adapters: [{model.pooling: last}]", "sets model.pooling, which changes the frozen base"),
+    "sweep-precision": ("grid: {train.precision: [bf16]}", "sets train.precision, which changes"),
+    "sweep-job-key": ("grid: {train.grad_accum: [1, 2]}", "one setting for the whole sweep job"),
+    "sweep-duplicate-names": (
+        "adapters: [{name: a, lora.rank: 4}, {name: a}]",
         "two adapters of the sweep are named 'a'",
     ),
-    (
-        "sweep-same-settings-twice",
-        _sweep("  grid: {lora.rank: [4]}\n  adapters: [{lora.rank: 4}]\n"),
-        SWEEP,
-        "named 'rank4'",
-    ),
-    ("sweep-bad-name", _sweep("  adapters: [{name: 'a b'}]\n"), SWEEP, "sweep adapter name 'a b' must be"),
-    (
-        "sweep-unknown-key",
-        _sweep("  adapters: [{name: a, lora.rnk: 4}]\n"),
-        SWEEP,
-        "sweep adapter 'a': unknown config key",
-    ),
-    ("sweep-bad-value", _sweep("  grid: {lora.rank: [0, 4]}\n"), SWEEP, "lora.rank must be > 0"),
-    ("sweep-adapter-not-a-mapping", _sweep("  adapters: [3]\n"), SWEEP, "sweep.adapters must be a mapping; got 3"),
-    ("sweep-grid-not-a-mapping", _sweep("  grid: [1, 2]\n"), SWEEP, "sweep.grid must be a mapping"),
-    (
-        "sweep-concurrent-0",
-        _sweep("  grid: {lora.rank: [4]}\n  max_concurrent: 0\n"),
-        SWEEP,
-        "sweep.max_concurrent must be >= 1",
-    ),
-    ("sweep-unknown-sweep-key", _sweep("  grids: {}\n"), SWEEP, "unknown config key 'sweep.grids'"),
-    (
-        "sweep-seed-over-a-random-base",
-        _sweep("  grid: {train.seed: [1, 2]}\n"),
-        SWEEP,
-        "with model.weights=random train.seed also draws the base",
-    ),
+    "sweep-same-settings-twice": ("grid: {lora.rank: [4]}\n  adapters: [{lora.rank: 4}]", "named 'rank4'"),
+    "sweep-bad-name": ("adapters: [{name: 'a b'}]", "sweep adapter name 'a b' must be"),
+    "sweep-unknown-key": ("adapters: [{name: a, lora.rnk: 4}]", "sweep adapter 'a': unknown config key"),
+    "sweep-bad-value": ("grid: {lora.rank: [0, 4]}", "lora.rank must be > 0"),
+    "sweep-adapter-not-a-mapping": ("adapters: [3]", "sweep.adapters must be a mapping; got 3"),
+    "sweep-grid-not-a-mapping": ("grid: [1, 2]", "sweep.grid must be a mapping"),
+    "sweep-concurrent-0": ("grid: {lora.rank: [4]}\n  max_concurrent: 0", "sweep.max_concurrent must be >= 1"),
+    "sweep-unknown-sweep-key": ("grids: {}", "unknown config key 'sweep.grids'"),
+    "sweep-seed-over-a-random-base": ("grid: {train.seed: [1, 2]}", "with model.weights=random train.seed also draws"),
+    "sweep-missing-data": ("adapters: [{name: a, data.source: nope.csv}]", "sweep adapter 'a': data file"),
+}
+CASES += [(name, _sweep(f"  {section}\n"), SWEEP, words) for name, (section, words) in SWEEP_CASES.items()]
+ONE_ADAPTER = _sweep("  grid: {lora.rank: [4]}\n")
+CASES += [
     (
         "sweep-deepspeed",
-        _sweep("  grid: {lora.rank: [4, 8]}\n"),
+        ONE_ADAPTER,
         [*SWEEP, "dist.strategy=deepspeed"],
         "a sweep cannot run with dist.strategy=deepspeed",
     ),
-    (
-        "sweep-model-dropout",
-        _sweep("  grid: {lora.rank: [4]}\n"),
-        [*SWEEP, "model.dropout=0.1"],
-        "model.dropout=0.1 drops",
-    ),
-    (
-        "sweep-missing-data",
-        _sweep("  adapters: [{name: a, data.source: nope.csv}]\n"),
-        SWEEP,
-        "sweep adapter 'a': data file",
-    ),
+    ("sweep-model-dropout", ONE_ADAPTER, [*SWEEP, "model.dropout=0.1"], "model.dropout=0.1 drops"),
     ("sweep-without-section", None, ["sweep", "--config", str(SMOKE)], "has no sweep: section"),
-    (
-        "train-a-sweep-config",
-        _sweep("  grid: {lora.rank: [4]}\n"),
-        ["train", "--config", "{d}/s.yaml"],
-        "lora-dist sweep",
-    ),
-    (
-        "params-a-sweep-config",
-        _sweep("  grid: {lora.rank: [4]}\n"),
-        ["params", "--config", "{d}/s.yaml"],
-        "lora-dist sweep",
-    ),
-    ("no-command", None, [], "required"),
-    ("unknown-command", None, ["fly"], "invalid choice"),
+    ("train-a-sweep-config", ONE_ADAPTER, ["train", "--config", "{d}/s.yaml"], "lora-dist sweep"),
+    ("params-a-sweep-config", ONE_ADAPTER, ["params", "--config", "{d}/s.yaml"], "lora-dist sweep"),
 ]
 if not torch.cuda.is_available():
     CASES.append(("train-cuda-without-a-gpu", None, [*TRAIN, "train.device=cuda"], "no CUDA device"))
