@@ -12,6 +12,8 @@ frozen base with its head (what `multi_lora` stacks many adapters over).
 
 from __future__ import annotations
 
+import copy
+import itertools
 import random
 from dataclasses import replace
 from pathlib import Path
@@ -57,15 +59,34 @@ def build_model(
     What it builds is a function of the config alone, the same on every rank: random base weights are drawn
     from `train.seed` (on `device`'s generator), and the head and the adapters from `train.seed` again, so
     they do not depend on how the base was made (read from a file, or drawn on the CPU or a GPU)."""
+    model = build_base(cfg, device)
+    return model, add_trainable(model, cfg, num_classes, trainable)
+
+
+def build_base(cfg: Config, device: str | torch.device | None = None) -> GPT2:
+    """The frozen GPT-2 that `model.*` names, still with its language-model head; random weights are drawn
+    from `train.seed`."""
     m = cfg.model
     seed_everything(cfg.train.seed)
-    model = load_gpt2(
+    return load_gpt2(
         m.name, m.weights, dropout=m.dropout, context_length=m.context_length, causal=m.causal_mask, device=device
     )
+
+
+def add_trainable(model: GPT2, cfg: Config, num_classes: int, trainable: str | None = None) -> list[str]:
+    """A fresh `num_classes` head and what is trained (`make_trainable`), drawn from `train.seed`; returns
+    the LoRA-wrapped layers."""
     torch.manual_seed(cfg.train.seed)
-    model.set_classifier(num_classes, m.pooling)
-    model.activation_checkpointing = m.activation_checkpointing
-    return model, make_trainable(model, cfg, trainable or cfg.train.trainable)
+    model.set_classifier(num_classes, cfg.model.pooling)
+    model.activation_checkpointing = cfg.model.activation_checkpointing
+    return make_trainable(model, cfg, trainable or cfg.train.trainable)
+
+
+def shared_copy(model: GPT2) -> GPT2:
+    """Another model object over the same tensors: no weight is copied. One frozen base under many heads and
+    adapters (a sweep's), each `add_trainable` on a copy of its own."""
+    same = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
+    return copy.deepcopy(model, same)
 
 
 def make_trainable(model: GPT2, cfg: Config, mode: str) -> list[str]:

@@ -1,8 +1,9 @@
-"""Command line: `lora-dist train|params|report|eval|classify|adapter|export|serve ...` (also `python -m lora_dist ...`).
+"""Command line: `lora-dist train|sweep|params|report|eval|classify|adapter|export|serve ...` (also `python -m lora_dist ...`).
 
 lora-dist train --config configs/smoke.yaml output_dir=runs/smoke
+lora-dist sweep --config configs/sweep-smoke.yaml output_dir=runs/sweep
 lora-dist params --config configs/gpt2-small-lora.yaml
-lora-dist report runs/smoke
+lora-dist report runs/smoke          # or a sweep: runs/sweep
 lora-dist eval runs/smoke --split test
 lora-dist classify --adapter runs/smoke "WINNER!! Claim your prize" "see you at 6"
 lora-dist adapter info runs/smoke
@@ -19,7 +20,7 @@ from dataclasses import replace
 
 import torch
 
-from . import adapter, export, report
+from . import adapter, export, report, sweep_report
 from .build import build_model, num_classes
 from .config import load_config
 from .data import prepare_splits, split_labels
@@ -28,6 +29,8 @@ from .infer import classify, evaluate
 from .lora import count_params
 from .serve import command as serve
 from .train.loop import run
+from .train.sweep import run as run_sweep
+from .train.sweep_config import load_sweep
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -37,6 +40,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     for name, text in (
         ("train", "fine-tune (under torchrun or deepspeed for several processes)"),
+        ("sweep", "train the adapters a config's sweep: section lists, in one job over one frozen base"),
         ("params", "print total and trainable parameter counts without training"),
     ):
         c = sub.add_parser(name, help=text)
@@ -45,7 +49,7 @@ def _parser() -> argparse.ArgumentParser:
     r = sub.add_parser(
         "report", help="write RUN_DIR/report.md and RUN_DIR/plots/ for a finished run, and print the report"
     )
-    r.add_argument("run_dir", help="a training run's output_dir, e.g. runs/smoke")
+    r.add_argument("run_dir", help="a training run's output_dir, e.g. runs/smoke, or a sweep's (its sweep.md)")
     e = sub.add_parser(
         "eval", help="re-evaluate a run's saved adapter on one of its splits or on your own labelled file"
     )
@@ -96,6 +100,9 @@ def _main(argv: list[str] | None) -> int:
     try:
         if args.command in ("report", "eval", "classify", "adapter", "export", "serve"):
             return _tool(args)
+        if args.command == "sweep":
+            run_sweep(load_sweep(args.config, args.overrides))
+            return 0
         cfg = load_config(args.config, args.overrides)
         if args.command == "params":
             return _params(cfg)
@@ -123,7 +130,8 @@ def _tool(args) -> int:
     if args.command == "export":
         return export.main(args.path, args.format, args.out, args.base)
     if args.command == "report":
-        path = report.write_report(args.run_dir)
+        write = sweep_report.write_report if sweep_report.is_sweep(args.run_dir) else report.write_report
+        path = write(args.run_dir)
         print(path.read_text(), end="")
         print(f"written: {path}", file=sys.stderr)
         return 0

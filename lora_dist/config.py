@@ -221,6 +221,19 @@ def _to_plain(obj):
 
 def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Config:
     """Read a YAML file (or start from defaults), apply `a.b=value` overrides, and validate."""
+    raw = read_raw(path, overrides)
+    if "sweep" in raw:
+        where = f"config file {path} has" if path else "the overrides give"
+        raise UserError(
+            f"{where} a sweep: section, which trains many adapters; run it with lora-dist sweep --config FILE "
+            f"(or remove the section to train one adapter)"
+        )
+    return build(Config, raw, "")
+
+
+def read_raw(path: str | Path | None, overrides: Sequence[str] = ()) -> dict:
+    """The YAML file as a plain mapping (or an empty one), with `a.b=value` overrides applied; not yet
+    checked against the config's types."""
     raw: dict = {}
     if path is not None:
         p = Path(path)
@@ -237,15 +250,16 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Confi
         if not isinstance(raw, dict):
             raise UserError(f"config file {p} must hold a mapping of keys to values, not {type(raw).__name__}")
     for item in overrides:
-        _apply_override(raw, item)
-    return build(Config, raw, "")
+        apply_override(raw, item)
+    return raw
 
 
 def _first_line(e: Exception) -> str:
     return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
-def _apply_override(raw: dict, item: str) -> None:
+def apply_override(raw: dict, item: str) -> None:
+    """Set `a.b=value` (the value read as YAML) in the plain mapping `raw`."""
     if "=" not in item:
         raise UserError(f"override {item!r} is not key=value; write e.g. train.epochs=3")
     key, value = item.split("=", 1)
@@ -279,6 +293,8 @@ def build(cls, raw: Any, prefix: str):
 
 def _coerce(tp, value, key: str):
     origin = typing.get_origin(tp)
+    if tp is Any:  # a value checked where it is used (a sweep's values, by the key they set)
+        return value
     if dataclasses.is_dataclass(tp):
         return build(tp, value if value is not None else {}, key + ".")
     if origin in (typing.Union, types.UnionType):
@@ -292,6 +308,11 @@ def _coerce(tp, value, key: str):
         if value not in allowed:
             raise UserError(f"{key} must be one of {', '.join(map(str, allowed))}; got {value!r}")
         return value
+    if origin is dict:
+        key_type, value_type = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise UserError(f"{key} must be a mapping; got {value!r}")
+        return {_coerce(key_type, k, key): _coerce(value_type, v, f"{key}.{k}") for k, v in value.items()}
     if origin is tuple:
         (elem, *_rest) = typing.get_args(tp)
         if isinstance(value, (str, int, float)):

@@ -81,7 +81,8 @@ def onednn_available(dtype: torch.dtype = torch.float32) -> bool:
 
 def _probe_onednn(dtype: torch.dtype) -> bool:
     """Whether the packed oneDNN linear ops exist for `dtype` and compute x @ W^T."""
-    w = torch.randn(4, 3).to(dtype)
+    # Its own generator, not the global one: a probe must not move the random stream (a run's dropout masks).
+    w = torch.randn(4, 3, generator=torch.Generator().manual_seed(0)).to(dtype)
     y = torch.ops.mkldnn._linear_pointwise(
         torch.ones(2, 3, dtype=dtype), torch.ops.mkldnn._reorder_linear_weight(w, None), None, "none", [], ""
     )

@@ -85,27 +85,45 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kw) -> torch.
 
 
 class Packed:
-    """A right-padded batch (B, L) laid end to end without its padding: N real tokens, row after row.
+    """A right-padded batch (B, L) laid end to end in blocks of rows, each block cut to its own width.
 
     Only attention needs rows; every other layer works token by token. So the blocks run on (N, C) and
-    attention runs row by row on each row's own tokens. A batch of SMS messages of mixed lengths, as a served
-    batch is, holds 2-4x more padding than text; packed, none of it is computed, and the matmuls run on one
-    large (N, C) block, where the CPU is fastest (bench/multi_adapter.py).
+    attention runs block by block. By default every row is a block of its own, cut to its real tokens: a
+    batch of SMS messages of mixed lengths, as a served batch is, holds 2-4x more padding than text; packed,
+    none of it is computed, and the matmuls run on one large (N, C) block, where the CPU is fastest
+    (bench/multi_adapter.py). With `blocks`, [(rows, width), ...] over consecutive rows, each block keeps its
+    rows at its width, padding and all: a sweep's batch is every adapter's own micro-batch side by side, and
+    each block computes what that micro-batch computes alone (`train/sweep.py`).
     """
 
-    def __init__(self, lengths: torch.Tensor, width: int):
+    def __init__(self, lengths: torch.Tensor, width: int, blocks: list[tuple[int, int]] | None = None):
         self.lengths = lengths  # (B,) real tokens per row
-        self.sizes = lengths.tolist()
-        self.real = torch.arange(width, device=lengths.device) < lengths[:, None]  # (B, L)
-        self.starts = torch.cumsum(lengths, 0) - lengths  # (B,) each row's first token in the packed layout
+        self.by_row = blocks is None  # every row alone, cut to its real tokens
+        if blocks is None:
+            blocks = [(1, n) for n in lengths.tolist()]
+        else:  # neighbours of one width are one block: one attention call for them (the same rows either way)
+            merged: list[tuple[int, int]] = []
+            for r, w in blocks:
+                if merged and merged[-1][1] == w:
+                    merged[-1] = (merged[-1][0] + r, w)
+                else:
+                    merged.append((r, w))
+            blocks = merged
+        self.blocks = blocks  # (rows, width) each
+        # (B,) tokens each row keeps
+        self.kept = lengths if self.by_row else torch.tensor([w for r, w in blocks for _ in range(r)]).to(lengths)
+        self.sizes = [r * w for r, w in self.blocks]  # tokens per block
+        self.real = torch.arange(width, device=lengths.device) < self.kept[:, None]  # (B, L)
+        self.starts = torch.cumsum(self.kept, 0) - self.kept  # (B,) each row's first token in the packed layout
 
     def pack(self, t: torch.Tensor) -> torch.Tensor:
-        """(B, L, ...) -> (N, ...): the real positions."""
+        """(B, L, ...) -> (N, ...): the kept positions."""
         return t[self.real]
 
-    def mean(self, t: torch.Tensor) -> torch.Tensor:
-        """(N, C) -> (B, C): each row's mean over its real tokens."""
-        return torch.stack([row.mean(dim=0) for row in t.split(self.sizes)])
+    def mean(self, t: torch.Tensor, every: bool = False) -> torch.Tensor:
+        """(N, C) -> (B, C): each row's mean over its real tokens (`every`: over every position it keeps)."""
+        counts = self.kept.tolist() if every else self.lengths.tolist()
+        return torch.stack([row[:n].mean(dim=0) for row, n in zip(t.split(self.kept.tolist()), counts, strict=True)])
 
 
 def packs(idx: torch.Tensor, last_index: torch.Tensor | None) -> bool:
@@ -159,20 +177,35 @@ class CausalSelfAttention(nn.Module):
 
     def _packed(self, x: torch.Tensor, last: torch.Tensor | None, packed: Packed) -> torch.Tensor:
         C, nh = x.shape[-1], self.n_heads
+        drop = self.drop_rate if self.training else 0.0
 
-        def rows(t: torch.Tensor) -> list[torch.Tensor]:
-            return [r.view(1, -1, nh, C // nh).transpose(1, 2) for r in t.split(packed.sizes)]  # (1, nh, L_i, hs)
+        def blocks(t: torch.Tensor) -> list[torch.Tensor]:
+            return [
+                b.view(r, w, nh, C // nh).transpose(1, 2)  # (rows, nh, width, hs)
+                for b, (r, w) in zip(t.split(packed.sizes), packed.blocks, strict=True)
+            ]
 
-        ks, vs = rows(self.key(x)), rows(self.value(x))
+        # query, key, value in this order, as the unpacked path: their adapters' dropout draws in the same order
         if last is None:
-            ys = [attention(q, k, v, is_causal=True) for q, k, v in zip(rows(self.query(x)), ks, vs, strict=True)]
+            qs, ks, vs = blocks(self.query(x)), blocks(self.key(x)), blocks(self.value(x))
+            ys = [attention(q, k, v, dropout_p=drop, is_causal=self.causal) for q, k, v in zip(qs, ks, vs, strict=True)]
             return self.out(torch.cat([y.transpose(1, 2).reshape(-1, C) for y in ys]))  # (N, C)
-        B = len(packed.sizes)
+        B = len(packed.kept)
         q = self.query(x[packed.starts + last]).view(B, 1, nh, C // nh).transpose(1, 2)  # (B, nh, 1, hs)
-        ys = [
-            attention(q[i : i + 1], k[:, :, : p + 1], v[:, :, : p + 1])  # the query sees its row up to itself
-            for i, (k, v, p) in enumerate(zip(ks, vs, last.tolist(), strict=True))
-        ]
+        ks, vs = blocks(self.key(x)), blocks(self.value(x))
+        if packed.by_row:  # each row alone, cut to its real tokens: the query sees its row up to itself
+            ys = [
+                attention(q[i : i + 1], k[:, :, : p + 1], v[:, :, : p + 1])
+                for i, (k, v, p) in enumerate(zip(ks, vs, last.tolist(), strict=True))
+            ]
+        else:  # a block of rows, as the unpacked path computes it
+            ys, first = [], 0
+            for k, v, (r, w) in zip(ks, vs, packed.blocks, strict=True):
+                visible = None
+                if self.causal:
+                    visible = (torch.arange(w, device=x.device) <= last[first : first + r, None]).view(r, 1, 1, w)
+                ys.append(attention(q[first : first + r], k, v, attn_mask=visible, dropout_p=drop))  # (r, nh, 1, hs)
+                first += r
         return self.out(torch.cat(ys).transpose(1, 2).reshape(B, 1, C))  # (B, 1, C)
 
 
@@ -274,17 +307,15 @@ class GPT2(nn.Module):
         x = self.final_norm(x)  # (B, T, C), or (B, 1, C) with last_index
         return x if last_index is None else x.squeeze(1)
 
-    def pooled(self, idx: torch.Tensor, last_index: torch.Tensor) -> torch.Tensor:
-        """(B, T) ids, (B,) last real positions -> (B, C): the hidden state the head reads (`pooling`)."""
+    def pooled(self, idx: torch.Tensor, last_index: torch.Tensor, packed: Packed | None = None) -> torch.Tensor:
+        """(B, T) ids, (B,) last real positions -> (B, C): the hidden state the head reads (`pooling`). `packed`
+        lays the batch out in blocks (a sweep's); by default a batch is packed row by row where that pays."""
         B, T = idx.shape
         # Packing drops the padding, so only where padding changes nothing: causal attention, read at real tokens.
-        packed = (
-            Packed(last_index + 1, T)
-            if self.cfg.causal and self.pooling in PADDING_FREE and packs(idx, last_index)
-            else None
-        )
-        if packed is not None and self.pooling == "mean":
-            return packed.mean(self.features(idx, packed=packed))
+        if packed is None and self.cfg.causal and self.pooling in PADDING_FREE and packs(idx, last_index):
+            packed = Packed(last_index + 1, T)
+        if packed is not None and self.pooling in ("mean", "mean_all"):
+            return packed.mean(self.features(idx, packed=packed), every=self.pooling == "mean_all")
         if self.pooling in ("mean", "mean_all"):
             x = self.features(idx)  # (B, T, C)
             if self.pooling == "mean_all":
@@ -293,12 +324,14 @@ class GPT2(nn.Module):
             return (x * real).sum(dim=1) / real.sum(dim=1)
         where = {
             "last_real": lambda: last_index,
-            "last": lambda: torch.full_like(last_index, T - 1),
+            "last": lambda: packed.kept - 1 if packed is not None else torch.full_like(last_index, T - 1),
             "first": lambda: torch.zeros_like(last_index),
         }[self.pooling]()
         return self.features(idx, where, packed)
 
-    def forward(self, idx: torch.Tensor, last_index: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, idx: torch.Tensor, last_index: torch.Tensor | None = None, packed: Packed | None = None
+    ) -> torch.Tensor:
         if last_index is None:
             return self.head(self.features(idx))  # (B, T, classes)
-        return self.head(self.pooled(idx, last_index))  # (B, classes)
+        return self.head(self.pooled(idx, last_index, packed))  # (B, classes)

@@ -9,6 +9,10 @@ segment of consecutive rows (or packed tokens) that share an adapter adds its up
 with that adapter's own rank. Callers order rows by adapter, so a batch has one segment per adapter in it.
 An adapter without this layer adds nothing. The classification heads are stacked the same way, padded to the
 largest label set, and gathered per row.
+
+Training many adapters at once (`lora-dist sweep`) takes the same path with autograd: `GroupedLoRALinear`
+runs the base matmul once and each adapter's own trainable LoRA layer over its segment, and `GroupedHeads`
+gives each adapter's rows its own head.
 """
 
 from __future__ import annotations
@@ -118,15 +122,91 @@ class MultiHead(nn.Module):
 def stack_adapters(model: nn.Module, adapters: list[dict[str, tuple]], heads: list[tuple], rows: Rows) -> int:
     """Wrap each Linear layer that any adapter targets; `adapters[i]` maps a layer name to (A, B, scale).
     Replace the head by the stacked heads. Returns the number of wrapped layers."""
-    names = sorted(
-        {name for a in adapters for name in a}, key=lambda n: [int(p) if p.isdigit() else p for p in n.split(".")]
-    )
-    for name in names:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, MultiLoRALinear(getattr(parent, child), rows, [a.get(name) for a in adapters]))
+    names = {name for a in adapters for name in a}
+    wrap(model, names, lambda name, linear: MultiLoRALinear(linear, rows, [a.get(name) for a in adapters]))
     model.head = MultiHead(rows, heads, next(model.parameters()).device)
     return len(names)
+
+
+def wrap(model: nn.Module, names, make) -> None:
+    """Replace each module named in `names` by `make(name, module)`, in the model's layer order."""
+    for name in sorted(names, key=lambda n: [int(p) if p.isdigit() else p for p in n.split(".")]):
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, make(name, getattr(parent, child)))
+
+
+# ------------------------------------------------------------------------------------------- training
+
+
+class GroupedLoRALinear(nn.Module):
+    """Training's grouped layer (a sweep's, `train/sweep.py`): base(x) once for the whole batch, then each
+    adapter's own trainable LoRA (its `lora.LoRALayer`) over its own segment of rows or packed tokens,
+    gradients and all. A segment computes what its adapter computes alone. The LoRA layers belong to each
+    adapter's own model (`attach`, `detach`); this layer only routes rows to them."""
+
+    def __init__(self, linear: nn.Module, rows: Rows):
+        super().__init__()
+        self.linear, self.rows = linear, rows
+        self.adapters: dict[int, nn.Module] = {}  # adapter number -> its LoRALayer (not a submodule here)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.linear(x)  # (N, out) packed tokens, or (B, 1, out) at the last positions: shared by every row
+        runs = self.rows.segments(x.shape[0])
+        if not any(i in self.adapters for i, _, _ in runs):
+            return y
+        if len(runs) == 1:  # one adapter's rows only
+            return self.adapters[runs[0][0]](x, y)
+        # One split each, not a slice per segment: a slice's backward writes a zero tensor of x's whole size,
+        # which for N adapters is N^2 work.
+        sizes = [e - s for _, s, e in runs]
+        xs, ys = x.split(sizes), y.split(sizes)
+        lora = self.adapters
+        return torch.cat([lora[i](xs[k], ys[k]) if i in lora else ys[k] for k, (i, _, _) in enumerate(runs)])
+
+
+class GroupedHeads(nn.Module):
+    """Each adapter's own head (with its LoRA, if any) over its rows: (B, C) -> one (rows_i, labels_i) logits
+    tensor per run of rows, in batch order (adapters may have different label sets)."""
+
+    def __init__(self, rows: Rows):
+        super().__init__()
+        self.rows = rows
+        self.adapters: dict[int, nn.Module] = {}  # adapter number -> its head module
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        runs = self.rows.by_row
+        return [
+            self.adapters[i](part) for (i, _, _), part in zip(runs, x.split([e - s for _, s, e in runs]), strict=True)
+        ]
+
+
+def group_layers(model: nn.Module, rows: Rows) -> None:
+    """Make `model` (a frozen base with its classification head, e.g. `build.shared_copy`'s) train many
+    adapters at once: every Linear layer of its blocks becomes a `GroupedLoRALinear`, its head `GroupedHeads`.
+    Adapters join with `attach` and leave with `detach`."""
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.startswith("blocks.")]
+    wrap(model, names, lambda name, linear: GroupedLoRALinear(linear, rows))
+    model.head = GroupedHeads(rows)
+
+
+def attach(model: nn.Module, number: int, adapter: nn.Module, layers: list[str]) -> None:
+    """Route adapter `number`'s rows through its own LoRA layers (`layers`, as `lora.inject_lora` named them in
+    its model `adapter`) and its own head."""
+    for name in layers:
+        if name != "head":
+            layer = model.get_submodule(name)
+            assert isinstance(layer, GroupedLoRALinear)
+            layer.adapters[number] = adapter.get_submodule(name + ".lora")
+    heads = model.get_submodule("head")
+    assert isinstance(heads, GroupedHeads)
+    heads.adapters[number] = adapter.get_submodule("head")
+
+
+def detach(model: nn.Module, number: int) -> None:
+    for m in model.modules():
+        if isinstance(m, (GroupedLoRALinear, GroupedHeads)):
+            m.adapters.pop(number, None)
 
 
 def adapter_bytes(model: nn.Module) -> int:

@@ -9,7 +9,7 @@ Figures are drawn with matplotlib's object API (no pyplot), so no display is eve
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -67,6 +67,24 @@ def plot_values(
     ax2 = ax1.twiny()
     ax2.plot(examples_seen, train_values, alpha=0)  # invisible: only aligns the examples-seen ticks
     ax2.set_xlabel("Examples seen")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_curves(
+    curves: Mapping[str, tuple[Sequence[float], Sequence[float]]], xlabel: str, ylabel: str, path: Path
+) -> Path:
+    """Named curves in one figure, one line each (a sweep's validation loss, one line per adapter)."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6, 3.6), dpi=150)
+    ax = fig.add_subplot()
+    for name, (x, y) in curves.items():
+        ax.plot(x, y, marker="o" if len(x) < 10 else None, markersize=3, label=name)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if len(curves) <= 20:
+        ax.legend(fontsize="small")
     fig.tight_layout()
     return _save(fig, path)
 

@@ -67,11 +67,11 @@ def render(run_dir: Path, results: dict, plots: Sequence[Path] = ()) -> str:
             s = scores(confusion[split], classes)
             m = s["macro"]
             lines.append(
-                f"| {split} | {s['count']:,} | {_pct(acc)} | {_pct(m['precision'])} | {_pct(m['recall'])} "
-                f"| {_pct(m['f1'])} | {_num(loss, 4)} |"
+                f"| {split} | {s['count']:,} | {pct(acc)} | {pct(m['precision'])} | {pct(m['recall'])} "
+                f"| {pct(m['f1'])} | {num(loss, 4)} |"
             )
         else:
-            lines.append(f"| {split} | | {_pct(acc)} | | | | {_num(loss, 4)} |")
+            lines.append(f"| {split} | | {pct(acc)} | | | | {num(loss, 4)} |")
     if "test" in confusion:
         lines += [
             "",
@@ -81,9 +81,7 @@ def render(run_dir: Path, results: dict, plots: Sequence[Path] = ()) -> str:
             "|---|---:|---:|---:|---:|",
         ]
         for name, v in scores(confusion["test"], classes)["per_class"].items():
-            lines.append(
-                f"| {name} | {v['support']:,} | {_pct(v['precision'])} | {_pct(v['recall'])} | {_pct(v['f1'])} |"
-            )
+            lines.append(f"| {name} | {v['support']:,} | {pct(v['precision'])} | {pct(v['recall'])} | {pct(v['f1'])} |")
     if confusion:
         lines += ["", "## Confusion matrices (rows: true class, columns: predicted class)"]
         for split, _ in SPLITS:
@@ -107,8 +105,8 @@ def render(run_dir: Path, results: dict, plots: Sequence[Path] = ()) -> str:
         "",
         "| | count |",
         "|---|---:|",
-        f"| total (base model) | {_int(total)} |",
-        f"| trainable | {_int(trainable)}{share} |",
+        f"| total (base model) | {as_int(total)} |",
+        f"| trainable | {as_int(trainable)}{share} |",
     ]
     lines += [
         "",
@@ -116,14 +114,14 @@ def render(run_dir: Path, results: dict, plots: Sequence[Path] = ()) -> str:
         "",
         "| | value |",
         "|---|---:|",
-        f"| wall time (the whole run: setup, training, evaluations, checkpoints) | {_num(results.get('wall_seconds'), 1)} s |",
-        f"| training time (the optimizer steps) | {_num(results.get('train_seconds'), 1)} s |",
-        f"| final evaluation (every split) | {_num(results.get('eval_seconds'), 1)} s |",
-        f"| steps | {_int(results.get('steps'))} |",
-        f"| epochs | {_int(results.get('epochs'))} |",
-        f"| examples seen | {_int(results.get('examples_seen'))} |",
-        f"| examples per second | {_num(results.get('examples_per_second'), 1)} |",
-        f"| tokens per second | {_num(results.get('tokens_per_second'), 1)} |",
+        f"| wall time (the whole run: setup, training, evaluations, checkpoints) | {num(results.get('wall_seconds'), 1)} s |",
+        f"| training time (the optimizer steps) | {num(results.get('train_seconds'), 1)} s |",
+        f"| final evaluation (every split) | {num(results.get('eval_seconds'), 1)} s |",
+        f"| steps | {as_int(results.get('steps'))} |",
+        f"| epochs | {as_int(results.get('epochs'))} |",
+        f"| examples seen | {as_int(results.get('examples_seen'))} |",
+        f"| examples per second | {num(results.get('examples_per_second'), 1)} |",
+        f"| tokens per second | {num(results.get('tokens_per_second'), 1)} |",
     ]
     if plots:
         lines += ["", "## Plots", ""]
@@ -175,13 +173,13 @@ def _header(run_dir: Path, results: dict) -> list[str]:
     return out
 
 
-def _pct(x) -> str:
+def pct(x) -> str:
     return "" if x is None else f"{x * 100:.2f}%"
 
 
-def _num(x, digits: int) -> str:
+def num(x, digits: int) -> str:
     return "" if x is None else f"{x:,.{digits}f}"
 
 
-def _int(x) -> str:
+def as_int(x) -> str:
     return "" if x is None else f"{int(x):,}"

@@ -1,6 +1,7 @@
 # Shared by the sbatch templates in this folder (sourced, not run). Each function is one step:
 #
 #   lora_setup CONFIG [k=v]  checks the allocation and the config at once, sets the run's variables
+#                            (COMMAND: train, the default, or sweep: what lora-dist runs)
 #   lora_head_address        the first node's address, from `scontrol show node` (NodeAddr)
 #   lora_launch ARGS...      one launcher per node through srun; checkpoint + requeue on USR1
 #
@@ -20,6 +21,8 @@ lora_setup() {
   trap '_lora_forward TERM' TERM
   [[ -n ${SLURM_JOB_ID:-} ]] || lora_die "run this with sbatch, not bash"
   [[ -n $config ]] || lora_die "no config given: sbatch $0 configs/NAME.yaml [key=value ...]"
+  COMMAND=${COMMAND:-train}
+  [[ $COMMAND == train || $COMMAND == sweep ]] || lora_die "COMMAND=$COMMAND: use train (the default) or sweep"
   [[ -f $config ]] || lora_die "config file not found: $config (relative paths are from $PWD)"
   [[ -f launcher/launch.py ]] || lora_die "launcher/launch.py not found in $PWD: submit from the repository root, or pass --chdir=REPO"
   command -v "$PYTHON" > /dev/null || lora_die "python not found ($PYTHON): edit slurm/site.sh (modules, virtualenv or container)"
@@ -43,7 +46,7 @@ lora_setup() {
   # and all its workers) would be bound to one CPU on sites with task/affinity or cgroups.
   [[ -z ${SLURM_CPUS_PER_TASK:-} ]] || export SRUN_CPUS_PER_TASK=$SLURM_CPUS_PER_TASK
   lora_log "job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $SLURM_JOB_NODELIST:" \
-    "$SLURM_NNODES node(s) x $NPROC_PER_NODE worker(s), config $config, W&B group $WANDB_RUN_GROUP"
+    "$SLURM_NNODES node(s) x $NPROC_PER_NODE worker(s), lora-dist $COMMAND, config $config, W&B group $WANDB_RUN_GROUP"
 }
 
 lora_head_address() {

@@ -81,6 +81,15 @@ def _bad_json_results(d):
     (d / "run" / "results.json").write_text("{oops")
 
 
+def _sweep(section: str):
+    """A maker of `s.yaml`: the smoke config with this sweep: section."""
+
+    def make(d):
+        (d / "s.yaml").write_text(SMOKE.read_text() + "sweep:\n" + section)
+
+    return make
+
+
 def _nul_label(d):
     (d / "nul.csv").write_bytes(
         b"text,label\n" + b"".join(b"hi %d,ham\nwin %d,spam\n" % (i, i) for i in range(9)) + b"buy,spam\x00\n"
@@ -121,6 +130,7 @@ def _peft_pickle_only(d):
 
 
 TRAIN = ["train", "--config", str(SMOKE), "output_dir={d}/out"]
+SWEEP = ["sweep", "--config", "{d}/s.yaml", "output_dir={d}/out"]
 CLASSIFY = ["classify", "--adapter", "{d}/a", "win a prize " * 400]
 SERVE = ["serve", "--adapters", "spam={d}"]  # 1,200 tokens: longer than tiny's context
 
@@ -282,6 +292,48 @@ CASES = [
     ),
     ("no-command", None, [], "required"),
     ("unknown-command", None, ["fly"], "invalid choice"),
+]
+# A sweep config (the smoke config and this sweep: section) and its one error line; (section, extra overrides).
+SWEEP_CASES = {
+    "sweep-empty-grid": ("grid: {}", "sweep.grid is empty"),
+    "sweep-grid-key-without-values": ("grid: {lora.rank: []}", "sweep.grid lora.rank has no values"),
+    "sweep-no-adapters": ("adapters: []", "the sweep has no adapters (N = 0)"),
+    "sweep-empty-section": ("{}", "the sweep has no adapters (N = 0)"),
+    "sweep-base-changing-key": (
+        "grid: {model.name: [tiny, gpt2-small]}",
+        "sets model.name, which changes the frozen base",
+    ),
+    "sweep-pooling": ("adapters: [{model.pooling: last}]", "sets model.pooling, which changes the frozen base"),
+    "sweep-precision": ("grid: {train.precision: [bf16]}", "sets train.precision, which changes"),
+    "sweep-job-key": ("grid: {train.grad_accum: [1, 2]}", "one setting for the whole sweep job"),
+    "sweep-duplicate-names": (
+        "adapters: [{name: a, lora.rank: 4}, {name: a}]",
+        "two adapters of the sweep are named 'a'",
+    ),
+    "sweep-same-settings-twice": ("grid: {lora.rank: [4]}\n  adapters: [{lora.rank: 4}]", "named 'rank4'"),
+    "sweep-bad-name": ("adapters: [{name: 'a b'}]", "sweep adapter name 'a b' must be"),
+    "sweep-unknown-key": ("adapters: [{name: a, lora.rnk: 4}]", "sweep adapter 'a': unknown config key"),
+    "sweep-bad-value": ("grid: {lora.rank: [0, 4]}", "lora.rank must be > 0"),
+    "sweep-adapter-not-a-mapping": ("adapters: [3]", "sweep.adapters must be a mapping; got 3"),
+    "sweep-grid-not-a-mapping": ("grid: [1, 2]", "sweep.grid must be a mapping"),
+    "sweep-concurrent-0": ("grid: {lora.rank: [4]}\n  max_concurrent: 0", "sweep.max_concurrent must be >= 1"),
+    "sweep-unknown-sweep-key": ("grids: {}", "unknown config key 'sweep.grids'"),
+    "sweep-seed-over-a-random-base": ("grid: {train.seed: [1, 2]}", "with model.weights=random train.seed also draws"),
+    "sweep-missing-data": ("adapters: [{name: a, data.source: nope.csv}]", "sweep adapter 'a': data file"),
+}
+CASES += [(name, _sweep(f"  {section}\n"), SWEEP, words) for name, (section, words) in SWEEP_CASES.items()]
+ONE_ADAPTER = _sweep("  grid: {lora.rank: [4]}\n")
+CASES += [
+    (
+        "sweep-deepspeed",
+        ONE_ADAPTER,
+        [*SWEEP, "dist.strategy=deepspeed"],
+        "a sweep cannot run with dist.strategy=deepspeed",
+    ),
+    ("sweep-model-dropout", ONE_ADAPTER, [*SWEEP, "model.dropout=0.1"], "model.dropout=0.1 drops"),
+    ("sweep-without-section", None, ["sweep", "--config", str(SMOKE)], "has no sweep: section"),
+    ("train-a-sweep-config", ONE_ADAPTER, ["train", "--config", "{d}/s.yaml"], "lora-dist sweep"),
+    ("params-a-sweep-config", ONE_ADAPTER, ["params", "--config", "{d}/s.yaml"], "lora-dist sweep"),
 ]
 if not torch.cuda.is_available():
     CASES.append(("train-cuda-without-a-gpu", None, [*TRAIN, "train.device=cuda"], "no CUDA device"))

@@ -23,38 +23,28 @@ def test_flop_count_and_limit():
     assert step_flops(small, 16, [30] * 8, 120) > 4 * step_flops(small, 16, [30] * 8)
 
 
+def bench(script: str, *args: str, timeout: float) -> subprocess.CompletedProcess:
+    """`python bench/SCRIPT ARGS` from the repository root, as a user runs it; it must succeed."""
+    proc = subprocess.run(
+        [sys.executable, f"bench/{script}", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=cli_env(),
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
 @pytest.mark.slow
 def test_harness_smoke(tmp_path):
     import peft  # noqa: F401  (a dev extra, which contender c needs)
 
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "bench/train_throughput.py",
-            "--model",
-            "tiny",
-            "--contenders",
-            "a,c",
-            "--batches",
-            "2",
-            "--passes",
-            "1",
-            "--steps",
-            "1",
-            "--warmup",
-            "1",
-            "--probe-seconds",
-            "0.05",
-            "--out",
-            str(tmp_path),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=cli_env(),
+    quick = ("--batches", "2", "--passes", "1", "--steps", "1", "--warmup", "1", "--probe-seconds", "0.05")
+    proc = bench(
+        "train_throughput.py", "--model", "tiny", "--contenders", "a,c", *quick, "--out", str(tmp_path), timeout=120
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
     (path,) = tmp_path.glob("*.json")
     doc = json.loads(path.read_text())
     for name in ("a", "c"):
@@ -63,6 +53,20 @@ def test_harness_smoke(tmp_path):
         assert r["examples_per_s"] > 0 and r["peak_rss_mb"] > 0 and r["model_flops_per_step"] > 0
     assert "a/c examples_per_s" in doc["ratios"] and doc["command"].startswith("python bench/train_throughput.py")
     assert "| (a) lora-dist, defaults |" in proc.stdout
+
+
+@pytest.mark.slow
+def test_sweep_throughput_harness(tmp_path):
+    """bench/sweep_throughput.py end to end on the tiny model: both sides measured for each N, the results file."""
+    quick = ("--counts", "1,2", "--steps", "4", "--warmup", "1", "--messages", "120", "--threads", "1")
+    proc = bench("sweep_throughput.py", *quick, "--out", str(tmp_path), timeout=600)
+    (path,) = tmp_path.glob("sweep-throughput-tiny-*.json")
+    doc = json.loads(path.read_text())
+    assert [r["adapters"] for r in doc["results"]] == [1, 2]
+    for r in doc["results"]:
+        assert r["sweep"]["steps"] == 3 and r["sequential"]["steps"] == 3 * r["adapters"]
+        assert r["speedup"] == pytest.approx(r["sweep_examples_per_s"] / r["sequential_examples_per_s"])
+    assert "| 2 |" in proc.stdout and doc["command"].startswith("python bench/sweep_throughput.py")
 
 
 # The stand-in for `python` in the GPU check's dry run: it records every command, checks each against the

@@ -231,3 +231,34 @@ def test_padding_that_matters_is_never_packed(pooling, causal):
     with torch.inference_mode():
         model(batch.ids, batch.last)
     assert seen == [(2, 3, 128)]
+
+
+@pytest.mark.parametrize("blocks", [[(3, 7), (1, 5), (2, 11)], [(2, 6), (3, 6), (1, 4)]], ids=["widths", "one-width"])
+@pytest.mark.parametrize("pooling", ["last_real", "last", "first", "mean", "mean_all"])
+@pytest.mark.parametrize("causal", [True, False])
+def test_a_batch_in_blocks_computes_what_each_block_computes_alone(pooling, causal, blocks):
+    """A sweep's batch (model.Packed with blocks): micro-batches of several widths side by side, each block
+    keeping its own padding (neighbours of one width run as one block); logits and gradients equal each
+    micro-batch's own forward and backward."""
+    from dataclasses import replace
+
+    import torch.nn.functional as F
+
+    from lora_dist.model import GPT2, Packed
+
+    torch.manual_seed(0)
+    model = GPT2(replace(SIZES["tiny"], causal=causal))
+    model.set_classifier(2, pooling)
+    parts = [torch.randint(0, 50000, (r, w)) for r, w in blocks]
+    lasts = [torch.tensor([w - 1] + [w // 2] * (r - 1)) for r, w in blocks]  # padded rows and full ones
+    width = max(w for _, w in blocks)
+    ids = torch.cat([F.pad(p, (0, width - p.shape[1]), value=7) for p in parts])  # what lies past a block is never read
+    last = torch.cat(lasts)
+    got = model(ids, last, Packed(last + 1, width, blocks))
+    got.sum().backward()
+    grad = model.head.weight.grad.clone()
+    model.zero_grad()
+    want = torch.cat([model(p, q) for p, q in zip(parts, lasts, strict=True)])
+    want.sum().backward()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad, model.head.weight.grad, rtol=1e-5, atol=1e-5)

@@ -93,3 +93,35 @@ def test_bad_names_and_unknown_adapters(adapters, multi):
         multi.predict(["hi"], ["nope"])
     with pytest.raises(UserError, match="2 messages but 1 adapter"):
         multi.predict(["a", "b"], ["spam"])
+
+
+def test_grouped_training_layer_gives_each_adapter_its_own_output_and_gradients():
+    """GroupedLoRALinear: the base once over every row, each adapter's own LoRALayer (trainable) over its segment:
+    outputs and LoRA gradients equal each adapter's layer run alone on its rows, an adapter without the layer
+    gets the base's output."""
+    from lora_dist.frozen_linear import Linear
+    from lora_dist.lora import LinearWithLoRA
+    from lora_dist.multi_lora import GroupedLoRALinear, Rows
+
+    torch.manual_seed(0)
+    base = Linear(16, 12).requires_grad_(False)
+    alone = [LinearWithLoRA(base, rank, 0.5) for rank in (2, 8)]
+    for layer in alone:
+        torch.nn.init.normal_(layer.lora.B)
+    x = torch.randn(9, 16)
+    rows = Rows().set(torch.tensor([0] * 4 + [2] * 2 + [1] * 3))  # adapter 2 has no LoRA on this layer
+    grouped = GroupedLoRALinear(base, rows)
+    grouped.adapters |= {0: alone[0].lora, 1: alone[1].lora}
+    grouped(x).pow(2).sum().backward()
+    got = [(a.lora.A.grad.clone(), a.lora.B.grad.clone()) for a in alone]
+    for a in alone:
+        a.zero_grad()
+    with torch.no_grad():
+        out = grouped(x)
+        torch.testing.assert_close(out[4:6], base(x[4:6]))
+    (alone[0](x[:4]).pow(2).sum() + alone[1](x[6:]).pow(2).sum()).backward()
+    torch.testing.assert_close(out[:4], alone[0](x[:4]).detach())
+    torch.testing.assert_close(out[6:], alone[1](x[6:]).detach())
+    for (ga, gb), a in zip(got, alone, strict=True):
+        torch.testing.assert_close(ga, a.lora.A.grad)
+        torch.testing.assert_close(gb, a.lora.B.grad)

@@ -52,8 +52,9 @@ class Cluster:
     def run(self, *cmd: str, check: bool = True) -> subprocess.CompletedProcess:
         return subprocess.run(cmd, env=self.env, capture_output=True, text=True, check=check, timeout=60)
 
-    def submit(self, template: str, *args: str, sbatch: tuple[str, ...] = ()) -> Job:
-        """sbatch slurm/TEMPLATE ARGS from the repository root; the log goes to the test's folder."""
+    def submit(self, template: str, *args: str, sbatch: tuple[str, ...] = (), env: dict | None = None) -> Job:
+        """sbatch slurm/TEMPLATE ARGS from the repository root (`env` added to the environment sbatch passes on);
+        the log goes to the test's folder."""
         cmd = [
             "sbatch",
             "--parsable",
@@ -63,7 +64,7 @@ class Cluster:
             f"slurm/{template}",
             *args,
         ]
-        p = subprocess.run(cmd, env=self.env, capture_output=True, text=True, timeout=60)
+        p = subprocess.run(cmd, env={**self.env, **(env or {})}, capture_output=True, text=True, timeout=60)
         assert p.returncode == 0, f"sbatch failed: {p.stderr}"
         return Job(self, int(p.stdout.strip().split(";")[0]))
 
@@ -232,6 +233,43 @@ def test_usr1_checkpoints_requeues_and_resumes_to_the_same_result(cluster, singl
     # Both runs of the job, before and after the requeue, are in the W&B group named after the job.
     if importlib.util.find_spec("wandb") is not None:
         assert wandb_groups(out) == [str(job.id)] * 2
+
+
+def test_a_sweep_runs_from_a_template(cluster):
+    """COMMAND=sweep: lora-dist sweep under the single-node template's torchrun, 2 workers, 2 adapters."""
+    out = run_dir(cluster, "sweep")
+    job = cluster.submit(
+        "single_node.sbatch",
+        "configs/sweep/smoke.yaml",
+        f"output_dir={out}",
+        "train.epochs=1",
+        "train.max_steps=20",
+        "sweep.grid={lora.rank: [4, 8]}",
+        "sweep.adapters=[]",
+        sbatch=("--gpus-per-node=2",),
+        env={"COMMAND": "sweep"},
+    )
+    info = job.wait()
+    assert info["JobState"] == "COMPLETED", f"{info['JobState']}\n{job.log_text()}"
+    assert "2 worker(s), lora-dist sweep, config configs/sweep/smoke.yaml" in job.log_text()
+    entries = json.loads((out / "sweep.json").read_text())["adapters"]
+    assert sorted(e["name"] for e in entries) == ["rank4", "rank8"] and {e["status"] for e in entries} == {"done"}
+    for e in entries:
+        assert json.loads((Path(e["run_dir"]) / "results.json").read_text())["world_size"] == 2
+
+
+@pytest.mark.parametrize(
+    "template, command, message",
+    [
+        ("single_node.sbatch", "serve", "COMMAND=serve: use train (the default) or sweep"),
+        ("deepspeed.sbatch", "sweep", "a sweep does not run under DeepSpeed"),
+    ],
+    ids=["unknown-command", "sweep-under-deepspeed"],
+)
+def test_bad_command_fails_at_once(cluster, template, command, message):
+    job = cluster.submit(template, SMOKE, sbatch=("--gpus-per-node=1",), env={"COMMAND": command})
+    info = job.wait(timeout=120)
+    assert info["JobState"] == "FAILED" and message in job.log_text(), job.log_text()
 
 
 def run_seconds(text: str) -> int:

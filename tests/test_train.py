@@ -4,6 +4,7 @@ import json
 
 import pandas as pd
 import pytest
+import torch
 import yaml
 from conftest import SMOKE, read_metrics, run_cli
 from safetensors.torch import load_file
@@ -134,3 +135,19 @@ def test_precision_auto_trains_in_what_the_hardware_runs_natively(smoke_run, tmp
         # The tolerance is not measured (no native-bf16 CPU here): the mean loss of the last 10 steps within
         # 0.05 of fp32's, where the loss falls from 0.74 to 0.46 over these 40 steps (fp32, seed 123).
         assert abs(sum(steps[-10:]) / 10 - sum(fp32[-10:]) / 10) <= 0.05, (steps[-10:], fp32[-10:])
+
+
+def test_reading_the_data_draws_nothing_from_the_global_generator():
+    """The loaders' iterators draw from their own generators: a run resumed inside an epoch (a new iterator
+    there) draws the same dropout masks as one that never stopped."""
+    from lora_dist.data import build_datasets, prepare_splits, split_labels
+    from lora_dist.train.loaders import eval_loader, make_loaders
+
+    cfg = load_config(SMOKE)
+    splits = prepare_splits(cfg.data, say=lambda *_: None)
+    datasets, length = build_datasets(splits, cfg.data, 256, split_labels(splits, cfg.data))
+    loaders = make_loaders(datasets, length, cfg.data, 8, 1, 1, 0, seed=123)
+    before = torch.get_rng_state()
+    next(iter(loaders.train))
+    next(iter(eval_loader(loaders, "validation", 8, 1, 0)))
+    assert torch.equal(torch.get_rng_state(), before)

@@ -53,21 +53,19 @@ def begin(staging: Path) -> None:
 def commit(
     staging: Path, *, adapter: dict, optimizer: dict | None, rng_states: list[dict], meta: dict, keep: int
 ) -> Path:
-    """Rank 0: write the files, then state.json with their hashes, fsync, rename into place, prune. A write that
-    fails (a full disk) removes the staging directory and is one UserError; earlier checkpoints stay as they were."""
+    """Rank 0: write the files, then state.json with their hashes, fsync, rename into place, prune. Files
+    already in `staging` (DeepSpeed's shards, a sweep's adapters) are hashed with the rest. A write that fails (a
+    full disk) removes the staging directory and is one UserError; earlier checkpoints stay as they were."""
     py_np = []
-    tensors = {"adapter": {k: v.detach().cpu().contiguous() for k, v in adapter.items()}, "rng": {}}
+    rng: dict[str, torch.Tensor] = {}
     for r, st in enumerate(rng_states):
         py_np.append({"python": st["python"], "numpy": st["numpy"]})
-        tensors["rng"][f"rank{r}.torch"] = st["torch"]
+        rng[f"rank{r}.torch"] = st["torch"]
         for i, t in enumerate(st["cuda"]):
-            tensors["rng"][f"rank{r}.cuda{i}"] = t
-    opt_meta = None
-    if optimizer is not None:
-        tensors["optimizer"], opt_meta = _flatten_optimizer(optimizer)
+            rng[f"rank{r}.cuda{i}"] = t
     try:
-        for name, part in tensors.items():
-            save_file(part, str(staging / f"{name}.safetensors"))
+        opt_meta = write_trainable(staging, adapter, optimizer)
+        save_file(rng, str(staging / "rng.safetensors"))
         files = sorted(p for p in staging.rglob("*") if p.is_file())
         hashes = {str(p.relative_to(staging)): sha256(p) for p in files}
         state = dict(meta, optimizer=opt_meta, rng=py_np, files=hashes)
@@ -77,7 +75,10 @@ def commit(
                 _fsync(p)
     except WRITE_ERRORS as e:
         shutil.rmtree(staging, ignore_errors=True)
-        needed = sum(t.nbytes for part in tensors.values() for t in part.values())
+        optimizer_tensors = [
+            v for st in (optimizer or {}).get("state", {}).values() for v in st.values() if torch.is_tensor(v)
+        ]
+        needed = sum(t.nbytes for t in [*adapter.values(), *rng.values(), *optimizer_tensors])
         fix = "earlier checkpoints are intact: free some space, then resume with train.resume=auto"
         raise write_error(staging.parent, needed, e, f"checkpoint {staging.name.removeprefix('.tmp-')}", fix) from e
     final = staging.parent / staging.name.removeprefix(".tmp-")
@@ -87,6 +88,18 @@ def commit(
     _fsync_dir(final.parent)
     prune(final.parent, keep)
     return final
+
+
+def write_trainable(directory: Path, adapter: dict, optimizer: dict | None) -> dict | None:
+    """adapter.safetensors and, given an optimizer state, optimizer.safetensors in `directory`; returns the
+    optimizer state's other values (for state.json), or None."""
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().cpu().contiguous() for k, v in adapter.items()}, str(directory / "adapter.safetensors"))
+    if optimizer is None:
+        return None
+    tensors, meta = _flatten_optimizer(optimizer)
+    save_file(tensors, str(directory / "optimizer.safetensors"))
+    return meta
 
 
 def prune(ckpt_dir: Path, keep: int) -> None:

@@ -145,6 +145,7 @@ def make_loaders(
         num_workers=num_workers,
         pin_memory=pin_memory,
         persistent_workers=num_workers > 0,
+        generator=own_generator(seed),
     )
     return Loaders(loader, sampler, datasets, collate, length)
 
@@ -154,4 +155,13 @@ def eval_loader(
 ) -> DataLoader:
     ds = loaders.datasets[split_name]
     sampler = ShardedEvalSampler(len(ds), world, rank, limit)
-    return DataLoader(ds, batch_size=batch_size, sampler=sampler, collate_fn=loaders.collate)
+    return DataLoader(
+        ds, batch_size=batch_size, sampler=sampler, collate_fn=loaders.collate, generator=own_generator(0)
+    )
+
+
+def own_generator(seed: int) -> torch.Generator:
+    """A loader's own generator: each iterator draws its workers' base seed from it, not from the global one,
+    so reading data never moves the random stream that dropout draws from (and a run resumed in the middle
+    of an epoch, which starts a new iterator there, draws the same masks as one never stopped)."""
+    return torch.Generator().manual_seed(seed)

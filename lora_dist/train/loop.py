@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import signal
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -20,11 +21,11 @@ import torch.nn.functional as F
 from .. import adapter as adapters
 from ..build import build_model, num_classes, seed_everything
 from ..config import Config
-from ..data import build_datasets, fingerprint, pad_multiple, prepare_splits, split_labels, write_splits
+from ..data import Batch, build_datasets, fingerprint, pad_multiple, prepare_splits, split_labels, write_splits
 from ..device import DistEnv, pick_device
 from ..errors import UserError
 from ..lora import adapter_state_dict, count_params
-from ..model import PADDING_FREE
+from ..model import GPT2, PADDING_FREE
 from ..report import finish_report
 from . import checkpoint as ckpt
 from .deepspeed_strategy import DeepSpeed
@@ -70,14 +71,22 @@ class StopRequested:
             signal.signal(sig, handler)
 
 
+# Where a run stands: what a checkpoint records and a resumed run takes up again.
+PROGRESS = ("step", "epoch", "step_in_epoch", "examples_seen", "tokens_seen", "train_seconds")
+
+
 class Trainer:
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, strategy: Local | None = None):
+        """`strategy`: the backend (default: the one `dist.strategy` names); a sweep gives each adapter a view of
+        its own (`train/sweep.py`)."""
         self.cfg = cfg
         env = DistEnv.from_environ()
         run_dir = Path(cfg.output_dir)
         self.out = RunOutput(run_dir, cfg.tracking.log_every) if env.rank == 0 else NullOutput(run_dir)
-        self.strategy = make_strategy(cfg, env)
+        self.strategy = strategy or make_strategy(cfg, env)
         self.rank, self.world = self.strategy.rank, self.strategy.world_size
+        self.checkpoints = ckpt.checkpoints_dir(run_dir)
+        self.checkpointed_at = -1  # the step of the last checkpoint this process wrote
 
     # ------------------------------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -96,12 +105,12 @@ class Trainer:
 
         splits = prepare_splits(cfg.data, say=out.print)
         self.labels = split_labels(splits, cfg.data)
-        self.data_sha256 = fingerprint(splits)
         self.num_classes = num_classes(cfg, self.labels)
         out.call(write_splits, splits, out.path("splits"))
+        self.data_sha256 = fingerprint(splits)
         # Built on the GPU it trains on: no slow CPU initialisation of weights that are overwritten anyway.
         self.build_device = s.device if s.device.type == "cuda" else torch.device("cpu")
-        model, self.lora_modules = build_model(cfg, self.num_classes, device=self.build_device)
+        model, self.lora_modules = self.build()
         self.total_params, self.trainable_params = count_params(model)
         self.adapter_names = list(adapter_state_dict(model))
         datasets, self.length = build_datasets(splits, cfg.data, model.cfg.context_length, self.labels)
@@ -163,6 +172,10 @@ class Trainer:
         self.stepped = False
         self._resume()
 
+    def build(self) -> tuple[GPT2, list[str]]:
+        """The model to train, and the names of its LoRA layers."""
+        return build_model(self.cfg, self.num_classes, device=self.build_device)
+
     def _trained_text(self) -> str:
         cfg = self.cfg
         if cfg.train.trainable != "lora":
@@ -174,19 +187,14 @@ class Trainer:
         if found is None:
             return
         path, state = found
-        self._check_resumable(path, state)
         if state.get("world_size") != self.world and self.strategy.name == "deepspeed":
             raise UserError(
                 f"checkpoint {path} was written by {state.get('world_size')} DeepSpeed ranks, not {self.world}; "
                 f"resume with the same world size"
             )
-        self.strategy.load_adapter(ckpt.load_tensors(path, "adapter.safetensors"), source=str(path))
-        if state.get("optimizer") is not None:
-            self.strategy.load_optimizer_state(ckpt.optimizer_state(path, state["optimizer"]))
-        self.strategy.load_sharded(path)
+        self._check_resumable(path, state)
+        self.restore(path, state)
         ckpt.restore_rng(path, state, self.rank, self.world, say=self.out.print)
-        for k in ("step", "epoch", "step_in_epoch", "examples_seen", "tokens_seen", "train_seconds"):
-            setattr(self, k, state[k])
         self.out.print(
             f"resumed from {path} (step {self.step}, epoch {self.epoch + 1}, {self.step_in_epoch} steps into it)"
         )
@@ -214,67 +222,102 @@ class Trainer:
                 f"train.max_steps to continue it, or start over with overwrite=true"
             )
 
+    def restore(self, path: Path, state: dict) -> None:
+        """The trained tensors, the optimizer's state and the place in the data, as checkpoint `path` (with its
+        `state.json` read into `state`) holds them."""
+        self.strategy.load_adapter(ckpt.load_tensors(path, "adapter.safetensors"), source=str(path))
+        if state.get("optimizer") is not None:
+            self.strategy.load_optimizer_state(ckpt.optimizer_state(path, state["optimizer"]))
+        self.strategy.load_sharded(path)
+        for k in PROGRESS:
+            setattr(self, k, state[k])
+
     # ------------------------------------------------------------------------------------------ train
     def train(self) -> bool:
         """Run until done (True) or until a stop signal was honoured (False)."""
-        cfg, s, out = self.cfg, self.strategy, self.out
-        t = cfg.train
+        s = self.strategy
         stop = StopRequested()
-        model = s.model
-        model.train()
+        s.model.train()
         try:
-            while self.epoch < t.epochs and self.step < self.total_steps:
-                sampler = self.loaders.sampler
-                sampler.set_epoch(self.epoch)
-                sampler.start_step = self.step_in_epoch
-                window = torch.zeros(4, dtype=torch.float64)  # loss sum, batches, stop flag, non-finite flag
-                loss_sum = torch.zeros((), device=s.device)
-                tick = time.perf_counter()
-                for i, batch in enumerate(self.loaders.train):
-                    boundary = (i + 1) % t.grad_accum == 0
-                    lr = lr_at(self.step, t.lr, self.total_steps, t.schedule, t.warmup_steps)
-                    loss, grad_norm = s.train_micro(batch.to(s.device), boundary, lr)
-                    loss_sum += loss
-                    window[1] += 1
-                    self.tokens_seen += batch.tokens
-                    if grad_norm is None:  # inside an accumulation
-                        continue
-                    self.step += 1
-                    self.step_in_epoch += 1
-                    self.examples_seen += t.batch_size
-                    window[0] = loss_sum.item()
-                    loss_sum.zero_()
-                    window[2] = 1.0 if stop.signal is not None else 0.0
-                    window[3] = 0.0 if math.isfinite(window[0]) else 1.0
-                    reduced = s.all_reduce(window.clone())
-                    now = time.perf_counter()
-                    self.train_seconds += now - tick
-                    if reduced[3] > 0:
-                        raise UserError(
-                            f"the loss became NaN/inf at step {self.step}; the last good checkpoint is kept in "
-                            f"{ckpt.checkpoints_dir(out.dir)}; lower train.lr, set train.max_grad_norm, or use fp32/bf16"
-                        )
-                    loss_value = float(reduced[0] / reduced[1])
-                    self._after_step(loss_value, grad_norm, now - tick)
-                    window.zero_()
-                    if reduced[2] > 0:
-                        self.save_checkpoint()
-                        out.print(
-                            f"stop signal received: checkpoint saved at step {self.step}; exiting (resume with train.resume=auto)"
-                        )
-                        return False
-                    if self.step >= self.total_steps:
-                        break
-                    tick = time.perf_counter()
-                if self.step_in_epoch >= self.steps_per_epoch:
-                    self.epoch += 1
-                    self.step_in_epoch = 0
-                    self._epoch_end()
-                    self.save_checkpoint()
-                elif self.step >= self.total_steps:  # max_steps inside an epoch
-                    self.save_checkpoint()
+            for batch, boundary in self.micro_batches():
+                loss, grad_norm = s.train_micro(batch.to(s.device), boundary, self.lr())  # a CUDA graph where it can
+                self.count(loss, batch)
+                if grad_norm is not None and not self.end_step(grad_norm, stop.signal is not None):
+                    self.out.print(
+                        f"stop signal received: checkpoint saved at step {self.step}; exiting (resume with train.resume=auto)"
+                    )
+                    return False
         finally:
             stop.restore()
+        return True
+
+    def done(self) -> bool:
+        return self.epoch >= self.cfg.train.epochs or self.step >= self.total_steps
+
+    def lr(self) -> float:
+        """The learning rate of the next optimizer step."""
+        t = self.cfg.train
+        return lr_at(self.step, t.lr, self.total_steps, t.schedule, t.warmup_steps)
+
+    def micro_batches(self) -> Iterator[tuple[Batch, bool]]:
+        """The training micro-batches from where the run stands to its end, each with whether it ends an
+        optimizer step (the accumulation boundary). The caller runs them through the model and calls `count`
+        for each, and `end_step` after each optimizer step: `train` above, or a sweep, which runs the
+        micro-batches of many runs as one batch."""
+        t = self.cfg.train
+        while not self.done():
+            if self.step_in_epoch >= self.steps_per_epoch:  # an older checkpoint, of an epoch's last step
+                self._next_epoch()
+                continue
+            sampler = self.loaders.sampler
+            sampler.set_epoch(self.epoch)
+            sampler.start_step = self.step_in_epoch
+            self.window = torch.zeros(4, dtype=torch.float64)  # loss sum, batches, stop flag, non-finite flag
+            self.loss_sum = torch.zeros((), device=self.strategy.device)
+            self.tick = time.perf_counter()
+            for i, batch in enumerate(self.loaders.train):
+                yield batch, (i + 1) % t.grad_accum == 0
+                if self.done():
+                    return
+
+    def count(self, loss: torch.Tensor, batch: Batch) -> None:
+        """One micro-batch's loss and tokens, toward its step's record."""
+        self.loss_sum += loss.detach()
+        self.window[1] += 1
+        self.tokens_seen += batch.tokens
+
+    def end_step(self, grad_norm: float, stop: bool, now: float | None = None) -> bool:
+        """After an optimizer step: count and log it (evaluating and checkpointing when due), and end the epoch
+        where it is over. False when a stop signal (`stop` on any rank) ends the run here, checkpointed.
+        `now`: when the step ended (default: now)."""
+        t = self.cfg.train
+        self.step += 1
+        self.step_in_epoch += 1
+        self.examples_seen += t.batch_size
+        window = self.window
+        window[0] = self.loss_sum.item()
+        self.loss_sum.zero_()
+        window[2] = 1.0 if stop else 0.0
+        window[3] = 0.0 if math.isfinite(window[0]) else 1.0
+        reduced = self.strategy.all_reduce(window.clone())
+        now = time.perf_counter() if now is None else now
+        self.train_seconds += now - self.tick
+        if reduced[3] > 0:
+            raise UserError(
+                f"the loss became NaN/inf at step {self.step}; the last good checkpoint is kept in "
+                f"{self.checkpoints}; lower train.lr, set train.max_grad_norm, or use fp32/bf16"
+            )
+        self._after_step(float(reduced[0] / reduced[1]), grad_norm, now - self.tick)
+        window.zero_()
+        if self.step_in_epoch >= self.steps_per_epoch:
+            self._next_epoch()
+        elif self.step >= self.total_steps:  # max_steps inside an epoch
+            self.save_checkpoint()
+        self.tick = time.perf_counter()
+        if reduced[2] > 0:
+            if self.checkpointed_at != self.step:
+                self.save_checkpoint()
+            return False
         return True
 
     def _after_step(self, loss: float, grad_norm: float, seconds: float) -> None:
@@ -313,6 +356,12 @@ class Trainer:
         )
         if t.checkpoint_every and self.step % t.checkpoint_every == 0 and self.step_in_epoch < self.steps_per_epoch:
             self.save_checkpoint()
+
+    def _next_epoch(self) -> None:
+        self.epoch += 1
+        self.step_in_epoch = 0
+        self._epoch_end()
+        self.save_checkpoint()
 
     def _epoch_end(self) -> None:
         limit = self.cfg.train.eval_batches * self.cfg.train.batch_size
@@ -376,6 +425,7 @@ class Trainer:
     # ------------------------------------------------------------------------------------ checkpoints
     def save_checkpoint(self) -> None:
         s, out = self.strategy, self.out
+        self.checkpointed_at = self.step
         staging = ckpt.staging_dir(out.dir, self.step)
         out.call(ckpt.begin, staging)
         rng = s.all_gather_object(ckpt.rng_state())
@@ -383,31 +433,29 @@ class Trainer:
         s.save_sharded(staging)
         adapter = s.adapter_state(self.adapter_names)
         optimizer = s.optimizer_state()
-        meta = {
-            "step": self.step,
-            "epoch": self.epoch,
-            "step_in_epoch": self.step_in_epoch,
-            "examples_seen": self.examples_seen,
-            "tokens_seen": self.tokens_seen,
-            "train_seconds": self.train_seconds,
-            "world_size": self.world,
-            "strategy": s.name,
-            "config": self.cfg.to_dict(),
-            "config_digest": self.cfg.digest(),
-            "data_sha256": self.data_sha256,
-        }
         path = out.call(
             ckpt.commit,
             staging,
             adapter=adapter,
             optimizer=optimizer,
             rng_states=rng,
-            meta=meta,
+            meta=self.progress(),
             keep=self.cfg.train.keep_checkpoints,
         )
         s.barrier()
         if path is not None:
             out.log({"event": "checkpoint", "step": self.step, "path": str(path)})
+
+    def progress(self) -> dict:
+        """Where the run stands, with its config: what a checkpoint's state.json holds beside its files."""
+        return {
+            **{k: getattr(self, k) for k in PROGRESS},
+            "world_size": self.world,
+            "strategy": self.strategy.name,
+            "config": self.cfg.to_dict(),
+            "config_digest": self.cfg.digest(),
+            "data_sha256": self.data_sha256,
+        }
 
     def save_result(self, tensors: dict[str, torch.Tensor]) -> None:
         """adapter/ (LoRA) or weights/ (trained layers), described so they can be used without the run."""

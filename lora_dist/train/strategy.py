@@ -12,7 +12,7 @@ state methods. Only trainable (adapter) tensors ever reach the optimizer or the 
 from __future__ import annotations
 
 import contextlib
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -33,6 +33,8 @@ from ..device import (
 from ..errors import UserError
 from ..lora import cast_frozen, load_adapter_state_dict
 from .graphs import GraphedStep, obstacle
+
+M = TypeVar("M", bound=nn.Module)
 
 
 class Local:
@@ -95,7 +97,7 @@ class Local:
         self.model = self.place(model)
         self.optimizer = self._adamw(self.trainable())
 
-    def place(self, model: nn.Module) -> nn.Module:
+    def place(self, model: M) -> M:
         """The model on this rank's device. On a GPU under bf16/fp16 autocast, the frozen Linear weights are
         stored in that dtype once (autocast would round them to it at every use anyway: the same numbers,
         half the memory, no casts); adapters, head, norms, embeddings and optimizer state stay fp32. The CPU
@@ -154,6 +156,10 @@ class Local:
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         return float(norm)
+
+    def sync_grads(self, params: list[torch.Tensor]) -> None:
+        """Average the gradients of `params` over the ranks, in one all-reduce: a sweep's adapters, whose model
+        no DDP wraps (`train/sweep.py`). Nothing to do on one process."""
 
     def comm_bytes(self) -> int | None:
         """Gradient bytes all-reduced since the last call."""
@@ -231,6 +237,17 @@ class DDP(Local):
         work = t.to(self.device) if self.backend == "nccl" else t.cpu()
         dist.all_reduce(work, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op])
         return work.to(dev)
+
+    def sync_grads(self, params: list[torch.Tensor]) -> None:
+        """As DDP's hook does it (divide, then sum), in one bucket; a missing gradient counts as zeros."""
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        flat = torch.cat([p.grad.reshape(-1) for p in params])  # type: ignore[union-attr]
+        self._comm_bytes += flat.numel() * flat.element_size()
+        flat = self.all_reduce(flat.div_(self.world_size))
+        for p, g in zip(params, flat.split([p.numel() for p in params]), strict=True):
+            p.grad.copy_(g.view_as(p))  # type: ignore[union-attr]
 
     def all_gather_object(self, obj) -> list:
         out = [None] * self.world_size

@@ -133,11 +133,11 @@ class RunOutput:
     def add_sink(self, sink: MetricSink) -> None:
         self.sinks.append(sink)
 
-    def start(self, cfg, info: dict) -> None:
-        """Once the model is built: the W&B run when configured (`wandb_sink.py`), then the start record
-        (info + git commit) to every sink."""
+    def start(self, cfg, info: dict, **wandb_args) -> None:
+        """Once the model is built: the W&B run when configured (`wandb_sink.py`; `wandb_args` go to
+        wandb.init), then the start record (info + git commit) to every sink."""
         info = {**info, **git_info()}
-        sink = open_wandb(cfg, self.dir, info, say=self.print)
+        sink = open_wandb(cfg, self.dir, info, say=self.print, **wandb_args)
         if sink is not None:
             self.add_sink(sink)
         self.log({"event": "start", **info})
@@ -171,6 +171,26 @@ class RunOutput:
             self.lock = None
 
 
+class AdapterOutput(RunOutput):
+    """Rank 0's output for one adapter of a sweep (`train/sweep.py`): its own run directory, metrics and W&B run
+    (one of several open at once), its lines on the console marked with its name, and no progress bar of its
+    own (the sweep shows one for all)."""
+
+    def __init__(self, run_dir: Path, name: str):
+        super().__init__(run_dir)
+        self.name = name
+
+    def print(self, *args: Any) -> None:
+        text = " ".join(map(str, args))
+        super().print("\n".join(f"[{self.name}] {line}" for line in text.splitlines()))
+
+    def progress(self, **kw) -> None:
+        pass
+
+    def start(self, cfg, info: dict, **wandb_args) -> None:
+        super().start(cfg, info, reinit="create_new", **wandb_args)
+
+
 class NullOutput:
     """What every rank but 0 gets: the same methods, no effects."""
 
@@ -186,9 +206,12 @@ class NullOutput:
         return lambda *a, **k: None
 
 
-def prepare_run_dir(run_dir: Path, overwrite: bool, resume: bool) -> int | None:
-    """Lock `run_dir` (`lock_run_dir`), then refuse to clobber a finished or started run unless told to
-    overwrite or resume (rank 0 only). Returns the lock's file descriptor, to be closed when the run ends.
+def prepare_run_dir(
+    run_dir: Path, overwrite: bool, resume: bool, names: tuple[str, ...] = RESULT_FILES, what: str = "a run"
+) -> int | None:
+    """Lock `run_dir` (`lock_run_dir`), then refuse to clobber a finished or started run (what its `names` make)
+    unless told to overwrite or resume (rank 0 only). Returns the lock's file descriptor, to be closed when the
+    run ends.
 
     A run that failed before its first step (missing weights, a bad data file) leaves only its start files
     (config.yaml, a metrics.jsonl without a step, splits/); they are no run, and its rerun replaces them."""
@@ -206,12 +229,12 @@ def prepare_run_dir(run_dir: Path, overwrite: bool, resume: bool) -> int | None:
         ) from e
     lock = lock_run_dir(run_dir)
     try:
-        if failed_start(run_dir):
+        if names == RESULT_FILES and failed_start(run_dir):
             _remove(run_dir, [n for n in RESULT_FILES if (run_dir / n).exists()])
-        found = [n for n in RESULT_FILES if (run_dir / n).exists()]
+        found = [n for n in names if (run_dir / n).exists()]
         if found and not (overwrite or resume):
             raise UserError(
-                f"output_dir {run_dir} already holds a run ({', '.join(found)}); pass train.resume=auto to continue "
+                f"output_dir {run_dir} already holds {what} ({', '.join(found)}); pass train.resume=auto to continue "
                 f"it, overwrite=true to replace it, or another output_dir=..."
             )
         if found and overwrite and not resume:

@@ -114,8 +114,9 @@ def summary_of(results: dict) -> dict:
     return out
 
 
-def open_wandb(cfg, run_dir: Path, info: dict, say=print) -> WandbSink | None:
-    """Start (or continue) the W&B run for this output_dir; None when W&B is disabled or cannot start."""
+def open_wandb(cfg, run_dir: Path, info: dict, say=print, **wandb_args) -> WandbSink | None:
+    """Start (or continue) the W&B run for this output_dir; None when W&B is disabled or cannot start.
+    `wandb_args` go to wandb.init (a sweep's adapters: reinit="create_new", one run each, open together)."""
     w = cfg.tracking.wandb
     mode, note = resolve_mode(w.mode)
     if note:
@@ -136,6 +137,7 @@ def open_wandb(cfg, run_dir: Path, info: dict, say=print) -> WandbSink | None:
             id=run_id(run_dir, cfg.train.resume != "never"),
             resume="allow",
             dir=str(run_dir),
+            **wandb_args,
         )
         # quiet: W&B says where the run goes when it starts, but prints no 30-line history and summary at the end
         settings = {"quiet": True} | ({} if "WANDB_INIT_TIMEOUT" in os.environ else {"init_timeout": INIT_TIMEOUT_S})
