@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import signal
 import subprocess
 
@@ -245,6 +246,32 @@ def test_exact_resume_after_sigkill(configs, long_queued, tmp_path):
     assert step >= 39  # att-dropout had trained: its optimizer, data order and dropout masks carry over
     for e in long_queued[1]:
         assert_same_runs(out / "adapters" / e["name"], long_queued[0] / "adapters" / e["name"], rtol=0.0)
+
+
+def test_a_sweep_reads_its_own_checkpoints_and_names_a_tampered_one(swept, tmp_path):
+    """The sweep's checkpoint passes the sweep's checks (not a training run's: it has no epoch); one whose
+    status or file hashes were edited is named and skipped."""
+    from lora_dist.errors import UserError
+    from lora_dist.train import checkpoint as ckpt
+
+    newest = sorted((swept[0] / "checkpoints").iterdir())[-1]
+    state = ckpt.verify(newest, kind="sweep")
+    assert set(state["status"]) == {e["name"] for e in swept[1]} and state["step"] > 0
+    with pytest.raises(UserError, match="epoch must be a whole number"):
+        ckpt.verify(newest, kind="train")
+    run = tmp_path / "run"
+    shutil.copytree(swept[0], run)
+    for key, value, why in [("status", {"r4": "finished"}, "status must give"), ("examples", -1, "examples must")]:
+        copy = tmp_path / key
+        shutil.copytree(newest, copy)
+        edited = json.loads((copy / "state.json").read_text()) | {key: value}
+        (copy / "state.json").write_text(json.dumps(edited))
+        with pytest.raises(UserError, match=why):
+            ckpt.verify(copy, kind="sweep")
+    (sorted((run / "checkpoints").iterdir())[-1] / "rng.safetensors").write_bytes(b"x")
+    said = []
+    path, _ = ckpt.resolve("auto", run, say=said.append, kind="sweep")
+    assert path.name < newest.name and "does not match its sha256" in said[0], said
 
 
 def test_more_adapters_at_once_than_fit_is_refused_before_training(configs, tmp_path, capsys, monkeypatch):

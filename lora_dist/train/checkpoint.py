@@ -113,16 +113,16 @@ def _candidates(ckpt_dir: Path) -> list[Path]:
     return sorted(p for p in ckpt_dir.iterdir() if p.is_dir() and p.name.startswith("step-"))
 
 
-def verify(path: Path) -> dict:
-    """The checkpoint's state.json if it is one training wrote and every file matches its hash; else UserError
-    naming what is wrong."""
+def verify(path: Path, kind: str = "train") -> dict:
+    """The checkpoint's state.json if it is one a run of this kind ("train" or "sweep") wrote and every file
+    matches its hash; else UserError naming what is wrong."""
     sf = path / STATE
     try:
         state = json.loads(sf.read_text())
         files = state["files"]
     except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:
         raise UserError(f"checkpoint {path} is corrupt or incomplete ({STATE}: {type(e).__name__})") from e
-    why = _state_problem(state, path)
+    why = _state_problem(state, path, kind)
     if why:
         raise UserError(f"checkpoint {path} is corrupt ({STATE}: {why})")
     for rel, digest in files.items():
@@ -134,11 +134,13 @@ def verify(path: Path) -> dict:
     return state
 
 
-COUNTS = ("step", "epoch", "step_in_epoch", "examples_seen", "tokens_seen")
+# The whole-number counts and the seconds each kind of run writes: a training run's, a sweep's (train/sweep_state.py).
+COUNTS = {"train": ("step", "epoch", "step_in_epoch", "examples_seen", "tokens_seen"), "sweep": ("step", "examples")}
+SECONDS = {"train": "train_seconds", "sweep": "seconds"}
 
 
-def _state_problem(state, path: Path) -> str | None:
-    """What in a checkpoint's state.json no training run writes, or None: counts that are not whole numbers
+def _state_problem(state, path: Path, kind: str) -> str | None:
+    """What in a checkpoint's state.json no run of this kind writes, or None: counts that are not whole numbers
     >= 0, a file named outside the checkpoint, random states that do not restore."""
     files = state.get("files")
     if not isinstance(files, dict) or not {"adapter.safetensors", "rng.safetensors"} <= set(files):
@@ -146,18 +148,22 @@ def _state_problem(state, path: Path) -> str | None:
     for rel, digest in files.items():
         if not _inside(path, rel) or not (isinstance(digest, str) and re.fullmatch("[0-9a-f]{64}", digest)):
             return f"files names {rel!r:.80}, which is not a file inside the checkpoint with a sha256"
-    for k in COUNTS:
+    for k in COUNTS[kind]:
         v = state.get(k)
         if not (isinstance(v, int) and not isinstance(v, bool) and v >= 0):
             return f"{k} must be a whole number >= 0, not {v!r:.40}"
-    if state["step_in_epoch"] > state["step"] or state["epoch"] > state["step"]:
+    if kind == "train" and (state["step_in_epoch"] > state["step"] or state["epoch"] > state["step"]):
         return f"step_in_epoch {state['step_in_epoch']} and epoch {state['epoch']} cannot exceed step {state['step']}"
+    if kind == "sweep":
+        why = _sweep_problem(state)
+        if why:
+            return why
     digest = state.get("data_sha256")
     if digest is not None and not (isinstance(digest, str) and re.fullmatch("[0-9a-f]{64}", digest)):
         return f"data_sha256 must be 64 hex digits, not {digest!r:.40}"
-    t = state.get("train_seconds")
+    t = state.get(SECONDS[kind])
     if not (isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t) and t >= 0):
-        return f"train_seconds must be a number of seconds >= 0, not {t!r:.40}"
+        return f"{SECONDS[kind]} must be a number of seconds >= 0, not {t!r:.40}"
     rng = state.get("rng")
     if not isinstance(rng, list) or not rng:
         return "rng must list each rank's random states"
@@ -170,6 +176,20 @@ def _state_problem(state, path: Path) -> str | None:
     return None
 
 
+def _sweep_problem(state) -> str | None:
+    """What in a sweep's state.json no sweep writes: each adapter's status, those in training and their states."""
+    status, training, adapters, errors = (state.get(k) for k in ("status", "training", "adapters", "errors"))
+    if not (isinstance(status, dict) and all(v in ("queued", "training", "done", "failed") for v in status.values())):
+        return "status must give each adapter queued, training, done or failed"
+    if not (isinstance(training, list) and all(isinstance(n, str) and status.get(n) == "training" for n in training)):
+        return "training must list the adapters whose status is training"
+    if not (isinstance(adapters, dict) and all(isinstance(adapters.get(n), dict) for n in training)):
+        return "adapters must hold the state of each adapter in training"
+    if not (isinstance(errors, dict) and set(errors) <= set(status)):
+        return "errors must name adapters of the sweep"
+    return None
+
+
 def _inside(path: Path, rel) -> bool:
     """Whether `rel` names a file inside the checkpoint directory `path` (no absolute path, no '..', no link out)."""
     if not isinstance(rel, str) or not rel or Path(rel).is_absolute() or ".." in Path(rel).parts:
@@ -178,28 +198,30 @@ def _inside(path: Path, rel) -> bool:
     return (root / rel).resolve().is_relative_to(root)
 
 
-def latest_valid(run_dir: Path, say: Callable[[str], None] = print) -> tuple[Path, dict] | None:
+def latest_valid(run_dir: Path, say: Callable[[str], None] = print, kind: str = "train") -> tuple[Path, dict] | None:
     """The newest checkpoint that verifies; corrupt ones are named and skipped."""
     for path in reversed(_candidates(checkpoints_dir(run_dir))):
         try:
-            return path, verify(path)
+            return path, verify(path, kind)
         except UserError as e:
             say(f"warning: {e}; falling back to the previous checkpoint")
     return None
 
 
-def resolve(resume: str, run_dir: Path, say: Callable[[str], None] = print) -> tuple[Path, dict] | None:
+def resolve(
+    resume: str, run_dir: Path, say: Callable[[str], None] = print, kind: str = "train"
+) -> tuple[Path, dict] | None:
     """`train.resume`: never | auto (newest valid in this run) | a checkpoint directory."""
     if resume == "never":
         return None
     if resume == "auto":
-        return latest_valid(run_dir, say)
+        return latest_valid(run_dir, say, kind)
     path = Path(resume)
     if not path.is_dir():
         raise UserError(
             f"train.resume={resume} is not a checkpoint directory; use auto, never, or a path like {checkpoints_dir(run_dir)}/step-00000100"
         )
-    return path, verify(path)
+    return path, verify(path, kind)
 
 
 def load_tensors(path: Path, name: str) -> dict[str, torch.Tensor]:

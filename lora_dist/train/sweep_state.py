@@ -77,7 +77,7 @@ def _write_adapter(directory: Path, tensors: dict, optimizer: dict | None, state
 def resume(sweep: Any) -> None:
     """Every rank: the sweep as its newest valid checkpoint holds it (`train.resume`), if there is one."""
     cfg, out = sweep.plan.cfg, sweep.out
-    found = ckpt.resolve(cfg.train.resume, out.dir, say=out.print)
+    found = ckpt.resolve(cfg.train.resume, out.dir, say=out.print, kind="sweep")
     if found is None:
         return
     path, state = found
@@ -86,6 +86,8 @@ def resume(sweep: Any) -> None:
             f"checkpoint {path} was written by another sweep (other adapters or settings); resume it with the "
             f"config and overrides it was started with, or pass overwrite=true to start again"
         )
+    if set(state["status"]) != {p.name for p in sweep.plan.adapters}:
+        raise UserError(f"checkpoint {path} names other adapters than this sweep's; pass overwrite=true to start again")
     ckpt.restore_rng(path, state, sweep.rank, sweep.world, say=out.print)
     sweep.step, sweep.examples, sweep.seconds = state["step"], state["examples"], state["seconds"]
     number = {p.name: i for i, p in enumerate(sweep.plan.adapters)}
