@@ -108,6 +108,7 @@ def assert_same_runs(a, b, rtol=1e-5):
         assert results(a)[key] == results(b)[key], key
 
 
+@pytest.mark.slow  # trains each adapter alone too (the `alone` fixture)
 def test_each_adapter_equals_its_config_trained_alone(swept, alone):
     """The central claim: mixed ranks, targets, learning rates (and the rest) in one sweep, each adapter as if
     trained alone, every step's loss and the final adapter to 1e-5 (in practice bit for bit on one process)."""
@@ -120,6 +121,7 @@ def test_each_adapter_equals_its_config_trained_alone(swept, alone):
     assert results(out / "adapters" / "three-labels")["classes"] == ["ham", "other", "spam"]
 
 
+@pytest.mark.slow  # trains each adapter alone too (the `alone` fixture)
 def test_each_adapter_directory_is_a_run(swept, alone):
     """What `lora-dist train` writes, config.yaml without the sweep section; classify, eval and export take it."""
     from lora_dist import Classifier
