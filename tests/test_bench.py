@@ -178,7 +178,7 @@ def test_gpu_check_dry_run_on_the_cpu(tmp_path, baseline):
 def test_classify_benchmark_quick(tmp_path):
     """bench/classify_throughput.py end to end on the tiny model: (a) and (b) in their own processes, and they agree."""
     proc = subprocess.run(
-        [sys.executable, "bench/classify_throughput.py", "--quick", "--contenders", "a-fp32,b", "--out", str(tmp_path)],
+        [sys.executable, "bench/classify_throughput.py", "--quick", "--contenders", "a,b", "--out", str(tmp_path)],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -188,10 +188,11 @@ def test_classify_benchmark_quick(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     doc = json.loads((tmp_path / "classify_throughput.json").read_text())
     assert doc["messages"] == {"sms-test": 24, "collection-40": 40} and doc["adapter_bytes"] > 0
-    for name in ("a-fp32", "b"):
+    for name in ("a", "b"):
         r = doc["contenders"][name]
         assert r["peak_rss_mb"] > 0 and all(
             d["messages_per_s"] > 0 and d["messages_per_cpu_s"] > 0 for d in r["datasets"].values()
         )
-    assert doc["agreement"]["a-fp32 vs b"] == {"sms-test": 1.0, "collection-40": 1.0}
+    assert doc["contenders"]["a"]["precision"] == "fp32"  # classify's default, whatever the CPU has
+    assert doc["agreement"]["a vs b"] == {"sms-test": 1.0, "collection-40": 1.0}
     assert "| (b) transformers pipeline, PEFT model |" in (tmp_path / "classify_throughput.md").read_text()
