@@ -36,9 +36,29 @@ def ddp_run(tmp_path_factory):
 @pytest.fixture(scope="module")
 def zero2_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("zero2") / "run"
-    proc = torchrun(2, "train", "--config", str(SMOKE), f"output_dir={out}", *RUN, *ds_args("zero2"), timeout=600)
+    # --tee 3: every worker line prefixed with its rank ([default1]:), for test_only_rank_0_prints
+    proc = torchrun(
+        2,
+        "train",
+        "--config",
+        str(SMOKE),
+        f"output_dir={out}",
+        *RUN,
+        *ds_args("zero2"),
+        timeout=600,
+        extra=("--tee=3",),
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
+    (out.parent / "console.txt").write_text(proc.stdout + proc.stderr)
     return out
+
+
+def test_only_rank_0_prints(zero2_run):
+    """Rank 1 prints nothing, not even the warnings DeepSpeed and torch give on every rank (NullOutput quiets
+    them); rank 0 prints the run."""
+    lines = (zero2_run.parent / "console.txt").read_text().splitlines()
+    assert [line for line in lines if line.startswith("[default1]:")] == []
+    assert any(line.startswith("[default0]:done in") for line in lines), lines[-5:]
 
 
 def test_zero2_matches_ddp(ddp_run, zero2_run):

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
 import shutil
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
@@ -198,6 +200,10 @@ class NullOutput:
 
     def __init__(self, run_dir: Path, *_, **__):
         self.dir = Path(run_dir)
+        # Nor do the libraries on this rank: the same warning from every rank (DeepSpeed's "Setting accelerator",
+        # torch's deprecations) is noise when rank 0 prints it once. Errors still print.
+        warnings.simplefilter("ignore")
+        logging.disable(logging.WARNING)
 
     def path(self, name: str) -> Path:
         return self.dir / name
