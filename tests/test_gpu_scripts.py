@@ -7,9 +7,11 @@
 import subprocess
 import sys
 
+import pytest
 from conftest import ROOT, cli_env
 
 
+@pytest.mark.slow  # 10-18 s: make test runs it, make test-fast not
 def test_gpu_check_without_transformers_leaves_c_out_and_says_so(tmp_path):
     hidden = tmp_path / "hide"
     for name in ("transformers", "peft"):  # importable no more, as in the GPU image

@@ -834,6 +834,7 @@ def test_the_page_in_headless_chromium(open_server, chromium, tmp_path):
     assert (tmp_path / "page.png").stat().st_size > 1000
 
 
+@pytest.mark.slow  # 10-18 s: make test runs it, make test-fast not
 def test_the_page_shows_spam_in_red_and_ham_in_green(smoke_run, chromium, tmp_path):
     """The smoke run's adapter on real SMS messages it gets right: spam red, ham green, bars in the same colours.
     LORA_DIST_SCREENSHOT=docs/serve-page.png makes the README's picture from this page."""

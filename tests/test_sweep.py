@@ -309,6 +309,7 @@ def test_memory_an_adapter_takes_grows_with_its_batch_and_length(configs):
     assert 1.8 < (cost(1, 64) - 4 * trained) / act32 < 2.2
 
 
+@pytest.mark.slow  # 8-10 s: make test runs it, make test-fast not
 def test_wandb_one_run_per_adapter_grouped_by_the_sweep(configs, tmp_path):
     """W&B users compare runs: each adapter is a W&B run of its own (its config, metrics, summary and adapter
     artifact, as a lone run has), open side by side in one process, and the sweep is their group."""

@@ -203,6 +203,7 @@ def test_resume_continues_the_same_wandb_run(tmp_path):
     assert logged == list(range(1, 41))
 
 
+@pytest.mark.slow  # 8-10 s: make test runs it, make test-fast not
 def test_disabled_writes_no_wandb_files(tmp_path):
     out = tmp_path / "run"
     proc = run_cli(

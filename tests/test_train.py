@@ -99,6 +99,7 @@ def test_params_command(config):
     assert "total parameters: 124,441,346" in proc.stdout and "trainable parameters: 2,666,528" in proc.stdout
 
 
+@pytest.mark.slow  # 10-18 s: make test runs it, make test-fast not
 def test_trains_from_a_local_weights_directory(tiny_checkpoint, tmp_path):
     proc = run_cli(
         "train",
@@ -113,6 +114,7 @@ def test_trains_from_a_local_weights_directory(tiny_checkpoint, tmp_path):
     assert json.loads((tmp_path / "r" / "results.json").read_text())["steps"] == 3
 
 
+@pytest.mark.slow  # 10-18 s: make test runs it, make test-fast not
 def test_precision_auto_trains_in_what_the_hardware_runs_natively(smoke_run, tmp_path):
     """The default precision: bf16 autocast on CPUs with native bf16 (AVX512-BF16/AMX), fp32 elsewhere. The
     same 40 steps in fp32 are the session smoke run's first 40 (fp32, same seed, data order and constant lr)."""
