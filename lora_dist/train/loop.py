@@ -32,7 +32,7 @@ from .deepspeed_strategy import DeepSpeed
 from .loaders import eval_loader, make_loaders, micro_batch_size
 from .schedule import lr_at
 from .strategy import DDP, Local
-from .tracking import JsonlSink, NullOutput, RunOutput
+from .tracking import JsonlSink, output_for
 
 
 def make_strategy(cfg: Config, env: DistEnv | None = None) -> Local:
@@ -82,7 +82,7 @@ class Trainer:
         self.cfg = cfg
         env = DistEnv.from_environ()
         run_dir = Path(cfg.output_dir)
-        self.out = RunOutput(run_dir, cfg.tracking.log_every) if env.rank == 0 else NullOutput(run_dir)
+        self.out = output_for(env.rank, run_dir, cfg.tracking.log_every)
         self.strategy = strategy or make_strategy(cfg, env)
         self.rank, self.world = self.strategy.rank, self.strategy.world_size
         self.checkpoints = ckpt.checkpoints_dir(run_dir)

@@ -37,7 +37,7 @@ from .loop import StopRequested, Trainer, make_strategy
 from .strategy import Local
 from .sweep_config import AdapterPlan, SweepPlan
 from .sweep_memory import check_memory, prepare_data
-from .tracking import AdapterOutput, JsonlSink, NullOutput, RunOutput
+from .tracking import AdapterOutput, JsonlSink, output_for
 
 
 class OwnRNG:
@@ -146,7 +146,7 @@ class Sweep:
         self.plan = plan
         env = DistEnv.from_environ()
         cfg = plan.cfg
-        self.out = RunOutput(plan.run_dir, cfg.tracking.log_every) if env.rank == 0 else NullOutput(plan.run_dir)
+        self.out = output_for(env.rank, plan.run_dir, cfg.tracking.log_every)
         self.job = make_strategy(cfg, env)
         self.rank, self.world = self.job.rank, self.job.world_size
         n = len(plan.adapters)

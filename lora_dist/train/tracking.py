@@ -200,16 +200,23 @@ class NullOutput:
 
     def __init__(self, run_dir: Path, *_, **__):
         self.dir = Path(run_dir)
-        # Nor do the libraries on this rank: the same warning from every rank (DeepSpeed's "Setting accelerator",
-        # torch's deprecations) is noise when rank 0 prints it once. Errors still print.
-        warnings.simplefilter("ignore")
-        logging.disable(logging.WARNING)
 
     def path(self, name: str) -> Path:
         return self.dir / name
 
     def __getattr__(self, name):
         return lambda *a, **k: None
+
+
+def output_for(rank: int, run_dir: Path, log_every: int) -> RunOutput | NullOutput:
+    """Rank 0's `RunOutput`, every other rank's `NullOutput`. On those ranks the libraries are quieted too: the
+    same warning from every rank (DeepSpeed's "Setting accelerator", torch's deprecations) is noise when rank 0
+    prints it once. Errors still print."""
+    if rank == 0:
+        return RunOutput(run_dir, log_every)
+    warnings.simplefilter("ignore")
+    logging.disable(logging.WARNING)
+    return NullOutput(run_dir)
 
 
 def prepare_run_dir(
