@@ -23,11 +23,11 @@ import torch
 from . import adapter, export, report, sweep_report
 from .build import build_model, num_classes
 from .config import load_config
-from .data import prepare_splits, split_labels
 from .errors import UserError
 from .infer import classify, evaluate
 from .lora import count_params
 from .serve import command as serve
+from .token_cache import cache_limit, open_cache
 from .train.loop import run
 from .train.sweep import run as run_sweep
 from .train.sweep_config import load_sweep
@@ -142,7 +142,7 @@ def _params(cfg) -> int:
     """Counts come from the model's structure alone: built on the meta device, no weights read. The number
     of classes comes from the data's labels (or model.num_classes)."""
     m = cfg.model
-    labels = split_labels(prepare_splits(cfg.data, say=lambda *_: None), cfg.data)
+    labels = open_cache(cfg.data, cache_limit(cfg.data), say=lambda *_: None).label_names
     structure = replace(m, weights="random", name=m.name if m.weights in ("pretrained", "random") else m.weights)
     with torch.device("meta"):
         model, wrapped = build_model(replace(cfg, model=structure), num_classes(cfg, labels))

@@ -64,6 +64,16 @@ class DataConfig:
     # changes no prediction (causal attention, pooling last_real, first or mean); elsewhere batches keep their length.
     pad_multiple: int | None = None
     pad_token_id: int = 50256
+    # A user's file: the columns (CSV/TSV header, JSONL keys, Parquet fields) that hold the message and its label.
+    text_column: str = "text"
+    label_column: str = "label"
+    # The token cache (`lora-dist prepare`): where (null: $LORA_DIST_CACHE, else $XDG_CACHE_HOME or ~/.cache, then
+    # lora_dist/tokens), and how long a process waits for another preparing the same cache directory.
+    cache_dir: str | None = None
+    cache_timeout_s: float = 3600.0
+    # Copies of the splits as CSV files in the run's splits/ (null: for data sets under 100,000 messages). The
+    # run always records its splits by reference: splits/splits.json (the cache's key) and splits/index.npz.
+    write_splits: bool | None = None
 
     def __post_init__(self):
         _check(0 < self.train_frac < 1 and 0 < self.val_frac < 1, "data.train_frac and data.val_frac must be in (0, 1)")
@@ -72,6 +82,11 @@ class DataConfig:
             f"data.train_frac + data.val_frac = {self.train_frac + self.val_frac:g} leaves no test set; make their sum < 1",
         )
         _check(self.max_length is None or self.max_length > 0, "data.max_length must be > 0")
+        _check(self.cache_timeout_s > 0, "data.cache_timeout_s must be > 0 (seconds)")
+        _check(
+            bool(self.text_column.strip() and self.label_column.strip()),
+            "data.text_column and data.label_column must name columns",
+        )
         _check(self.pad_multiple is None or self.pad_multiple >= 1, "data.pad_multiple must be >= 1 (or null: auto)")
         _check(
             self.labels is None or (len(self.labels) >= 2 and len(set(self.labels)) == len(self.labels)),

@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,8 @@ SMOKE = ROOT / "configs" / "smoke.yaml"
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The token cache (and a downloaded SMS file) of this test session, not the user's ~/.cache.
+os.environ.setdefault("LORA_DIST_CACHE", tempfile.mkdtemp(prefix="lora-dist-cache-"))
 # Under pytest-xdist (`make test` runs `pytest -n auto`) the workers share the cores: each one's in-process
 # torch gets its share, so that N workers do not run N x cores threads. Set before any test imports torch.
 if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):

@@ -537,12 +537,13 @@ def test_resume_on_other_data_is_refused_unless_asked_for(tmp_path, capsys):
     """The run records its splits' SHA-256; resume=auto after the data file changed is one error line naming
     train.resume_other_data, which then continues on the new data. A checkpoint past the run's steps is refused."""
     from lora_dist.config import load_config
-    from lora_dist.data import fingerprint, prepare_splits
+    from lora_dist.token_cache import run_data
 
     out = tmp_path / "out"
     code, err = run_main(quick_run(tmp_path, "train.max_steps=1"), capsys)
     assert code == 0, err
-    recorded = fingerprint(prepare_splits(load_config(SMOKE, [small_data(tmp_path)]).data, say=lambda *_: None))
+    data_cfg = load_config(SMOKE, [small_data(tmp_path)]).data
+    recorded = run_data(data_cfg, 256, say=lambda *_: None).fingerprint  # the splits' rows in the cache
     (ckpt_dir,) = (out / "checkpoints").iterdir()
     assert json.loads((ckpt_dir / "state.json").read_text())["data_sha256"] == recorded
     assert json.loads((out / "results.json").read_text())["data_sha256"] == recorded

@@ -8,13 +8,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
+import numpy as np
 import torch
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from ..config import DataConfig
-from ..data import Collate, SpamDataset, fixed_length
+from ..data import Collate, fixed_length
 from ..errors import UserError
 
 
@@ -33,48 +36,49 @@ class ShardedSampler(DistributedSampler):
 
     def __init__(
         self,
-        dataset: SpamDataset,
+        dataset: Dataset,
         num_replicas: int,
         rank: int,
         micro: int,
         accum: int,
         seed: int,
-        lengths: list[int] | None = None,
+        lengths=None,
         bucket_window: int | None = None,
     ):
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True)
         self.micro, self.accum = micro, accum
         self.global_batch = num_replicas * micro * accum
-        self.n = len(dataset)
+        self.n = len(dataset)  # type: ignore[arg-type]
         self.steps = self.n // self.global_batch
-        self.lengths: list[int] = lengths or []
+        self.lengths = np.asarray(lengths if lengths is not None else [], dtype=np.int64)
         self.bucketed = lengths is not None
         self.bucket_window = bucket_window or max(1, min(self.steps // 4, 50))
         self.start_step = 0  # resume inside an epoch: skip the steps already taken
 
-    def global_batches(self) -> list[list[int]]:
+    def global_batches(self) -> np.ndarray:
+        """(steps, global batch) example indices: index arrays, not lists, so a rank's memory stays small."""
         g = torch.Generator()
         g.manual_seed(self.seed + self.epoch)
-        order = torch.randperm(self.n, generator=g).tolist()[: self.steps * self.global_batch]
         G = self.global_batch
+        order = torch.randperm(self.n, generator=g).numpy()[: self.steps * G]
         if not self.bucketed:
-            return [order[i : i + G] for i in range(0, len(order), G)]
-        batches = []
+            return order.reshape(-1, G)
         W = G * self.bucket_window
-        for w in range(0, len(order), W):
-            window = sorted(order[w : w + W], key=lambda i: self.lengths[i])
-            batches += [window[i : i + G] for i in range(0, len(window), G)]
-        perm = torch.randperm(len(batches), generator=g).tolist()
-        return [batches[p] for p in perm]
+        for w in range(0, len(order), W):  # a stable sort by length, as sorted() was
+            window = order[w : w + W]
+            order[w : w + W] = window[np.argsort(self.lengths[window], kind="stable")]
+        batches = order.reshape(-1, G)
+        perm = torch.randperm(len(batches), generator=g).numpy()
+        return batches[perm]
 
     def __iter__(self):
         m, R = self.micro, self.num_replicas
         for batch in self.global_batches()[self.start_step :]:
             if self.bucketed:
-                batch = sorted(batch, key=lambda i: self.lengths[i])  # accumulation chunks of like lengths
+                batch = batch[np.argsort(self.lengths[batch], kind="stable")]  # accumulation chunks of like lengths
             for a in range(self.accum):
                 chunk = batch[a * R * m : (a + 1) * R * m]
-                yield from chunk[self.rank * m : (self.rank + 1) * m]
+                yield from chunk[self.rank * m : (self.rank + 1) * m].tolist()
 
     def __len__(self) -> int:
         return (self.steps - self.start_step) * self.micro * self.accum
@@ -84,7 +88,7 @@ class ShardedEvalSampler(torch.utils.data.Sampler):
     """Rank r reads examples r, r+R, r+2R, ... of the first `limit` ones: nothing duplicated or padded."""
 
     def __init__(self, n: int, num_replicas: int, rank: int, limit: int | None = None):
-        self.indices = list(range(rank, min(n, limit or n), num_replicas))
+        self.indices = range(rank, min(n, limit or n), num_replicas)
 
     def __iter__(self):
         return iter(self.indices)
@@ -106,13 +110,13 @@ def micro_batch_size(global_batch: int, world: int, accum: int) -> int:
 class Loaders:
     train: DataLoader
     sampler: ShardedSampler
-    datasets: dict[str, SpamDataset]
+    datasets: Mapping[str, Any]  # data.SpamDataset or token_cache.CachedDataset
     collate: Collate
     max_length: int
 
 
 def make_loaders(
-    datasets: dict[str, SpamDataset],
+    datasets: Mapping[str, Any],
     length: int,
     cfg: DataConfig,
     micro: int,

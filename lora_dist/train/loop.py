@@ -21,12 +21,13 @@ import torch.nn.functional as F
 from .. import adapter as adapters
 from ..build import build_model, num_classes, seed_everything
 from ..config import Config
-from ..data import Batch, build_datasets, fingerprint, pad_multiple, prepare_splits, split_labels, write_splits
+from ..data import Batch, pad_multiple
 from ..device import DistEnv, pick_device
 from ..errors import UserError
 from ..lora import adapter_state_dict, count_params
 from ..model import GPT2, PADDING_FREE
 from ..report import finish_report
+from ..token_cache import cache_limit, open_cache, run_data, write_split_record
 from . import checkpoint as ckpt
 from .deepspeed_strategy import DeepSpeed
 from .loaders import eval_loader, make_loaders, micro_batch_size
@@ -103,18 +104,21 @@ class Trainer:
         out.write_text("config.yaml", cfg.to_yaml())
         seed_everything(cfg.train.seed)
 
-        splits = prepare_splits(cfg.data, say=out.print)
-        self.labels = split_labels(splits, cfg.data)
+        # Tokenized once per cache directory (one process prepares, the others wait), then memory-mapped.
+        cache = open_cache(cfg.data, cache_limit(cfg.data), say=out.print)
+        self.labels = cache.label_names
         self.num_classes = num_classes(cfg, self.labels)
-        out.call(write_splits, splits, out.path("splits"))
-        self.data_sha256 = fingerprint(splits)
         # Built on the GPU it trains on: no slow CPU initialisation of weights that are overwritten anyway.
         self.build_device = s.device if s.device.type == "cuda" else torch.device("cpu")
         model, self.lora_modules = self.build()
         self.total_params, self.trainable_params = count_params(model)
         self.adapter_names = list(adapter_state_dict(model))
-        datasets, self.length = build_datasets(splits, cfg.data, model.cfg.context_length, self.labels)
+        data = run_data(cfg.data, model.cfg.context_length, say=out.print, cache=cache)
+        out.call(write_split_record, data, cfg.data, out.path("splits"), out.print)
+        self.data_sha256 = data.fingerprint
+        datasets, self.length = data.datasets, data.length
         length = self.length
+        splits = data.splits
         t = cfg.train
         self.micro = micro_batch_size(t.batch_size, self.world, t.grad_accum)
         free = cfg.model.causal_mask and cfg.model.pooling in PADDING_FREE

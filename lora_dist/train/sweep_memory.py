@@ -17,10 +17,11 @@ from pathlib import Path
 import torch
 
 from ..build import add_trainable, num_classes, shared_copy
-from ..data import build_datasets, fixed_length, prepare_splits, split_labels
+from ..data import fixed_length
 from ..device import autocast
 from ..errors import UserError
 from ..model import GPT2
+from ..token_cache import run_data
 from .loaders import make_loaders, micro_batch_size
 from .strategy import Local
 from .sweep_config import SweepPlan
@@ -44,13 +45,12 @@ def prepare_data(plan: SweepPlan, context_length: int, world: int, rank: int) ->
         cfg, t = p.cfg, p.cfg.train
         try:
             if cfg.data not in seen:
-                splits = prepare_splits(cfg.data, say=lambda *_: None)
-                labels = split_labels(splits, cfg.data)
-                seen[cfg.data] = (labels, *build_datasets(splits, cfg.data, context_length, labels))
+                data = run_data(cfg.data, context_length, say=lambda *_: None)
+                seen[cfg.data] = (data.labels, data.datasets, data.length)
             labels, datasets, length = seen[cfg.data]
             micro = micro_batch_size(t.batch_size, world, t.grad_accum)
             make_loaders(datasets, length, cfg.data, micro, t.grad_accum, world, rank, t.seed)  # one batch at least
-            longest = fixed_length(cfg.data, length) or max(datasets["train"].lengths)
+            longest = fixed_length(cfg.data, length) or int(datasets["train"].lengths.max())
             out.append(AdapterData(labels, num_classes(cfg, labels), longest, micro))
         except UserError as e:
             raise UserError(f"sweep adapter '{p.name}': {e}") from e
