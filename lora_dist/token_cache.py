@@ -141,9 +141,10 @@ def cache_key(cfg: DataConfig, files: list[Path], limit: int, memo_dir: Path | N
 # ------------------------------------------------------------------------------------------ reading
 
 
-def read_chunks(path: Path, fmt: str, cfg: DataConfig, rows: int = CHUNK_ROWS) -> Iterator[tuple[int, list, list]]:
+def read_chunks(path: Path, fmt: str, cfg: DataConfig, rows: int | None = None) -> Iterator[tuple[int, list, list]]:
     """(first row number, texts, labels) of `rows` rows at a time; row numbers count data rows from 1. Bad rows
     raise UserError naming the file, the row or line, and the column."""
+    rows = rows or CHUNK_ROWS
     if fmt == "parquet":
         yield from _parquet_chunks(path, cfg, rows)
     elif fmt == "jsonl":
@@ -179,8 +180,7 @@ def _csv_chunks(path: Path, fmt: str, cfg: DataConfig, rows: int):
             raise UserError(f"{path} is empty; it needs a header row and labelled messages") from None
         except UnicodeDecodeError:
             raise _not_utf8(path) from None
-        text_col, label_col = _columns(path, header, cfg)
-        opts["usecols"] = [text_col, label_col]
+        text_col, label_col = _columns(path, header, cfg)  # all columns read: a row with extra fields is an error
     start = 1
     try:
         with pd.read_csv(path, **opts) as reader:
@@ -231,12 +231,15 @@ def _jsonl_chunks(path: Path, cfg: DataConfig, rows: int):
                 raise UserError(
                     f"{path} line {line_no} is a JSON {type(obj).__name__}, not an object with {text_col!r}"
                 )
-            for col in (text_col, label_col):
-                if col not in obj:
+            if text_col not in obj or label_col not in obj:  # keys matched ignoring case and spaces, as in a header
+                try:
+                    text_col, label_col = _columns(path, list(obj), cfg)
+                except UserError:
+                    missing = next(c for c in (cfg.text_column, cfg.label_column) if c not in obj)
                     raise UserError(
-                        f"{path} line {line_no} has no key {col!r} (found {list(obj)[:10]}); "
+                        f"{path} line {line_no} has no key {missing!r} (found {list(obj)[:10]}); "
                         f"set data.text_column / data.label_column"
-                    )
+                    ) from None
             text, label = obj[text_col], obj[label_col]
             if not isinstance(text, str):
                 raise UserError(

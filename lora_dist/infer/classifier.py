@@ -88,7 +88,14 @@ class Classifier:
         """(N, classes) fp32 logits, in input order."""
         if batch_size < 1:
             raise UserError(f"batch size must be >= 1; got {batch_size}")
-        ids = self.encode(texts)
+        return self.logits_of(self.encode(texts), batch_size, progress)
+
+    @torch.inference_mode()
+    def logits_of(self, ids: list[list[int]], batch_size: int = 32, progress: bool | None = False) -> torch.Tensor:
+        """(N, classes) fp32 logits of token ids (cut to the adapter's max_length, as `encode` cuts), in input order."""
+        if batch_size < 1:
+            raise UserError(f"batch size must be >= 1; got {batch_size}")
+        ids = [i[: self.spec.max_length] for i in ids]
         out = torch.empty(len(ids), len(self.spec.labels))
         bar = _progress(len(ids), progress)
         for chunk, batch in self.batches(ids, batch_size):

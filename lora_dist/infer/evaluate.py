@@ -19,10 +19,12 @@ import torch
 import torch.nn.functional as F
 
 from ..adapter import find
+from ..config import load_config
 from ..data import read_table
 from ..device import precision_note
 from ..errors import UserError
 from ..scores import scores
+from ..token_cache import cache_limit, open_cache, read_split_record
 from .classifier import Classifier
 
 SPLITS = ("train", "validation", "test")
@@ -44,7 +46,8 @@ def evaluate_run(
         raise UserError(f"run directory {run_dir} not found; pass the output_dir of a lora-dist training run")
     find(run_dir)  # a run with a saved adapter, or one clear error
     file = Path(data) if data else run_dir / "splits" / f"{split}.csv"
-    if not data and not file.is_file():
+    by_reference = not data and not file.is_file() and (run_dir / "splits" / "splits.json").is_file()
+    if not data and not file.is_file() and not by_reference:
         raise UserError(
             f"{run_dir} lacks its saved splits ({file}); pass a directory written by lora-dist train, "
             f"or --data with a labelled file"
@@ -53,16 +56,12 @@ def evaluate_run(
     note = precision_note(precision, clf.precision, clf.device)
     if note:
         print(note, file=sys.stderr, flush=True)
-    frame = read_table(file)
     labels = clf.labels
-    unknown = sorted(set(frame["label"]) - set(labels))
-    if unknown:
-        raise UserError(
-            f"{file} has label {unknown[0]!r}, which is not one of the model's labels {labels}; "
-            f"relabel the file or evaluate a model trained on these labels"
-        )
-    target = torch.tensor([labels.index(x) for x in frame["label"]])
-    logits = clf.logits(frame["text"].tolist(), batch_size)  # (N, classes)
+    if by_reference:
+        ids, target = _split_ids(run_dir, split, labels)
+        logits = clf.logits_of(ids, batch_size)
+    else:
+        target, logits = _file_logits(clf, file, batch_size)
     k = len(labels)
     confusion = torch.bincount(target * k + logits.argmax(-1), minlength=k * k).view(k, k).tolist()
     loss = F.cross_entropy(logits, target).item() if len(target) else 0.0
@@ -74,6 +73,37 @@ def evaluate_run(
         "classes": labels,
         "precision": clf.precision,
     }
+
+
+def _file_logits(clf: Classifier, file: Path, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    frame = read_table(file)
+    labels = clf.labels
+    unknown = sorted(set(frame["label"]) - set(labels))
+    if unknown:
+        raise UserError(
+            f"{file} has label {unknown[0]!r}, which is not one of the model's labels {labels}; "
+            f"relabel the file or evaluate a model trained on these labels"
+        )
+    target = torch.tensor([labels.index(x) for x in frame["label"]])
+    return target, clf.logits(frame["text"].tolist(), batch_size)  # (N, classes)
+
+
+def _split_ids(run_dir: Path, split: str, labels: list[str]) -> tuple[list[list[int]], torch.Tensor]:
+    """A split the run recorded by reference (splits/splits.json, index.npz): its rows' token ids from the cache."""
+    record, index = read_split_record(run_dir)
+    cfg = load_config(run_dir / "config.yaml").data
+    cache = open_cache(cfg, cache_limit(cfg), say=lambda m: print(m, file=sys.stderr))
+    if cache.key != record["cache"]["key"]:
+        raise UserError(
+            f"data.source={cfg.source} changed since {run_dir} was trained (its token cache key was "
+            f"{record['cache']['key'][:12]}, now {cache.key[:12]}); evaluate with --data FILE instead"
+        )
+    rows = index[split]
+    off = cache.offsets
+    ids = [cache.ids[off[r] : off[r + 1]].tolist() for r in rows]
+    names = cache.label_names
+    target = torch.tensor([labels.index(names[i]) for i in cache.labels[rows]], dtype=torch.long)
+    return ids, target
 
 
 def format_result(r: dict) -> str:
