@@ -3,6 +3,7 @@
 lora-dist train --config configs/smoke.yaml output_dir=runs/smoke
 lora-dist sweep --config configs/sweep-smoke.yaml output_dir=runs/sweep
 lora-dist params --config configs/gpt2-small-lora.yaml
+lora-dist prepare --config configs/smoke.yaml        # tokenize the data into the cache, ahead of a job
 lora-dist report runs/smoke          # or a sweep: runs/sweep
 lora-dist eval runs/smoke --split test
 lora-dist classify --adapter runs/smoke "WINNER!! Claim your prize" "see you at 6"
@@ -27,7 +28,7 @@ from .errors import UserError
 from .infer import classify, evaluate
 from .lora import count_params
 from .serve import command as serve
-from .token_cache import cache_limit, open_cache
+from .token_cache import cache_dir_of, cache_limit, open_cache, run_data
 from .train.loop import run
 from .train.sweep import run as run_sweep
 from .train.sweep_config import load_sweep
@@ -42,6 +43,7 @@ def _parser() -> argparse.ArgumentParser:
         ("train", "fine-tune (under torchrun or deepspeed for several processes)"),
         ("sweep", "train the adapters a config's sweep: section lists, in one job over one frozen base"),
         ("params", "print total and trainable parameter counts without training"),
+        ("prepare", "read and tokenize a config's data into the token cache (data.cache_dir) ahead of a job"),
     ):
         c = sub.add_parser(name, help=text)
         c.add_argument("--config", required=True, help="YAML file, e.g. configs/smoke.yaml")
@@ -106,6 +108,8 @@ def _main(argv: list[str] | None) -> int:
         cfg = load_config(args.config, args.overrides)
         if args.command == "params":
             return _params(cfg)
+        if args.command == "prepare":
+            return _prepare(cfg, rank)
         run(cfg)
         return 0
     except UserError as e:  # every rank that fails says so; rank 0 without a prefix
@@ -136,6 +140,30 @@ def _tool(args) -> int:
         print(f"written: {path}", file=sys.stderr)
         return 0
     return evaluate.main(args.run_dir, args.split, args.data, args.device, args.json, args.precision, args.batch_size)
+
+
+def _context_length(cfg) -> int:
+    """The model's context, from its structure alone (built on the meta device, no weights read)."""
+    m = cfg.model
+    structure = replace(m, weights="random", name=m.name if m.weights in ("pretrained", "random") else m.weights)
+    with torch.device("meta"):
+        model, _ = build_model(replace(cfg, model=structure), 2)
+    return model.cfg.context_length
+
+
+def _prepare(cfg, rank: int) -> int:
+    """`lora-dist prepare`: what a training run's start does to its data, with progress (rank 0 prints)."""
+    say = print if rank == 0 else (lambda *_: None)
+    context = _context_length(cfg)
+    say(f"prepare: data.source={cfg.data.source}, cache {cache_dir_of(cfg.data)}")
+    data = run_data(cfg.data, context, say=lambda m: say(m, flush=True))
+    m = data.cache.manifest
+    say(
+        f"ready: {data.cache.path} ({m['rows']:,} messages, {m['tokens']:,} tokens, labels "
+        f"{', '.join(f'{k} ({v:,})' for k, v in m['label_counts'].items())}); splits "
+        f"{', '.join(f'{k} {len(v):,}' for k, v in data.splits.items())}"
+    )
+    return 0
 
 
 def _params(cfg) -> int:

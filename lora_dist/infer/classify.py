@@ -12,15 +12,18 @@ round and writes it, in input order, exactly once (to a temporary file renamed i
 
 from __future__ import annotations
 
-import io
+import itertools
 import json
 import os
 import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TextIO
 
 import pandas as pd
 import torch.distributed as dist
+from tqdm import tqdm
 
 from ..config import DistConfig
 from ..device import DistEnv, init_process_group, leave_process_group, pick_device, precision_note
@@ -62,7 +65,8 @@ def add_arguments(p) -> None:
 def main(args) -> int:
     if args.batch_size < 1 or args.shard_size < 1:
         raise UserError("--batch-size and --shard-size must be >= 1")
-    texts = read_texts(args)
+    chunks = read_texts(args)
+    first = next(chunks, None)  # a missing file or column fails here, before the model is loaded
     env = DistEnv.from_environ()
     device = pick_device(args.device, env.local_rank, key="--device")
     clf = Classifier.from_pretrained(
@@ -76,28 +80,34 @@ def main(args) -> int:
     if note and env.rank == 0:
         print(note, file=sys.stderr, flush=True)
     sink = Writer(args.out, fmt, clf.labels, None if note is None else clf.precision) if env.rank == 0 else None
-    truncated = 0
+    truncated = empty = 0
+    progress = Progress(enabled=env.rank == 0 and bool(args.file))
     try:
         R, size = env.world_size, args.shard_size
-        for start in range(0, max(len(texts), 1), R * size):
-            mine = texts[start + env.rank * size : start + (env.rank + 1) * size]
-            probs = clf.logits(mine, args.batch_size, progress=None if R == 1 else False).softmax(-1) if mine else None
+        # Rounds of R x shard-size messages, read as they are needed: memory holds one round, whatever the input.
+        for texts in rounds(itertools.chain([first] if first is not None else [], chunks), R * size):
+            mine = texts[env.rank * size : (env.rank + 1) * size]
+            probs = clf.logits(mine, args.batch_size, progress=False).softmax(-1) if mine else None
             truncated += clf.truncated if mine else 0
             parts: list = [probs]
             if spread:
                 parts = [None] * R
                 dist.gather_object(probs, parts if env.rank == 0 else None, dst=0)
             if sink is not None:
+                done = 0
                 for p in parts:  # rank order is input order: rank r holds the r-th slice of this round
                     if p is not None:
-                        sink.write(results(texts[sink.count : sink.count + len(p)], p, clf.labels))
+                        sink.write(results(texts[done : done + len(p)], p, clf.labels))
+                        done += len(p)
+                empty += sum(1 for t in texts if not t.strip())
+                progress.update(len(texts))
         if spread:
             counts = [0] * R
             dist.gather_object(truncated, counts if env.rank == 0 else None, dst=0)
             truncated = sum(counts) if env.rank == 0 else truncated
         if sink is not None:
             sink.close()
-            empty = sum(1 for t in texts if not t.strip())
+            progress.close()
             if truncated:
                 print(
                     f"note: {truncated} message(s) longer than {clf.spec.max_length} tokens were truncated to it, "
@@ -119,26 +129,72 @@ def main(args) -> int:
     return 0
 
 
+def rounds(chunks: Iterator[list[str]], n: int) -> Iterator[list[str]]:
+    """The messages of `chunks` again, cut into lists of `n` (the last may be shorter)."""
+    held: list[str] = []
+    for chunk in chunks:
+        held += chunk
+        while len(held) >= n:
+            yield held[:n]
+            held = held[n:]
+    if held:
+        yield held
+
+
+class Progress:
+    """Rank 0's progress on stderr for --file: a bar on a terminal, else a line every 30 s (as in a Slurm log)."""
+
+    def __init__(self, enabled: bool):
+        self.enabled, self.count, self.t0 = enabled, 0, time.monotonic()
+        self.last = self.t0
+        tty = enabled and sys.stderr.isatty()
+        self.bar = tqdm(unit="msg", file=sys.stderr, dynamic_ncols=True, leave=False) if tty else None
+
+    def update(self, n: int) -> None:
+        self.count += n
+        if self.bar is not None:
+            self.bar.update(n)
+        elif self.enabled and time.monotonic() - self.last >= 30:
+            self.last = time.monotonic()
+            rate = self.count / (self.last - self.t0)
+            print(f"classify: {self.count:,} messages ({rate:,.0f} messages/s)", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
 # --------------------------------------------------------------------------------------------- input
 
+CHUNK = 65_536  # messages read from --file at a time
+BLOCK = 1 << 22  # bytes read at a time from a text --file
 
-def read_texts(args) -> list[str]:
+
+def read_texts(args) -> Iterator[list[str]]:
+    """The messages to classify, a chunk at a time: the arguments, stdin ("-"), then --file."""
     texts = list(args.texts)
+    if not texts and not args.file:
+        raise UserError('nothing to classify; give messages as arguments, --file FILE, or "-" to read stdin')
+    if args.file and not Path(args.file).is_file():
+        raise UserError(f"--file {args.file} not found; pass an existing text, CSV or TSV file")
+    return _chunks(args, texts)
+
+
+def _chunks(args, texts: list[str]) -> Iterator[list[str]]:
     if "-" in texts:
         texts.remove("-")
         texts += _lines(sys.stdin.buffer.read(), "stdin")
+    if texts:
+        yield texts
     if args.file:
-        texts += _from_file(Path(args.file), args.text_column)
-    if not texts and not args.file:
-        raise UserError('nothing to classify; give messages as arguments, --file FILE, or "-" to read stdin')
-    return texts
+        yield from _from_file(Path(args.file), args.text_column)
 
 
-def _decode(raw: bytes, source: str) -> str:
+def _decode(raw: bytes, source: str, line: int = 0) -> str:
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
-        line = raw[: e.start].count(b"\n") + 1
+        line += raw[: e.start].count(b"\n") + 1
         raise UserError(
             f"{source} is not UTF-8 (bad byte at line {line}); re-save it as UTF-8, e.g. iconv -f latin1 -t utf-8"
         ) from e
@@ -148,25 +204,69 @@ def _lines(raw: bytes, source: str) -> list[str]:
     return _decode(raw, source).splitlines()
 
 
-def _from_file(path: Path, column: str) -> list[str]:
-    if not path.is_file():
-        raise UserError(f"--file {path} not found; pass an existing text, CSV or TSV file")
-    raw = path.read_bytes()
+def _from_file(path: Path, column: str) -> Iterator[list[str]]:
     if path.suffix.lower() not in (".csv", ".tsv", ".tab"):
-        return _lines(raw, str(path))
-    text = _decode(raw, str(path))
+        yield from _text_lines(path)
+        return
     sep = "," if path.suffix.lower() == ".csv" else "\t"
+    kind = "CSV" if sep == "," else "TSV"
     try:
-        frame = pd.read_csv(io.StringIO(text), sep=sep, dtype=str, keep_default_na=False)
+        with pd.read_csv(
+            path, sep=sep, dtype=str, keep_default_na=False, encoding="utf-8-sig", chunksize=CHUNK
+        ) as reader:
+            for frame in reader:
+                if column not in frame.columns:
+                    raise UserError(
+                        f"{path} has no column {column!r} (found {list(frame.columns)}); pass --text-column NAME"
+                    )
+                yield frame[column].tolist()
     except (pd.errors.ParserError, pd.errors.EmptyDataError) as e:
         raise UserError(
-            f"{path} is not a well-formed {'CSV' if sep == ',' else 'TSV'} file "
+            f"{path} is not a well-formed {kind} file "
             f"({str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__}); "
             f"quote fields that hold the separator"
         ) from e
-    if column not in frame.columns:
-        raise UserError(f"{path} has no column {column!r} (found {list(frame.columns)}); pass --text-column NAME")
-    return frame[column].tolist()
+    except UnicodeDecodeError:
+        line = next((n for n, raw in enumerate(open(path, "rb"), 1) if not _utf8(raw)), 1)
+        raise UserError(
+            f"{path} is not UTF-8 (bad byte at line {line}); re-save it as UTF-8, e.g. iconv -f latin1 -t utf-8"
+        ) from None
+
+
+def _utf8(raw: bytes) -> bool:
+    try:
+        raw.decode("utf-8")
+        return True
+    except UnicodeDecodeError:
+        return False
+
+
+def _text_lines(path: Path) -> Iterator[list[str]]:
+    """One message per line (as str.splitlines cuts them), read 4 MiB at a time, CHUNK lines a list."""
+    with open(path, "rb") as f:
+        line, tail = 0, b""
+        while True:
+            block = f.read(BLOCK)
+            data = tail + block
+            if block:
+                cut = max(data.rfind(b"\n"), data.rfind(b"\r"))
+                if cut == len(data) - 1 and data.endswith(b"\r"):  # perhaps the first half of a \r\n
+                    cut = max(data.rfind(b"\n", 0, cut), data.rfind(b"\r", 0, cut))
+                if cut == -1:
+                    if len(data) > 1 << 26:
+                        raise UserError(f"{path} has a line over 64 MiB after line {line}; one message per line")
+                    tail = data
+                    continue
+                head, tail = data[: cut + 1], data[cut + 1 :]
+            else:
+                head, tail = data, b""
+            text = _decode(head, str(path), line)
+            lines = text.splitlines()
+            line += head.count(b"\n")
+            for s in range(0, len(lines), CHUNK):
+                yield lines[s : s + CHUNK]
+            if not block:
+                return
 
 
 # -------------------------------------------------------------------------------------------- output

@@ -1,0 +1,53 @@
+"""`classify --file` reads its input a chunk at a time (`infer/classify.py`): the chunks and rounds give back
+every message, in order, as reading the whole file did. (Order under torchrun: tests/test_classify.py.)"""
+
+from __future__ import annotations
+
+import random
+
+import pandas as pd
+import pytest
+
+from lora_dist.errors import UserError
+from lora_dist.infer import classify as c
+
+
+def test_text_lines_read_in_blocks_are_the_whole_files_lines(tmp_path, monkeypatch):
+    """Blocks of 1-7 bytes cut \\r\\n pairs, multi-byte characters and a BOM: the lines are str.splitlines' lines."""
+    rng = random.Random(1)
+    path = tmp_path / "t.txt"
+    for trial in range(300):
+        monkeypatch.setattr(c, "CHUNK", rng.randint(1, 5))
+        monkeypatch.setattr(c, "BLOCK", rng.randint(1, 7))
+        parts = [
+            rng.choice(["a", "bé", "", " x ", "\u2028y", "z\x0bw"]) + rng.choice(["\n", "\r\n", "\r"])
+            for _ in range(rng.randint(0, 30))
+        ]
+        raw = ("\ufeff" if trial % 7 == 0 else "") + "".join(parts) + rng.choice(["", "tail"])
+        path.write_bytes(raw.encode())
+        chunks = list(c._text_lines(path))
+        assert all(len(ch) <= c.CHUNK for ch in chunks)
+        assert [line for ch in chunks for line in ch] == raw.encode().decode("utf-8-sig").splitlines()
+
+
+def test_rounds_recut_chunks_in_order():
+    chunks = [list(range(s, s + n)) for s, n in ((0, 5), (5, 0), (5, 9), (14, 1), (15, 3))]
+    assert list(c.rounds(iter(chunks), 4)) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11], [12, 13, 14, 15], [16, 17]]
+    assert list(c.rounds(iter([]), 4)) == []
+
+
+def test_a_csv_is_read_in_chunks_and_bad_input_is_one_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(c, "CHUNK", 3)
+    pd.DataFrame({"id": range(10), "text": [f"m {i}, with a comma" for i in range(10)]}).to_csv(
+        tmp_path / "d.csv", index=False
+    )
+    chunks = list(c._from_file(tmp_path / "d.csv", "text"))
+    assert [len(ch) for ch in chunks] == [3, 3, 3, 1] and sum(chunks, []) == [f"m {i}, with a comma" for i in range(10)]
+    with pytest.raises(UserError, match=r"no column 'body' \(found \['id', 'text'\]\)"):
+        list(c._from_file(tmp_path / "d.csv", "body"))
+    (tmp_path / "l.txt").write_bytes("ok\nfine\ncaf\u00e9\n".encode("latin-1"))
+    with pytest.raises(UserError, match="not UTF-8 \\(bad byte at line 3\\)"):
+        list(c._from_file(tmp_path / "l.txt", "text"))
+    (tmp_path / "l.csv").write_bytes("text\nok\ncaf\u00e9\n".encode("latin-1"))
+    with pytest.raises(UserError, match="not UTF-8 \\(bad byte at line 3\\)"):
+        list(c._from_file(tmp_path / "l.csv", "text"))
