@@ -153,10 +153,13 @@ def _context_length(cfg) -> int:
 
 def _prepare(cfg, rank: int) -> int:
     """`lora-dist prepare`: what a training run's start does to its data, with progress (rank 0 prints)."""
-    say = print if rank == 0 else (lambda *_: None)
+    def say(message: str) -> None:
+        if rank == 0:
+            print(message, flush=True)
+
     context = _context_length(cfg)
     say(f"prepare: data.source={cfg.data.source}, cache {cache_dir_of(cfg.data)}")
-    data = run_data(cfg.data, context, say=lambda m: say(m, flush=True))
+    data = run_data(cfg.data, context, say=say)
     m = data.cache.manifest
     say(
         f"ready: {data.cache.path} ({m['rows']:,} messages, {m['tokens']:,} tokens, labels "
