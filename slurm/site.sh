@@ -19,3 +19,7 @@ PYTHON=${PYTHON:-python3}
 # NCCL on InfiniBand/RoCE usually needs nothing; on plain Ethernet, name the interface if NCCL
 # picks the wrong one:
 # export NCCL_SOCKET_IFNAME=eth0
+
+# The token cache (`lora-dist prepare`, or the first process of a training job, tokenizes the data once; every
+# rank memory-maps it). Put it on storage every node reads, so that one job prepares it for all of them:
+# export LORA_DIST_CACHE=/shared/$USER/lora-dist-cache
