@@ -279,3 +279,21 @@ def test_not_utf8_and_a_glob_without_matches(tmp_path):
     assert "l.csv is not UTF-8 (bad byte at line 3)" in err, err
     with pytest.raises(UserError, match="matches no file"):
         tc.open_cache(DataConfig(source=str(tmp_path / "none-*.csv")), 1024, quiet)
+
+
+def test_eval_reads_a_split_recorded_by_reference(smoke_run, tmp_path):
+    """A run without CSV copies of its splits: `eval` reads the split's rows from the cache, and scores it as
+    it scores the CSV copy."""
+    import shutil
+
+    from lora_dist.infer.evaluate import evaluate_run
+
+    run = tmp_path / "run"
+    shutil.copytree(smoke_run[0], run)
+    from_csv = evaluate_run(run, "validation", device="cpu")
+    for f in (run / "splits").glob("*.csv"):
+        f.unlink()
+    by_reference = evaluate_run(run, "validation", device="cpu")
+    assert by_reference["count"] == from_csv["count"] == 149
+    assert by_reference["confusion"] == from_csv["confusion"]
+    assert by_reference["loss"] == pytest.approx(from_csv["loss"], abs=1e-6)
