@@ -95,17 +95,18 @@ def run_to_step(cmd: list[str], metrics: Path, step: int, ranks: int, timeout: f
             pids = [proc.pid, *children(proc.pid)]
             for p in pids:
                 peaks[p] = max(peaks.get(p, 0.0), hwm_mb(p))
-            if metrics.is_file() and any(
-                json.loads(x).get("step", 0) >= step for x in metrics.read_text().splitlines() if x.strip()
-            ):
+            if metrics.is_file() and f'"step": {step},' in metrics.read_text():  # a line written in part is no error
                 reached = time.monotonic() - t0
                 for p in [proc.pid, *children(proc.pid)]:
                     peaks[p] = max(peaks.get(p, 0.0), hwm_mb(p))
                 break
             time.sleep(0.05)
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+        for p in [*children(proc.pid), proc.pid]:  # torchrun's workers sit in sessions of their own
+            try:
+                os.kill(p, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         out = proc.communicate()[0].decode(errors="replace")
     if reached is None:
         raise RuntimeError(f"{' '.join(cmd)} did not reach step {step}:\n{out[-3000:]}")

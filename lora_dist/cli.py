@@ -153,6 +153,7 @@ def _context_length(cfg) -> int:
 
 def _prepare(cfg, rank: int) -> int:
     """`lora-dist prepare`: what a training run's start does to its data, with progress (rank 0 prints)."""
+
     def say(message: str) -> None:
         if rank == 0:
             print(message, flush=True)

@@ -44,7 +44,9 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    source: str = "sms"  # "sms" (UCI SMS Spam Collection) or a path to a CSV/TSV with text,label columns
+    source: str = (
+        "sms"  # "sms" (UCI SMS Spam Collection), or a CSV/TSV/JSONL/Parquet file, a directory of them or a glob
+    )
     url: str = "https://archive.ics.uci.edu/static/public/228/sms+spam+collection.zip"
     download: bool = (
         False  # false: the copy shipped in the package (the same file, same sha256); true: fetch it from `url`

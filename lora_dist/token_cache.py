@@ -22,8 +22,10 @@ import hashlib
 import itertools
 import json
 import os
+import queue
 import re
 import shutil
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -75,7 +77,7 @@ def source_files(cfg: DataConfig, say: Say = print) -> list[Path]:
         return files
     path = Path(src).expanduser()
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in FORMATS)
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in FORMATS.keys() - {".json"})
         if not files:
             raise UserError(f"data.source={src} is a directory without data files ({', '.join(sorted(FORMATS))})")
         return files
@@ -397,8 +399,12 @@ def open_cache(cfg: DataConfig, limit: int, say: Say = print, progress: bool = T
     per cache directory; the others wait up to data.cache_timeout_s)."""
     root = cache_dir_of(cfg)
     files = source_files(cfg, say)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        pass  # a read-only cache that holds the data still works; one that does not fails below
     memo = root / "sources"
-    key, parts = cache_key(cfg, files, limit, memo if root.is_dir() else None)
+    key, parts = cache_key(cfg, files, limit, memo)
     cache, why = _check_cache(root / f"tokens-{key[:32]}", key)
     if cache is not None:
         return cache
@@ -463,8 +469,7 @@ def _build(cfg, files, key, parts, limit, root: Path, final: Path, say: Say, pro
         ):
             f_off.write(np.zeros(1, np.int64).tobytes())
             for path in files:
-                fmt = file_format(path, cfg)
-                for start, texts, labels in read_chunks(path, fmt, cfg):
+                for start, texts, labels in prefetched(read_chunks(path, file_format(path, cfg), cfg)):
                     labels = _check_rows(path, start, texts, labels)
                     ids, cut = encode(texts, limit)
                     truncated += cut
@@ -526,6 +531,44 @@ def _build(cfg, files, key, parts, limit, root: Path, final: Path, say: Say, pro
         f"prepared the token cache {final}: {rows:,} messages, {tokens:,} tokens in {seconds:.1f} s "
         f"({rows / max(seconds, 1e-9):,.0f} rows/s, {tokens / max(seconds, 1e-9):,.0f} tokens/s)"
     )
+
+
+def prefetched(chunks: Iterator, depth: int = 2) -> Iterator:
+    """`chunks`, read ahead by a thread (parsing overlaps tokenizing, which releases the GIL); its errors re-raised here."""
+    q: queue.Queue = queue.Queue(depth)
+    stop = threading.Event()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                pass
+        return False  # the consumer has gone
+
+    def read() -> None:
+        try:
+            for c in chunks:
+                if not put(("chunk", c)):
+                    return
+            put(("end", None))
+        except BaseException as e:  # handed to the consumer
+            put(("error", e))
+
+    thread = threading.Thread(target=read, daemon=True, name="lora-dist-read")
+    thread.start()
+    try:
+        while True:
+            kind, item = q.get()
+            if kind == "end":
+                return
+            if kind == "error":
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join(timeout=5)
 
 
 def _write_atomic(path: Path, text: str) -> None:
