@@ -21,6 +21,10 @@ import yaml
 
 from .errors import UserError
 
+# dist.strategy's choices: auto, or a backend of train/registry.py's STRATEGIES (which checks it names these)
+StrategyChoice = Literal["auto", "none", "ddp", "deepspeed"]
+STRATEGY_NAMES: tuple[str, ...] = typing.get_args(StrategyChoice)[1:]
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -150,7 +154,7 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class DistConfig:
-    strategy: Literal["auto", "none", "ddp", "deepspeed"] = "auto"
+    strategy: StrategyChoice = "auto"
     backend: Literal["auto", "nccl", "gloo"] = "auto"
     timeout_s: int = 600  # collective timeout: a dead rank never leaves the others hanging forever
     deepspeed_config: str | None = None  # configs/deepspeed/zero2.yaml etc.

@@ -79,11 +79,12 @@ def cuda_has_native_bf16(device: torch.device) -> bool:
 
 
 def resolve_precision(
-    precision: str, device: torch.device, strategy: str = "none", key: str = "train.precision"
+    precision: str, device: torch.device, key: str = "train.precision", *, cpu_bf16: bool = True
 ) -> str:
     """`auto` -> bf16 where the hardware runs it natively (CUDA compute capability >= 8.0, CPUs with
-    AVX512-BF16/AMX), fp32 elsewhere (MPS, V100/T4 and older CPUs, and DeepSpeed on the CPU). Other values
-    are kept, once checked: fp16 needs a GPU. `key` names the setting in the error."""
+    AVX512-BF16/AMX), fp32 elsewhere (MPS, V100/T4 and older CPUs, and on the CPU where `cpu_bf16` is false: a
+    backend that applies its own mixed precision, DeepSpeed, whose bf16 is for GPUs). Other values are kept,
+    once checked: fp16 needs a GPU. `key` names the setting in the error."""
     if precision not in PRECISIONS:
         raise UserError(f"{key} must be one of {', '.join(PRECISIONS)}; got {precision!r}")
     if precision == "fp16" and device.type != "cuda":
@@ -92,7 +93,7 @@ def resolve_precision(
         return precision
     if device.type == "cuda":
         return "bf16" if cuda_has_native_bf16(device) else "fp32"
-    if device.type == "cpu" and strategy != "deepspeed":
+    if device.type == "cpu" and cpu_bf16:
         return "bf16" if cpu_has_native_bf16() else "fp32"
     return "fp32"
 

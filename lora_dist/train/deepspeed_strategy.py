@@ -1,4 +1,4 @@
-"""DeepSpeed ZeRO (stages 0-3, optimizer CPU offload) behind the same strategy interface as DDP.
+"""DeepSpeed ZeRO (stages 0-3, optimizer CPU offload) behind the strategy protocol (`train/backend.py`).
 
     torchrun --nproc_per_node=2 -m lora_dist train --config configs/smoke.yaml \\
         dist.strategy=deepspeed dist.deepspeed_config=configs/deepspeed/zero3.json
@@ -19,7 +19,7 @@ import yaml
 from torch import nn
 
 from ..errors import UserError
-from .strategy import DDP, optimizer_text_of
+from .strategy import Distributed, optimizer_text_of
 
 TAG = "state"
 COMMS_SAMPLE_EVERY = 10  # steps 1, 11, 21, ... count their collectives
@@ -98,8 +98,13 @@ def import_deepspeed():
     return deepspeed
 
 
-class DeepSpeed(DDP):
+class DeepSpeed(Distributed):
+    """DeepSpeed's engine owns the optimizer, the mixed precision and (under ZeRO) the sharded state."""
+
     name = "deepspeed"
+    owns_precision = True
+    owns_optimizer = True
+    shards_state = True
 
     def init(self) -> None:
         import_deepspeed()  # before the process group, the data and the model: a missing DeepSpeed fails at once
@@ -125,13 +130,6 @@ class DeepSpeed(DDP):
 
     def optimizer_text(self) -> str:
         return optimizer_text_of(self.model.basic_optimizer)
-
-    @property
-    def module(self) -> nn.Module:
-        return self.model.module
-
-    def forward(self, ids, last):
-        return self.model(ids, last)  # DeepSpeed applies its own bf16/fp16
 
     def micro_step(self, boundary: bool):
         if self._count_next and not self._counting:  # a sampled step: count from its first micro-batch on

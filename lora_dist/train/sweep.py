@@ -33,7 +33,9 @@ from ..multi_lora import Rows, attach, detach, group_layers
 from ..sweep_report import write_summary
 from . import checkpoint as ckpt
 from . import sweep_state
-from .loop import StopRequested, Trainer, make_strategy
+from .backend import Strategy
+from .loop import StopRequested, Trainer
+from .registry import make_strategy
 from .strategy import Local
 from .sweep_config import AdapterPlan, SweepPlan
 from .sweep_memory import check_memory, prepare_data
@@ -90,7 +92,7 @@ class AdapterStrategy(Local):
     """One adapter's share of the sweep's backend: its own optimizer (its lr, weight decay, betas), its own
     gradient clip and its own model (the shared base under its LoRA and head); collectives go to the job's."""
 
-    def __init__(self, cfg, job: Local):
+    def __init__(self, cfg, job: Strategy):
         self.job = job
         super().__init__(cfg, job.env, job.device)
         self.name = job.name
