@@ -24,6 +24,7 @@ from . import adapter, export, report, sweep_report
 from .build import build_model, num_classes
 from .config import load_config
 from .data import prepare_splits, split_labels
+from .device import DistEnv
 from .errors import UserError
 from .infer import classify, evaluate
 from .lora import count_params
@@ -84,7 +85,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     code = _main(argv)
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+    if DistEnv.from_environ().world_size > 1:
         # Everything is written and the process group is gone; skip C++ static destructors, which at
         # interpreter exit sometimes abort ("terminate called without an active exception") and would
         # turn a finished rank into a failed one.
@@ -96,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str] | None) -> int:
     args = _parser().parse_args(argv)
-    rank = int(os.environ.get("RANK", 0))
+    rank = DistEnv.from_environ().rank
     try:
         if args.command in ("report", "eval", "classify", "adapter", "export", "serve"):
             return _tool(args)

@@ -98,6 +98,49 @@ def resolve_precision(
     return "fp32"
 
 
+def use_tf32(device: torch.device, precision: str, wanted: bool) -> bool:
+    """TF32 tensor cores for fp32 matmuls and convolutions (A100 and newer): about 8x the fp32 rate at a 10-bit
+    mantissa, which LoRA fine-tuning does not notice; on CUDA in fp32, unless train.tf32=false."""
+    return device.type == "cuda" and precision == "fp32" and wanted
+
+
+def set_tf32(on: bool) -> tuple[bool, bool]:
+    """Turn TF32 matmuls and convolutions on or off, process-wide; returns what they were, for `restore_tf32`."""
+    before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = on
+    return before
+
+
+def restore_tf32(before: tuple[bool, bool]) -> None:
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
+def storage_dtype(device: torch.device, precision: str) -> torch.dtype | None:
+    """The dtype a training run stores its frozen Linear weights in, or None to keep fp32: on a GPU under
+    bf16/fp16 autocast, that dtype (autocast would round them to it at every use anyway: the same numbers,
+    half the memory, no casts). The CPU keeps fp32 storage (frozen_linear packs bf16 copies itself)."""
+    return AMP_DTYPES[precision] if device.type == "cuda" else None
+
+
+def model_build_device(device: torch.device) -> torch.device:
+    """Where a training run builds its model: on the GPU it trains on (no slow CPU initialisation of weights
+    that are overwritten anyway), else on the CPU."""
+    return device if device.type == "cuda" else torch.device("cpu")
+
+
+def default_pad_multiple(device_type: str) -> int:
+    """What `padding: batch` rounds a batch's length up to when `data.pad_multiple` is unset: 64 on CUDA (a few
+    shapes, which attention kernels, CUDA graphs and torch.compile build once), 1 on the CPU (every token
+    costs there)."""
+    return 64 if device_type == "cuda" else 1
+
+
+def attention_in_fp32(q: torch.Tensor) -> bool:
+    """Whether attention over `q` computes in fp32: on the CPU for bf16 inputs, whose flash-attention backward
+    is several times slower than fp32's there (and less accurate)."""
+    return q.device.type == "cpu" and q.dtype == torch.bfloat16
+
+
 def autocast(device: torch.device, precision: str, cache: bool = True):
     """The context a forward pass runs in: autocast to bf16/fp16, or nothing for fp32. `cache=False` for a pass
     captured in a CUDA graph (autocast's cache of cast weights must not outlive the capture)."""

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .device import attention_in_fp32
 from .errors import UserError
 from .frozen_linear import Linear
 
@@ -78,7 +79,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kw) -> torch.
     """Scaled dot-product attention. On the CPU, bf16 inputs are computed in fp32: PyTorch's CPU flash
     attention backward is several times slower in bf16 than in fp32 (it is a small share of the FLOPs, and
     the scores are more accurate too); the output keeps the inputs' dtype."""
-    if q.device.type == "cpu" and q.dtype == torch.bfloat16:
+    if attention_in_fp32(q):
         with torch.autocast("cpu", enabled=False):  # CPU autocast would cast it back to bf16
             return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), **kw).to(q.dtype)
     return F.scaled_dot_product_attention(q, k, v, **kw)

@@ -176,7 +176,8 @@ class DeepSpeed(Distributed):
             if master is not None:
                 out[n] = master.detach().float().cpu().clone()
         rest = [(n, p) for n, p in zip(names, chosen, strict=True) if n not in out]
-        if rest and self.precision != "fp32" and self.rank == 0:  # ZeRO stage 0 with fp16 keeps no mapping
+        # ZeRO stage 0 with fp16 keeps no mapping. Every rank warns; only rank 0's output shows it (tracking.output_for)
+        if rest and self.precision != "fp32":
             warnings.warn(
                 f"DeepSpeed exposes no fp32 master copy of {rest[0][0]} (and {len(rest) - 1} more) under "
                 f"ZeRO stage {self.stage} with {self.precision}; saving the {self.precision} copy. "

@@ -22,7 +22,7 @@ from .. import adapter as adapters
 from ..build import build_model, num_classes, seed_everything
 from ..config import Config
 from ..data import Batch, build_datasets, fingerprint, pad_multiple, prepare_splits, split_labels, write_splits
-from ..device import DistEnv
+from ..device import DistEnv, model_build_device
 from ..errors import UserError
 from ..lora import adapter_state_dict, count_params
 from ..model import GPT2, PADDING_FREE
@@ -92,8 +92,7 @@ class Trainer:
         self.num_classes = num_classes(cfg, self.labels)
         out.call(write_splits, splits, out.path("splits"))
         self.data_sha256 = fingerprint(splits)
-        # Built on the GPU it trains on: no slow CPU initialisation of weights that are overwritten anyway.
-        self.build_device = s.device if s.device.type == "cuda" else torch.device("cpu")
+        self.build_device = model_build_device(s.device)
         model, self.lora_modules = self.build()
         self.total_params, self.trainable_params = count_params(model)
         self.adapter_names = list(adapter_state_dict(model))

@@ -30,6 +30,10 @@ from ..device import (
     leave_process_group,
     prefer_attention_kernels,
     resolve_precision,
+    restore_tf32,
+    set_tf32,
+    storage_dtype,
+    use_tf32,
 )
 from ..errors import UserError
 from ..lora import cast_frozen, load_adapter_state_dict
@@ -57,12 +61,8 @@ class Local:
         if device.type == "cuda":  # first: whatever asks the GPU something below asks this rank's GPU
             torch.cuda.set_device(device)
         self.precision = precision = resolve_precision(cfg.train.precision, device, cpu_bf16=not self.owns_precision)
-        # TF32 tensor cores for fp32 matmuls and convolutions (A100 and newer): about 8x the fp32 rate at a
-        # 10-bit mantissa, which LoRA fine-tuning does not notice. train.tf32=false keeps full fp32.
-        self.tf32 = device.type == "cuda" and precision == "fp32" and cfg.train.tf32
-        if self.tf32:
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
+        self.tf32 = use_tf32(device, precision, cfg.train.tf32)  # train.tf32=false keeps full fp32
+        self._tf32_before = set_tf32(True) if self.tf32 else None  # put back by cleanup
         self.amp_dtype = AMP_DTYPES[precision]
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
         self._comm_bytes = 0
@@ -103,13 +103,11 @@ class Local:
         self.optimizer = self._adamw(self.trainable())
 
     def place(self, model: M) -> M:
-        """The model on this rank's device. On a GPU under bf16/fp16 autocast, the frozen Linear weights are
-        stored in that dtype once (autocast would round them to it at every use anyway: the same numbers,
-        half the memory, no casts); adapters, head, norms, embeddings and optimizer state stay fp32. The CPU
-        keeps fp32 storage (frozen_linear packs bf16 copies itself)."""
+        """The model on this rank's device, its frozen Linear weights stored as `device.storage_dtype` says;
+        adapters, head, norms, embeddings and optimizer state stay fp32."""
         model = model.to(self.device)
-        if self.device.type == "cuda" and self.amp_dtype is not None:
-            cast_frozen(model, self.amp_dtype)
+        if (dtype := storage_dtype(self.device, self.precision)) is not None:
+            cast_frozen(model, dtype)
         return model
 
     def _adamw(self, params) -> torch.optim.Optimizer:
@@ -203,7 +201,8 @@ class Local:
         pass
 
     def cleanup(self, ok: bool = True) -> None:
-        pass
+        if self._tf32_before is not None:
+            restore_tf32(self._tf32_before)
 
 
 class Distributed(Local):
@@ -250,6 +249,7 @@ class Distributed(Local):
 
     def cleanup(self, ok: bool = True) -> None:
         leave_process_group(self._set_env, barrier=ok)  # on success every rank is done with its collectives
+        super().cleanup(ok)
 
 
 class DDP(Distributed):

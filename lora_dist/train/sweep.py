@@ -26,7 +26,7 @@ from torch import nn
 
 from ..build import add_trainable, build_base, shared_copy
 from ..data import Batch
-from ..device import DistEnv
+from ..device import DistEnv, model_build_device
 from ..errors import UserError
 from ..model import GPT2, Packed
 from ..multi_lora import Rows, attach, detach, group_layers
@@ -166,7 +166,7 @@ class Sweep:
             raise UserError(
                 f"ranks started with different sweep configs (hashes {sorted(set(digests))}); launch every rank alike"
             )
-        self.build_device = job.device if job.device.type == "cuda" else torch.device("cpu")
+        self.build_device = model_build_device(job.device)
         # on the job's device, frozen weights stored as the job stores them (bf16 under autocast on a GPU), once:
         # every adapter's copy shares these tensors
         self.base = job.place(build_base(cfg, device=self.build_device).requires_grad_(False))
