@@ -24,7 +24,7 @@ from . import adapter, export, report, sweep_report
 from .build import build_model, num_classes
 from .config import load_config
 from .data import prepare_splits, split_labels
-from .device import DistEnv
+from .device import PRECISIONS, DistEnv
 from .errors import UserError
 from .infer import classify, evaluate
 from .lora import count_params
@@ -60,7 +60,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     e.add_argument("--data", default=None, help="a CSV/TSV with text and label columns instead of a split")
     e.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
-    e.add_argument("--precision", default="fp32", choices=("auto", "fp32", "bf16", "fp16"), help="(default: fp32)")
+    e.add_argument("--precision", default="fp32", choices=PRECISIONS, help="(default: fp32)")
     e.add_argument("--batch-size", type=int, default=32, help="messages per forward pass (default: 32)")
     e.add_argument("--json", action="store_true", help="print the result as JSON")
     classify.add_arguments(

@@ -21,9 +21,9 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from .config import PRECISIONS
 from .errors import UserError
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 AMP_DTYPES: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 

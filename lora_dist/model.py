@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .config import POOLINGS
 from .device import attention_in_fp32
 from .errors import UserError
 from .frozen_linear import Linear
@@ -240,7 +241,7 @@ class Block(nn.Module):
         return x + self.drop(self.ff(self.norm2(x)))
 
 
-POOLING = ("last_real", "last", "first", "mean", "mean_all")
+POOLING = POOLINGS  # config.ModelConfig.pooling's choices
 # The poolings that read real tokens only: under causal attention, right-padding changes nothing they read.
 PADDING_FREE = ("last_real", "first", "mean")
 

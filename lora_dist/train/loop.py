@@ -519,5 +519,7 @@ def run(cfg: Config) -> dict | None:
         ok = True
         return results
     finally:
-        trainer.out.close()
-        trainer.strategy.cleanup(ok)
+        try:
+            trainer.strategy.cleanup(ok)
+        finally:
+            trainer.out.close()  # after the process group is left: its warnings stay quiet on other ranks

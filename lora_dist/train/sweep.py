@@ -364,5 +364,5 @@ def run(plan: SweepPlan) -> bool:
     finally:
         for a in sweep.runs.values():
             a.out.close()
-        sweep.out.close()
         sweep.job.cleanup(ok)
+        sweep.out.close()
