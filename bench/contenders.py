@@ -24,7 +24,7 @@ from lora_dist.device import pick_device
 from lora_dist.lora import cast_frozen
 from lora_dist.model import PADDING_FREE, SIZES
 from lora_dist.train.loaders import ShardedSampler, make_loaders
-from lora_dist.train.loop import make_strategy
+from lora_dist.train.registry import make_strategy
 
 RECIPE = "configs/book/appendix-e.yaml"  # the book's recipe exactly: rank 16, alpha 16, every Linear, batch 8, AdamW
 

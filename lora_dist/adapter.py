@@ -30,7 +30,7 @@ from .config import build as build_config
 from .data import build_datasets, fixed_length, read_table
 from .errors import UserError
 from .files import WRITE_ERRORS, read_json, save_file, write_atomic, write_error
-from .lora import scale_factor
+from .lora import adapter_key, scale_factor
 from .model import ALIASES, HUB_REPOS, PADDING_FREE, canonical_name
 from .weights import base_dir, load_gpt2, weights_sha256
 
@@ -301,8 +301,9 @@ class Adapter:
             raise UserError(f"{self.tensor_file} cannot be read ({e}); it is damaged, retrain or restore it") from e
         check_values(tensors, str(self.tensor_file))
         rank = self.spec.lora["rank"] if self.spec.lora else None
+        factor_a = adapter_key("", "A")  # every layer's A, named `<layer>.lora.A`
         for k, t in tensors.items():
-            if rank is not None and k.endswith(".lora.A") and (t.dim() != 2 or t.shape[1] != rank):
+            if rank is not None and k.endswith(factor_a) and (t.dim() != 2 or t.shape[1] != rank):
                 raise UserError(
                     f"{self.tensor_file}: tensor '{k}' has shape {list(t.shape)}, but the description says rank "
                     f"{rank}; the adapter's files do not belong together, restore the ones the run wrote"

@@ -24,6 +24,7 @@ import torch
 from . import adapter, export, report, sweep_report
 from .build import build_model, num_classes
 from .config import load_config
+from .device import PRECISIONS, DistEnv
 from .errors import UserError
 from .infer import classify, evaluate
 from .lora import count_params
@@ -61,7 +62,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     e.add_argument("--data", default=None, help="a CSV/TSV with text and label columns instead of a split")
     e.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
-    e.add_argument("--precision", default="fp32", choices=("auto", "fp32", "bf16", "fp16"), help="(default: fp32)")
+    e.add_argument("--precision", default="fp32", choices=PRECISIONS, help="(default: fp32)")
     e.add_argument("--batch-size", type=int, default=32, help="messages per forward pass (default: 32)")
     e.add_argument("--json", action="store_true", help="print the result as JSON")
     classify.add_arguments(
@@ -86,7 +87,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     code = _main(argv)
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+    if DistEnv.from_environ().world_size > 1:
         # Everything is written and the process group is gone; skip C++ static destructors, which at
         # interpreter exit sometimes abort ("terminate called without an active exception") and would
         # turn a finished rank into a failed one.
@@ -98,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str] | None) -> int:
     args = _parser().parse_args(argv)
-    rank = int(os.environ.get("RANK", 0))
+    rank = DistEnv.from_environ().rank
     try:
         if args.command in ("report", "eval", "classify", "adapter", "export", "serve"):
             return _tool(args)

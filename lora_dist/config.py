@@ -21,6 +21,15 @@ import yaml
 
 from .errors import UserError
 
+# The lists of choices, each defined here once (the command line's flags and the modules that check them read these)
+PrecisionChoice = Literal["auto", "fp32", "bf16", "fp16"]
+PRECISIONS: tuple[str, ...] = typing.get_args(PrecisionChoice)
+PoolingChoice = Literal["last_real", "last", "first", "mean", "mean_all"]
+POOLINGS: tuple[str, ...] = typing.get_args(PoolingChoice)
+# dist.strategy's choices: auto, or a backend of train/registry.py's STRATEGIES (which checks it names these)
+StrategyChoice = Literal["auto", "none", "ddp", "deepspeed"]
+STRATEGY_NAMES: tuple[str, ...] = typing.get_args(StrategyChoice)[1:]
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -32,7 +41,7 @@ class ModelConfig:
     activation_checkpointing: bool = False
     # Which hidden state the head classifies: the last real token (default), the last position after
     # padding (the book), the first token, or the mean over the real tokens (or over every position).
-    pooling: Literal["last_real", "last", "first", "mean", "mean_all"] = "last_real"
+    pooling: PoolingChoice = "last_real"
     causal_mask: bool = True  # false: every token attends to every position (the book's row 17)
 
     def __post_init__(self):
@@ -134,7 +143,7 @@ class TrainConfig:
     eval_batches: int = 5  # batches used for those estimates and the per-epoch accuracies
     seed: int = 123
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 where native (strategy.resolve_precision)
+    precision: PrecisionChoice = "auto"  # auto: bf16 where native (strategy.resolve_precision)
     tf32: bool = True  # fp32 on CUDA: TF32 tensor-core matmuls (A100 and newer); false: full fp32
     compile: bool = False  # torch.compile the model's forward (parameter names stay as they are)
     # Capture the whole training step (forward, backward, clipping, AdamW) as one CUDA graph per batch shape and
@@ -167,7 +176,7 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class DistConfig:
-    strategy: Literal["auto", "none", "ddp", "deepspeed"] = "auto"
+    strategy: StrategyChoice = "auto"
     backend: Literal["auto", "nccl", "gloo"] = "auto"
     timeout_s: int = 600  # collective timeout: a dead rank never leaves the others hanging forever
     deepspeed_config: str | None = None  # configs/deepspeed/zero2.yaml etc.

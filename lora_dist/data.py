@@ -26,6 +26,7 @@ import torch
 from torch.utils.data import Dataset
 
 from .config import DataConfig
+from .device import default_pad_multiple
 from .errors import UserError
 from .tokenizer import get_tokenizer
 
@@ -337,14 +338,13 @@ class Collate:
 
 
 def pad_multiple(cfg: DataConfig, device_type: str, padding_free: bool) -> int:
-    """What `padding: batch` rounds a batch's length up to: `data.pad_multiple`, else 64 on CUDA (a few shapes,
-    which attention kernels, CUDA graphs and torch.compile build once) and 1 on the CPU (every token costs
-    there). Always 1 where padding changes what the head reads (`padding_free` False)."""
+    """What `padding: batch` rounds a batch's length up to: `data.pad_multiple`, else the device's default
+    (`device.default_pad_multiple`: 64 on CUDA, 1 on the CPU). Always 1 where padding changes what the head reads (`padding_free` False)."""
     if cfg.padding != "batch" or not padding_free:
         return 1
     if cfg.pad_multiple is not None:
         return cfg.pad_multiple
-    return 64 if device_type == "cuda" else 1
+    return default_pad_multiple(device_type)
 
 
 def batch_plan(

@@ -21,9 +21,9 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from .config import PRECISIONS
 from .errors import UserError
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 AMP_DTYPES: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -79,11 +79,12 @@ def cuda_has_native_bf16(device: torch.device) -> bool:
 
 
 def resolve_precision(
-    precision: str, device: torch.device, strategy: str = "none", key: str = "train.precision"
+    precision: str, device: torch.device, key: str = "train.precision", *, cpu_bf16: bool = True
 ) -> str:
     """`auto` -> bf16 where the hardware runs it natively (CUDA compute capability >= 8.0, CPUs with
-    AVX512-BF16/AMX), fp32 elsewhere (MPS, V100/T4 and older CPUs, and DeepSpeed on the CPU). Other values
-    are kept, once checked: fp16 needs a GPU. `key` names the setting in the error."""
+    AVX512-BF16/AMX), fp32 elsewhere (MPS, V100/T4 and older CPUs, and on the CPU where `cpu_bf16` is false: a
+    backend that applies its own mixed precision, DeepSpeed, whose bf16 is for GPUs). Other values are kept,
+    once checked: fp16 needs a GPU. `key` names the setting in the error."""
     if precision not in PRECISIONS:
         raise UserError(f"{key} must be one of {', '.join(PRECISIONS)}; got {precision!r}")
     if precision == "fp16" and device.type != "cuda":
@@ -92,9 +93,52 @@ def resolve_precision(
         return precision
     if device.type == "cuda":
         return "bf16" if cuda_has_native_bf16(device) else "fp32"
-    if device.type == "cpu" and strategy != "deepspeed":
+    if device.type == "cpu" and cpu_bf16:
         return "bf16" if cpu_has_native_bf16() else "fp32"
     return "fp32"
+
+
+def use_tf32(device: torch.device, precision: str, wanted: bool) -> bool:
+    """TF32 tensor cores for fp32 matmuls and convolutions (A100 and newer): about 8x the fp32 rate at a 10-bit
+    mantissa, which LoRA fine-tuning does not notice; on CUDA in fp32, unless train.tf32=false."""
+    return device.type == "cuda" and precision == "fp32" and wanted
+
+
+def set_tf32(on: bool) -> tuple[bool, bool]:
+    """Turn TF32 matmuls and convolutions on or off, process-wide; returns what they were, for `restore_tf32`."""
+    before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = on
+    return before
+
+
+def restore_tf32(before: tuple[bool, bool]) -> None:
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
+def storage_dtype(device: torch.device, precision: str) -> torch.dtype | None:
+    """The dtype a training run stores its frozen Linear weights in, or None to keep fp32: on a GPU under
+    bf16/fp16 autocast, that dtype (autocast would round them to it at every use anyway: the same numbers,
+    half the memory, no casts). The CPU keeps fp32 storage (frozen_linear packs bf16 copies itself)."""
+    return AMP_DTYPES[precision] if device.type == "cuda" else None
+
+
+def model_build_device(device: torch.device) -> torch.device:
+    """Where a training run builds its model: on the GPU it trains on (no slow CPU initialisation of weights
+    that are overwritten anyway), else on the CPU."""
+    return device if device.type == "cuda" else torch.device("cpu")
+
+
+def default_pad_multiple(device_type: str) -> int:
+    """What `padding: batch` rounds a batch's length up to when `data.pad_multiple` is unset: 64 on CUDA (a few
+    shapes, which attention kernels, CUDA graphs and torch.compile build once), 1 on the CPU (every token
+    costs there)."""
+    return 64 if device_type == "cuda" else 1
+
+
+def attention_in_fp32(q: torch.Tensor) -> bool:
+    """Whether attention over `q` computes in fp32: on the CPU for bf16 inputs, whose flash-attention backward
+    is several times slower than fp32's there (and less accurate)."""
+    return q.device.type == "cpu" and q.dtype == torch.bfloat16
 
 
 def autocast(device: torch.device, precision: str, cache: bool = True):

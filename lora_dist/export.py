@@ -30,7 +30,7 @@ import torch
 
 from .build import load_trained, read_adapter
 from .errors import UserError
-from .lora import LinearWithLoRA, merge
+from .lora import LinearWithLoRA, adapted_layers, adapter_names, base_key, merge
 from .peft import PREFIX, SIDECAR, hf_modules
 from .weights import hf_config, hf_state_dict, key_map, save_file
 
@@ -87,7 +87,8 @@ def check_exportable(spec, fmt: str, source: str) -> None:
 
 def _plain_state(model) -> dict[str, torch.Tensor]:
     """The model's own weights under the plain GPT2 names (LoRA wrappers' `.linear.` dropped, adapters left out)."""
-    return {k.replace(".linear.", "."): v for k, v in model.state_dict().items() if ".lora." not in k}
+    skip = adapter_names(model)
+    return {k.replace(".linear.", "."): v for k, v in model.state_dict().items() if k not in skip}
 
 
 def _save(tensors: dict[str, torch.Tensor], file: Path) -> None:
@@ -155,20 +156,18 @@ def write_peft(model, spec, names: set[str], source: str, out: Path, final: Path
     """adapter_config.json + adapter_model.safetensors (PEFT's names), and lora-dist's description beside them."""
     table, C = hf_modules(model.cfg.n_layers), model.cfg.emb_dim
     notes: list[str] = []
-    groups: dict[str, dict] = {}  # HF module -> {slot: LoRALayer}
-    used = set()
-    for name, m in model.named_modules():
-        if isinstance(m, LinearWithLoRA):
-            used |= {f"{name}.lora.A", f"{name}.lora.B"}
-            if name != "head":
-                if name not in table:
-                    raise UserError(
-                        f"{source}: layer '{name}' has a LoRA adapter that PEFT cannot place on "
-                        f"GPT2ForSequenceClassification; export --format merged"
-                    )
-                hf, slot = table[name]
-                groups.setdefault(hf, {})[slot] = m.lora
-    used |= {"head.weight", "head.bias", "head.linear.weight", "head.linear.bias", *spec.overrides}
+    groups: dict[str, dict] = {}  # HF module -> {slot: (A (in, r), B (r, out), scale)}
+    used = adapter_names(model)
+    for name, m in adapted_layers(model):
+        if name != "head":
+            if name not in table:
+                raise UserError(
+                    f"{source}: layer '{name}' has a LoRA adapter that PEFT cannot place on "
+                    f"GPT2ForSequenceClassification; export --format merged"
+                )
+            hf, slot = table[name]
+            groups.setdefault(hf, {})[slot] = m.lora.factors()
+    used |= {"head.weight", "head.bias", base_key("head"), base_key("head", "bias"), *spec.overrides}
     if names - used:
         raise UserError(
             f"{source} holds {sorted(names - used)[:3]}, which this export cannot represent in PEFT's "
@@ -177,16 +176,17 @@ def write_peft(model, spec, names: set[str], source: str, out: Path, final: Path
     tensors, ranks, scales = {}, {}, {}
     for hf, parts in groups.items():
         if None in parts:
-            lora = parts[None]
-            A, B, s = lora.A.t(), lora.B.t(), lora.scale  # (r, in), (out, r)
+            a, b, s = parts[None]
+            A, B = a.t(), b.t()  # (r, in), (out, r)
         else:  # the fused c_attn: one block of the summed rank, block-diagonal B
-            s = parts[min(parts)].scale
-            A = torch.cat([parts[k].A.t() for k in sorted(parts)])  # (R, C)
+            s = parts[min(parts)][2]
+            A = torch.cat([parts[k][0].t() for k in sorted(parts)])  # (R, C)
             B = torch.zeros(3 * C, A.shape[0])  # (3C, R)
             col = 0
             for k in sorted(parts):
-                r = parts[k].A.shape[1]
-                B[k * C : (k + 1) * C, col : col + r] = parts[k].B.t() * (parts[k].scale / s)
+                a, b, sk = parts[k]
+                r = a.shape[1]
+                B[k * C : (k + 1) * C, col : col + r] = b.t() * (sk / s)
                 col += r
         tensors[f"{PREFIX}{hf}.lora_A.weight"], tensors[f"{PREFIX}{hf}.lora_B.weight"] = A, B
         ranks[hf], scales[hf] = A.shape[0], s

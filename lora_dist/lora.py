@@ -4,12 +4,19 @@
 
 `LoRALayer` and `LinearWithLoRA` follow the book (appendix E): A is Kaiming-uniform with a=sqrt(5), B is
 zero, so an injected model starts out computing exactly what the base model computes.
+
+Every part of the package reaches adapters through `Adapter` (the protocol below) and this module's lookups,
+never by the names of their tensors: training and the grouped sweep path call `forward`, merge and the head's
+export `delta_weight`, the stacked serving path and the PEFT export `factors`, and `adapted_layers`,
+`adapter_names`, `adapter_key`, `base_key` and `adapter_from_state` find them in a model or a tensor file.
+`ADAPTER_TYPES` is the registry a second adapter type (ARCHITECTURE.md: DoRA) joins.
 """
 
 from __future__ import annotations
 
 import math
 from fnmatch import fnmatchcase
+from typing import ClassVar, Protocol
 
 import torch
 from torch import nn
@@ -23,7 +30,38 @@ def scale_factor(cfg: LoRAConfig) -> float:
     return {"alpha": cfg.alpha, "alpha/r": cfg.alpha / cfg.rank, "rslora": cfg.alpha / math.sqrt(cfg.rank)}[cfg.scaling]
 
 
+ADAPTER_ATTR = "lora"  # where a wrapped layer keeps its adapter: `<layer>.lora.<tensor>`
+BASE_ATTR = "linear"  # where it keeps its base layer: `<layer>.linear.weight`
+
+
+class Adapter(Protocol):
+    """What one adapter type gives every part of the package, for one Linear layer (in -> out)."""
+
+    kind: ClassVar[str]  # its name in ADAPTER_TYPES
+    tensors: ClassVar[tuple[str, ...]]  # its own tensors' names, in file order (`adapter_key`)
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """Its contribution to the layer's output for input x, or with `y` (the base layer's output) the sum."""
+        ...
+
+    def delta_weight(self) -> torch.Tensor:
+        """Its update in nn.Linear's (out, in) layout, fp32: what merging adds to the base weight."""
+        ...
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """(A (in, r), B (r, out), scale) with delta_weight = scale * (A @ B).t(): the stacked serving path and
+        PEFT's lora_A/lora_B. (A type with no such form raises, and serves through `__call__` instead.)"""
+        ...
+
+    def adapter_params(self) -> dict[str, nn.Parameter]:
+        """Its trainable tensors by name (the names of `tensors`)."""
+        ...
+
+
 class LoRALayer(nn.Module):
+    kind: ClassVar[str] = "lora"
+    tensors: ClassVar[tuple[str, ...]] = ("A", "B")
+
     def __init__(self, in_dim: int, out_dim: int, rank: int, scale: float, dropout: float = 0.0):
         super().__init__()
         self.A = nn.Parameter(torch.empty(in_dim, rank))
@@ -44,6 +82,36 @@ class LoRALayer(nn.Module):
     def delta_weight(self) -> torch.Tensor:
         """The update in nn.Linear's (out, in) layout, computed in fp32."""
         return self.scale * (self.A.float() @ self.B.float()).t()
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor, float]:
+        return self.A.detach(), self.B.detach(), self.scale
+
+    def adapter_params(self) -> dict[str, nn.Parameter]:
+        return {"A": self.A, "B": self.B}
+
+
+ADAPTER_TYPES: dict[str, type[LoRALayer]] = {"lora": LoRALayer}  # a second type (DoRA) is one more entry
+
+
+def adapter_key(layer: str, tensor: str) -> str:
+    """The name of adapter tensor `tensor` of the adapter on `layer` in a model's or a file's state."""
+    return f"{layer}.{ADAPTER_ATTR}.{tensor}"
+
+
+def base_key(layer: str, tensor: str = "weight") -> str:
+    """The name of the base layer's `tensor` of an adapted `layer`."""
+    return f"{layer}.{BASE_ATTR}.{tensor}"
+
+
+def adapter_from_state(state: dict[str, torch.Tensor], layer: str, scale: float, kind: str = "lora") -> Adapter:
+    """The adapter on `layer` as a tensor file holds it (its tensors as they are stored, not trainable)."""
+    cls = ADAPTER_TYPES[kind]
+    a = cls.__new__(cls)
+    nn.Module.__init__(a)
+    for t in cls.tensors:
+        setattr(a, t, nn.Parameter(state[adapter_key(layer, t)], requires_grad=False))
+    a.scale, a.dropout = scale, nn.Identity()
+    return a
 
 
 class LinearWithLoRA(nn.Module):
@@ -87,13 +155,26 @@ class LinearWithLoRA(nn.Module):
         self._original = None
 
 
-def _lora_modules(model: nn.Module):
+def adapted_layers(model: nn.Module) -> list[tuple[str, LinearWithLoRA]]:
+    """(name, layer) of every layer of `model` that carries an adapter, in the model's order."""
     return [(n, m) for n, m in model.named_modules() if isinstance(m, LinearWithLoRA)]
+
+
+def adapter_of(model: nn.Module, layer: str) -> Adapter:
+    """The adapter on `layer` (a name `inject_lora` returned)."""
+    m = model.get_submodule(layer)
+    assert isinstance(m, LinearWithLoRA), f"{layer} carries no adapter"
+    return m.lora
+
+
+def adapter_names(model: nn.Module) -> set[str]:
+    """The names of every adapter tensor in `model`'s parameters."""
+    return {adapter_key(n, t) for n, m in adapted_layers(model) for t in m.lora.adapter_params()}
 
 
 def inject_lora(model: nn.Module, cfg: LoRAConfig, head_name: str = "head") -> list[str]:
     """Freeze every base weight, then wrap the selected nn.Linear layers. Returns the wrapped names."""
-    if _lora_modules(model):
+    if adapted_layers(model):
         raise ValueError("the model already has LoRA adapters")
     for p in model.parameters():
         p.requires_grad_(False)
@@ -126,12 +207,12 @@ def _head(model: nn.Module, head_name: str) -> nn.Module:
 
 
 def merge(model: nn.Module) -> None:
-    for _, m in _lora_modules(model):
+    for _, m in adapted_layers(model):
         m.merge()
 
 
 def unmerge(model: nn.Module) -> None:
-    for _, m in _lora_modules(model):
+    for _, m in adapted_layers(model):
         m.unmerge()
 
 
@@ -141,10 +222,8 @@ def adapter_state_dict(model: nn.Module, head_name: str = "head") -> dict[str, t
     it), in the model's parameter order."""
     head = _head(model, head_name)
     prefix = head_name + (".linear." if isinstance(model.get_submodule(head_name), LinearWithLoRA) else ".")
-    head_names = {prefix + n for n, _ in head.named_parameters()}
-    return {
-        n: p.detach() for n, p in model.named_parameters() if ".lora." in f".{n}" or p.requires_grad or n in head_names
-    }
+    keep = {prefix + n for n, _ in head.named_parameters()} | adapter_names(model)
+    return {n: p.detach() for n, p in model.named_parameters() if n in keep or p.requires_grad}
 
 
 def load_adapter_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: str = "adapter") -> None:
@@ -167,7 +246,8 @@ def load_adapter_state_dict(model: nn.Module, state: dict[str, torch.Tensor], so
 
 def count_params(model: nn.Module) -> tuple[int, int]:
     """(total, trainable). Total counts the model without its adapters, as the book reports it."""
-    total = sum(p.numel() for n, p in model.named_parameters() if ".lora." not in f".{n}")
+    adapters = adapter_names(model)
+    total = sum(p.numel() for n, p in model.named_parameters() if n not in adapters)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return total, trainable
 

@@ -19,6 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .config import POOLINGS
+from .device import attention_in_fp32
 from .errors import UserError
 from .frozen_linear import Linear
 
@@ -78,7 +80,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kw) -> torch.
     """Scaled dot-product attention. On the CPU, bf16 inputs are computed in fp32: PyTorch's CPU flash
     attention backward is several times slower in bf16 than in fp32 (it is a small share of the FLOPs, and
     the scores are more accurate too); the output keeps the inputs' dtype."""
-    if q.device.type == "cpu" and q.dtype == torch.bfloat16:
+    if attention_in_fp32(q):
         with torch.autocast("cpu", enabled=False):  # CPU autocast would cast it back to bf16
             return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), **kw).to(q.dtype)
     return F.scaled_dot_product_attention(q, k, v, **kw)
@@ -239,7 +241,7 @@ class Block(nn.Module):
         return x + self.drop(self.ff(self.norm2(x)))
 
 
-POOLING = ("last_real", "last", "first", "mean", "mean_all")
+POOLING = POOLINGS  # config.ModelConfig.pooling's choices
 # The poolings that read real tokens only: under causal attention, right-padding changes nothing they read.
 PADDING_FREE = ("last_real", "first", "mean")
 

@@ -22,6 +22,8 @@ import itertools
 import torch
 from torch import nn
 
+from .lora import Adapter, adapter_of
+
 
 class Rows:
     """Which adapter each row of the batch in flight uses (set around each forward pass)."""
@@ -141,14 +143,14 @@ def wrap(model: nn.Module, names, make) -> None:
 
 class GroupedLoRALinear(nn.Module):
     """Training's grouped layer (a sweep's, `train/sweep.py`): base(x) once for the whole batch, then each
-    adapter's own trainable LoRA (its `lora.LoRALayer`) over its own segment of rows or packed tokens,
+    adapter's own trainable adapter (a `lora.Adapter`) over its own segment of rows or packed tokens,
     gradients and all. A segment computes what its adapter computes alone. The LoRA layers belong to each
     adapter's own model (`attach`, `detach`); this layer only routes rows to them."""
 
     def __init__(self, linear: nn.Module, rows: Rows):
         super().__init__()
         self.linear, self.rows = linear, rows
-        self.adapters: dict[int, nn.Module] = {}  # adapter number -> its LoRALayer (not a submodule here)
+        self.adapters: dict[int, Adapter] = {}  # adapter number -> its adapter (not a submodule here)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.linear(x)  # (N, out) packed tokens, or (B, 1, out) at the last positions: shared by every row
@@ -197,7 +199,7 @@ def attach(model: nn.Module, number: int, adapter: nn.Module, layers: list[str])
         if name != "head":
             layer = model.get_submodule(name)
             assert isinstance(layer, GroupedLoRALinear)
-            layer.adapters[number] = adapter.get_submodule(name + ".lora")
+            layer.adapters[number] = adapter_of(adapter, name)
     heads = model.get_submodule("head")
     assert isinstance(heads, GroupedHeads)
     heads.adapters[number] = adapter.get_submodule("head")

@@ -28,6 +28,7 @@ from safetensors.torch import load_file
 from .adapter import AdapterSpec, BaseModel, check_values, finite_number, whole
 from .errors import UserError
 from .files import read_json
+from .lora import adapter_key
 from .model import ALIASES, HUB_REPOS
 from .weights import from_hf, key_map, load_gpt2
 
@@ -158,7 +159,7 @@ def read(path: Path, base: str | None) -> tuple[AdapterSpec, dict[str, torch.Ten
         a, b = parts[ours]
         A, B = torch.zeros(a.shape[0], R), torch.zeros(R, b.shape[1])
         A[:, : a.shape[1]], B[: b.shape[0]] = a, b / scale
-        out[f"{ours}.lora.A"], out[f"{ours}.lora.B"] = A, B
+        out[adapter_key(ours, "A")], out[adapter_key(ours, "B")] = A, B
     lora_spec = {
         "rank": R,
         "alpha": scale,

@@ -64,20 +64,85 @@ def leaf(module: str) -> str:
     return module.rpartition(".")[2]
 
 
+def paths(graph: dict[str, set[str]], src: str) -> dict[str, list[str]]:
+    """{every module `src` reaches: the shortest chain of imports from src to it}."""
+    found = {src: [src]}
+    queue = [src]
+    while queue:
+        v = queue.pop(0)
+        for w in sorted(graph.get(v, ())):
+            if w not in found:
+                found[w] = found[v] + [w]
+                queue.append(w)
+    del found[src]
+    return found
+
+
 def broken_rules(graph: dict[str, set[str]]) -> list[str]:
-    """One line per import that breaks a rule, and one per import cycle."""
+    """One line per module that reaches (imports, or imports something that imports, ...) a module a rule
+    says it never reaches, and one per import cycle."""
     out = []
-    for src, targets in sorted(graph.items()):
-        for dst in sorted(targets):
+    for src in sorted(graph):
+        for dst, chain in sorted(paths(graph, src).items()):
             a, b = part(src), part(dst)
+            how = f"imports {dst}" if len(chain) == 2 else f"reaches {dst} through {' -> '.join(chain[1:-1])}"
             if b in WINGS and a not in IMPORTERS[b]:
                 who = ", ".join(f"{w}/" for w in sorted(IMPORTERS[b] & set(WINGS)))
-                out.append(f"{src} imports {dst}: only {who} and the command line import {b}/")
+                out.append(f"{src} {how}: only {who} and the command line import {b}/")
             if leaf(src) in MODEL and a == "core" and leaf(dst) in LORA:
-                out.append(f"{src} imports {dst}: the model never imports LoRA (it is injected afterwards)")
+                out.append(f"{src} {how}: the model never imports LoRA (it is injected afterwards)")
             if leaf(src) == "data" and a == "core" and leaf(dst) in MODEL | LORA | {"weights", "build"}:
-                out.append(f"{src} imports {dst}: data never imports the model")
+                out.append(f"{src} {how}: data never imports the model")
     out += [f"import cycle among {', '.join(c)}" for c in cycles(graph)]
+    return out
+
+
+LAUNCHER_ENV = {"RANK", "LOCAL_RANK", "WORLD_SIZE"}  # what torchrun/Slurm say about a process: device.DistEnv reads it
+# Where a rank is compared with 0: train/tracking.py's output_for (rank 0's RunOutput, the others' NullOutput), and
+# two places that are not rank-0 side effects or are left for another branch, each with why.
+RANK_ZERO_EXEMPT = {
+    "lora_dist.cli": "every rank prints its own error line; rank 0 without the `(rank N)` prefix",
+    "lora_dist.infer.classify": "its --file loop's writing and gathering, rewritten by the streaming-input branch",
+}
+
+
+def _dotted(node: ast.AST) -> str:
+    """`torch.backends.cuda.matmul.allow_tf32` for that attribute chain, '' for anything else."""
+    parts = []
+    while isinstance(node, ast.Attribute):
+        parts.append(node.attr)
+        node = node.value
+    return ".".join([node.id, *reversed(parts)]) if isinstance(node, ast.Name) else ""
+
+
+def decisions_outside_their_place(root: Path = PACKAGE) -> list[str]:
+    """One line per place outside device.py that decides device or precision process-wide (sets
+    torch.backends flags or float32 matmul precision) or reads the launcher's rank variables, and per place outside
+    train/tracking.py that compares a rank with 0 (a rank-0 side effect of its own)."""
+    out = []
+    for path in sorted(root.rglob("*.py")):
+        name = module_name(path, root)
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            where = f"{name}:{getattr(node, 'lineno', 0)}"
+            if leaf(name) != "device" or part(name) != "core":
+                targets = node.targets if isinstance(node, ast.Assign) else []
+                if any(_dotted(t).startswith("torch.backends.") for t in targets):
+                    out.append(f"{where} sets torch.backends flags: device and precision are decided in device.py")
+                if isinstance(node, ast.Call) and (
+                    _dotted(node.func).startswith("torch.backends.")
+                    or _dotted(node.func) == "torch.set_float32_matmul_precision"
+                ):
+                    out.append(f"{where} calls {_dotted(node.func)}: device and precision are decided in device.py")
+                if isinstance(node, ast.Constant) and node.value in LAUNCHER_ENV:
+                    out.append(f"{where} reads {node.value}: rank and world size come from device.DistEnv")
+            if name != "lora_dist.train.tracking" and name not in RANK_ZERO_EXEMPT and isinstance(node, ast.Compare):
+                if not all(isinstance(op, (ast.Eq, ast.NotEq)) for op in node.ops):
+                    continue  # `lora.rank > 0` is LoRA's rank
+                sides = [node.left, *node.comparators]
+                if any(isinstance(x, ast.Constant) and x.value == 0 for x in sides) and any(
+                    _dotted(x).split(".")[-1] in ("rank", "global_rank") for x in sides
+                ):
+                    out.append(f"{where} compares a rank with 0: rank 0's output goes through train/tracking.py")
     return out
 
 
@@ -137,6 +202,31 @@ def test_the_package_keeps_its_import_rules():
     assert broken_rules(import_graph()) == []
 
 
+def test_device_precision_and_rank_0_are_decided_in_one_place_each():
+    assert decisions_outside_their_place() == []
+
+
+def test_the_one_place_checks_catch_a_package_built_to_break_them(tmp_path):
+    pkg = write_package(
+        tmp_path,
+        {
+            "device.py": "import os, torch\ntorch.backends.cudnn.allow_tf32 = True\nr = os.environ['RANK']\n",
+            "train/strategy.py": "import torch\ntorch.backends.cuda.matmul.allow_tf32 = True\n",
+            "train/graphs.py": "import torch\ntorch.backends.cuda.enable_cudnn_sdp(False)\n",
+            "cli2.py": "import os\nrank = int(os.environ.get('RANK', 0))\n",
+            "train/deepspeed_strategy.py": "def f(self):\n    if self.rank == 0:\n        print('x')\n",
+            "train/tracking.py": "def output_for(rank):\n    return rank == 0\n",
+        },
+    )
+    assert decisions_outside_their_place(pkg) == [
+        "lora_dist.cli2:2 reads RANK: rank and world size come from device.DistEnv",
+        "lora_dist.train.deepspeed_strategy:2 compares a rank with 0: rank 0's output goes through train/tracking.py",
+        "lora_dist.train.graphs:2 calls torch.backends.cuda.enable_cudnn_sdp: device and precision are decided in "
+        "device.py",
+        "lora_dist.train.strategy:2 sets torch.backends flags: device and precision are decided in device.py",
+    ]
+
+
 def test_the_wings_are_where_the_rules_expect_them():
     graph = import_graph()
     assert {"lora_dist.train.loop", "lora_dist.serve.app", "lora_dist.infer.classifier", "lora_dist.device"} <= set(
@@ -175,14 +265,40 @@ def test_each_rule_catches_an_import_that_breaks_it(tmp_path):
     )
     found = broken_rules(import_graph(pkg))
     expected = [
+        "lora_dist.data reaches lora_dist.lora through lora_dist.model: data never imports the model",
         "lora_dist.data imports lora_dist.model: data never imports the model",
         "lora_dist.infer.classifier imports lora_dist.train.loop: only train/ and the command line import train/",
         "lora_dist.model imports lora_dist.lora: the model never imports LoRA (it is injected afterwards)",
         "lora_dist.report imports lora_dist.serve.app: only serve/ and the command line import serve/",
+        "lora_dist.report reaches lora_dist.train.loop through lora_dist.serve.app: only train/ and the command "
+        "line import train/",
         "lora_dist.serve.app imports lora_dist.train.loop: only train/ and the command line import train/",
+        "lora_dist.serve.command reaches lora_dist.train.loop through lora_dist.infer.classifier: only train/ and "
+        "the command line import train/",
         "import cycle among lora_dist.a, lora_dist.b",
     ]
     assert found == expected
+
+
+def test_the_rules_hold_over_paths_not_only_edges(tmp_path):
+    """`data -> adapter -> model` breaks rule 5 though no single import does; `model -> helpers -> lora` rule 4."""
+    pkg = write_package(
+        tmp_path,
+        {
+            "data.py": "from . import adapter\n",
+            "adapter.py": "from .model import GPT2\n",
+            "model.py": "from . import helpers\n",
+            "helpers.py": "from .lora import inject_lora\n",
+            "lora.py": "",
+        },
+    )
+    assert broken_rules(import_graph(pkg)) == [
+        "lora_dist.data reaches lora_dist.lora through lora_dist.adapter -> lora_dist.model -> lora_dist.helpers: "
+        "data never imports the model",
+        "lora_dist.data reaches lora_dist.model through lora_dist.adapter: data never imports the model",
+        "lora_dist.model reaches lora_dist.lora through lora_dist.helpers: the model never imports LoRA (it is "
+        "injected afterwards)",
+    ]
 
 
 def test_layers_count_the_longest_chain(tmp_path):

@@ -114,8 +114,8 @@ def test_precision_auto_resolves_by_hardware(monkeypatch):
     cpu = torch.device("cpu")
     monkeypatch.setattr(device, "cpu_has_native_bf16", lambda: True)
     assert resolve_precision("auto", cpu) == "bf16"
-    assert resolve_precision("auto", cpu, "deepspeed") == "fp32"  # DeepSpeed's bf16 is for GPUs
-    assert resolve_precision("fp32", cpu) == "fp32" and resolve_precision("bf16", cpu, "deepspeed") == "bf16"
+    assert resolve_precision("auto", cpu, cpu_bf16=False) == "fp32"  # DeepSpeed's bf16 is for GPUs
+    assert resolve_precision("fp32", cpu) == "fp32" and resolve_precision("bf16", cpu, cpu_bf16=False) == "bf16"
     assert resolve_precision("auto", torch.device("mps")) == "fp32"
     monkeypatch.setattr(device, "cpu_has_native_bf16", lambda: False)
     assert resolve_precision("auto", cpu) == "fp32"

@@ -124,7 +124,7 @@ def test_graphs_where_they_cannot_apply_are_refused_in_one_line(tmp_path):
     with pytest.raises(UserError, match="train.cuda_graphs=true, but it runs on cpu"):
         train(tmp_path / "x", "train.cuda_graphs=true")
     cfg = load_config(SMOKE, ["train.grad_accum=2"])
-    assert "grad_accum=2" in graphs.obstacle(cfg, "none", torch.device("cuda"), "bf16")
-    assert "dist.strategy is ddp" in graphs.obstacle(cfg, "ddp", torch.device("cuda"), "bf16")
-    assert "fp16" in graphs.obstacle(load_config(SMOKE), "none", torch.device("cuda"), "fp16")
-    assert graphs.obstacle(load_config(SMOKE), "none", torch.device("cuda"), "bf16") is None
+    assert "grad_accum=2" in graphs.obstacle(cfg, strategy.Local, torch.device("cuda"), "bf16")
+    assert "dist.strategy is ddp" in graphs.obstacle(cfg, strategy.DDP, torch.device("cuda"), "bf16")
+    assert "fp16" in graphs.obstacle(load_config(SMOKE), strategy.Local, torch.device("cuda"), "fp16")
+    assert graphs.obstacle(load_config(SMOKE), strategy.Local, torch.device("cuda"), "bf16") is None

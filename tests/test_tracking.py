@@ -384,3 +384,27 @@ def test_a_long_task_shows_a_bar_on_a_terminal_and_lines_on_a_pipe():
     assert term.text.startswith("\rfinal evaluation:") and bar.bar.n == 10  # tqdm redraws at most every 0.1 s
     bar.clear()
     assert bar.bar is None and term.text.count("\n") == 0  # the bar leaves no line behind
+
+
+def test_other_ranks_output_has_runoutputs_methods_and_quiets_only_while_open(tmp_path):
+    """NullOutput writes out every public method of RunOutput (a misspelt call fails on every rank, not only on
+    rank 0), and its quieting of warnings ends with the run."""
+    import warnings
+
+    from lora_dist.train.tracking import NullOutput, RunOutput, output_for
+
+    public = {n for n in vars(RunOutput) if not n.startswith("_")}
+    assert public <= {n for n in vars(NullOutput) if not n.startswith("_")}
+    null = output_for(1, tmp_path, 10)
+    assert isinstance(null, NullOutput)
+    with pytest.raises(AttributeError):
+        null.prnt("a typo")  # type: ignore[attr-defined]
+    null.print("nothing"), null.log({"step": 1}), null.write_json("x.json", {})
+    assert not (tmp_path / "x.json").exists()
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.warn("quiet while open", stacklevel=1)
+    assert seen == []
+    null.close()
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.warn("heard after close", stacklevel=1)
+    assert [str(w.message) for w in seen] == ["heard after close"]

@@ -26,7 +26,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from ..config import DistConfig
-from ..device import DistEnv, init_process_group, leave_process_group, pick_device, precision_note
+from ..device import PRECISIONS, DistEnv, init_process_group, leave_process_group, pick_device, precision_note
 from ..errors import UserError
 from .classifier import Classifier, results
 
@@ -45,7 +45,7 @@ def add_arguments(p) -> None:
     p.add_argument(
         "--precision",
         default="fp32",
-        choices=("auto", "fp32", "bf16", "fp16"),
+        choices=PRECISIONS,
         help="fp32 (default): what transformers and the exports compute; auto: bf16 where the hardware runs it "
         "natively (faster; probabilities move by up to about 1e-2), else fp32",
     )

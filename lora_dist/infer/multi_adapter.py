@@ -24,7 +24,7 @@ from ..build import base_config, build_device, build_model, check_fits, read_ada
 from ..data import Collate, batch_plan, encode
 from ..device import autocast, pick_device, resolve_precision
 from ..errors import UserError
-from ..lora import load_adapter_state_dict
+from ..lora import adapter_from_state, base_key, load_adapter_state_dict
 from ..multi_lora import Rows, stack_adapters
 from .classifier import results
 
@@ -92,10 +92,10 @@ def lora_parts(a: Loaded) -> tuple[dict[str, tuple], tuple[torch.Tensor, torch.T
     load_adapter_state_dict(model, a.tensors, source=a.source)
     assert a.spec.lora is not None  # read_adapters keeps LoRA adapters only
     t, scale = a.tensors, float(a.spec.lora["scale"])
-    layers = {n: (t[f"{n}.lora.A"], t[f"{n}.lora.B"], scale) for n in wrapped if n != "head"}
+    layers = {n: adapter_from_state(t, n, scale).factors() for n in wrapped if n != "head"}
     if "head" in wrapped:
-        w = t["head.linear.weight"].float() + scale * (t["head.lora.A"].float() @ t["head.lora.B"].float()).t()
-        return layers, (w, t["head.linear.bias"].float())
+        w = t[base_key("head")].float() + adapter_from_state(t, "head", scale).delta_weight()
+        return layers, (w, t[base_key("head", "bias")].float())
     return layers, (t["head.weight"].float(), t["head.bias"].float())
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from ..device import PRECISIONS
 from ..errors import UserError
 from ..infer.multi_adapter import read_adapters
 from .server import guarded_protocol, server_class
@@ -53,7 +54,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=8000, help="(default: 8000; 0: any free port, logged)")
     p.add_argument("--base", help="a directory holding the adapters' base weights, if not where training found them")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
-    p.add_argument("--precision", default="fp32", choices=("auto", "fp32", "bf16", "fp16"), help="(default: fp32)")
+    p.add_argument("--precision", default="fp32", choices=PRECISIONS, help="(default: fp32)")
     p.add_argument("--max-batch", type=int, default=32, help="messages per forward pass (default: 32; 1: no batching)")
     p.add_argument(
         "--max-wait-ms", type=float, default=5.0, help="how long a batch waits for more requests (default: 5)"

@@ -1,4 +1,4 @@
-"""DeepSpeed ZeRO (stages 0-3, optimizer CPU offload) behind the same strategy interface as DDP.
+"""DeepSpeed ZeRO (stages 0-3, optimizer CPU offload) behind the strategy protocol (`train/backend.py`).
 
     torchrun --nproc_per_node=2 -m lora_dist train --config configs/smoke.yaml \\
         dist.strategy=deepspeed dist.deepspeed_config=configs/deepspeed/zero3.json
@@ -19,7 +19,7 @@ import yaml
 from torch import nn
 
 from ..errors import UserError
-from .strategy import DDP, optimizer_text_of
+from .strategy import Distributed, optimizer_text_of
 
 TAG = "state"
 COMMS_SAMPLE_EVERY = 10  # steps 1, 11, 21, ... count their collectives
@@ -98,8 +98,13 @@ def import_deepspeed():
     return deepspeed
 
 
-class DeepSpeed(DDP):
+class DeepSpeed(Distributed):
+    """DeepSpeed's engine owns the optimizer, the mixed precision and (under ZeRO) the sharded state."""
+
     name = "deepspeed"
+    owns_precision = True
+    owns_optimizer = True
+    shards_state = True
 
     def init(self) -> None:
         import_deepspeed()  # before the process group, the data and the model: a missing DeepSpeed fails at once
@@ -125,13 +130,6 @@ class DeepSpeed(DDP):
 
     def optimizer_text(self) -> str:
         return optimizer_text_of(self.model.basic_optimizer)
-
-    @property
-    def module(self) -> nn.Module:
-        return self.model.module
-
-    def forward(self, ids, last):
-        return self.model(ids, last)  # DeepSpeed applies its own bf16/fp16
 
     def micro_step(self, boundary: bool):
         if self._count_next and not self._counting:  # a sampled step: count from its first micro-batch on
@@ -178,7 +176,8 @@ class DeepSpeed(DDP):
             if master is not None:
                 out[n] = master.detach().float().cpu().clone()
         rest = [(n, p) for n, p in zip(names, chosen, strict=True) if n not in out]
-        if rest and self.precision != "fp32" and self.rank == 0:  # ZeRO stage 0 with fp16 keeps no mapping
+        # ZeRO stage 0 with fp16 keeps no mapping. Every rank warns; only rank 0's output shows it (tracking.output_for)
+        if rest and self.precision != "fp32":
             warnings.warn(
                 f"DeepSpeed exposes no fp32 master copy of {rest[0][0]} (and {len(rest) - 1} more) under "
                 f"ZeRO stage {self.stage} with {self.precision}; saving the {self.precision} copy. "

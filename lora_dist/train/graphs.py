@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -32,17 +31,18 @@ import torch.nn.functional as F
 from ..config import Config
 from ..data import Batch
 from ..device import autocast
+from .backend import Strategy
 
 WARMUP = 2  # forward and backward passes before a capture (the docs' example takes 3 with optimizer steps)
 
 
-def obstacle(cfg: Config, strategy_name: str, device: torch.device, precision: str) -> str | None:
-    """Why the step cannot be captured here, or None when it can."""
+def obstacle(cfg: Config, backend: type[Strategy] | Strategy, device: torch.device, precision: str) -> str | None:
+    """Why the step cannot be captured here, or None when it can. `backend`: the strategy, or its class."""
     t = cfg.train
     if device.type != "cuda":
         return f"it runs on {device.type}, and CUDA graphs need a CUDA GPU"
-    if strategy_name != "none":
-        return f"dist.strategy is {strategy_name} (graphs capture a single process's step)"
+    if not backend.captures_graphs:
+        return f"dist.strategy is {backend.name} (graphs capture a single process's step)"
     if precision == "fp16":
         return "fp16's loss scaler synchronises with the host every step (use bf16)"
     if t.grad_accum != 1:
@@ -82,9 +82,9 @@ def new_graph(pool) -> CudaGraph | EagerGraph:
 
 
 class GraphedStep:
-    """A whole training step for a `train.strategy.Local` on CUDA, one graph per batch shape."""
+    """A whole training step of a strategy that `captures_graphs`, on CUDA, one graph per batch shape."""
 
-    def __init__(self, strategy: Any):
+    def __init__(self, strategy: Strategy):
         s = self.s = strategy
         self.params = s.trainable()
         self.max_norm = s.cfg.train.max_grad_norm or float("inf")
@@ -154,7 +154,7 @@ class GraphedStep:
         torch._foreach_zero_([p.grad for p in self.params if p.grad is not None])
         loss = self._loss(b)
         loss.backward()
-        norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_norm)  # as Local.step: foreach on a GPU
+        norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_norm)  # as the plain step: foreach on a GPU
         self.s.optimizer.step()
         self.loss.copy_(loss.detach())
         self.norm.copy_(norm)

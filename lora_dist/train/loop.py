@@ -22,34 +22,18 @@ from .. import adapter as adapters
 from ..build import build_model, num_classes, seed_everything
 from ..config import Config
 from ..data import Batch, pad_multiple
-from ..device import DistEnv, pick_device
+from ..device import DistEnv, model_build_device
 from ..errors import UserError
 from ..lora import adapter_state_dict, count_params
 from ..model import GPT2, PADDING_FREE
 from ..report import finish_report
 from ..token_cache import cache_limit, open_cache, run_data, write_split_record
 from . import checkpoint as ckpt
-from .deepspeed_strategy import DeepSpeed
+from .backend import Strategy
 from .loaders import eval_loader, make_loaders, micro_batch_size
+from .registry import make_strategy
 from .schedule import lr_at
-from .strategy import DDP, Local
 from .tracking import JsonlSink, output_for
-
-
-def make_strategy(cfg: Config, env: DistEnv | None = None) -> Local:
-    """The backend `dist.strategy` names (auto: DDP under a launcher of several processes, else none)."""
-    env = env or DistEnv.from_environ()
-    kind = cfg.dist.strategy
-    if kind == "auto":
-        kind = "ddp" if env.world_size > 1 else "none"
-    if kind == "none" and env.world_size > 1:
-        raise UserError(
-            f"dist.strategy=none, but {env.world_size} processes were launched; use dist.strategy=ddp or deepspeed (or auto)"
-        )
-    device = pick_device(cfg.train.device, env.local_rank)
-    if kind == "deepspeed":
-        return DeepSpeed(cfg, env, device)
-    return {"none": Local, "ddp": DDP}[kind](cfg, env, device)
 
 
 class StopRequested:
@@ -77,7 +61,7 @@ PROGRESS = ("step", "epoch", "step_in_epoch", "examples_seen", "tokens_seen", "t
 
 
 class Trainer:
-    def __init__(self, cfg: Config, strategy: Local | None = None):
+    def __init__(self, cfg: Config, strategy: Strategy | None = None):
         """`strategy`: the backend (default: the one `dist.strategy` names); a sweep gives each adapter a view of
         its own (`train/sweep.py`)."""
         self.cfg = cfg
@@ -108,8 +92,7 @@ class Trainer:
         cache = open_cache(cfg.data, cache_limit(cfg.data), say=out.print)
         self.labels = cache.label_names
         self.num_classes = num_classes(cfg, self.labels)
-        # Built on the GPU it trains on: no slow CPU initialisation of weights that are overwritten anyway.
-        self.build_device = s.device if s.device.type == "cuda" else torch.device("cpu")
+        self.build_device = model_build_device(s.device)
         model, self.lora_modules = self.build()
         self.total_params, self.trainable_params = count_params(model)
         self.adapter_names = list(adapter_state_dict(model))
@@ -191,9 +174,9 @@ class Trainer:
         if found is None:
             return
         path, state = found
-        if state.get("world_size") != self.world and self.strategy.name == "deepspeed":
+        if state.get("world_size") != self.world and self.strategy.shards_state:
             raise UserError(
-                f"checkpoint {path} was written by {state.get('world_size')} DeepSpeed ranks, not {self.world}; "
+                f"checkpoint {path} was written by {state.get('world_size')} {self.strategy.name} ranks, not {self.world}; "
                 f"resume with the same world size"
             )
         self._check_resumable(path, state)
@@ -540,5 +523,7 @@ def run(cfg: Config) -> dict | None:
         ok = True
         return results
     finally:
-        trainer.out.close()
-        trainer.strategy.cleanup(ok)
+        try:
+            trainer.strategy.cleanup(ok)
+        finally:
+            trainer.out.close()  # after the process group is left: its warnings stay quiet on other ranks

@@ -5,14 +5,15 @@
     torchrun --nproc_per_node=2 -m lora_dist train --config configs/smoke.yaml \\
         dist.strategy=deepspeed dist.deepspeed_config=configs/deepspeed/zero2.json
 
-The loop only calls: prepare, forward, backward, step, all_reduce, all_gather_object, barrier and the
-state methods. Only trainable (adapter) tensors ever reach the optimizer or the gradient all-reduce.
+The loop only calls what `train/backend.py`'s `Strategy` protocol names, and asks its capabilities there
+(`captures_graphs`, `owns_precision`, `owns_optimizer`, `shards_state`), never a backend's name. Only trainable
+(adapter) tensors ever reach the optimizer or the gradient all-reduce.
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -29,6 +30,10 @@ from ..device import (
     leave_process_group,
     prefer_attention_kernels,
     resolve_precision,
+    restore_tf32,
+    set_tf32,
+    storage_dtype,
+    use_tf32,
 )
 from ..errors import UserError
 from ..lora import cast_frozen, load_adapter_state_dict
@@ -40,7 +45,11 @@ M = TypeVar("M", bound=nn.Module)
 class Local:
     """One process: plain AdamW over the trainable tensors."""
 
-    name = "none"
+    name: str = "none"  # dist.strategy's name for it (a sweep's adapters report their job's)
+    captures_graphs: ClassVar[bool] = True  # train/backend.py says what each capability means
+    owns_precision: ClassVar[bool] = False
+    owns_optimizer: ClassVar[bool] = False
+    shards_state: ClassVar[bool] = False
 
     def __init__(self, cfg: Config, env: DistEnv, device: torch.device):
         self.cfg, self.env, self.device = cfg, env, device
@@ -51,13 +60,9 @@ class Local:
         self.optimizer: Any = None
         if device.type == "cuda":  # first: whatever asks the GPU something below asks this rank's GPU
             torch.cuda.set_device(device)
-        self.precision = precision = resolve_precision(cfg.train.precision, device, self.name)
-        # TF32 tensor cores for fp32 matmuls and convolutions (A100 and newer): about 8x the fp32 rate at a
-        # 10-bit mantissa, which LoRA fine-tuning does not notice. train.tf32=false keeps full fp32.
-        self.tf32 = device.type == "cuda" and precision == "fp32" and cfg.train.tf32
-        if self.tf32:
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
+        self.precision = precision = resolve_precision(cfg.train.precision, device, cpu_bf16=not self.owns_precision)
+        self.tf32 = use_tf32(device, precision, cfg.train.tf32)  # train.tf32=false keeps full fp32
+        self._tf32_before = set_tf32(True) if self.tf32 else None  # put back by cleanup
         self.amp_dtype = AMP_DTYPES[precision]
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
         self._comm_bytes = 0
@@ -65,7 +70,7 @@ class Local:
         self.init()
         # The whole step as CUDA graphs (train/graphs.py), where it applies; made at the first step, once a
         # resumed run's optimizer state is loaded.
-        why = obstacle(cfg, self.name, device, precision)
+        why = obstacle(cfg, self, device, precision)
         if cfg.train.cuda_graphs and why:
             raise UserError(f"train.cuda_graphs=true, but {why}; drop train.cuda_graphs (null: where it applies)")
         self.use_graphs = cfg.train.cuda_graphs is not False and why is None
@@ -98,13 +103,11 @@ class Local:
         self.optimizer = self._adamw(self.trainable())
 
     def place(self, model: M) -> M:
-        """The model on this rank's device. On a GPU under bf16/fp16 autocast, the frozen Linear weights are
-        stored in that dtype once (autocast would round them to it at every use anyway: the same numbers,
-        half the memory, no casts); adapters, head, norms, embeddings and optimizer state stay fp32. The CPU
-        keeps fp32 storage (frozen_linear packs bf16 copies itself)."""
+        """The model on this rank's device, its frozen Linear weights stored as `device.storage_dtype` says;
+        adapters, head, norms, embeddings and optimizer state stay fp32."""
         model = model.to(self.device)
-        if self.device.type == "cuda" and self.amp_dtype is not None:
-            cast_frozen(model, self.amp_dtype)
+        if (dtype := storage_dtype(self.device, self.precision)) is not None:
+            cast_frozen(model, dtype)
         return model
 
     def _adamw(self, params) -> torch.optim.Optimizer:
@@ -131,7 +134,8 @@ class Local:
         return loss.detach(), self.step(lr) if boundary else None
 
     def autocast(self):
-        return autocast(self.device, self.precision)
+        """The forward pass's precision context; none where the backend applies bf16/fp16 itself."""
+        return contextlib.nullcontext() if self.owns_precision else autocast(self.device, self.precision)
 
     def forward(self, ids: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
         with self.autocast():
@@ -197,14 +201,15 @@ class Local:
         pass
 
     def cleanup(self, ok: bool = True) -> None:
-        pass
+        if self._tf32_before is not None:
+            restore_tf32(self._tf32_before)
 
 
-class DDP(Local):
-    """torch DistributedDataParallel, wrapped after LoRA injection and freezing: its buckets hold only the
-    adapter gradients, and a communication hook counts the bytes it all-reduces."""
+class Distributed(Local):
+    """What every backend of several processes shares: the process group, the bare model inside the wrapper,
+    and the collectives."""
 
-    name = "ddp"
+    captures_graphs = False
 
     def init(self) -> None:
         super().init()
@@ -213,24 +218,9 @@ class DDP(Local):
         )
         self.reduced_params: set[int] = set()
 
-    def prepare(self, model: nn.Module, micro: int, accum: int) -> None:
-        self.accum = accum
-        model = self.place(model)
-        ids = [self.device.index] if self.device.type == "cuda" else None
-        self.model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
-        self.model.register_comm_hook(self, _counting_allreduce_hook)
-        self.optimizer = self._adamw(self.trainable())
-
     @property
     def module(self) -> nn.Module:
         return self.model.module
-
-    def forward(self, ids, last):
-        with self.autocast():
-            return self.model(ids, last)
-
-    def micro_step(self, boundary: bool):
-        return contextlib.nullcontext() if boundary else self.model.no_sync()
 
     def all_reduce(self, t: torch.Tensor, op: str = "sum") -> torch.Tensor:
         dev = t.device
@@ -259,6 +249,25 @@ class DDP(Local):
 
     def cleanup(self, ok: bool = True) -> None:
         leave_process_group(self._set_env, barrier=ok)  # on success every rank is done with its collectives
+        super().cleanup(ok)
+
+
+class DDP(Distributed):
+    """torch DistributedDataParallel, wrapped after LoRA injection and freezing: its buckets hold only the
+    adapter gradients, and a communication hook counts the bytes it all-reduces."""
+
+    name = "ddp"
+
+    def prepare(self, model: nn.Module, micro: int, accum: int) -> None:
+        self.accum = accum
+        model = self.place(model)
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        self.model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        self.model.register_comm_hook(self, _counting_allreduce_hook)
+        self.optimizer = self._adamw(self.trainable())
+
+    def micro_step(self, boundary: bool):
+        return contextlib.nullcontext() if boundary else self.model.no_sync()
 
 
 def optimizer_text_of(opt) -> str:

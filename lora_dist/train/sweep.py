@@ -26,14 +26,16 @@ from torch import nn
 
 from ..build import add_trainable, build_base, shared_copy
 from ..data import Batch
-from ..device import DistEnv
+from ..device import DistEnv, model_build_device
 from ..errors import UserError
 from ..model import GPT2, Packed
 from ..multi_lora import Rows, attach, detach, group_layers
 from ..sweep_report import write_summary
 from . import checkpoint as ckpt
 from . import sweep_state
-from .loop import StopRequested, Trainer, make_strategy
+from .backend import Strategy
+from .loop import StopRequested, Trainer
+from .registry import make_strategy
 from .strategy import Local
 from .sweep_config import AdapterPlan, SweepPlan
 from .sweep_memory import check_memory, prepare_data
@@ -90,7 +92,7 @@ class AdapterStrategy(Local):
     """One adapter's share of the sweep's backend: its own optimizer (its lr, weight decay, betas), its own
     gradient clip and its own model (the shared base under its LoRA and head); collectives go to the job's."""
 
-    def __init__(self, cfg, job: Local):
+    def __init__(self, cfg, job: Strategy):
         self.job = job
         super().__init__(cfg, job.env, job.device)
         self.name = job.name
@@ -164,7 +166,7 @@ class Sweep:
             raise UserError(
                 f"ranks started with different sweep configs (hashes {sorted(set(digests))}); launch every rank alike"
             )
-        self.build_device = job.device if job.device.type == "cuda" else torch.device("cpu")
+        self.build_device = model_build_device(job.device)
         # on the job's device, frozen weights stored as the job stores them (bf16 under autocast on a GPU), once:
         # every adapter's copy shares these tensors
         self.base = job.place(build_base(cfg, device=self.build_device).requires_grad_(False))
@@ -362,5 +364,5 @@ def run(plan: SweepPlan) -> bool:
     finally:
         for a in sweep.runs.values():
             a.out.close()
-        sweep.out.close()
         sweep.job.cleanup(ok)
+        sweep.out.close()

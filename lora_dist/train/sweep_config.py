@@ -29,6 +29,7 @@ import yaml
 
 from ..config import Config, apply_override, build, read_raw
 from ..errors import UserError
+from .registry import STRATEGIES
 
 # What an adapter may set: its data, its LoRA, its optimisation and its W&B name. The rest is the job's.
 VARY = ("model.num_classes", "data.", "lora.", "tracking.wandb.name", "tracking.wandb.tags") + tuple(
@@ -247,9 +248,9 @@ def _check_job(cfg: Config) -> None:
     why = None
     if cfg.train.trainable != "lora":
         why = f"train.trainable={cfg.train.trainable} trains base layers, which a sweep's adapters share; use lora"
-    elif cfg.dist.strategy == "deepspeed":
+    elif cfg.dist.strategy in STRATEGIES and STRATEGIES[cfg.dist.strategy].owns_optimizer:
         why = (
-            "dist.strategy=deepspeed runs one optimizer with one gradient clip over every trained tensor, but each "
+            f"dist.strategy={cfg.dist.strategy} runs one optimizer with one gradient clip over every trained tensor, but each "
             "adapter of a sweep has its own; use dist.strategy=ddp (or auto), which all-reduces the adapters' "
             "gradients in one bucket"
         )

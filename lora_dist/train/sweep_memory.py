@@ -22,8 +22,8 @@ from ..device import autocast
 from ..errors import UserError
 from ..model import GPT2
 from ..token_cache import run_data
+from .backend import Strategy
 from .loaders import make_loaders, micro_batch_size
-from .strategy import Local
 from .sweep_config import SweepPlan
 
 HEADROOM = 0.9  # of the free memory: the rest for the allocator's slack and the backward pass's temporaries
@@ -94,7 +94,7 @@ def available_memory(device: torch.device) -> int | None:
     return None
 
 
-def check_memory(base: GPT2, plan: SweepPlan, data: list[AdapterData], job: Local, say=print) -> int:
+def check_memory(base: GPT2, plan: SweepPlan, data: list[AdapterData], job: Strategy, say=print) -> int:
     """How many adapters train at once (`sweep.max_concurrent`, default all): said with what they cost, and
     refused before training when the most expensive ones would not fit in the free memory."""
     n = len(plan.adapters)

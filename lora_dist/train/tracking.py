@@ -194,29 +194,67 @@ class AdapterOutput(RunOutput):
 
 
 class NullOutput:
-    """What every rank but 0 gets: the same methods, no effects."""
+    """What every rank but 0 gets: RunOutput's methods, each written out (a misspelt one is an AttributeError
+    here too), none with an effect. With `quiet`, Python warnings and logging below ERROR are silenced while
+    it is open (the same warning from every rank is noise when rank 0 prints it once); `close` puts them back."""
 
     active = False
 
-    def __init__(self, run_dir: Path, *_, **__):
+    def __init__(self, run_dir: Path, quiet: bool = False):
         self.dir = Path(run_dir)
+        self._quieted: tuple[Any, int] | None = None
+        if quiet:
+            self._quieted = (warnings.filters[:], logging.root.manager.disable)
+            warnings.simplefilter("ignore")
+            logging.disable(logging.WARNING)
+
+    def claim(self, overwrite: bool, resume: bool) -> None:
+        pass
+
+    def print(self, *args: Any) -> None:
+        pass
+
+    def progress(self, **kw) -> None:
+        pass
+
+    def task(self, what: str, total: int) -> Callable[[], None]:
+        return lambda: None
+
+    def add_sink(self, sink: MetricSink) -> None:
+        pass
+
+    def start(self, cfg, info: dict, **wandb_args) -> None:
+        pass
+
+    def log(self, record: dict) -> None:
+        pass
 
     def path(self, name: str) -> Path:
         return self.dir / name
 
-    def __getattr__(self, name):
-        return lambda *a, **k: None
+    def write_text(self, name: str, text: str) -> None:
+        pass
+
+    def write_json(self, name: str, obj: Any) -> None:
+        pass
+
+    def call(self, fn: Callable, *args, **kw) -> None:
+        """Rank 0 alone writes: nothing runs here."""
+
+    def close(self) -> None:
+        if self._quieted is not None:
+            filters, level = self._quieted
+            warnings.filters[:] = filters  # type: ignore[index]
+            logging.disable(level)
+            self._quieted = None
 
 
 def output_for(rank: int, run_dir: Path, log_every: int) -> RunOutput | NullOutput:
-    """Rank 0's `RunOutput`, every other rank's `NullOutput`. On those ranks the libraries are quieted too: the
-    same warning from every rank (DeepSpeed's "Setting accelerator", torch's deprecations) is noise when rank 0
-    prints it once. Errors still print."""
+    """Rank 0's `RunOutput`, every other rank's `NullOutput`, which quiets the libraries' warnings and logging on
+    its rank until it is closed (DeepSpeed's "Setting accelerator", torch's deprecations). Errors still print."""
     if rank == 0:
         return RunOutput(run_dir, log_every)
-    warnings.simplefilter("ignore")
-    logging.disable(logging.WARNING)
-    return NullOutput(run_dir)
+    return NullOutput(run_dir, quiet=True)
 
 
 def prepare_run_dir(
