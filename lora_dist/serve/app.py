@@ -268,9 +268,10 @@ class Service:
             except Exception as e:  # noqa: BLE001  (the directory went away: the adapters stay as they were)
                 self.log(f"error: reload failed ({type(e).__name__}: {e}); serving the adapters as before")
                 raise Failure(503, f"reload failed: {e}", "reload_failed") from e
-            gone = diff["removed"] + diff["changed"]
-            if gone and self.model is not None:
-                await self.batcher.call(self.model.forget, gone)  # on the model thread, between batches
+            # removed ones leave their slots (on the model thread, between batches); a changed one stays until
+            # its new version is read whole (its next request reads it)
+            if diff["removed"] and self.model is not None:
+                await self.batcher.call(self.model.forget, diff["removed"])
             for n in diff["removed"]:
                 self.counts.pop(n, None)
             self.metrics.reloads.inc()
