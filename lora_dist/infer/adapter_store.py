@@ -9,7 +9,7 @@ against one reference (same base, pooling, causal mask, a layout the slots hold)
 with one log line. The walk is bounded (depth, directories visited) and follows no symbolic link. `rescan`
 finds what was added, changed or removed since.
 
-`read_parts` reads an adapter's tensors when it is first asked for: the tensor file is read into memory once,
+`read_raw` reads an adapter's tensors when it is first asked for: the tensor file is read into memory once,
 between two looks at its size, mtime and inode (an adapter rewritten meanwhile, by a running sweep, is refused
 and asked for again, never half read), then checked against its description.
 
@@ -251,7 +251,7 @@ class Catalog:
                     self.log(f"adapter '{name}' left out: {e.source}: {why}")
                 else:
                     new[name] = e
-            self.entries = new
+            self.entries = dict(sorted(new.items()))
             return {
                 "added": sorted(set(new) - set(old)),
                 "removed": sorted(set(old) - set(new)),
@@ -283,26 +283,28 @@ def _same_files(e: Entry) -> bool:
 
 @dataclass
 class Parts:
-    """One adapter ready for a slot (on the CPU): {layer: (A, B, scale)}, its head (weight, bias), its stamp."""
+    """One adapter on its way to a slot: first the tensor file's bytes (`read_raw`, any thread: no torch), then
+    (`materialize`, on the model thread) {layer: (A, B, scale)} and its head, checked."""
 
     entry: Entry
-    layers: dict[str, tuple[torch.Tensor, torch.Tensor, float]]
-    head: tuple[torch.Tensor, torch.Tensor]
     stamp: tuple
-    checked: bool = False  # values checked finite (on the model thread: `Slots.put`)
+    data: bytes | None = None
+    layers: dict[str, tuple[torch.Tensor, torch.Tensor, float]] | None = None
+    head: tuple | None = None
+    checked: bool = False  # values checked finite (`Slots.put`)
 
 
-def read_parts(e: Entry, expected: Callable[[AdapterSpec], dict[str, tuple]], base: str | None = None) -> Parts:
-    """Read `e`'s tensors once, between two stamps, and check their names and shapes against its description
-    (`expected(spec)`: {tensor name: shape}). Gone if deleted, Unavailable if rewritten meanwhile or damaged."""
+def read_raw(e: Entry) -> Parts:
+    """Read `e`'s tensor file once into memory, between two stamps of its files. Gone if deleted, Unavailable
+    if rewritten meanwhile or if its description changed since the scan. No torch call: any thread may run it
+    (a second thread running torch ops slows the model thread's, serve/batcher.py)."""
+    if e.peft:  # PEFT's files are read and converted by peft.read, on the model thread
+        return Parts(e, e.stamp)
     files = e.files
     try:
         before = stamp(files)
-        if e.peft:
-            spec, tensors, _ = read_adapter(e.path, base)
-        else:
-            spec = find(e.path).spec
-            data = files[1].read_bytes()
+        spec = find(e.path).spec
+        data = files[1].read_bytes()
         after = stamp(files)
     except FileNotFoundError as err:
         raise Gone(f"adapter '{e.name}' was removed from disk") from err
@@ -315,11 +317,31 @@ def read_parts(e: Entry, expected: Callable[[AdapterSpec], dict[str, tuple]], ba
             f"adapter '{e.name}' changed on disk since the adapters were last read; reload them "
             f"(SIGHUP or POST /v1/adapters/reload) to serve the new version"
         )
-    if not e.peft:
+    return Parts(e, after, data)
+
+
+def materialize(parts: Parts, expected: Callable[[AdapterSpec], dict[str, tuple]], base: str | None = None) -> Parts:
+    """Parse the bytes and check the tensors' names and shapes against the description (`expected(spec)`:
+    {tensor name: shape}); Unavailable when they do not belong together (a file written before its
+    description) or the file is damaged."""
+    e = parts.entry
+    if parts.layers is not None:
+        return parts
+    if e.peft:
         try:
-            tensors = load_safetensors(data)
+            spec, tensors, _ = read_adapter(e.path, base)
+        except FileNotFoundError as err:
+            raise Gone(f"adapter '{e.name}' was removed from disk") from err
+        except (OSError, UserError) as err:
+            raise Unavailable(f"adapter '{e.name}' cannot be read ({err})") from err
+        if spec != e.spec:
+            raise Unavailable(f"adapter '{e.name}' changed on disk since the adapters were last read; reload them")
+    else:
+        spec = e.spec
+        try:
+            tensors = load_safetensors(parts.data)  # type: ignore[arg-type]
         except (SafetensorError, ValueError, OSError) as err:
-            raise Unavailable(f"adapter '{e.name}': {files[1]} cannot be read ({err}); it is damaged") from err
+            raise Unavailable(f"adapter '{e.name}': {e.files[1]} cannot be read ({err}); it is damaged") from err
     want = expected(spec)
     wrong = sorted(set(want) ^ set(tensors))
     if wrong:
@@ -332,22 +354,29 @@ def read_parts(e: Entry, expected: Callable[[AdapterSpec], dict[str, tuple]], ba
             )
     assert spec.lora is not None
     scale = float(spec.lora["scale"])
-    layers = {
+    parts.layers = {
         k.removesuffix(".lora.A"): (t, tensors[k.removesuffix(".A") + ".B"], scale)
         for k, t in tensors.items()
         if k.endswith(".lora.A") and not k.startswith("head.")
     }
     if "head.lora.A" in tensors:
         w = tensors["head.linear.weight"]
-        head = (w, tensors["head.linear.bias"], tensors["head.lora.A"], tensors["head.lora.B"])
+        parts.head = (w, tensors["head.linear.bias"], tensors["head.lora.A"], tensors["head.lora.B"])
     else:
-        head = (tensors["head.weight"], tensors["head.bias"])
-    return Parts(e, layers, head, after)  # type: ignore[arg-type]
+        parts.head = (tensors["head.weight"], tensors["head.bias"])
+    parts.data = None
+    return parts
+
+
+def read_parts(e: Entry, expected: Callable[[AdapterSpec], dict[str, tuple]], base: str | None = None) -> Parts:
+    """`read_raw` then `materialize`: an adapter ready for `Slots.put`."""
+    return materialize(read_raw(e), expected, base)
 
 
 def fold_head(parts: Parts) -> tuple[torch.Tensor, torch.Tensor]:
     """The head's weight with its LoRA folded in, fp32, as `multi_adapter.lora_parts` folds it."""
     h = parts.head
+    assert h is not None
     if len(h) == 4:
         scale = float(parts.entry.spec.lora["scale"])  # type: ignore[index]
         w, b, a, bb = h  # type: ignore[misc]
@@ -377,6 +406,7 @@ class Slots:
     def put(self, parts: Parts, keep: set[str]) -> int:
         """Write `parts` into a slot (its own old one, a free one, or the least recently used not in `keep`)."""
         name = parts.entry.name
+        assert parts.layers is not None and parts.head is not None, "materialize(parts) first"
         if not parts.checked:
             tensors = {f"{k}.A": a for k, (a, _, _) in parts.layers.items()}
             tensors.update({f"{k}.B": b for k, (_, b, _) in parts.layers.items()})

@@ -37,7 +37,7 @@ from ..device import autocast, pick_device, resolve_precision
 from ..errors import UserError
 from ..lora import adapter_state_dict, load_adapter_state_dict
 from ..multi_lora import Rows, stack_adapters
-from .adapter_store import Catalog, Entry, Gone, Layout, Parts, Slots, Unavailable, read_parts, valid_name
+from .adapter_store import Catalog, Entry, Gone, Layout, Parts, Slots, Unavailable, materialize, read_raw, valid_name
 from .classifier import results
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -281,9 +281,9 @@ class MultiAdapterClassifier:
 
     # ------------------------------------------------------------------------------------ on demand
     def read(self, e: Entry) -> Parts:
-        """`e`'s tensors read from disk and checked (any thread: no torch computation)."""
+        """`e`'s tensor file read from disk (any thread: no torch call; `make_resident` parses it)."""
         t0 = time.perf_counter()
-        parts = read_parts(e, expected_shapes, self.base)
+        parts = read_raw(e)
         self.on("load", e.name, time.perf_counter() - t0)
         return parts
 
@@ -328,7 +328,7 @@ class MultiAdapterClassifier:
             try:
                 if parts is None or parts.entry is not e:
                     parts = self.read(e)
-                slot = self.slots.put(parts, keep)
+                slot = self.slots.put(materialize(parts, expected_shapes, self.base), keep)
             except Unavailable as err:
                 if old is None:
                     raise

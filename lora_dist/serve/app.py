@@ -148,10 +148,10 @@ class Service:
             self.failed = f"{type(e).__name__}: {e}"
             self.log(f"error: the model did not load ({self.failed})")
             return
-        if model.slots is not None:
+        if getattr(model, "slots", None) is not None:
             model.forget(names)  # the warm-up's adapter leaves its slot: nothing resident before a request
         self.model = model
-        slots = f" ({model.slots.n} slots, --max-loaded)" if model.slots is not None else ""
+        slots = f" ({model.slots.n} slots, --max-loaded)" if getattr(model, "slots", None) is not None else ""
         self.log(f"ready: {len(self.specs)} adapters{slots} on {model.device} in {time.perf_counter() - t0:.1f} s")
         self.metrics.adapters_known.set(len(self.specs))
         if note := precision_note(self.precision, model.precision, model.device):
@@ -186,8 +186,8 @@ class Service:
             self.metrics.evictions.inc()
 
     def adapters(self, q: str = "", limit: int | None = None, offset: int = 0) -> dict:
-        """The adapters whose name starts with `q`, in name order, `limit` from `offset` on."""
-        names = sorted(n for n in self.specs if n.startswith(q))
+        """The adapters whose name starts with `q`, `limit` from `offset` on."""
+        names = [n for n in self.specs if n.startswith(q)]  # the order given, or by name (--adapters-dir)
         page = names[offset : None if limit is None else offset + limit]
         specs = self.specs
         out = []
@@ -353,7 +353,7 @@ class Service:
             self.metrics.queued.dec()
         self.metrics.messages.labels(req.adapter).inc(len(rows))
         self.counts[req.adapter] = self.counts.get(req.adapter, 0) + 1
-        if self.model is not None and self.model.slots is not None:
+        if getattr(self.model, "slots", None) is not None:
             self.metrics.adapters_resident.set(len(self.model.slots.resident))
         return {"adapter": req.adapter, "results": [{"label": r["label"], "probs": r["probs"]} for r in rows]}
 
