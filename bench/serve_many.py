@@ -4,8 +4,9 @@
     python bench/serve_many.py --model tiny --n 200 --requests 200   # quick (fewer: says so)
 
 Writes N random rank-8 adapters of one random base in a sweep's layout (DIR/adapters/NAME/adapter/..., as
-bench/fake_adapters.py writes them, but one description for all and only the tensors drawn per adapter; kept
-in --cache between runs), then starts the service twice as a subprocess:
+bench/fake_adapters.py writes them, but one description for all and only the tensors drawn per adapter; past
+the first 128 each copies the files of one of those, as its own files; kept in --cache between runs), then
+starts the service twice as a subprocess:
 - on demand: --adapters-dir DIR --max-loaded M (default 64);
 - preloaded: --adapters-dir DIR --max-loaded D, D the number of distinct adapters the load asks for, each
   read once before the clock starts (every request a hit: what preloading them all gives, without building
@@ -24,6 +25,7 @@ import asyncio
 import json
 import os
 import random
+import shutil
 import socket
 import statistics
 import subprocess
@@ -39,6 +41,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 FULL = 1000
+DRAWN = 128  # adapters with tensors of their own; the others copy one of these (each its own files)
 
 
 def free_port() -> int:
@@ -74,6 +77,12 @@ def make_adapters(root: Path, n: int, model: str) -> Path:
     for i in range(n):
         d = root / "adapters" / f"a{i:04d}"
         if (d / "adapter" / "adapter_config.json").exists():
+            continue
+        if i >= DRAWN:  # a copy of a drawn one's files (saving fsyncs each file: slow on a loaded disk)
+            (d / "adapter").mkdir(parents=True, exist_ok=True)
+            src = root / "adapters" / f"a{i % DRAWN:04d}" / "adapter"
+            for f in ("adapter_model.safetensors", "adapter_config.json"):  # tensors first, as `save` does
+                shutil.copyfile(src / f, d / "adapter" / f)
             continue
         g = torch.Generator().manual_seed(1000 + i)
         tensors = {

@@ -105,13 +105,13 @@ def walk(root: Path, max_depth: int = MAX_DEPTH, max_dirs: int = MAX_DIRS) -> tu
         for d in level:
             try:
                 with os.scandir(d) as it:
-                    children = sorted((e for e in it if not e.name.startswith(".")), key=lambda e: e.name)
-            except OSError as e:
-                problems.append(f"{d}: cannot be listed ({e.strerror})")
+                    children = sorted((c for c in it if not c.name.startswith(".")), key=lambda c: c.name)
+            except OSError as err:
+                problems.append(f"{d}: cannot be listed ({err.strerror})")
                 continue
-            for e in children:
+            for child in children:
                 try:
-                    if e.is_symlink() or not e.is_dir(follow_symlinks=False):
+                    if child.is_symlink() or not child.is_dir(follow_symlinks=False):
                         continue
                 except OSError:
                     continue
@@ -119,7 +119,7 @@ def walk(root: Path, max_depth: int = MAX_DEPTH, max_dirs: int = MAX_DIRS) -> tu
                 if seen > max_dirs:
                     problems.append(f"{root}: more than {max_dirs} directories; the rest were not looked into")
                     return found, problems
-                p = Path(e.path)
+                p = Path(child.path)
                 if is_adapter_dir(p):
                     name = p.relative_to(root).as_posix()
                     if valid_name(name):
@@ -226,8 +226,8 @@ class Catalog:
                 paths, problems = walk(self.root)
             for name, p in self.named.items():
                 paths[name] = Path(p)
-            for p in problems:
-                self.log(f"adapters: {p}")
+            for problem in problems:
+                self.log(f"adapters: {problem}")
             old, read, broken = self.entries, {}, []
             for name, p in paths.items():
                 prev = old.get(name)
@@ -242,7 +242,9 @@ class Catalog:
             if self.reference is None and read:  # the base most adapters share (one odd adapter is left out)
                 votes = Counter((e.spec.base, e.spec.pooling, e.spec.causal_mask) for e in read.values())
                 top = votes.most_common(1)[0][0]
-                self.reference = next(e.spec for e in read.values() if (e.spec.base, e.spec.pooling, e.spec.causal_mask) == top)
+                self.reference = next(
+                    e.spec for e in read.values() if (e.spec.base, e.spec.pooling, e.spec.causal_mask) == top
+                )
             new = {}
             for name, e in read.items():
                 why = self.check(e)
@@ -379,7 +381,7 @@ def fold_head(parts: Parts) -> tuple[torch.Tensor, torch.Tensor]:
     assert h is not None
     if len(h) == 4:
         scale = float(parts.entry.spec.lora["scale"])  # type: ignore[index]
-        w, b, a, bb = h  # type: ignore[misc]
+        w, b, a, bb = h
         return w.float() + scale * (a.float() @ bb.float()).t(), b.float()
     return h[0].float(), h[1].float()
 
@@ -390,8 +392,9 @@ class Slots:
     def __init__(self, model: torch.nn.Module, n: int, on: Callable[[str, str], None] | None = None):
         self.n = n
         self.layers = {name: m for name, m in model.named_modules() if isinstance(m, MultiLoRALinear)}
-        self.head = model.head
-        assert isinstance(self.head, MultiHead)
+        head = model.head
+        assert isinstance(head, MultiHead)
+        self.head: MultiHead = head
         self.resident: OrderedDict[str, tuple[int, Entry]] = OrderedDict()  # name -> (slot, version), LRU first
         self.free = list(range(n - 1, -1, -1))
         self.on = on or (lambda event, name: None)

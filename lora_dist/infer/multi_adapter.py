@@ -27,6 +27,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -211,18 +212,19 @@ class MultiAdapterClassifier:
         first = next(iter(catalog.entries.values()))
         cfg = base_config(first.spec, first.source, None if base is None else str(base))
         dev = pick_device(device, key="device")
-        where = build_device(first.spec, first.source, dev)
-        model, _ = build_model(cfg, len(first.spec.labels), trainable="none", device=where)
+        model, _ = build_model(
+            cfg, len(first.spec.labels), trainable="none", device=build_device(first.spec, first.source, dev)
+        )
         precision = resolve_precision(precision, dev, key="precision")
         model = model.eval().to(dev)
         names = sorted({t for s in specs for t in s.lora["targets"] if t != "head"})  # type: ignore[index]
-        shapes = {}
+        shapes: dict[str, tuple[int, int]] = {}
         for n in names:
-            linear = model.get_submodule(n)
-            shapes[n] = (linear.in_features, linear.out_features)
+            linear: Any = model.get_submodule(n)
+            shapes[n] = (int(linear.in_features), int(linear.out_features))
         rank = max(s.lora["rank"] for s in specs)  # type: ignore[index]
         labels = max(len(s.labels) for s in specs)
-        width = model.head.in_features
+        width = int(model.head.in_features)
         per_slot = 4 * (sum(rank * (i + o) for i, o in shapes.values()) + labels * (width + 1))
         n = max_loaded
         if max_adapter_memory is not None:

@@ -14,6 +14,7 @@ import asyncio
 import json
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from importlib import resources
@@ -95,7 +96,7 @@ class Service:
         self.counts: dict[str, int] = {}  # classify requests answered, by adapter
         self.reading: dict[tuple[str, int], asyncio.Future] = {}  # adapter reads in flight, one per version
         self.reload_lock: asyncio.Lock | None = None  # made on the serving loop
-        self.reader = None  # the thread that reads adapters from disk (not the model thread)
+        self.reader: ThreadPoolExecutor | None = None  # the thread that reads adapters from disk (not the model thread)
         self.limits, self.token, self.max_batch, self.max_queue = limits, token, max_batch, max_queue
         self.open_metrics, self.access_log, self.shutdown_timeout_s = open_metrics, access_log, shutdown_timeout_s
         self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
@@ -151,7 +152,8 @@ class Service:
         if getattr(model, "slots", None) is not None:
             model.forget(names)  # the warm-up's adapter leaves its slot: nothing resident before a request
         self.model = model
-        slots = f" ({model.slots.n} slots, --max-loaded)" if getattr(model, "slots", None) is not None else ""
+        held = getattr(model, "slots", None)
+        slots = f" ({held.n} slots, --max-loaded)" if held is not None else ""
         self.log(f"ready: {len(self.specs)} adapters{slots} on {model.device} in {time.perf_counter() - t0:.1f} s")
         self.metrics.adapters_known.set(len(self.specs))
         if note := precision_note(self.precision, model.precision, model.device):
@@ -209,15 +211,15 @@ class Service:
                 }
             )
         more = limit is not None and offset + limit < len(names)
-        return {"adapters": out, "total": len(names), "next_offset": offset + limit if more else None}
+        return {"adapters": out, "total": len(names), "next_offset": offset + len(page) if more else None}
 
     def unknown(self, name: str) -> Failure:
-        names = sorted(self.specs)
+        names = list(self.specs)
         some = ", ".join(names[:10]) + (f" and {len(names) - 10} more" if len(names) > 10 else "")
         return Failure(404, f"unknown adapter {name!r}; this service has {some} (GET /v1/adapters)", "unknown_adapter")
 
     async def prepare(self, name: str) -> str:
-        """"hit" when `name`'s current version is in a slot (or read already), else read it from disk on the
+        """ "hit" when `name`'s current version is in a slot (or read already), else read it from disk on the
         reader thread (one read per version, however many requests wait for it) and "miss". A load never
         holds up the model thread: requests for resident adapters go on meanwhile."""
         model, catalog = self.model, self.catalog
@@ -233,8 +235,6 @@ class Service:
         fut = self.reading.get(key)
         if fut is None:
             if self.reader is None:
-                from concurrent.futures import ThreadPoolExecutor
-
                 self.reader = ThreadPoolExecutor(max_workers=2, thread_name_prefix="adapter-reader")
             fut = asyncio.get_running_loop().run_in_executor(self.reader, model.read, e)
             self.reading[key] = fut
@@ -258,7 +258,11 @@ class Service:
         """Scan --adapters-dir again (SIGHUP, POST /v1/adapters/reload): new adapters are served, removed ones
         evicted, changed ones read again on their next request. Reloads run one at a time."""
         if self.catalog is None:
-            raise Failure(409, "this service names its adapters with --adapters only; serve --adapters-dir DIR to reload", "no_dir")
+            raise Failure(
+                409,
+                "this service names its adapters with --adapters only; serve --adapters-dir DIR to reload",
+                "no_dir",
+            )
         if self.reload_lock is None:
             self.reload_lock = asyncio.Lock()
         async with self.reload_lock:
@@ -353,8 +357,8 @@ class Service:
             self.metrics.queued.dec()
         self.metrics.messages.labels(req.adapter).inc(len(rows))
         self.counts[req.adapter] = self.counts.get(req.adapter, 0) + 1
-        if getattr(self.model, "slots", None) is not None:
-            self.metrics.adapters_resident.set(len(self.model.slots.resident))
+        if (held := getattr(self.model, "slots", None)) is not None:
+            self.metrics.adapters_resident.set(len(held.resident))
         return {"adapter": req.adapter, "results": [{"label": r["label"], "probs": r["probs"]} for r in rows]}
 
 

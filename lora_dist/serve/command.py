@@ -7,12 +7,12 @@
 Adapters come from the command line only (no request can name a path); they are read and checked before
 the port opens. With --adapters-dir only their descriptions are read at start: each adapter's tensors are read
 when first asked for, at most --max-loaded stay on the device (least recently used evicted), and SIGHUP or
-POST /v1/adapters/reload scans the directory again (infer/adapter_store.py), and the model is built in the background: GET /healthz answers at once, GET /readyz once
-the model is loaded and warmed up. SIGTERM (or Ctrl-C) stops accepting connections, finishes the requests in
-flight and exits 0, within --shutdown-timeout-s. With --token-file (or LORA_DIST_TOKEN), every /v1/ request
-and /metrics (unless --open-metrics) need `Authorization: Bearer TOKEN`; the token is never printed. A client
-gets --read-timeout-s to send its request, at most --max-connections are open and --max-queue requests wait
-(serve/server.py, serve/app.py).
+POST /v1/adapters/reload scans the directory again (infer/adapter_store.py). The model is built in the
+background: GET /healthz answers at once, GET /readyz once the model is loaded and warmed up. SIGTERM (or
+Ctrl-C) stops accepting connections, finishes the requests in flight and exits 0, within --shutdown-timeout-s.
+With --token-file (or LORA_DIST_TOKEN), every /v1/ request and /metrics (unless --open-metrics) need
+`Authorization: Bearer TOKEN`; the token is never printed. A client gets --read-timeout-s to send its
+request, at most --max-connections are open and --max-queue requests wait (serve/server.py, serve/app.py).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import os
 import resource
 import signal
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -181,7 +182,14 @@ def main(args) -> int:
         named = parse_adapters(args.adapters) if args.adapters else {}
         catalog = Catalog(Path(args.adapters_dir), {k: Path(v) for k, v in named.items()}, args.base)
         catalog.log = lambda msg: print(msg, file=sys.stderr, flush=True)
+        t0 = time.perf_counter()
         catalog.scan()  # descriptions only: no tensor is read before a request asks for it
+        print(
+            f"adapters: {len(catalog.entries)} found under {args.adapters_dir} in {time.perf_counter() - t0:.1f} s "
+            f"(descriptions only)",
+            file=sys.stderr,
+            flush=True,
+        )
         if not catalog.entries:
             raise UserError(
                 f"--adapters-dir {args.adapters_dir} holds no usable adapter (see above); point at a sweep's or a "
@@ -223,8 +231,9 @@ def main(args) -> int:
         timeout_graceful_shutdown=args.shutdown_timeout_s,
     )
     names = list(service.specs)
+    which = ", ".join(names) if len(names) <= 10 else f"{len(names)} adapters"
     banner = (
-        f"{', '.join(names) if len(names) <= 10 else f'{len(names)} adapters'} on {{url}} (max batch {args.max_batch}, max wait {args.max_wait_ms:g} ms, "
+        f"{which} on {{url}} (max batch {args.max_batch}, max wait {args.max_wait_ms:g} ms, "
         f"auth {'on' if token else 'off'}{', open metrics' if token and args.open_metrics else ''})"
     )
     server = server_class()(config, service, banner)

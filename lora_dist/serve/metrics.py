@@ -72,7 +72,10 @@ class Metrics:
             "lora_dist_adapter_evictions", "adapters evicted from their slot (least recently used)", registry=r
         )
         self.loads = Counter(
-            "lora_dist_adapter_loads", "adapter reads from disk, by result (ok, gone, unavailable)", ["result"], registry=r
+            "lora_dist_adapter_loads",
+            "adapter reads from disk, by result (ok, gone, unavailable)",
+            ["result"],
+            registry=r,
         )
         self.load_seconds = Histogram(
             "lora_dist_adapter_load_seconds",
