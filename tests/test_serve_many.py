@@ -272,3 +272,58 @@ def test_sighup_reloads(served):
         assert time.monotonic() < end
         time.sleep(0.05)
     assert classify(client, NAMES[4]).status_code == 404
+
+
+def test_a_slow_read_does_not_hold_up_requests_for_resident_adapters(served):
+    import threading
+
+    client, _, service, _ = served
+    assert classify(client, NAMES[0]).status_code == 200  # resident
+    model, release, started = service.model, threading.Event(), threading.Event()
+    original = model.read
+
+    def slow(e):
+        if e.name == NAMES[1]:
+            started.set()
+            assert release.wait(60)
+        return original(e)
+
+    model.read = slow
+    answers: list = []
+    waiting = threading.Thread(target=lambda: answers.append(classify(client, NAMES[1])))
+    waiting.start()
+    try:
+        assert started.wait(60)
+        r = classify(client, NAMES[0])  # while NAMES[1] is being read
+        assert r.status_code == 200 and r.headers["x-adapter-cache"] == "hit" and not answers
+    finally:
+        release.set()
+        waiting.join(60)
+    assert answers[0].status_code == 200 and answers[0].headers["x-adapter-cache"] == "miss"
+
+
+def test_max_adapter_memory_sets_the_slots(sweep):
+    with pytest.raises(UserError, match="holds no adapter; one takes") as e:
+        MultiAdapterClassifier.from_pretrained(None, sweep, device="cpu", max_adapter_memory=1)
+    per_slot = int(str(e.value).split("one takes ")[1].split()[0])
+    m = MultiAdapterClassifier.from_pretrained(None, sweep, device="cpu", max_adapter_memory=3 * per_slot + 1)
+    assert m.slots is not None and m.slots.n == 3
+    from lora_dist.multi_lora import adapter_bytes
+
+    assert adapter_bytes(m.model) == 3 * per_slot  # the slots hold what the bound says
+
+
+def test_the_command_wants_adapters_and_a_directory_with_some(tmp_path):
+    from argparse import ArgumentParser
+
+    from lora_dist.serve import command
+
+    p = ArgumentParser()
+    command.add_arguments(p)
+    with pytest.raises(UserError, match="--adapters NAME=PATH,... or --adapters-dir DIR"):
+        command.main(p.parse_args([]))
+    (tmp_path / "empty" / "a").mkdir(parents=True)
+    with pytest.raises(UserError, match="holds no usable adapter"):
+        command.main(p.parse_args(["--adapters-dir", str(tmp_path / "empty")]))
+    with pytest.raises(UserError, match="--max-loaded must be >= 1"):
+        command.main(p.parse_args(["--adapters-dir", str(tmp_path / "empty"), "--max-loaded", "0"]))
