@@ -284,7 +284,11 @@ def main() -> None:
         "table": table,
     }
     path = results_file.write(a.out, f"serve-many-{a.model}", fields, suffix="" if full else "-quick")
-    path.with_suffix(".md").write_text(f"# serve --adapters-dir ({path.stem})\n\n`{' '.join(sys.argv)}`\n\n{table}\n")
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    path.with_suffix(".md").write_text(
+        f"# serve --adapters-dir ({path.stem})\n\n`python {' '.join(sys.argv)}`\n\n{table}\n\n"
+        f"Measured on a shared, loaded {results_file.machine()} machine (load average {load} at the end).\n"
+    )
 
 
 if __name__ == "__main__":
