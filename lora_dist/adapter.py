@@ -13,6 +13,7 @@ the first format (`lora-dist/1`) are read through their run's `config.yaml`.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -247,6 +248,7 @@ def finite_number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
+@functools.cache  # get_type_hints compiles every annotation: most of the time of reading 1,000 descriptions
 def _choices(cls, name: str) -> tuple:
     return typing.get_args(typing.get_type_hints(cls)[name])
 

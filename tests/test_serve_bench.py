@@ -77,3 +77,35 @@ def test_serve_load_bench_quick(tmp_path):
             assert r["requests"] == 6 and r["failures"] == 0 and r["p50_ms"] <= r["p99_ms"]
             assert sum(r["batch_size_histogram"].values()) >= 1
     assert all(set(r["batch_size_histogram"]) == {"1.0"} for r in doc["results"]["none"])
+
+
+@pytest.mark.slow
+def test_serve_many_bench_quick(tmp_path):
+    p = bench(
+        "bench/serve_many.py",
+        "--model",
+        "tiny",
+        "--n",
+        "30",
+        "--requests",
+        "24",
+        "--max-loaded",
+        "4",
+        "--clients",
+        "3",
+        "--threads",
+        "1",
+        "--cache",
+        str(tmp_path / "adapters"),
+        "--out",
+        str(tmp_path),
+    )
+    assert "a quick run, not the benchmark" in p.stderr
+    (path,) = tmp_path.glob("serve-many-tiny-*-quick.json")
+    doc = json.loads(path.read_text())
+    od, pre = doc["results"]["on_demand"], doc["results"]["preloaded"]
+    assert od["failures"] == 0 and pre["failures"] == 0 and od["requests"] == pre["requests"] == 24
+    assert od["hit"]["n"] + od["miss"]["n"] == 24 and od["miss"]["n"] >= 4  # 4 slots: every first use a miss
+    assert pre["miss"]["n"] == 0 and pre["max_loaded"] == doc["distinct_adapters"]
+    assert len(list((tmp_path / "adapters" / "adapters").iterdir())) == 30
+    assert path.with_suffix(".md").read_text().count("| --max-loaded") == 2

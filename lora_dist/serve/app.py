@@ -14,6 +14,7 @@ import asyncio
 import json
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from importlib import resources
@@ -26,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, StrictStr
 from starlette.exceptions import HTTPException
 
 from ..device import precision_note
+from ..infer.adapter_store import Catalog, Gone, Unavailable
 from ..infer.multi_adapter import MultiAdapterClassifier
 from .batcher import Batcher, Stopped
 from .metrics import Metrics
@@ -83,9 +85,18 @@ class Service:
         open_metrics: bool = False,
         access_log: bool = False,
         shutdown_timeout_s: float = 20.0,
+        catalog: Catalog | None = None,
+        max_loaded: int = 64,
+        max_adapter_memory: int | None = None,
     ):
         self.loaded, self.base, self.device, self.precision = loaded, base, device, precision
-        self.specs = {a.name: a.spec for a in loaded}
+        self._specs = {a.name: a.spec for a in loaded}
+        # --adapters-dir: adapters listed by the catalog, read on demand into `max_loaded` slots
+        self.catalog, self.max_loaded, self.max_adapter_memory = catalog, max_loaded, max_adapter_memory
+        self.counts: dict[str, int] = {}  # classify requests answered, by adapter
+        self.reading: dict[tuple[str, int], asyncio.Future] = {}  # adapter reads in flight, one per version
+        self.reload_lock: asyncio.Lock | None = None  # made on the serving loop
+        self.reader: ThreadPoolExecutor | None = None  # the thread that reads adapters from disk (not the model thread)
         self.limits, self.token, self.max_batch, self.max_queue = limits, token, max_batch, max_queue
         self.open_metrics, self.access_log, self.shutdown_timeout_s = open_metrics, access_log, shutdown_timeout_s
         self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
@@ -102,21 +113,49 @@ class Service:
         self.stop_by: float | None = None  # time.monotonic() by which a stop must be done (set at SIGTERM)
         self.stopped_cleanly = True
 
+    @property
+    def specs(self) -> dict:
+        """{name: AdapterSpec} of every adapter served (with --adapters-dir, those the last scan found)."""
+        if self.catalog is None:
+            return self._specs
+        return {n: e.spec for n, e in self.catalog.entries.items()}
+
+    def knows(self, name: str) -> bool:
+        return name in (self.catalog.entries if self.catalog is not None else self._specs)
+
     def load(self) -> None:
         """Build the model and warm it up; only a model whose warm-up passed is ready (GET /readyz)."""
         t0 = time.perf_counter()
         try:
-            model = MultiAdapterClassifier.from_loaded(
-                self.loaded, self.base, device=self.device, precision=self.precision
-            )
-            names = list(self.specs)
+            if self.catalog is not None:
+                model = MultiAdapterClassifier.from_catalog(
+                    self.catalog,
+                    self.base,
+                    device=self.device,
+                    precision=self.precision,
+                    max_loaded=self.max_loaded,
+                    max_adapter_memory=self.max_adapter_memory,
+                    log=self.log,
+                )
+                model.on, model.log = self._cache_event, self.log
+                names = list(self.catalog.entries)[:1]  # one adapter: the rest are read when asked for
+            else:
+                model = MultiAdapterClassifier.from_loaded(
+                    self.loaded, self.base, device=self.device, precision=self.precision
+                )
+                names = list(self.specs)
             model.predict(["warm up"] * len(names), names)  # first-call costs (weight packing) paid here
         except Exception as e:  # noqa: BLE001  (readyz and every request say why)
             self.failed = f"{type(e).__name__}: {e}"
             self.log(f"error: the model did not load ({self.failed})")
             return
+        if getattr(model, "slots", None) is not None:
+            model.forget(names)  # the warm-up's adapter leaves its slot: nothing resident before a request
         self.model = model
-        self.log(f"ready: {len(self.specs)} adapters on {model.device} in {time.perf_counter() - t0:.1f} s")
+        held = getattr(model, "slots", None)
+        slots = f" ({held.n} slots, --max-loaded)" if held is not None else ""
+        self.log(f"ready: {len(self.specs)} adapters{slots} on {model.device} in {time.perf_counter() - t0:.1f} s")
+        self.metrics.adapters_known.set(len(self.specs))
         if note := precision_note(self.precision, model.precision, model.device):
             self.log(note)
 
@@ -128,6 +167,8 @@ class Service:
         except asyncio.TimeoutError:  # noqa: UP041  (Python 3.10: not the builtin TimeoutError)
             pass
         finished = loading.done() and await self.batcher.stop(deadline)
+        if self.reader is not None:
+            self.reader.shutdown(wait=False, cancel_futures=True)
         self.stopped_cleanly = finished
 
     def protected(self, path: str) -> bool:
@@ -138,27 +179,132 @@ class Service:
         assert self.model is not None  # requests reach the batcher only once the model is loaded
         return self.model.predict(texts, adapters, batch_size=self.max_batch)
 
-    def adapters(self) -> list[dict]:
-        return [
-            {
-                "name": n,
-                "labels": list(s.labels),
-                "base": s.base.describe(),
-                "rank": s.lora["rank"],
-                "layers": len([t for t in s.lora["targets"] if t != "head"]),
-                "max_length": s.max_length,
-            }
-            for n, s in self.specs.items()
-        ]
+    def _cache_event(self, event: str, name: str, seconds: float = 0.0) -> None:
+        """What the model's slots report (any thread: prometheus_client's metrics are thread-safe)."""
+        if event == "load":
+            self.metrics.loads.labels("ok").inc()
+            self.metrics.load_seconds.observe(seconds)
+        elif event == "evict":
+            self.metrics.evictions.inc()
 
-    async def classify(self, req: ClassifyRequest) -> dict:
-        lim = self.limits
-        if req.adapter not in self.specs:
-            raise Failure(
-                404,
-                f"unknown adapter {req.adapter!r}; this service has {', '.join(self.specs)} (GET /v1/adapters)",
-                "unknown_adapter",
+    def adapters(self, q: str = "", limit: int | None = None, offset: int = 0) -> dict:
+        """The adapters whose name starts with `q`, `limit` from `offset` on."""
+        names = [n for n in self.specs if n.startswith(q)]  # the order given, or by name (--adapters-dir)
+        page = names[offset : None if limit is None else offset + limit]
+        specs = self.specs
+        out = []
+        for n in page:
+            s = specs[n]
+            state = "loaded"
+            if self.catalog is not None:
+                state = "loaded" if self.model is not None and self.model.resident(n) is not None else "on disk"
+            out.append(
+                {
+                    "name": n,
+                    "labels": list(s.labels),
+                    "base": s.base.describe(),
+                    "rank": s.lora["rank"],
+                    "layers": len([t for t in s.lora["targets"] if t != "head"]),
+                    "max_length": s.max_length,
+                    "state": state,
+                    "requests": self.counts.get(n, 0),
+                }
             )
+        more = limit is not None and offset + limit < len(names)
+        return {"adapters": out, "total": len(names), "next_offset": offset + len(page) if more else None}
+
+    def unknown(self, name: str) -> Failure:
+        names = list(self.specs)
+        some = ", ".join(names[:10]) + (f" and {len(names) - 10} more" if len(names) > 10 else "")
+        return Failure(404, f"unknown adapter {name!r}; this service has {some} (GET /v1/adapters)", "unknown_adapter")
+
+    async def prepare(self, name: str) -> str:
+        """ "hit" when `name`'s current version is in a slot (or read already), else read it from disk on the
+        reader thread (one read per version, however many requests wait for it) and "miss". A load never
+        holds up the model thread: requests for resident adapters go on meanwhile."""
+        model, catalog = self.model, self.catalog
+        assert model is not None and catalog is not None
+        e = catalog.entries.get(name)
+        if e is None:
+            raise self.unknown(name)
+        if model.resident(name) is e:
+            return "hit"
+        if model.is_current(name, e):
+            return "miss"
+        key = (name, id(e))
+        fut = self.reading.get(key)
+        if fut is None:
+            if self.reader is None:
+                self.reader = ThreadPoolExecutor(max_workers=2, thread_name_prefix="adapter-reader")
+            fut = asyncio.get_running_loop().run_in_executor(self.reader, model.read, e)
+            self.reading[key] = fut
+            fut.add_done_callback(lambda _: self.reading.pop(key, None))
+        try:
+            parts = await asyncio.shield(fut)
+        except Gone as err:
+            self.metrics.loads.labels("gone").inc()
+            raise Failure(404, f"{err}; it is no longer served (GET /v1/adapters)", "unknown_adapter") from err
+        except Unavailable as err:
+            self.metrics.loads.labels("unavailable").inc()
+            if model.resident(name) is not None:  # the version loaded before stays until the new one is whole
+                self.log(f"{err}; serving the version loaded before")
+                return "hit"
+            self.log(f"error: {err}")
+            raise Failure(503, str(err), "adapter_unavailable", {"Retry-After": "1"}) from err
+        model.stage(parts)
+        return "miss"
+
+    async def reload(self) -> dict:
+        """Scan --adapters-dir again (SIGHUP, POST /v1/adapters/reload): new adapters are served, removed ones
+        evicted, changed ones read again on their next request. Reloads run one at a time."""
+        if self.catalog is None:
+            raise Failure(
+                409,
+                "this service names its adapters with --adapters only; serve --adapters-dir DIR to reload",
+                "no_dir",
+            )
+        if self.reload_lock is None:
+            self.reload_lock = asyncio.Lock()
+        async with self.reload_lock:
+            t0 = time.perf_counter()
+            try:
+                diff = await asyncio.get_running_loop().run_in_executor(None, self.catalog.scan)
+            except Exception as e:  # noqa: BLE001  (the directory went away: the adapters stay as they were)
+                self.log(f"error: reload failed ({type(e).__name__}: {e}); serving the adapters as before")
+                raise Failure(503, f"reload failed: {e}", "reload_failed") from e
+            # removed ones leave their slots (on the model thread, between batches); a changed one stays until
+            # its new version is read whole (its next request reads it)
+            if diff["removed"] and self.model is not None:
+                await self.batcher.call(self.model.forget, diff["removed"])
+            for n in diff["removed"]:
+                self.counts.pop(n, None)
+            self.metrics.reloads.inc()
+            self.metrics.adapters_known.set(len(self.catalog.entries))
+            self.log(
+                f"reload: {len(self.catalog.entries)} adapters ({len(diff['added'])} added, {len(diff['removed'])} "
+                f"removed, {len(diff['changed'])} changed, {len(diff['broken'])} left out) in "
+                f"{time.perf_counter() - t0:.2f} s"
+            )
+            return {"adapters": len(self.catalog.entries), **diff}
+
+    def reload_soon(self) -> None:
+        """A reload on the serving loop (from a signal handler: SIGHUP); its outcome is logged."""
+        loop = self.batcher.loop
+        if loop is None:
+            return
+
+        async def run():
+            try:
+                await self.reload()
+            except Failure:
+                pass  # logged
+
+        loop.call_soon_threadsafe(lambda: asyncio.ensure_future(run()))
+
+    async def classify(self, req: ClassifyRequest, cache: dict | None = None) -> dict:
+        lim = self.limits
+        if not self.knows(req.adapter):
+            raise self.unknown(req.adapter)
         if not req.texts:
             raise Failure(422, f"texts is empty; send 1 to {lim.max_texts} messages", "empty")
         if len(req.texts) > lim.max_texts:
@@ -189,17 +335,30 @@ class Service:
                 "queue_full",
                 {"Retry-After": "1"},
             )
+        if self.catalog is not None:
+            got = await self.prepare(req.adapter)
+            (self.metrics.cache_hits if got == "hit" else self.metrics.cache_misses).inc()
+            if cache is not None:
+                cache["state"] = got
         self.metrics.queued.inc()
         try:
             rows = await self.batcher.submit(req.adapter, req.texts)
         except Stopped as e:
             raise Failure(503, f"{e}; retry on another replica", "stopping") from e
+        except Gone as e:  # removed by a reload while this request waited
+            raise Failure(404, f"{e}; it is no longer served (GET /v1/adapters)", "unknown_adapter") from e
+        except Unavailable as e:
+            self.log(f"error: {e}")
+            raise Failure(503, str(e), "adapter_unavailable", {"Retry-After": "1"}) from e
         except Exception as e:
             self.log(f"error: a request for adapter {req.adapter!r} failed in the model: {type(e).__name__}: {e}")
             raise Failure(500, f"the model failed on this request ({type(e).__name__}: {e})", "model_error") from e
         finally:
             self.metrics.queued.dec()
         self.metrics.messages.labels(req.adapter).inc(len(rows))
+        self.counts[req.adapter] = self.counts.get(req.adapter, 0) + 1
+        if (held := getattr(self.model, "slots", None)) is not None:
+            self.metrics.adapters_resident.set(len(held.resident))
         return {"adapter": req.adapter, "results": [{"label": r["label"], "probs": r["probs"]} for r in rows]}
 
 
@@ -264,11 +423,13 @@ def create_app(service: Service) -> FastAPI:
         response_model=ClassifyResponse,
         responses={400: {}, 401: {}, 404: {}, 413: {}, 422: {}, 500: {}, 503: {}},
     )
-    async def classify(req: ClassifyRequest, request: Request):
-        """Label each message with the adapter's labels; probabilities over its own labels."""
+    async def classify(req: ClassifyRequest, request: Request, response: Response):
+        """Label each message with the adapter's labels; probabilities over its own labels. With --adapters-dir
+        the answer's X-Adapter-Cache header says whether the adapter was resident (hit) or read (miss)."""
         t0 = time.perf_counter()
+        cache: dict = {}
         try:
-            out = await _unless_gone(request, service.classify(req))
+            out = await _unless_gone(request, service.classify(req, cache))
         except asyncio.CancelledError:
             if service.stop_by is None:
                 raise
@@ -280,12 +441,24 @@ def create_app(service: Service) -> FastAPI:
             return Response(status_code=499)
         service.metrics.latency.labels(req.adapter).observe(time.perf_counter() - t0)
         service.metrics.requests.labels(req.adapter, "200").inc()
+        if "state" in cache:
+            response.headers["X-Adapter-Cache"] = cache["state"]
         return out
 
     @app.get("/v1/adapters")
-    async def adapters():
-        """The adapters this service holds: name, labels, base model."""
-        return {"adapters": service.adapters()}
+    async def adapters(q: str = "", limit: int | None = None, offset: int = 0):
+        """The adapters this service serves, in name order: name, labels, base, state (loaded: in a slot on
+        the device; on disk: read when asked for) and requests answered. `q`: a name prefix; `limit` and
+        `offset` page through thousands (`next_offset` is the next page's, null at the end)."""
+        if limit is not None and not 1 <= limit <= 10_000 or offset < 0:
+            raise Failure(422, "limit must be 1 to 10000 and offset >= 0", "bad_query")
+        return service.adapters(q, limit, offset)
+
+    @app.post("/v1/adapters/reload", responses={401: {}, 409: {}, 503: {}})
+    async def reload():
+        """Scan --adapters-dir again: added adapters are served, removed ones get 404, changed ones are read
+        again. Needs the token, as every /v1/ path does."""
+        return await service.reload()
 
     @app.get("/healthz")
     async def healthz():
@@ -300,7 +473,10 @@ def create_app(service: Service) -> FastAPI:
             if service.failed:
                 why = "the model failed to load" + (" (see the service's log)" if private else f" ({service.failed})")
             return JSONResponse({"status": "not ready", "error": why}, status_code=503)
-        return {"status": "ready"} if private else {"status": "ready", "adapters": list(service.specs)}
+        if private:
+            return {"status": "ready"}
+        names = list(service.specs)
+        return {"status": "ready", "adapters": names if len(names) <= 100 else len(names)}
 
     @app.get("/metrics")
     async def metrics():
@@ -351,4 +527,4 @@ def _adapter_label(request: Request, service: Service) -> str:
         name = json.loads(body).get("adapter") if body else None
     except (ValueError, AttributeError):
         name = None
-    return name if isinstance(name, str) and name in service.specs else "-"
+    return name if isinstance(name, str) and service.knows(name) else "-"

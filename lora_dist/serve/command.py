@@ -1,15 +1,18 @@
 """`lora-dist serve`: many adapters over one frozen base, behind HTTP, with dynamic batching.
 
     lora-dist serve --adapters spam=runs/a,support=runs/b                   # http://127.0.0.1:8000/
+    lora-dist serve --adapters-dir runs/sweep --max-loaded 64               # every adapter under runs/sweep
     LORA_DIST_TOKEN=secret lora-dist serve --adapters spam=runs/a --host 0.0.0.0 --port 8000
 
 Adapters come from the command line only (no request can name a path); they are read and checked before
-the port opens, and the model is built in the background: GET /healthz answers at once, GET /readyz once
-the model is loaded and warmed up. SIGTERM (or Ctrl-C) stops accepting connections, finishes the requests in
-flight and exits 0, within --shutdown-timeout-s. With --token-file (or LORA_DIST_TOKEN), every /v1/ request
-and /metrics (unless --open-metrics) need `Authorization: Bearer TOKEN`; the token is never printed. A client
-gets --read-timeout-s to send its request, at most --max-connections are open and --max-queue requests wait
-(serve/server.py, serve/app.py).
+the port opens. With --adapters-dir only their descriptions are read at start: each adapter's tensors are read
+when first asked for, at most --max-loaded stay on the device (least recently used evicted), and SIGHUP or
+POST /v1/adapters/reload scans the directory again (infer/adapter_store.py). The model is built in the
+background: GET /healthz answers at once, GET /readyz once the model is loaded and warmed up. SIGTERM (or
+Ctrl-C) stops accepting connections, finishes the requests in flight and exits 0, within --shutdown-timeout-s.
+With --token-file (or LORA_DIST_TOKEN), every /v1/ request and /metrics (unless --open-metrics) need
+`Authorization: Bearer TOKEN`; the token is never printed. A client gets --read-timeout-s to send its
+request, at most --max-connections are open and --max-queue requests wait (serve/server.py, serve/app.py).
 """
 
 from __future__ import annotations
@@ -20,12 +23,14 @@ import os
 import resource
 import signal
 import sys
+import time
 from pathlib import Path
 
 import torch
 
 from ..device import PRECISIONS
 from ..errors import UserError
+from ..infer.adapter_store import Catalog
 from ..infer.multi_adapter import read_adapters
 from .server import guarded_protocol, server_class
 
@@ -41,14 +46,27 @@ BOUNDS = {
     "--read-timeout-s": (0.001, 86_400),
     "--max-connections": (1, 1 << 20),
     "--max-queue": (1, 1 << 20),
+    "--max-loaded": (1, 1 << 16),
+    "--max-adapter-memory": (1, 1 << 50),
     "--shutdown-timeout-s": (0, 86_400),
 }
 FILES_BESIDE_CONNECTIONS = 128  # file descriptors the process needs besides its connections (model, libraries)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--adapters", help="NAME=PATH[,NAME=PATH...]: runs or adapter directories of one base")
     p.add_argument(
-        "--adapters", required=True, help="NAME=PATH[,NAME=PATH...]: runs or adapter directories of one base"
+        "--adapters-dir",
+        help="serve every run or adapter directory under DIR (a sweep's output_dir), named by its path relative "
+        "to DIR, read on demand; SIGHUP or POST /v1/adapters/reload finds new ones",
+    )
+    p.add_argument(
+        "--max-loaded", type=int, default=64, help="with --adapters-dir: adapters resident on the device (default: 64)"
+    )
+    p.add_argument(
+        "--max-adapter-memory",
+        type=int,
+        help="with --adapters-dir: bytes of device memory for resident adapters (fewer slots if they hold fewer)",
     )
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=8000, help="(default: 8000; 0: any free port, logged)")
@@ -160,7 +178,29 @@ def main(args) -> int:
 
     check_numbers(args)
     token = read_token(args.token_file)
-    loaded = read_adapters(parse_adapters(args.adapters))
+    catalog = None
+    if args.adapters_dir:
+        named = parse_adapters(args.adapters) if args.adapters else {}
+        catalog = Catalog(Path(args.adapters_dir), {k: Path(v) for k, v in named.items()}, args.base)
+        catalog.log = lambda msg: print(msg, file=sys.stderr, flush=True)
+        t0 = time.perf_counter()
+        catalog.scan()  # descriptions only: no tensor is read before a request asks for it
+        print(
+            f"adapters: {len(catalog.entries)} found under {args.adapters_dir} in {time.perf_counter() - t0:.1f} s "
+            f"(descriptions only)",
+            file=sys.stderr,
+            flush=True,
+        )
+        if not catalog.entries:
+            raise UserError(
+                f"--adapters-dir {args.adapters_dir} holds no usable adapter (see above); point at a sweep's or a "
+                f"run's output directory"
+            )
+        loaded = []
+    elif args.adapters:
+        loaded = read_adapters(parse_adapters(args.adapters))
+    else:
+        raise UserError("name the adapters: --adapters NAME=PATH,... or --adapters-dir DIR (a sweep's output)")
     raise_file_limit(args.max_connections)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -178,6 +218,9 @@ def main(args) -> int:
         open_metrics=args.open_metrics,
         access_log=args.access_log,
         shutdown_timeout_s=args.shutdown_timeout_s,
+        catalog=catalog,
+        max_loaded=args.max_loaded,
+        max_adapter_memory=args.max_adapter_memory,
     )
     config = uvicorn.Config(
         create_app(service),
@@ -188,14 +231,18 @@ def main(args) -> int:
         access_log=False,  # --access-log is lora-dist's own (serve/middleware.py): uvicorn's is at info level
         timeout_graceful_shutdown=args.shutdown_timeout_s,
     )
+    names = list(service.specs)
+    which = ", ".join(names) if len(names) <= 10 else f"{len(names)} adapters"
     banner = (
-        f"{', '.join(service.specs)} on {{url}} (max batch {args.max_batch}, max wait {args.max_wait_ms:g} ms, "
+        f"{which} on {{url}} (max batch {args.max_batch}, max wait {args.max_wait_ms:g} ms, "
         f"auth {'on' if token else 'off'}{', open metrics' if token and args.open_metrics else ''})"
     )
     server = server_class()(config, service, banner)
     # uvicorn re-raises the signal that stopped it once it is done; a handler that ignores it makes the
     # exit after a graceful SIGTERM a clean 0.
     signal.signal(signal.SIGTERM, lambda *_: None)
+    if catalog is not None:  # SIGHUP: scan --adapters-dir again, on the serving loop
+        signal.signal(signal.SIGHUP, lambda *_: service.reload_soon())
     try:
         server.run()
     except SystemExit:  # uvicorn's own exit when it cannot bind (it logged the reason)

@@ -61,6 +61,32 @@ class Metrics:
             registry=r,
         )
 
+        # adapters on demand (--adapters-dir): the LRU slots on the model's device
+        self.cache_hits = Counter(
+            "lora_dist_adapter_cache_hits", "requests whose adapter was resident when they arrived", registry=r
+        )
+        self.cache_misses = Counter(
+            "lora_dist_adapter_cache_misses", "requests whose adapter had to be read from disk", registry=r
+        )
+        self.evictions = Counter(
+            "lora_dist_adapter_evictions", "adapters evicted from their slot (least recently used)", registry=r
+        )
+        self.loads = Counter(
+            "lora_dist_adapter_loads",
+            "adapter reads from disk, by result (ok, gone, unavailable)",
+            ["result"],
+            registry=r,
+        )
+        self.load_seconds = Histogram(
+            "lora_dist_adapter_load_seconds",
+            "time to read and check one adapter's tensors from disk",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0),
+            registry=r,
+        )
+        self.adapters_resident = Gauge("lora_dist_adapters_resident", "adapters in a slot on the device", registry=r)
+        self.adapters_known = Gauge("lora_dist_adapters_known", "adapters the service lists", registry=r)
+        self.reloads = Counter("lora_dist_adapter_reloads", "rescans of the adapters (SIGHUP, POST)", registry=r)
+
     def batch_done(self, batch) -> None:
         self.batch.observe(sum(len(r.texts) for r in batch))
         per: dict[str, int] = {}

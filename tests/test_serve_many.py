@@ -1,0 +1,329 @@
+"""Thousands of adapters from one directory, loaded on demand: `serve --adapters-dir`, `--max-loaded`, reloads.
+
+    pytest tests/test_serve_many.py -v
+
+The on-demand path against everything stacked at once (the same probabilities to 1e-6), the LRU order, the
+directory walk (names, hidden and linked directories, a broken adapter, 10,000 empty folders), and the
+service through FastAPI's TestClient: names that are not in the catalog, reloads (added, removed, rewritten,
+half-written adapters, two at once), the listing, the metrics and the token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ROOT
+
+from lora_dist import MultiAdapterClassifier, UserError
+from lora_dist.infer import adapter_store
+from lora_dist.infer.adapter_store import Catalog, Unavailable, walk
+
+sys.path.insert(0, str(ROOT / "bench"))
+from fake_adapters import LABELS, make_adapter  # noqa: E402
+
+TEXTS = ["WINNER!! claim your prize now", "see you at 6", "the app crashes when I log in", "x " * 40, "ok"]
+TOKEN = "tok-for-many"
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory) -> Path:
+    """A sweep's output layout: DIR/adapters/NAME/adapter/..., mixed ranks, targets and label sets."""
+    d = tmp_path_factory.mktemp("many")
+    kinds = [
+        dict(rank=8, targets=("all",), labels=LABELS["spam"]),
+        dict(rank=4, targets=("*.att.*",), labels=LABELS["support"], head=False),
+        dict(rank=16, targets=("*.ff.*",), labels=LABELS["lang"], train_head=False),
+        dict(rank=2, targets=("all",), labels=LABELS["spam"]),
+        dict(rank=8, targets=("all",), labels=LABELS["support"]),
+    ]
+    for i, kw in enumerate(kinds):
+        make_adapter(d / "adapters" / f"run{i}", seed=10 + i, **kw)
+    (d / "sweep.json").write_text("{}")
+    (d / "adapters" / "run9-unfinished" / "checkpoints").mkdir(parents=True)  # a run still training
+    return d
+
+
+NAMES = [f"adapters/run{i}" for i in range(5)]
+
+
+@pytest.fixture(scope="module")
+def preloaded(sweep):
+    return MultiAdapterClassifier.from_pretrained(None, {n: sweep / n for n in NAMES}, device="cpu")
+
+
+def test_on_demand_gives_the_probabilities_of_everything_preloaded(sweep, preloaded):
+    on_demand = MultiAdapterClassifier.from_pretrained(None, sweep, device="cpu", max_loaded=2)
+    assert on_demand.names == NAMES  # named by their path under the directory; the unfinished run left out
+    assert on_demand.slots is not None and not on_demand.slots.resident  # nothing read at start
+    g = torch.Generator().manual_seed(0)
+    texts = TEXTS * 5
+    which = [NAMES[i] for i in torch.randint(len(NAMES), (len(texts),), generator=g).tolist()]
+    want = preloaded.predict(texts, which, batch_size=4)
+    for _ in range(2):  # a second round: adapters evicted in the first come back
+        got = on_demand.predict(texts, which, batch_size=4)
+        for w, o in zip(want, got, strict=True):
+            assert o["adapter"] == w["adapter"] and o["label"] == w["label"]
+            assert list(o["probs"]) == list(w["probs"])
+            assert o["probs"] == pytest.approx(w["probs"], abs=1e-6, rel=0)
+    assert len(on_demand.slots.resident) == 2
+
+
+def test_the_least_recently_used_adapter_is_evicted(sweep):
+    m = MultiAdapterClassifier.from_pretrained(None, sweep, device="cpu", max_loaded=3)
+    events = []
+    m.on = lambda event, name, seconds=0.0: events.append((event, name))
+    a, b, c, d = NAMES[:4]
+    for name in (a, b, c, a, d):  # b is the least recently used when d comes
+        m.predict(["hi"], name)
+    assert list(m.slots.resident) == [c, a, d]
+    assert ("evict", b) in events and [e for e in events if e[0] == "evict"] == [("evict", b)]
+    m.predict(["hi"], b)  # then c
+    assert list(m.slots.resident) == [a, d, b]
+    assert [n for e, n in events if e == "load"] == [a, b, c, d, b]  # a hit reads nothing
+
+
+def test_the_walk_names_runs_by_relative_path_skips_links_hidden_dirs_and_is_bounded(sweep, tmp_path):
+    root = tmp_path / "root"
+    shutil.copytree(sweep / "adapters" / "run0", root / "team-a" / "spam")
+    shutil.copytree(sweep / "adapters" / "run3" / "adapter", root / "bare")  # an adapter/ directory itself
+    shutil.copytree(sweep / "adapters" / "run1", root / ".tmp-writing")  # hidden: a writer's temporary
+    (root / "linked").symlink_to(sweep / "adapters" / "run2", target_is_directory=True)  # out of DIR: not followed
+    shutil.copytree(sweep / "adapters" / "run0", root / "bad name!")
+    deep = root / "a" / "b" / "c" / "d" / "e" / "f" / "g"
+    shutil.copytree(sweep / "adapters" / "run0", deep)
+    found, problems = walk(root)
+    assert sorted(found) == ["bare", "team-a/spam"]
+    assert any("bad name!" in p for p in problems)
+    found, problems = walk(root, max_dirs=3)
+    assert any("more than 3 directories" in p for p in problems)
+
+    many = tmp_path / "empty"
+    for i in range(10_000):
+        (many / f"d{i:05d}").mkdir(parents=True)
+    shutil.copytree(sweep / "adapters" / "run0", many / "d09999" / "x")
+    found, problems = walk(many)
+    assert list(found) == ["d09999/x"] and not problems
+
+
+def test_a_broken_adapter_is_named_in_one_line_and_the_rest_are_served(sweep, tmp_path):
+    root = tmp_path / "root"
+    shutil.copytree(sweep / "adapters", root)
+    (root / "run1" / "adapter" / "adapter_config.json").write_text("{not json")
+    other = make_adapter(root / "other-base", seed=5, base_seed=7)  # another random base: left out
+    lines: list[str] = []
+    c = Catalog(root, log=lines.append)
+    diff = c.scan()
+    assert sorted(c.entries) == ["run0", "run2", "run3", "run4"]
+    assert diff["broken"] == ["other-base", "run1"]
+    assert len(lines) == 2 and "'run1' left out" in lines[0] + lines[1] and str(other) in "".join(lines)
+
+
+def test_a_file_rewritten_while_read_is_refused_never_half_read(sweep, monkeypatch):
+    c = Catalog(sweep / "adapters")
+    c.scan()
+    e = c.entries["run0"]
+    stamps = iter([((1, 1, 1),), ((2, 2, 2),)])
+    monkeypatch.setattr(adapter_store, "stamp", lambda files: next(stamps))
+    from lora_dist.infer.multi_adapter import expected_shapes
+
+    with pytest.raises(Unavailable, match="being rewritten"):
+        adapter_store.read_parts(e, expected_shapes)
+
+
+def test_no_adapter_in_the_directory_is_a_user_error(tmp_path):
+    (tmp_path / "nothing" / "here").mkdir(parents=True)
+    with pytest.raises(UserError, match="no usable adapter"):
+        MultiAdapterClassifier.from_pretrained(None, tmp_path / "nothing", device="cpu")
+
+
+# ------------------------------------------------------------------------------------ the service
+
+
+@pytest.fixture
+def served(sweep, tmp_path):
+    """A service over a copy of the sweep (tests change it), 2 slots, with a token; (client, dir, service, log)."""
+    from fastapi.testclient import TestClient
+
+    from lora_dist.serve.app import Service, create_app
+
+    root = tmp_path / "served"
+    shutil.copytree(sweep, root)
+    lines: list[str] = []
+    catalog = Catalog(root, log=lines.append)
+    catalog.scan()
+    service = Service([], device="cpu", token=TOKEN, log=lines.append, catalog=catalog, max_loaded=2)
+    with TestClient(create_app(service)) as client:
+        client.headers["authorization"] = f"Bearer {TOKEN}"
+        end = time.monotonic() + 120
+        while client.get("/readyz").status_code != 200:
+            assert time.monotonic() < end and not service.failed, lines
+            time.sleep(0.05)
+        yield client, root, service, lines
+
+
+def classify(client, name, texts=("hi",)):
+    return client.post("/v1/classify", json={"adapter": name, "texts": list(texts)})
+
+
+def test_the_service_answers_as_preloaded_and_says_hit_or_miss(served, preloaded):
+    client, _, service, _ = served
+    for name in NAMES + NAMES[:1]:
+        r = classify(client, name, TEXTS)
+        assert r.status_code == 200, r.text
+        want = preloaded.predict(TEXTS, name)
+        for got, w in zip(r.json()["results"], want, strict=True):
+            assert got["probs"] == pytest.approx(w["probs"], abs=1e-6, rel=0)
+    assert r.headers["x-adapter-cache"] == "miss"  # run0 was evicted by run2..run4 (2 slots)
+    assert classify(client, NAMES[0]).headers["x-adapter-cache"] == "hit"
+    m = client.get("/metrics").text
+    assert "lora_dist_adapter_cache_hits_total 1.0" in m and "lora_dist_adapter_cache_misses_total 6.0" in m
+    assert "lora_dist_adapter_evictions_total 4.0" in m and "lora_dist_adapter_load_seconds_count" in m
+    listing = client.get("/v1/adapters", params={"q": "adapters/run", "limit": 3}).json()
+    assert [a["name"] for a in listing["adapters"]] == NAMES[:3] and listing["total"] == 5
+    assert listing["next_offset"] == 3
+    assert listing["adapters"][0]["state"] == "loaded" and listing["adapters"][0]["requests"] == 3
+    assert listing["adapters"][1]["state"] == "on disk" and listing["adapters"][1]["labels"] == list(LABELS["support"])
+    rest = client.get("/v1/adapters", params={"q": "adapters/run", "limit": 3, "offset": 3}).json()
+    assert [a["name"] for a in rest["adapters"]] == NAMES[3:] and rest["next_offset"] is None
+
+
+@pytest.mark.parametrize("name", ["../adapters/run0", "adapters/../adapters/run0", "/etc/passwd", "adapters/", "run0"])
+def test_a_name_is_only_looked_up_never_a_path(served, name):
+    client, root, _, _ = served
+    r = classify(client, name)
+    assert r.status_code == 404 and "unknown adapter" in r.json()["error"]
+
+
+def test_reload_adds_removes_and_needs_the_token(served, sweep):
+    client, root, service, lines = served
+    assert classify(client, NAMES[0]).status_code == 200  # resident
+    assert client.post("/v1/adapters/reload", headers={"authorization": "Bearer wrong"}).status_code == 401
+    shutil.rmtree(root / "adapters" / "run0")
+    shutil.copytree(sweep / "adapters" / "run1", root / "new" / "customer")
+    assert classify(client, "new/customer").status_code == 404  # not before a reload
+    r = client.post("/v1/adapters/reload")
+    assert r.status_code == 200 and r.json()["added"] == ["new/customer"] and r.json()["removed"] == [NAMES[0]]
+    assert classify(client, NAMES[0]).status_code == 404  # removed: evicted, not listed
+    assert NAMES[0] not in [a["name"] for a in client.get("/v1/adapters").json()["adapters"]]
+    assert service.model.resident(NAMES[0]) is None
+    assert classify(client, "new/customer").status_code == 200
+    assert any(x.startswith("reload: 5 adapters (1 added, 1 removed") for x in lines)
+
+
+def test_two_reloads_at_once_are_safe(served):
+    client, root, service, _ = served
+    shutil.copytree(root / "adapters" / "run3", root / "adapters" / "run5")
+
+    async def both():
+        return await asyncio.gather(service.reload(), service.reload())
+
+    a, b = client.portal.call(both)
+    assert a["added"] == ["adapters/run5"] and b["added"] == []  # one after the other
+    assert classify(client, "adapters/run5").status_code == 200
+
+
+def test_deleted_half_written_and_rewritten_adapters_never_give_a_500(served, sweep):
+    client, root, service, lines = served
+    run1 = root / "adapters" / "run1" / "adapter" / "adapter_model.safetensors"
+    # deleted after the scan, never read: 404
+    os.unlink(root / "adapters" / "run2" / "adapter" / "adapter_model.safetensors")
+    r = classify(client, NAMES[2])
+    assert r.status_code == 404 and "removed from disk" in r.json()["error"]
+    # half-written by a sweep: the tensor file cut short
+    run1.write_bytes(run1.read_bytes()[:1000])
+    r = classify(client, NAMES[1])
+    assert r.status_code == 503 and "damaged" in r.json()["error"], r.text
+    # the tensors of another adapter under an unchanged description (written before its description)
+    shutil.copy(sweep / "adapters" / "run0" / "adapter" / "adapter_model.safetensors", run1)
+    r = classify(client, NAMES[1])
+    assert r.status_code == 503 and "does not match its description" in r.json()["error"]
+    # resident, then rewritten with a broken file and reloaded: the old version answers until it is whole
+    good = classify(client, NAMES[3], TEXTS).json()
+    run3 = root / "adapters" / "run3" / "adapter" / "adapter_model.safetensors"
+    data = run3.read_bytes()
+    run3.write_bytes(data[: len(data) // 2])
+    assert NAMES[3] in client.post("/v1/adapters/reload").json()["changed"]
+    r = classify(client, NAMES[3], TEXTS)
+    assert r.status_code == 200 and r.json() == good
+    assert any("serving the version loaded before" in x for x in lines)
+    # ... and once it is whole again (retrained: other values), the new version
+    new = make_adapter(root.parent / "retrained", seed=99, rank=2, targets=("all",), labels=LABELS["spam"])
+    shutil.copy(new / "adapter" / "adapter_model.safetensors", run3)
+    assert NAMES[3] in client.post("/v1/adapters/reload").json()["changed"]
+    r = classify(client, NAMES[3], TEXTS)
+    assert r.status_code == 200 and r.json() != good
+    assert 'status="500"' not in client.get("/metrics").text
+    assert not any("failed in the model" in x for x in lines)
+
+
+def test_sighup_reloads(served):
+    client, root, service, lines = served
+    shutil.rmtree(root / "adapters" / "run4")
+    service.reload_soon()  # what the SIGHUP handler calls
+    end = time.monotonic() + 30
+    while not any(x.startswith("reload:") for x in lines):
+        assert time.monotonic() < end
+        time.sleep(0.05)
+    assert classify(client, NAMES[4]).status_code == 404
+
+
+def test_a_slow_read_does_not_hold_up_requests_for_resident_adapters(served):
+    import threading
+
+    client, _, service, _ = served
+    assert classify(client, NAMES[0]).status_code == 200  # resident
+    model, release, started = service.model, threading.Event(), threading.Event()
+    original = model.read
+
+    def slow(e):
+        if e.name == NAMES[1]:
+            started.set()
+            assert release.wait(60)
+        return original(e)
+
+    model.read = slow
+    answers: list = []
+    waiting = threading.Thread(target=lambda: answers.append(classify(client, NAMES[1])))
+    waiting.start()
+    try:
+        assert started.wait(60)
+        r = classify(client, NAMES[0])  # while NAMES[1] is being read
+        assert r.status_code == 200 and r.headers["x-adapter-cache"] == "hit" and not answers
+    finally:
+        release.set()
+        waiting.join(60)
+    assert answers[0].status_code == 200 and answers[0].headers["x-adapter-cache"] == "miss"
+
+
+def test_max_adapter_memory_sets_the_slots(sweep):
+    with pytest.raises(UserError, match="holds no adapter; one takes") as e:
+        MultiAdapterClassifier.from_pretrained(None, sweep, device="cpu", max_adapter_memory=1)
+    per_slot = int(str(e.value).split("one takes ")[1].split()[0])
+    m = MultiAdapterClassifier.from_pretrained(None, sweep, device="cpu", max_adapter_memory=3 * per_slot + 1)
+    assert m.slots is not None and m.slots.n == 3
+    from lora_dist.multi_lora import adapter_bytes
+
+    assert adapter_bytes(m.model) == 3 * per_slot  # the slots hold what the bound says
+
+
+def test_the_command_wants_adapters_and_a_directory_with_some(tmp_path):
+    from argparse import ArgumentParser
+
+    from lora_dist.serve import command
+
+    p = ArgumentParser()
+    command.add_arguments(p)
+    with pytest.raises(UserError, match="--adapters NAME=PATH,... or --adapters-dir DIR"):
+        command.main(p.parse_args([]))
+    (tmp_path / "empty" / "a").mkdir(parents=True)
+    with pytest.raises(UserError, match="holds no usable adapter"):
+        command.main(p.parse_args(["--adapters-dir", str(tmp_path / "empty")]))
+    with pytest.raises(UserError, match="--max-loaded must be >= 1"):
+        command.main(p.parse_args(["--adapters-dir", str(tmp_path / "empty"), "--max-loaded", "0"]))
