@@ -143,7 +143,7 @@ class MultiAdapterClassifier:
     # --------------------------------------------------------------------------------------- batches
     def encode(self, texts: list[str], adapters: list[str]) -> list[list[int]]:
         """Token ids as in training (`data.encode`), each truncated to its adapter's max_length."""
-        ids, _ = encode(texts)
+        ids, _ = encode(texts, max((self.specs[a].max_length for a in adapters), default=None))
         return [i[: self.specs[a].max_length] for i, a in zip(ids, adapters, strict=True)]
 
     def batches(self, ids: list[list[int]], adapters: list[str], batch_size: int):
