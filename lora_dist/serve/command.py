@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from ..device import pick_device
 from ..errors import UserError
 from ..infer.multi_adapter import read_adapters
 from .server import guarded_protocol, server_class
@@ -74,7 +75,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--max-connections", type=int, default=1000, help="open connections; more get 503 and closed (default: 1000)"
     )
     p.add_argument(
-        "--max-queue", type=int, default=128, help="requests waiting for the model; more get 503 (default: 128)"
+        "--max-queue",
+        type=int,
+        default=512,
+        help="requests waiting for the model; more get 503 (default: 512, as TEI's --max-concurrent-requests)",
     )
     p.add_argument(
         "--shutdown-timeout-s",
@@ -158,6 +162,7 @@ def main(args) -> int:
         raise UserError(f"serve needs the [serve] extra ({e.name} is missing): pip install 'lora-dist[serve]'") from e
 
     check_numbers(args)
+    pick_device(args.device, key="--device")  # a device that is not there is refused before the port opens
     token = read_token(args.token_file)
     loaded = read_adapters(parse_adapters(args.adapters))
     raise_file_limit(args.max_connections)
