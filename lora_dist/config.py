@@ -340,7 +340,9 @@ def build(cls, raw: Any, prefix: str):
         where = f"in section '{prefix.rstrip('.')}'" if prefix else "at the top level"
         close = difflib.get_close_matches(str(unknown[0]), names, n=1)
         mean = f"did you mean '{prefix}{close[0]}'? " if close else ""
-        raise UserError(f"unknown config key '{prefix}{str(unknown[0])[:100]}' {where}; {mean}valid keys: {', '.join(names)}")
+        raise UserError(
+            f"unknown config key '{prefix}{str(unknown[0])[:100]}' {where}; {mean}valid keys: {', '.join(names)}"
+        )
     kwargs = {k: _coerce(hints[k], v, prefix + k) for k, v in raw.items()}
     return cls(**kwargs)
 

@@ -37,7 +37,8 @@ def _text(name: str, text: str):
 
 
 LAUGHS = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
-    f"{c}: &{c} [*{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}]\n" for p, c in zip("abcdefgh", "bcdefghi", strict=True)
+    f"{c}: &{c} [*{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}]\n"
+    for p, c in zip("abcdefgh", "bcdefghi", strict=True)
 )
 # Descriptions that no run writes and that no base could serve (case 9): adapter info, classify and serve all
 # refuse them, with the same words.
@@ -64,7 +65,12 @@ def _unusable(d, config, lora):
 CASES = [
     # 2: an empty output_dir would write the run into the current directory
     ("2-train-output-dir-empty", None, [*TRAIN, "output_dir="], "output_dir is empty"),
-    ("2-sweep-output-dir-empty", _sweep("  grid: {lora.rank: [4]}\n"), [*SWEEP, "output_dir=''"], "output_dir is empty"),
+    (
+        "2-sweep-output-dir-empty",
+        _sweep("  grid: {lora.rank: [4]}\n"),
+        [*SWEEP, "output_dir=''"],
+        "output_dir is empty",
+    ),
     # 4: YAML aliases (billion laughs) and nesting, in a config, a sweep grid, an override
     (
         "4-config-billion-laughs",
