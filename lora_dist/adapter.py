@@ -20,6 +20,7 @@ import os
 import re
 import typing
 from dataclasses import asdict, dataclass, field, replace
+from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -235,8 +236,50 @@ class AdapterSpec:
                 f"tokenizer {self.tokenizer!r} is not one lora-dist has (only {TOKENIZER!r}, GPT-2's BPE)"[:200],
             ),
             (all(isinstance(o, str) for o in self.overrides), "overrides must be a list of tensor names"),
+            (".." not in Path(str(b.name)).parts, f"base.name {b.name!r:.80} must not hold '..'"),
+        )
+        return next((why for ok, why in checks if not ok), None) or self.fit_problem()
+
+    def fit_problem(self) -> str | None:
+        """What the description asks of its base that the base does not have (the base's shape only, read from
+        its name or its directory's config.json; no weights): a max_length past its context, a pad token
+        outside its vocabulary, a LoRA target that is none of its layers. The one check for adapter info,
+        classify and serve; None where the base cannot be found here (loading it says so)."""
+        shape = _base_shape(self.base.name, self.base.source, self.base.context_length)
+        if shape is None:
+            return None
+        ctx, vocab, layers = shape
+        targets = [t for t in (self.lora or {}).get("targets", []) if t not in layers and t != "head"]
+        checks = (
+            (
+                self.max_length <= ctx,
+                f"max_length is {self.max_length} tokens, longer than its base's context of {ctx}; no run writes "
+                f"that (max_length at most {ctx})",
+            ),
+            (
+                self.pad_token_id < vocab,
+                f"pad_token_id {self.pad_token_id} is outside its base's vocabulary of {vocab} tokens",
+            ),
+            (
+                not targets,
+                f"lora.targets names {targets[0]!r:.80}, which is no layer of {self.base.name}" if targets else "",
+            ),
         )
         return next((why for ok, why in checks if not ok), None)
+
+
+@lru_cache(maxsize=64)
+def _base_shape(name: str, source: str, context_length: int | None) -> tuple[int, int, frozenset[str]] | None:
+    """(context length, vocabulary size, Linear layer names) of a base, laid out on the meta device (nothing
+    allocated, no weights read); None where it cannot be found here."""
+    where = source if source not in ("random",) and not _is_hub_id(source) else name
+    try:
+        with torch.device("meta"):
+            model = load_gpt2(where, "random", context_length=context_length)
+    except (UserError, OSError, ValueError, KeyError, TypeError):
+        return None
+    layers = frozenset(n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear))
+    return model.cfg.context_length, model.cfg.vocab_size, layers
 
 
 def whole(v, lo: int, hi: int | None = None) -> bool:

@@ -8,8 +8,10 @@ Every value is checked against its field's type; an unknown key is an error that
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import hashlib
 import json
+import math
 import types
 import typing
 from collections.abc import Sequence
@@ -218,6 +220,13 @@ class Config:
     dist: DistConfig = field(default_factory=DistConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
+    def __post_init__(self):
+        _check(
+            bool(self.output_dir.strip()),
+            "output_dir is empty, which would write the run into the current directory; "
+            "pass output_dir=runs/NAME (or output_dir=. to mean the current directory)",
+        )
+
     def to_dict(self) -> dict:
         return _to_plain(dataclasses.asdict(self))
 
@@ -257,6 +266,49 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Confi
     return build(Config, raw, "")
 
 
+# Bounds on what a YAML text can make the loader build: nesting (a config is 3 levels deep, a sweep's a few
+# more) and aliases (*name: a few lines of them expand to billions of values, "billion laughs").
+MAX_DEPTH = 32
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing aliases and nesting deeper than MAX_DEPTH, as a YAMLError (ComposerError)
+    at once, before anything is built from them."""
+
+    depth = 0
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(
+                None,
+                None,
+                f"alias *{event.anchor} is not allowed in a lora-dist config (aliases can expand to billions of "
+                f"values); write the value out",
+                event.start_mark,
+            )
+        if self.check_event(yaml.SequenceStartEvent, yaml.MappingStartEvent):
+            self.depth += 1
+            if self.depth > MAX_DEPTH:
+                raise yaml.composer.ComposerError(
+                    None, None, f"nested deeper than {MAX_DEPTH} levels", self.peek_event().start_mark
+                )
+            try:
+                return super().compose_node(parent, index)
+            finally:
+                self.depth -= 1
+        return super().compose_node(parent, index)
+
+
+def load_yaml(text: str) -> Any:
+    """`yaml.safe_load`, bounded: aliases and nesting deeper than MAX_DEPTH are a yaml.YAMLError."""
+    loader = _BoundedLoader(text)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
 def read_raw(path: str | Path | None, overrides: Sequence[str] = ()) -> dict:
     """The YAML file as a plain mapping (or an empty one), with `a.b=value` overrides applied; not yet
     checked against the config's types."""
@@ -266,7 +318,7 @@ def read_raw(path: str | Path | None, overrides: Sequence[str] = ()) -> dict:
         if not p.is_file():
             raise UserError(f"config file {p} not found; pass --config with an existing YAML file (see configs/)")
         try:
-            raw = yaml.safe_load(p.read_bytes().decode("utf-8")) or {}
+            raw = load_yaml(p.read_bytes().decode("utf-8")) or {}
         except UnicodeDecodeError as e:
             raise UserError(f"config file {p} is not UTF-8 (bad byte at offset {e.start}); re-save it as UTF-8") from e
         except OSError as e:
@@ -287,10 +339,10 @@ def _first_line(e: Exception) -> str:
 def apply_override(raw: dict, item: str) -> None:
     """Set `a.b=value` (the value read as YAML) in the plain mapping `raw`."""
     if "=" not in item:
-        raise UserError(f"override {item!r} is not key=value; write e.g. train.epochs=3")
+        raise UserError(f"override {item!r:.200} is not key=value; write e.g. train.epochs=3")
     key, value = item.split("=", 1)
     try:
-        parsed = yaml.safe_load(value) if value != "" else ""
+        parsed = load_yaml(value) if value != "" else ""
     except yaml.YAMLError:  # e.g. [*.att.*]: '*' is YAML's alias sign; read a bracketed list by hand
         v = value.strip()
         parsed = [x.strip() for x in v[1:-1].split(",") if x.strip()] if v[:1] == "[" and v[-1:] == "]" else value
@@ -299,20 +351,24 @@ def apply_override(raw: dict, item: str) -> None:
     for part in parts[:-1]:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
-            raise UserError(f"override {item!r}: {part} is not a section")
+            raise UserError(f"override {item!r:.200}: {part} is not a section")
     node[parts[-1]] = parsed
 
 
 def build(cls, raw: Any, prefix: str):
     """Build dataclass `cls` from a plain mapping, checking keys and value types."""
     if not isinstance(raw, dict):
-        raise UserError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {raw!r}")
+        raise UserError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {raw!r:.200}")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     unknown = [k for k in raw if k not in names]
     if unknown:
         where = f"in section '{prefix.rstrip('.')}'" if prefix else "at the top level"
-        raise UserError(f"unknown config key '{prefix}{unknown[0]}' {where}; valid keys: {', '.join(names)}")
+        close = difflib.get_close_matches(str(unknown[0]), names, n=1)
+        mean = f"did you mean '{prefix}{close[0]}'? " if close else ""
+        raise UserError(
+            f"unknown config key '{prefix}{str(unknown[0])[:100]}' {where}; {mean}valid keys: {', '.join(names)}"
+        )
     kwargs = {k: _coerce(hints[k], v, prefix + k) for k, v in raw.items()}
     return cls(**kwargs)
 
@@ -332,19 +388,19 @@ def _coerce(tp, value, key: str):
     if origin is Literal:
         allowed = typing.get_args(tp)
         if value not in allowed:
-            raise UserError(f"{key} must be one of {', '.join(map(str, allowed))}; got {value!r}")
+            raise UserError(f"{key} must be one of {', '.join(map(str, allowed))}; got {value!r:.200}")
         return value
     if origin is dict:
         key_type, value_type = typing.get_args(tp)
         if not isinstance(value, dict):
-            raise UserError(f"{key} must be a mapping; got {value!r}")
+            raise UserError(f"{key} must be a mapping; got {value!r:.200}")
         return {_coerce(key_type, k, key): _coerce(value_type, v, f"{key}.{k}") for k, v in value.items()}
     if origin is tuple:
         (elem, *_rest) = typing.get_args(tp)
         if isinstance(value, (str, int, float)):
             value = [value]
         if not isinstance(value, (list, tuple)):
-            raise UserError(f"{key} must be a list; got {value!r}")
+            raise UserError(f"{key} must be a list; got {value!r:.200}")
         return tuple(_coerce(elem, v, key) for v in value)
     return _scalar(tp, value, key)
 
@@ -359,19 +415,24 @@ def _scalar(tp, value, key: str):
         if isinstance(value, float) and value.is_integer():
             return int(value)
     elif tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "5e-5" as a string
+            number = float(value) if isinstance(value, float) or abs(value) < 2**1000 else math.inf
+        elif isinstance(value, str):  # YAML 1.1 reads "5e-5" as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
+        if number is not None:
+            if not math.isfinite(number):
+                raise UserError(f"{key} must be a finite number; got {value!r:.200}")
+            return number
     elif tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
     else:  # pragma: no cover - a field type this loader does not know
         raise TypeError(f"unsupported config type {tp} for {key}")
-    raise UserError(f"{key} must be {tp.__name__}; got {value!r} ({type(value).__name__})")
+    raise UserError(f"{key} must be {tp.__name__}; got {value!r:.200} ({type(value).__name__})")
 
 
 def valid_keys(cls=Config, prefix: str = "") -> list[str]:

@@ -28,7 +28,7 @@ from torch.utils.data import Dataset
 from .config import DataConfig
 from .device import default_pad_multiple
 from .errors import UserError
-from .tokenizer import get_tokenizer
+from .tokenizer import cut, get_tokenizer
 
 SMS_SHA256 = "7d039a24a6083ed9ef0f806ebad56bbb976e3aeb8de05669173bfdc4996c239d"
 SMS_LABELS = ("ham", "spam")
@@ -259,9 +259,10 @@ def encode(texts: list[str], max_length: int | None = None) -> tuple[list[list[i
     control token such as <|endoftext|> gets it as text), each truncated to `max_length` tokens."""
     if isinstance(texts, str):
         raise TypeError("pass a list of messages, not one string")
-    ids = get_tokenizer().encode_batch([str(t) for t in texts], disallowed_special=())
     if max_length is None:
-        return ids, 0
+        return get_tokenizer().encode_batch([str(t) for t in texts], disallowed_special=()), 0
+    # each cut first to what max_length tokens could need (tokenizer.cut): the same tokens, bounded work
+    ids = get_tokenizer().encode_batch([cut(str(t), max_length) for t in texts], disallowed_special=())
     return [i[:max_length] for i in ids], sum(len(i) > max_length for i in ids)
 
 

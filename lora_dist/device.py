@@ -57,6 +57,11 @@ def pick_device(name: str | torch.device = "auto", local_rank: int = 0, key: str
         raise UserError(f"{key}={name!r} is not a device; use auto, cpu, cuda, cuda:N or mps") from None
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", local_rank % torch.cuda.device_count())
+    if dev.type == "cuda" and dev.index >= (n := torch.cuda.device_count()):
+        raise UserError(
+            f"{key}={name} but this machine has {n} CUDA device{'s' if n != 1 else ''} (cuda:0 to cuda:{n - 1}); "
+            f"use one of them, or {key}=auto"
+        )
     return dev
 
 

@@ -30,6 +30,7 @@ import torch
 
 from .build import load_trained, read_adapter
 from .errors import UserError
+from .files import WRITE_ERRORS, write_error
 from .lora import LinearWithLoRA, adapted_layers, adapter_names, base_key, merge
 from .peft import PREFIX, SIDECAR, hf_modules
 from .weights import hf_config, hf_state_dict, key_map, save_file
@@ -55,6 +56,11 @@ def main(path: str, fmt: str, out: str, base: str | None = None) -> int:
         if target.exists():
             target.rmdir()
         os.replace(tmp, target)
+    except WRITE_ERRORS as e:  # a full disk (or another failed write): one line, and the temporary copy is gone
+        needed = sum(t.nbytes for t in (model.state_dict() if fmt == "merged" else tensors).values())
+        raise write_error(
+            target.parent.resolve(), needed, e, target.name, "free some space, or export to another disk"
+        ) from e
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print(f"written: {target} ({fmt}: {', '.join(sorted(p.name for p in target.iterdir()))})")

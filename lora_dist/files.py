@@ -30,17 +30,25 @@ def sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def parse_json(text: str | bytes) -> Any:
+    """`json.loads`, where a text nested too deeply to parse (RecursionError) is a ValueError like any other
+    malformed JSON."""
+    try:
+        return json.loads(text)
+    except RecursionError as e:
+        raise ValueError("nested too deeply") from e
+
+
 def read_json(path: str | Path, fix: str) -> Any:
     """A JSON file's content. A file that cannot be read, is not UTF-8, is not JSON or nests too deeply to parse
     is a UserError naming it, followed by `fix` (what the user can do)."""
     try:
-        return json.loads(Path(path).read_bytes().decode("utf-8"))
+        return parse_json(Path(path).read_bytes().decode("utf-8"))
     except OSError as e:
         raise UserError(f"{path} cannot be read ({e.strerror or type(e).__name__}); {fix}") from e
-    except RecursionError as e:
-        raise UserError(f"{path} is not valid JSON (nested too deeply); {fix}") from e
-    except ValueError as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
-        raise UserError(f"{path} is not valid JSON ({type(e).__name__}); {fix}") from e
+    except ValueError as e:  # UnicodeDecodeError, JSONDecodeError and parse_json's nesting are ValueErrors
+        why = str(e) if isinstance(e.__cause__, RecursionError) else type(e).__name__
+        raise UserError(f"{path} is not valid JSON ({why}); {fix}") from e
 
 
 def write_atomic(path: str | Path, data: str | bytes) -> Path:
@@ -100,3 +108,69 @@ def save_file(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(path, 0o666 & ~umask)
+
+
+class OutFile:
+    """A file the user named for output (`classify --out PATH`), written the one way that loses nothing: where
+    PATH is a regular file or new, under a temporary name beside it, renamed into place by `commit` (a reader
+    sees the old file or the new one); where it is anything else (a FIFO, a device such as /dev/null, a
+    terminal), into it as it is, never replaced. A symlink is followed: its target is what is written (and the
+    temporary file goes beside the target). A write that fails (a full disk) is one UserError, and `abort`
+    removes the temporary file: nothing partial is left.
+
+        out = OutFile("predictions.jsonl"); out.write("..."); out.commit()   # or out.abort() after an error
+    """
+
+    def __init__(self, path: str | Path, flag: str = "--out"):
+        self.path, self.flag = Path(path), flag
+        self.target = Path(os.path.realpath(self.path))  # a symlink's target (a dangling one's too)
+        if self.target.is_dir():
+            raise UserError(f"{flag} {self.path} is a directory; give a file name")
+        self.special = self.target.exists() and not self.target.is_file()
+        self.tmp: Path | None = (
+            None if self.special else self.target.with_name(f".{self.target.name}.{os.getpid()}.tmp")
+        )
+        self.written = 0
+        try:
+            self.stream = open(self.target if self.tmp is None else self.tmp, "w", encoding="utf-8")  # noqa: SIM115
+        except OSError as e:
+            raise UserError(f"cannot write {flag} {self.path} ({e.strerror}); pick a writable path") from e
+
+    def write(self, text: str) -> None:
+        try:
+            self.stream.write(text)
+        except OSError as e:
+            raise self._failed(e) from e
+        self.written += len(text)
+
+    def flush(self) -> None:
+        try:
+            self.stream.flush()
+        except OSError as e:
+            raise self._failed(e) from e
+
+    def commit(self) -> None:
+        """Everything written: close, and (a regular file) rename it into place."""
+        try:
+            self.stream.close()
+            if self.tmp is not None:
+                os.replace(self.tmp, self.target)
+                self.tmp = None
+        except OSError as e:
+            raise self._failed(e) from e
+
+    def abort(self) -> None:
+        """After an error: close, remove the temporary file; an existing PATH is left as it was."""
+        try:
+            self.stream.close()
+        except OSError:
+            pass
+        if self.tmp is not None:
+            self.tmp.unlink(missing_ok=True)
+            self.tmp = None
+
+    def _failed(self, e: OSError) -> UserError:
+        self.abort()
+        return write_error(
+            self.target.parent, self.written, e, self.path.name, f"free some space, or pass another {self.flag}"
+        )

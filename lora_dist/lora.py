@@ -14,7 +14,9 @@ export `delta_weight`, the stacked serving path and the PEFT export `factors`, a
 
 from __future__ import annotations
 
+import difflib
 import math
+import re
 from fnmatch import fnmatchcase
 from typing import ClassVar, Protocol
 
@@ -179,17 +181,18 @@ def inject_lora(model: nn.Module, cfg: LoRAConfig, head_name: str = "head") -> l
     for p in model.parameters():
         p.requires_grad_(False)
     chosen = []
-    for name, module in list(model.named_modules()):
-        if not isinstance(module, nn.Linear):
-            continue
+    linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    for name in linears:
         if name == head_name:
             wanted = cfg.head
         else:
             wanted = any(t == "all" or fnmatchcase(name, t) for t in cfg.targets)
         if wanted:
             chosen.append(name)
+    check_targets(cfg.targets, list(linears))
     if not chosen:
         raise UserError(f"lora.targets {list(cfg.targets)} match no Linear layer; try 'all', '*.att.*' or '*.ff.*'")
+    check_rank(cfg.rank, [linears[n] for n in chosen])
     scale = scale_factor(cfg)
     for name in chosen:
         parent_name, _, child = name.rpartition(".")
@@ -199,6 +202,33 @@ def inject_lora(model: nn.Module, cfg: LoRAConfig, head_name: str = "head") -> l
         for p in _head(model, head_name).parameters():
             p.requires_grad_(True)
     return chosen
+
+
+def check_targets(patterns, names: list[str]) -> None:
+    """UserError naming the first pattern of `lora.targets` that matches none of the Linear layers `names`, with
+    the layer names it could have meant (block numbers as *)."""
+    for t in patterns:
+        if t != "all" and not any(fnmatchcase(n, t) for n in names):
+            shapes = list(dict.fromkeys(re.sub(r"\.\d+\.", ".*.", n) for n in names))
+            close = difflib.get_close_matches(re.sub(r"\.\d+\.", ".*.", t), shapes, n=3, cutoff=0.3)
+            raise UserError(
+                f"lora.targets pattern {t!r} matches no layer of the model; its layers are "
+                f"{', '.join(shapes)}{' (closest: ' + ', '.join(close) + ')' if close else ''}; use such names or "
+                f"patterns, e.g. '*.att.*', '*.ff.*', or 'all'"
+            )
+
+
+def check_rank(rank: int, layers: list[nn.Linear]) -> None:
+    """UserError, before anything is allocated, for a rank past every dimension of the layers it adapts (a rank
+    beyond a layer's size adds nothing, and 1e9 asked the allocator for 512 GB): with the memory it would take."""
+    largest = max(max(m.in_features, m.out_features) for m in layers)
+    if rank > largest:
+        values = rank * sum(m.in_features + m.out_features for m in layers)
+        raise UserError(
+            f"lora.rank={rank} would need {values * 4 / 2**30:,.1f} GiB for the LoRA tensors alone ({len(layers)} "
+            f"layers, fp32; about 4x that to train them), and a rank above a layer's size adds nothing; use "
+            f"lora.rank <= {largest}, the largest dimension of the layers it adapts (4 to 64 is usual)"
+        )
 
 
 def _head(model: nn.Module, head_name: str) -> nn.Module:

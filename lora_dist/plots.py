@@ -8,10 +8,11 @@ Figures are drawn with matplotlib's object API (no pyplot), so no display is eve
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from .files import parse_json, read_json
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -22,8 +23,8 @@ def read_metrics(path: Path) -> list[dict]:
     records = []
     for line in Path(path).read_text().splitlines():
         try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
+            records.append(parse_json(line))
+        except ValueError:  # cut short, or nested too deeply: no record a run wrote
             continue
     return records
 
@@ -144,7 +145,7 @@ def write_plots(run_dir: Path) -> list[Path]:
         )
     results_path = run_dir / "results.json"
     if results_path.is_file():
-        results = json.loads(results_path.read_text())
+        results = read_json(results_path, "rerun the training or restore the file")
         test = (results.get("confusion") or {}).get("test")
         if test:
             classes = results.get("classes") or [str(i) for i in range(len(test))]

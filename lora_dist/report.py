@@ -8,7 +8,6 @@ class and macro, are computed from its confusion matrices); the header comes fro
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,7 +15,7 @@ from pathlib import Path
 import yaml
 
 from .errors import UserError
-from .files import write_atomic
+from .files import read_json, write_atomic
 from .plots import read_metrics, write_plots
 from .scores import scores
 
@@ -36,12 +35,7 @@ def load_results(run_dir: Path) -> dict:
             else "pass the output_dir of a run that finished training"
         )
         raise UserError(f"{run_dir} is not a finished lora-dist run (no results.json); {hint}")
-    try:
-        results = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(
-            f"{path} is not valid JSON ({e.msg} at line {e.lineno}); rerun the training or restore the file"
-        ) from e
+    results = read_json(path, "rerun the training or restore the file")
     if not isinstance(results, dict) or "test_accuracy" not in results:
         raise UserError(
             f"{path} is not a lora-dist results file (no test_accuracy); pass the output_dir of a lora-dist run"

@@ -17,7 +17,7 @@ from pathlib import Path
 import yaml
 
 from .errors import UserError
-from .files import write_atomic
+from .files import parse_json, read_json, write_atomic
 from .plots import latest_by_step, plot_curves, read_metrics, steps_per_epoch
 from .report import num, pct
 from .scores import scores
@@ -29,7 +29,7 @@ def figures(run_dir: Path) -> dict:
     """An adapter's figures, from its run directory (empty where it has none yet)."""
     out: dict = {}
     if (run_dir / "results.json").is_file():
-        r = json.loads((run_dir / "results.json").read_text())
+        r = read_json(run_dir / "results.json", "retrain the adapter or restore the file")
         out |= {k: r[k] for k in FINAL if k in r}
         out["examples_per_second"] = r.get("examples_per_second")
         test = (r.get("confusion") or {}).get("test")
@@ -86,7 +86,7 @@ def write_report(sweep_dir: Path) -> Path:
     """`lora-dist report RUN` on a sweep: the summary again, from sweep.json and the adapters' directories."""
     path = Path(sweep_dir) / "sweep.json"
     try:
-        entries = json.loads(path.read_text())["adapters"]
+        entries = parse_json(path.read_text())["adapters"]
         kept = [
             {k: e[k] for k in ("name", "run_dir", "status", "overrides", "settings", "error") if k in e}
             for e in entries

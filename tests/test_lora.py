@@ -64,7 +64,7 @@ def test_target_patterns(targets, head, expect):
 
 
 def test_no_match_is_an_error():
-    with pytest.raises(UserError, match="match no Linear layer"):
+    with pytest.raises(UserError, match="matches no layer"):
         inject_lora(classifier(), LoRAConfig(targets=("*.nothing",), head=False))
 
 

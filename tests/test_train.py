@@ -87,7 +87,11 @@ def test_refuses_to_overwrite_a_finished_run(smoke_run):
     before = (out / "results.json").read_bytes()
     proc = run_cli("train", "--config", str(SMOKE), f"output_dir={out}")
     assert proc.returncode == 2
-    assert proc.stderr.count("\n") == 1 and "already holds a run" in proc.stderr and "overwrite=true" in proc.stderr
+    assert (
+        proc.stderr.count("\n") == 1
+        and "already holds a training run" in proc.stderr
+        and "overwrite=true" in proc.stderr
+    )
     assert (out / "results.json").read_bytes() == before
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
+import math
 import sys
 import time
 from collections.abc import Iterator
@@ -28,6 +28,7 @@ from tqdm import tqdm
 from ..config import DistConfig
 from ..device import PRECISIONS, DistEnv, init_process_group, leave_process_group, pick_device, precision_note
 from ..errors import UserError
+from ..files import OutFile
 from .classifier import Classifier, results
 
 
@@ -65,6 +66,8 @@ def add_arguments(p) -> None:
 def main(args) -> int:
     if args.batch_size < 1 or args.shard_size < 1:
         raise UserError("--batch-size and --shard-size must be >= 1")
+    if not (math.isfinite(args.timeout_s) and args.timeout_s > 0):
+        raise UserError(f"--timeout-s must be a finite number of seconds > 0; got {args.timeout_s}")
     chunks = read_texts(args)
     first = next(chunks, None)  # a missing file or column fails here, before the model is loaded
     env = DistEnv.from_environ()
@@ -278,17 +281,8 @@ class Writer:
 
     def __init__(self, out: str | None, fmt: str, labels: list[str], precision: str | None = None):
         self.fmt, self.labels, self.count, self.precision = fmt, labels, 0, precision
-        self.target = Path(out) if out else None
-        if self.target is not None:
-            if self.target.is_dir():
-                raise UserError(f"--out {self.target} is a directory; give a file name")
-            self.tmp = self.target.with_name(f".{self.target.name}.{os.getpid()}.tmp")
-            try:
-                self.stream: TextIO = open(self.tmp, "w", encoding="utf-8")
-            except OSError as e:
-                raise UserError(f"cannot write --out {self.target} ({e.strerror}); pick a writable path") from e
-        else:
-            self.stream = sys.stdout
+        self.out = OutFile(out) if out else None  # files.OutFile: atomic for a regular file, else written into
+        self.stream: TextIO | OutFile = self.out if self.out is not None else sys.stdout
         if fmt == "json":
             self.stream.write("[")
         elif fmt == "table":
@@ -316,14 +310,12 @@ class Writer:
         if self.fmt == "json":
             self.stream.write("\n]\n" if self.count else "]\n")
         self.stream.flush()
-        if self.target is not None:
-            self.stream.close()
-            os.replace(self.tmp, self.target)
-            self.target = None
+        if self.out is not None:
+            self.out.commit()
+            self.out = None
 
     def abort(self) -> None:
         """After an error: remove the partial temporary file; never touch an existing --out."""
-        if self.target is not None:
-            self.stream.close()
-            self.tmp.unlink(missing_ok=True)
-            self.target = None
+        if self.out is not None:
+            self.out.abort()
+            self.out = None

@@ -352,7 +352,7 @@ class MultiAdapterClassifier:
     def encode(self, texts: list[str], adapters: list[str], specs=None) -> list[list[int]]:
         """Token ids as in training (`data.encode`), each truncated to its adapter's max_length."""
         specs = specs or self.specs
-        ids, _ = encode(texts)
+        ids, _ = encode(texts, max((specs[a].max_length for a in adapters), default=None))
         return [i[: specs[a].max_length] for i, a in zip(ids, adapters, strict=True)]
 
     def batches(self, ids: list[list[int]], adapters: list[str], batch_size: int, specs=None, number=None):

@@ -81,7 +81,7 @@ class Service:
         limits: Limits = Limits(),
         token: str | None = None,
         log=None,
-        max_queue: int = 128,
+        max_queue: int = 512,
         open_metrics: bool = False,
         access_log: bool = False,
         shutdown_timeout_s: float = 20.0,

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from ..device import PRECISIONS
+from ..device import PRECISIONS, pick_device
 from ..errors import UserError
 from ..infer.adapter_store import Catalog
 from ..infer.multi_adapter import read_adapters
@@ -93,7 +93,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--max-connections", type=int, default=1000, help="open connections; more get 503 and closed (default: 1000)"
     )
     p.add_argument(
-        "--max-queue", type=int, default=128, help="requests waiting for the model; more get 503 (default: 128)"
+        "--max-queue",
+        type=int,
+        default=512,
+        help="requests waiting for the model; more get 503 (default: 512, as TEI's --max-concurrent-requests)",
     )
     p.add_argument(
         "--shutdown-timeout-s",
@@ -177,6 +180,7 @@ def main(args) -> int:
         raise UserError(f"serve needs the [serve] extra ({e.name} is missing): pip install 'lora-dist[serve]'") from e
 
     check_numbers(args)
+    pick_device(args.device, key="--device")  # a device that is not there is refused before the port opens
     token = read_token(args.token_file)
     catalog = None
     if args.adapters_dir:

@@ -137,6 +137,7 @@ def verify(path: Path, kind: str = "train") -> dict:
 # The whole-number counts and the seconds each kind of run writes: a training run's, a sweep's (train/sweep_state.py).
 COUNTS = {"train": ("step", "epoch", "step_in_epoch", "examples_seen", "tokens_seen"), "sweep": ("step", "examples")}
 SECONDS = {"train": "train_seconds", "sweep": "seconds"}
+MAX_COUNT = 2**53  # what a JSON number holds exactly; every count a run writes is far below
 
 
 def _state_problem(state, path: Path, kind: str) -> str | None:
@@ -150,8 +151,11 @@ def _state_problem(state, path: Path, kind: str) -> str | None:
             return f"files names {rel!r:.80}, which is not a file inside the checkpoint with a sha256"
     for k in COUNTS[kind]:
         v = state.get(k)
-        if not (isinstance(v, int) and not isinstance(v, bool) and v >= 0):
-            return f"{k} must be a whole number >= 0, not {v!r:.40}"
+        if not (isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= MAX_COUNT):
+            return f"{k} must be a whole number from 0 to 2**53, not {v!r:.40}"
+    seen = "examples_seen" if kind == "train" else "examples"
+    if state[seen] < state["step"]:  # every step takes at least one example: a step no run reached
+        return f"step {state['step']} is past the {state[seen]} examples the run has seen"
     if kind == "train" and (state["step_in_epoch"] > state["step"] or state["epoch"] > state["step"]):
         return f"step_in_epoch {state['step_in_epoch']} and epoch {state['epoch']} cannot exceed step {state['step']}"
     if kind == "sweep":

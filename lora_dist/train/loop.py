@@ -84,8 +84,8 @@ class Trainer:
             )
         out.claim(cfg.overwrite, cfg.train.resume != "never")  # locked until the run ends
         s.barrier()
+        out.write_text("config.yaml", cfg.to_yaml())  # first: what marks the directory as a run's (tracking.py)
         out.add_sink(JsonlSink(out.path("metrics.jsonl")))
-        out.write_text("config.yaml", cfg.to_yaml())
         seed_everything(cfg.train.seed)
 
         # Tokenized once per cache directory (one process prepares, the others wait), then memory-mapped.

@@ -112,6 +112,10 @@ class AdapterStrategy(Local):
             self._comm_bytes += sum(p.numel() * p.element_size() for p in self.trainable())
 
 
+class StopEvaluation(Exception):
+    """A stop signal during an adapter's final evaluation: it is left unfinished, for resume to finish."""
+
+
 class AdapterRun(Trainer):
     """One adapter of a sweep: a `Trainer` over a view of the shared base, whose checkpoints are the sweep's."""
 
@@ -135,6 +139,20 @@ class AdapterRun(Trainer):
                 m.dropout = OwnRNGDropout(m.dropout.p, self.rng)
         return model, layers
 
+    def evaluate(self, split: str, limit: int | None = None, plan=None, tick=None) -> dict:
+        """`Trainer.evaluate`; the final evaluation (`plan` given) stops at a batch boundary once a stop signal
+        reached any rank (`StopEvaluation`): what is left to evaluate is resumed."""
+        if plan is not None:
+            inner = tick
+
+            def tick() -> None:
+                if inner is not None:
+                    inner()
+                if self.sweep.stopping():
+                    raise StopEvaluation
+
+        return super().evaluate(split, limit, plan, tick)
+
     def save_checkpoint(self) -> None:
         self.checkpointed_at = self.step
         self.sweep.due = True  # the sweep writes one checkpoint for all its adapters, at the end of the step
@@ -156,6 +174,8 @@ class Sweep:
         self.errors: dict[int, str] = {}
         self.runs: dict[int, AdapterRun] = {}  # the adapters in training, by number
         self.step, self.due, self.examples, self.seconds = 0, False, 0, 0.0
+        self.stop: StopRequested | None = None  # while training: the stop signals' flag
+        self.stopped = False  # a stop signal ended the sweep's work at a final evaluation
 
     # ------------------------------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -166,6 +186,7 @@ class Sweep:
             raise UserError(
                 f"ranks started with different sweep configs (hashes {sorted(set(digests))}); launch every rank alike"
             )
+        out.print(f"sweep: {len(plan.adapters)} adapters to set up (the base, then each one's data)")
         self.build_device = model_build_device(job.device)
         # on the job's device, frozen weights stored as the job stores them (bf16 under autocast on a GPU), once:
         # every adapter's copy shares these tensors
@@ -175,8 +196,8 @@ class Sweep:
         self.concurrent = check_memory(self.base, plan, data, job, say=out.print)
         out.call(sweep_state.prepare_dir, out.dir, cfg.overwrite, cfg.train.resume != "never")
         job.barrier()
+        out.write_text("config.yaml", yaml.safe_dump(plan.resolved, sort_keys=False))  # first: marks it a sweep's
         out.add_sink(JsonlSink(out.path("metrics.jsonl")))
-        out.write_text("config.yaml", yaml.safe_dump(plan.resolved, sort_keys=False))
         self.rows = Rows()
         self.model = shared_copy(self.base)  # the base once, every adapter's LoRA and head routed over it
         self.model.pooling = cfg.model.pooling
@@ -207,20 +228,31 @@ class Sweep:
     def settle(self) -> bool:
         """Finish the adapters that are through, and start queued ones in the free slots; whether any did."""
         through = [a for a in self.runs.values() if a.done()]
+        finished = False
         for a in through:
-            with a.rng:
-                a.finish(a.started)
+            if self.stopping():  # a stop signal: no more final evaluations; resume does them
+                self.stopped = True
+                break
+            try:
+                with a.rng:
+                    a.finish(a.started)
+            except StopEvaluation:
+                self.stopped = True
+                break
             self._drop(a, "done")
+            finished = True
+        if self.stopped:
+            return finished
         queued = [i for i, s in enumerate(self.status) if s == "queued"]
         started = queued[: max(0, self.concurrent - len(self.runs))]
         for number in started:
             self.start(number)
-        return bool(through or started)
+        return bool(finished or started)
 
     # ------------------------------------------------------------------------------------------ train
     def train(self) -> bool:
         """Run every adapter to its end (True), or until a stop signal was honoured (False)."""
-        stop = StopRequested()
+        stop = self.stop = StopRequested()
         try:
             while self.runs:
                 if not self._step(stop.signal is not None):
@@ -231,7 +263,16 @@ class Sweep:
                     return False
         finally:
             stop.restore()
+            self.stop = None
         return True
+
+    def stopping(self) -> bool:
+        """Whether a stop signal reached any rank while training; every rank asks at the same points (between
+        final evaluations and after each of their batches), so they agree."""
+        if self.stop is None:
+            return False
+        flag = torch.tensor([0.0 if self.stop.signal is None else 1.0], dtype=torch.float64)
+        return bool(self.job.all_reduce(flag)[0] > 0)
 
     def _step(self, stop: bool) -> bool:
         """One optimizer step of every adapter in training, as one batch; False when stopped by a signal."""
@@ -275,9 +316,9 @@ class Sweep:
         if stopped:
             sweep_state.save(self)
             return False
-        if self.settle() or self.due:
+        if self.settle() or self.due or self.stopped:
             sweep_state.save(self)
-        return True
+        return not self.stopped
 
     def forward(self, runs: list[AdapterRun], batches: list[Batch]) -> list[torch.Tensor]:
         """Each adapter's logits for its micro-batch, all computed as one batch: rows side by side, each

@@ -19,6 +19,7 @@ import dataclasses
 import hashlib
 import itertools
 import json
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -42,6 +43,9 @@ VARY = ("model.num_classes", "data.", "lora.", "tracking.wandb.name", "tracking.
 # Keys that make another frozen base (what the adapters share): refused with that reason.
 BASE = ("model.", "train.precision", "train.trainable", "train.tf32")
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")  # the rule for `serve`'s adapter names
+# The most adapters one sweep makes: each is set up (its data, its head and LoRA, its run directory) and
+# summarised on its own; sweep.max_concurrent of them train at a time, the rest queue.
+MAX_ADAPTERS = 1024
 # The command line's overrides that do not make an adapter (where the sweep writes, whether it resumes).
 JOB_ONLY = ("output_dir=", "overwrite=", "train.resume=", "sweep.")
 
@@ -131,6 +135,14 @@ def _adapters(sweep: SweepConfig) -> list[tuple[str, dict]]:
         for key, values in sweep.grid.items():
             if not values:
                 raise UserError(f"sweep.grid {key} has no values; list at least one, e.g. {key}: [...]")
+        sizes = [len(v) for v in sweep.grid.values()]
+        n = math.prod(sizes) + len(sweep.adapters)
+        if n > MAX_ADAPTERS:  # counted before one is made: a 100 x 100 grid is refused at once
+            listed = f" + {len(sweep.adapters)} listed" if sweep.adapters else ""
+            raise UserError(
+                f"the sweep makes {n:,} adapters ({' x '.join(map(str, sizes))} from sweep.grid{listed}), more than "
+                f"one sweep trains (at most {MAX_ADAPTERS:,}); list fewer values, or split it into several sweeps"
+            )
         keys = list(sweep.grid)
         for combo in itertools.product(*sweep.grid.values()):
             settings = dict(zip(keys, combo, strict=True))

@@ -6,6 +6,7 @@ nothing, so the training loop never asks which rank it is on.
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import json
 import logging
@@ -18,8 +19,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
+import yaml
 from tqdm import tqdm
 
+from ..config import Config, load_yaml
 from ..errors import UserError
 from ..files import write_atomic
 from .provenance import git_info
@@ -258,11 +261,14 @@ def output_for(rank: int, run_dir: Path, log_every: int) -> RunOutput | NullOutp
 
 
 def prepare_run_dir(
-    run_dir: Path, overwrite: bool, resume: bool, names: tuple[str, ...] = RESULT_FILES, what: str = "a run"
+    run_dir: Path, overwrite: bool, resume: bool, names: tuple[str, ...] = RESULT_FILES, what: str = "a training run"
 ) -> int | None:
     """Lock `run_dir` (`lock_run_dir`), then refuse to clobber a finished or started run (what its `names` make)
     unless told to overwrite or resume (rank 0 only). Returns the lock's file descriptor, to be closed when the
     run ends.
+
+    Only a directory that a run (or a sweep, `what`) wrote is replaced or deleted: one whose config.yaml is a
+    run's (`what_run_dir_holds`); any other that holds files of those names is refused, overwrite=true or not.
 
     A run that failed before its first step (missing weights, a bad data file) leaves only its start files
     (config.yaml, a metrics.jsonl without a step, splits/); they are no run, and its rerun replaces them."""
@@ -280,7 +286,20 @@ def prepare_run_dir(
         ) from e
     lock = lock_run_dir(run_dir)
     try:
-        if names == RESULT_FILES and failed_start(run_dir):
+        found = [n for n in names if (run_dir / n).exists()]
+        if found:
+            held = what_run_dir_holds(run_dir)
+            if held is None:
+                raise UserError(
+                    f"output_dir {run_dir} holds {', '.join(found)}, but no config.yaml that a lora-dist run or sweep "
+                    f"wrote: it is not a lora-dist run, and lora-dist replaces or deletes only what it wrote; pass "
+                    f"another output_dir=..., or move those files away"
+                )
+            if held != what:
+                raise UserError(
+                    f"output_dir {run_dir} holds {held}, not {what} ({', '.join(found)}); pass another output_dir=..."
+                )
+        if found and names == RESULT_FILES and failed_start(run_dir):
             _remove(run_dir, [n for n in RESULT_FILES if (run_dir / n).exists()])
         found = [n for n in names if (run_dir / n).exists()]
         if found and not (overwrite or resume):
@@ -295,6 +314,19 @@ def prepare_run_dir(
             os.close(lock)
         raise
     return lock
+
+
+def what_run_dir_holds(run_dir: Path) -> str | None:
+    """ "a training run" or "a sweep" when `run_dir`'s config.yaml is the resolved config one wrote (it is the
+    first file a run writes, and holds every section of the config; a sweep's has a sweep: section too), else
+    None: the directory is not lora-dist's."""
+    try:
+        raw = load_yaml((run_dir / "config.yaml").read_text(encoding="utf-8"))
+    except (OSError, ValueError, yaml.YAMLError):
+        return None
+    if not (isinstance(raw, dict) and {f.name for f in dataclasses.fields(Config)} <= raw.keys()):
+        return None
+    return "a sweep" if "sweep" in raw else "a training run"
 
 
 def lock_run_dir(run_dir: Path) -> int | None:
