@@ -20,7 +20,7 @@ from dataclasses import replace
 
 import torch
 
-from . import adapter, export, report, sweep_report
+from . import describe, export, report, sweep_report
 from .build import build_model, num_classes
 from .config import load_config
 from .data import prepare_splits, split_labels
@@ -66,9 +66,9 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_parser("classify", help="label new messages with a trained adapter (table, JSON or JSON lines)")
     )
     a = sub.add_parser("adapter", help="inspect a saved adapter").add_subparsers(dest="action", required=True)
-    a.add_parser("info", help="print what an adapter is: base, layers, labels, tensors, size").add_argument(
-        "path", help="a training run or its adapter/ directory"
-    )
+    i = a.add_parser("info", help="print what an adapter is: base, layers, labels, tensors, size")
+    i.add_argument("path", help="a training run or its adapter/ directory, a PEFT adapter, or a sweep's directory")
+    i.add_argument("--base", help="a PEFT adapter's base directory, where its adapter_config.json names none")
     x = sub.add_parser("export", help="export an adapter for transformers + PEFT, or as a merged Hugging Face model")
     x.add_argument("path", help="a training run or its adapter/ (weights/) directory")
     x.add_argument(
@@ -125,7 +125,7 @@ def _tool(args) -> int:
     if args.command == "serve":
         return serve.main(args)
     if args.command == "adapter":
-        print(adapter.info(args.path))
+        print(describe.info(args.path, args.base))
         return 0
     if args.command == "export":
         return export.main(args.path, args.format, args.out, args.base)

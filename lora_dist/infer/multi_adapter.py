@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from ..adapter import AdapterSpec
+from ..adapter import AdapterSpec, default_labels, with_labels
 from ..build import base_config, build_device, build_model, check_fits, read_adapter
 from ..data import Collate, batch_plan, encode
 from ..device import autocast, pick_device, resolve_precision
@@ -41,8 +41,16 @@ class Loaded:
     source: str
 
 
-def read_adapters(adapters: dict[str, str | Path]) -> list[Loaded]:
-    """Read and check every adapter (cheap: no base weights): names, kinds, one base, one input rule."""
+def read_adapters(
+    adapters: dict[str, str | Path], base: str | Path | None = None, labels: dict[str, str | list[str]] | None = None
+) -> list[Loaded]:
+    """Read and check every adapter (cheap: no base weights): names, kinds, one base, one input rule. `base`: the
+    directory holding the base, for PEFT adapters that name none (or another); `labels`: {adapter name: names for
+    its classes}, for adapters that name none (LABEL_0, LABEL_1, ...); key "*": for every such adapter."""
+    labels = labels or {}
+    unknown = sorted(set(labels) - set(adapters) - {"*"})
+    if unknown:
+        raise UserError(f"labels are given for {unknown[0]!r}, which is not among the adapters ({', '.join(adapters)})")
     if not adapters:
         raise UserError("no adapters given; name at least one, e.g. spam=runs/smoke")
     out = []
@@ -51,7 +59,9 @@ def read_adapters(adapters: dict[str, str | Path]) -> list[Loaded]:
             raise UserError(
                 f"adapter name {name!r} must be 1-64 letters, digits, '_', '-' or '.', starting with a letter or digit"
             )
-        spec, tensors, source = read_adapter(path)
+        spec, tensors, source = read_adapter(path, None if base is None else str(base), labels.get(name))
+        if name not in labels and "*" in labels and default_labels(spec.labels):  # labels for any that has none
+            spec = with_labels(spec, labels["*"], source)
         if spec.kind != "lora":
             raise UserError(
                 f"adapter '{name}' ({source}) trains whole layers (train.trainable={spec.trainable}), which "
@@ -108,9 +118,16 @@ class MultiAdapterClassifier:
 
     @classmethod
     def from_pretrained(
-        cls, base: str | Path | None, adapters: dict[str, str | Path], *, device: str = "auto", precision: str = "fp32"
+        cls,
+        base: str | Path | None,
+        adapters: dict[str, str | Path],
+        *,
+        device: str = "auto",
+        precision: str = "fp32",
+        labels: dict[str, str | list[str]] | None = None,
     ) -> MultiAdapterClassifier:
-        return cls.from_loaded(read_adapters(adapters), base, device=device, precision=precision)
+        """`labels`: {adapter name: names for its classes}, for adapters that name none (LABEL_0, LABEL_1, ...)."""
+        return cls.from_loaded(read_adapters(adapters, base, labels), base, device=device, precision=precision)
 
     @classmethod
     def from_loaded(

@@ -52,6 +52,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=8000, help="(default: 8000; 0: any free port, logged)")
     p.add_argument("--base", help="a directory holding the adapters' base weights, if not where training found them")
+    p.add_argument(
+        "--labels",
+        action="append",
+        metavar="NAME=LABELS",
+        help="names for the classes of an adapter that has none (LABEL_0, LABEL_1, ...): NAME=ham,spam, once per "
+        "adapter; LABELS alone names them for every such adapter",
+    )
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
     p.add_argument("--precision", default="fp32", choices=("auto", "fp32", "bf16", "fp16"), help="(default: fp32)")
     p.add_argument("--max-batch", type=int, default=32, help="messages per forward pass (default: 32; 1: no batching)")
@@ -111,6 +118,24 @@ def parse_adapters(text: str) -> dict[str, str | Path]:
     return out
 
 
+def parse_labels(items: list[str] | None, adapters: dict[str, str | Path]) -> dict[str, str]:
+    """{adapter: labels} from --labels NAME=ham,spam (one adapter) and --labels ham,spam (key "*": every adapter
+    that names no classes of its own, see `read_adapters`)."""
+    out: dict[str, str] = {}
+    for item in items or []:
+        name, sep, labels = item.partition("=")
+        if sep and name.strip() in adapters:
+            out[name.strip()] = labels
+        elif sep:
+            raise UserError(
+                f"--labels {item!r}: {name!r} is not among the adapters ({', '.join(adapters)}); "
+                f"give NAME=LABELS, e.g. --labels {next(iter(adapters))}=ham,spam"
+            )
+        else:
+            out["*"] = item
+    return out
+
+
 def read_token(token_file: str | None) -> str | None:
     """The bearer token: printable ASCII (an HTTP header carries no other text reliably), else a UserError."""
     token: str | None
@@ -159,7 +184,8 @@ def main(args) -> int:
 
     check_numbers(args)
     token = read_token(args.token_file)
-    loaded = read_adapters(parse_adapters(args.adapters))
+    adapters = parse_adapters(args.adapters)
+    loaded = read_adapters(adapters, args.base, parse_labels(args.labels, adapters))
     raise_file_limit(args.max_connections)
     if args.threads:
         torch.set_num_threads(args.threads)
