@@ -24,6 +24,7 @@ from . import describe, export, report, sweep_report
 from .build import build_model, num_classes
 from .config import load_config
 from .data import prepare_splits, split_labels
+from .device import set_cpu_threads
 from .errors import UserError
 from .infer import classify, evaluate
 from .lora import count_params
@@ -98,6 +99,8 @@ def _main(argv: list[str] | None) -> int:
     args = _parser().parse_args(argv)
     rank = int(os.environ.get("RANK", 0))
     try:
+        if not torch.cuda.is_available():  # CPU work: as many torch threads as the machine's load leaves cores
+            set_cpu_threads()
         if args.command in ("report", "eval", "classify", "adapter", "export", "serve"):
             return _tool(args)
         if args.command == "sweep":

@@ -70,7 +70,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="bytes per request body (default: 1 MiB)")
     p.add_argument("--token-file", help="a file holding the bearer token (else $LORA_DIST_TOKEN; neither: no auth)")
     p.add_argument("--open-metrics", action="store_true", help="with a token, let /metrics answer without it")
-    p.add_argument("--threads", type=int, default=None, help="torch threads for the model (default: torch's)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads for the model (default: $LORA_DIST_THREADS, else the cores the load leaves free)",
+    )
     p.add_argument(
         "--read-timeout-s",
         type=float,
