@@ -25,8 +25,8 @@ def info(path: str | Path, base: str | None = None) -> str:
     p = Path(path)
     if p.is_dir() and adapter.sweep_adapters(p) is not None:
         return sweep_info(p)
-    if peft.is_peft_dir(p):
-        return peft_info(p, base)
+    if peft.is_peft_dir(p) and (p / "adapter_model.safetensors").is_file():
+        return peft_info(p, base)  # (without it: adapter.info's one line, e.g. on a pickle-only adapter)
     return adapter.info(p)
 
 
