@@ -89,7 +89,11 @@ def peft_info(p: Path, base: str | None = None) -> str:
     else:
         labels = "no score layer saved (modules_to_save); lora-dist cannot use it"
     targets = config.get("target_modules")
-    targets = ", ".join(targets) if isinstance(targets, list) else str(targets)
+    if isinstance(targets, list):  # full module paths (as lora-dist's export writes them) shown by kind
+        kinds = list(dict.fromkeys(".".join(str(t).split(".")[-2:]) for t in targets))
+        targets = ", ".join(kinds) + (f" ({len(targets)} modules)" if len(kinds) < len(targets) else "")
+    else:
+        targets = str(targets)
     patterns = {k: config.get(k) for k in ("rank_pattern", "alpha_pattern") if config.get(k)}
     lines = [
         f"{p}  (PEFT {config.get('peft_type')} adapter)",
