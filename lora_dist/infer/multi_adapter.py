@@ -14,6 +14,7 @@ gives through `Classifier` (to float rounding), labels, truncation and padding i
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -42,7 +43,7 @@ class Loaded:
 
 
 def read_adapters(
-    adapters: dict[str, str | Path], base: str | Path | None = None, labels: dict[str, str | list[str]] | None = None
+    adapters: dict[str, str | Path], base: str | Path | None = None, labels: Mapping[str, str | list[str]] | None = None
 ) -> list[Loaded]:
     """Read and check every adapter (cheap: no base weights): names, kinds, one base, one input rule. `base`: the
     directory holding the base, for PEFT adapters that name none (or another); `labels`: {adapter name: names for
@@ -124,7 +125,7 @@ class MultiAdapterClassifier:
         *,
         device: str = "auto",
         precision: str = "fp32",
-        labels: dict[str, str | list[str]] | None = None,
+        labels: Mapping[str, str | list[str]] | None = None,
     ) -> MultiAdapterClassifier:
         """`labels`: {adapter name: names for its classes}, for adapters that name none (LABEL_0, LABEL_1, ...)."""
         return cls.from_loaded(read_adapters(adapters, base, labels), base, device=device, precision=precision)
