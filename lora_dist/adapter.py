@@ -282,6 +282,34 @@ def _base_shape(name: str, source: str, context_length: int | None) -> tuple[int
     return model.cfg.context_length, model.cfg.vocab_size, layers
 
 
+def default_labels(labels) -> bool:
+    """Whether `labels` are transformers' stand-ins (LABEL_0, LABEL_1, ...): an adapter that names no classes."""
+    return all(label == f"LABEL_{i}" for i, label in enumerate(labels))
+
+
+def with_labels(spec: AdapterSpec, labels: str | list[str] | tuple[str, ...] | None, source: str) -> AdapterSpec:
+    """`spec` with the label names given by the user (`--labels ham,spam`, `labels=[...]`), in the order of the
+    adapter's classes. Only an adapter that names none (LABEL_0, LABEL_1, ...) takes new names; one that names
+    its own keeps them (the same names again are accepted)."""
+    if labels is None:
+        return spec
+    names = [x.strip() for x in labels.split(",")] if isinstance(labels, str) else [str(x).strip() for x in labels]
+    n = len(spec.labels)
+    if len(names) != n or not all(names) or len(set(names)) != n:
+        raise UserError(
+            f"labels {names!r:.200} do not fit {source}: it has {n} classes, so give {n} distinct, non-empty names "
+            f"in the order of its classes, e.g. --labels {','.join(['ham', 'spam', 'other'][:n]) if n <= 3 else '...'}"
+        )
+    if tuple(names) == spec.labels:
+        return spec
+    if not default_labels(spec.labels):
+        raise UserError(
+            f"{source} already names its labels ({', '.join(spec.labels)[:200]}); --labels only names the classes of "
+            f"an adapter that has none (LABEL_0, LABEL_1, ...): drop it"
+        )
+    return replace(spec, labels=tuple(names))
+
+
 def whole(v, lo: int, hi: int | None = None) -> bool:
     """Whether `v` is an int (not a bool, not a float such as 1e12) in [lo, hi]."""
     return isinstance(v, int) and not isinstance(v, bool) and v >= lo and (hi is None or v <= hi)
@@ -385,6 +413,14 @@ def find(path: str | Path) -> Adapter:
                         f"{d} has {desc} but no {tensors}; the run did not finish, resume it with train.resume=auto"
                     )
                 return Adapter(d, spec)
+    names = sweep_adapters(p)
+    if names is not None:
+        shown = ", ".join(names[:8]) + (f", ... ({len(names)} in all)" if len(names) > 8 else "")
+        one = p / "adapters" / (names[0] if names else "NAME")
+        raise UserError(
+            f"{p} is a sweep's directory, not one adapter; its adapters: {shown or 'none finished yet'}. Name one, "
+            f"e.g. {one}, or give the folder to a command that takes many (serve --adapters-dir {p / 'adapters'})"
+        )
     hint = (
         "it holds checkpoints but never finished: resume it with train.resume=auto"
         if (p / "checkpoints").is_dir()
@@ -393,6 +429,22 @@ def find(path: str | Path) -> Adapter:
     raise UserError(
         f"{p} is not a lora-dist adapter (no adapter/adapter_config.json or weights/weights_config.json); {hint}"
     )
+
+
+def sweep_adapters(path: Path) -> list[str] | None:
+    """The names of a sweep directory's finished adapters (`RUN/adapters/NAME/` holding an adapter), or None when
+    `path` is no sweep's directory (`lora-dist sweep` leaves sweep.json, or a config.yaml with a sweep section)."""
+    config = path / "config.yaml"
+    if not (path / "sweep.json").is_file() and not (
+        (path / "adapters").is_dir() and config.is_file() and re.search(r"^sweep:", config.read_text(), re.M)
+    ):
+        return None
+    found = sorted(
+        d.name
+        for d in (path / "adapters").glob("*")
+        if any((d / sub / desc).is_file() for sub, _, desc in LAYOUT.values())
+    )
+    return found[:10_000]
 
 
 # PEFT's pickle files: never loaded (unpickling runs code), only named in the message that refuses them.

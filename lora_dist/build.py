@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from . import peft
-from .adapter import AdapterSpec, base_of, find
+from .adapter import AdapterSpec, base_of, find, with_labels
 from .config import Config
 from .errors import UserError
 from .lora import inject_lora, load_adapter_state_dict
@@ -120,14 +120,17 @@ def base_config(spec: AdapterSpec, source: str, base: str | None = None) -> Conf
     return cfg
 
 
-def read_adapter(path: str | Path, base: str | None = None) -> tuple[AdapterSpec, dict[str, torch.Tensor], str]:
+def read_adapter(
+    path: str | Path, base: str | None = None, labels: str | list[str] | None = None
+) -> tuple[AdapterSpec, dict[str, torch.Tensor], str]:
     """(description, tensors in lora-dist's names, source) of whatever holds a trained adapter: a run, its
-    adapter/ (or weights/) directory, or a PEFT adapter directory (whose base `base` replaces the one it names)."""
+    adapter/ (or weights/) directory, or a PEFT adapter directory (whose base `base` replaces the one it names).
+    `labels` names the classes of an adapter that names none (`adapter.with_labels`)."""
     if peft.is_peft_dir(path):
         spec, tensors = peft.read(Path(path), base)
-        return spec, tensors, str(path)
+        return with_labels(spec, labels, str(path)), tensors, str(path)
     a = find(path)
-    return a.spec, a.tensors(), str(a.tensor_file)
+    return with_labels(a.spec, labels, str(a.dir)), a.tensors(), str(a.tensor_file)
 
 
 def check_fits(spec: AdapterSpec, model: GPT2, source: str) -> None:

@@ -21,10 +21,10 @@ from dataclasses import replace
 
 import torch
 
-from . import adapter, export, report, sweep_report
+from . import describe, export, report, sweep_report
 from .build import build_model, num_classes
 from .config import load_config
-from .device import PRECISIONS, DistEnv
+from .device import PRECISIONS, DistEnv, set_cpu_threads
 from .errors import UserError
 from .infer import classify, evaluate
 from .lora import count_params
@@ -69,9 +69,9 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_parser("classify", help="label new messages with a trained adapter (table, JSON or JSON lines)")
     )
     a = sub.add_parser("adapter", help="inspect a saved adapter").add_subparsers(dest="action", required=True)
-    a.add_parser("info", help="print what an adapter is: base, layers, labels, tensors, size").add_argument(
-        "path", help="a training run or its adapter/ directory"
-    )
+    i = a.add_parser("info", help="print what an adapter is: base, layers, labels, tensors, size")
+    i.add_argument("path", help="a training run or its adapter/ directory, a PEFT adapter, or a sweep's directory")
+    i.add_argument("--base", help="a PEFT adapter's base directory, where its adapter_config.json names none")
     x = sub.add_parser("export", help="export an adapter for transformers + PEFT, or as a merged Hugging Face model")
     x.add_argument("path", help="a training run or its adapter/ (weights/) directory")
     x.add_argument(
@@ -101,6 +101,8 @@ def _main(argv: list[str] | None) -> int:
     args = _parser().parse_args(argv)
     rank = DistEnv.from_environ().rank
     try:
+        if not torch.cuda.is_available():  # CPU work: as many torch threads as the machine's load leaves cores
+            set_cpu_threads()
         if args.command in ("report", "eval", "classify", "adapter", "export", "serve"):
             return _tool(args)
         if args.command == "sweep":
@@ -130,7 +132,7 @@ def _tool(args) -> int:
     if args.command == "serve":
         return serve.main(args)
     if args.command == "adapter":
-        print(adapter.info(args.path))
+        print(describe.info(args.path, args.base))
         return 0
     if args.command == "export":
         return export.main(args.path, args.format, args.out, args.base)

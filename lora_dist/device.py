@@ -65,6 +65,52 @@ def pick_device(name: str | torch.device = "auto", local_rank: int = 0, key: str
     return dev
 
 
+THREADS_ENV = "LORA_DIST_THREADS"  # auto (the default) | torch | a number
+
+
+def cpu_threads(environ=None, cores: int | None = None, load: float | None = None, default: int | None = None):
+    """(torch threads for the CPU's work, or None to leave torch's choice; why). torch takes every core for its
+    threads, and where other processes keep the cores busy those threads wait on each other at every parallel
+    region: on a shared 2-core machine the smoke config trained 4-20x slower with torch's 2 threads than with 1
+    (bench/results/threads-*.json). So, unless $LORA_DIST_THREADS or $OMP_NUM_THREADS says otherwise: torch's
+    count, capped by the cores the load average leaves free (at least 1)."""
+    environ = os.environ if environ is None else environ
+    want = environ.get(THREADS_ENV, "auto").strip().lower() or "auto"
+    if want == "torch":
+        return None, f"{THREADS_ENV}=torch"
+    if want != "auto":
+        if not want.isdigit() or not 1 <= int(want) <= 4096:
+            raise UserError(f"{THREADS_ENV}={want!r} must be auto, torch or a number of threads from 1 to 4096")
+        return int(want), f"{THREADS_ENV}={want}"
+    if environ.get("OMP_NUM_THREADS"):
+        return None, f"OMP_NUM_THREADS={environ['OMP_NUM_THREADS']}"
+    if cores is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if load is None:
+        try:
+            load = os.getloadavg()[0]
+        except OSError:
+            load = 0.0
+    default = default or torch.get_num_threads()
+    free = max(1, int(cores - load + 0.5))
+    n = min(default, free)
+    return n, f"{n} of {default}: load average {load:.1f} on {cores} cores" if n < default else f"{n}, torch's own"
+
+
+def set_cpu_threads(environ=None) -> int:
+    """Apply `cpu_threads` (once a process, before the first parallel region); returns torch's thread count."""
+    n, _ = cpu_threads(environ)
+    if n is not None and n != torch.get_num_threads():
+        torch.set_num_threads(n)
+    return torch.get_num_threads()
+
+
+def cpu_threads_text(device: torch.device) -> str:
+    """ " (N threads)" for the CPU, the run's first line says how many torch uses; "" elsewhere."""
+    n = torch.get_num_threads()
+    return f" ({n} thread{'' if n == 1 else 's'})" if device.type == "cpu" else ""
+
+
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU computes bf16 matmuls natively (AVX512-BF16 or AMX-BF16), where they run at about
     twice the fp32 rate. Elsewhere bf16 on the CPU is emulated and no faster than fp32."""

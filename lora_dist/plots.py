@@ -135,7 +135,7 @@ def write_plots(run_dir: Path) -> list[Path]:
     if accs:
         written.append(
             plot_values(
-                [r["epoch"] for r in accs],
+                [r["step"] / per_epoch for r in accs] if per_epoch else [r["epoch"] for r in accs],
                 [r["examples_seen"] for r in accs],
                 [r["train_acc"] for r in accs],
                 [r["val_acc"] for r in accs],

@@ -36,15 +36,26 @@ def figures(run_dir: Path) -> dict:
         if test:
             out["test_macro_f1"] = scores(test, r.get("classes"))["macro"]["f1"]
     records = read_metrics(run_dir / "metrics.jsonl") if (run_dir / "metrics.jsonl").is_file() else []
-    accs = latest_by_step(records, "val_acc")
+    accs = trained(latest_by_step(records, "val_acc"))
     if accs:
         best = max(accs, key=lambda r: r["val_acc"])
-        out |= {"best_val_accuracy": best["val_acc"], "best_val_accuracy_epoch": best["epoch"]}
-    losses = latest_by_step(records, "val_loss")
+        out |= {
+            "best_val_accuracy": best["val_acc"],
+            "best_val_accuracy_epoch": best["epoch"],
+            "best_val_accuracy_step": best["step"],
+        }
+    losses = trained(latest_by_step(records, "val_loss"))
     if losses:
         best = min(losses, key=lambda r: r["val_loss"])
         out |= {"best_val_loss": best["val_loss"], "best_val_loss_step": best["step"]}
     return out
+
+
+def trained(evaluations: list[dict]) -> list[dict]:
+    """The evaluations that may be called "best": not the one after step 1 (the adapter is its initial state
+    after one update), unless that step was the last (a one-step run)."""
+    last = max((r["step"] for r in evaluations), default=0)
+    return [r for r in evaluations if r["step"] > 1 or r["step"] == last]
 
 
 def _order(e: dict):
@@ -98,6 +109,22 @@ def write_report(sweep_dir: Path) -> Path:
     return write_summary(sweep_dir, kept)
 
 
+def best_line(sweep_dir: Path) -> str:
+    """ "best: NAME (validation accuracy X%, test Y%)", the first adapter of sweep.json (best first), or ""."""
+    try:
+        entries = json.loads((Path(sweep_dir) / "sweep.json").read_text())["adapters"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return ""
+    done = [e for e in entries if isinstance(e, dict) and e.get("status") == "done" and "val_accuracy" in e]
+    if not done:
+        return ""
+    e = done[0]
+    return (
+        f"best: {e['name']} (validation accuracy {pct(e.get('val_accuracy'))}, test {pct(e.get('test_accuracy'))}, "
+        f"in {e.get('run_dir')})"
+    )
+
+
 def is_sweep(path: Path) -> bool:
     return (Path(path) / "sweep.json").is_file()
 
@@ -113,15 +140,17 @@ def render(sweep_dir: Path, entries: list[dict], plot: Path | None) -> str:
         "",
         f"{len(entries)} adapters ({done} done) over {model.get('name', '?')} ({model.get('weights', '?')} weights), "
         f"trained in one job. Sorted by validation accuracy of the saved adapter, then validation loss; "
-        f'"best" is the best evaluation while training (on train.eval_batches batches).',
+        f'"best" is the best estimate while training (on train.eval_batches batches of the validation split, '
+        f"after the first step); val acc and val loss are the saved adapter's, on the whole split.",
         "",
-        "| # | adapter | settings | val acc | val loss | best val acc (epoch) | test acc | test macro F1 | test loss | steps | status |",
+        "| # | adapter | settings | val acc | val loss | best val acc (step) | test acc | test macro F1 | test loss | steps | status |",
         "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for i, e in enumerate(entries, 1):
         settings = ", ".join(f"{k}={v}" for k, v in (e.get("settings") or {}).items()) or "(the config as is)"
         best = e.get("best_val_accuracy")
-        best_text = f"{pct(best)} ({e.get('best_val_accuracy_epoch')})" if best is not None else ""
+        step = e.get("best_val_accuracy_step", e.get("best_val_accuracy_epoch"))
+        best_text = f"{pct(best)} ({step})" if best is not None else ""
         lines.append(
             f"| {i} | {e['name']} | {settings} | {pct(e.get('val_accuracy'))} | {num(e.get('val_loss'), 4)} | {best_text} "
             f"| {pct(e.get('test_accuracy'))} | {pct(e.get('test_macro_f1'))} | {num(e.get('test_loss'), 4)} "

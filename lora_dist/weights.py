@@ -271,8 +271,9 @@ def download(repo_id: str, revision: str = "main") -> Path:
     raise UserError(
         f"cannot get the pretrained weights of {repo_id}: tried the Hugging Face cache (not there) and {url} "
         f"({problem}). Either put config.json + model.safetensors from https://huggingface.co/{repo_id} in a "
-        f"directory and set model.weights=/that/directory, or run offline with configs/smoke.yaml "
-        f"(or model.weights=random)"
+        f"directory and set model.weights=/that/directory, or run the offline smoke config: make smoke (lora-dist "
+        f"train --config configs/smoke.yaml: a tiny random GPT-2, a minute on a CPU; model.weights=random on "
+        f"{repo_id} learns nothing useful and takes hours there)"
     )
 
 

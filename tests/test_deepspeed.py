@@ -4,6 +4,7 @@ gradients reduced (DeepSpeed's own comms counters), full adapter tensors saved u
 import json
 import signal
 import subprocess
+import sys
 
 import deepspeed  # noqa: E402,F401  (a dev extra: pip install -e .[dev]; a broken install fails here, it does not skip)
 import pytest
@@ -202,3 +203,28 @@ def test_without_deepspeed_every_rank_says_how_to_install_it(tmp_path):
         line.startswith(("error: dist.strategy=deepspeed", "error (rank 1): dist.strategy=deepspeed")) for line in said
     ), proc.stderr[-3000:]
     assert "ModuleNotFoundError" not in proc.stderr and "exitcode  : 2" in proc.stderr
+
+
+PROBE = """
+import torch, torch.distributed as dist
+from lora_dist.device import init_process_group
+from lora_dist.train.deepspeed_strategy import import_deepspeed
+import_deepspeed()
+from deepspeed.accelerator import get_accelerator
+get_accelerator()
+init_process_group(torch.device("cpu"), 60)
+out = torch.zeros(1)
+dist.all_gather_into_tensor(out, torch.ones(1))  # as ZeRO calls it
+print("gathered", out.item())
+"""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the accelerator line is DeepSpeed's on a machine without a GPU")
+def test_rank_0_prints_neither_deepspeeds_cpu_line_nor_torchs_deprecation():
+    """ZeRO on the CPU: rank 0 printed DeepSpeed's "Setting accelerator to CPU" and torch's FutureWarning about
+    all_gather_into_tensor, which no user acts on."""
+    proc = subprocess.run(
+        [sys.executable, "-c", PROBE], env=cli_env(), capture_output=True, text=True, timeout=300, cwd=ROOT
+    )
+    assert proc.returncode == 0 and "gathered 1.0" in proc.stdout, proc.stderr[-2000:]
+    assert "Setting accelerator to CPU" not in proc.stderr and "all_gather_into_tensor" not in proc.stderr

@@ -158,6 +158,7 @@ def test_offline_download_stops_at_once_with_the_way_out(monkeypatch, tmp_path):
     assert time.perf_counter() - start < 15
     msg = str(err.value)
     assert "openai-community/gpt2" in msg and "model.weights=" in msg and "configs/smoke.yaml" in msg
+    assert "make smoke" in msg and "takes hours" in msg  # as the README says; not a bare "or model.weights=random"
     assert "\n" not in msg
 
 

@@ -204,3 +204,18 @@ def test_eval_without_a_saved_adapter_is_a_clear_error(finished_run, tmp_path):
     (tmp_path / "config.yaml").write_text((finished_run / "config.yaml").read_text())
     with pytest.raises(UserError, match="not a lora-dist adapter"):
         evaluate_run(tmp_path)
+
+
+def test_a_runs_console_calls_the_few_batch_figures_estimates(smoke_run):
+    """Two validation accuracies in one run (5 batches per epoch, the whole split at the end) are told apart: the
+    first is named an estimate wherever it is printed, the second is on the whole split."""
+    out, proc = smoke_run
+    lines = proc.stdout.splitlines()
+    epochs = [x for x in lines if re.match(r"epoch \d+: train accuracy", x)]
+    steps = [x for x in lines if re.match(r"epoch \d+ step \d+: train loss", x)]
+    assert len(epochs) == 3 and steps
+    assert all(x.endswith("(estimates on 5 batches of each split)") for x in epochs + steps)
+    done = next(x for x in lines if x.startswith("done in "))
+    assert "accuracy on the whole splits" in done
+    cpu = next(x for x in lines if x.startswith("lora-dist: "))
+    assert re.search(r"device cpu \(\d+ threads?\)", cpu)

@@ -335,4 +335,57 @@ def test_wandb_one_run_per_adapter_grouped_by_the_sweep(configs, tmp_path):
         ids.add((run / "wandb_run_id").read_text().strip())
         assert wandb_groups(run) == [out.name]
         assert len(list((run / "wandb").glob("offline-run-*/*.wandb"))) == 1
+        assert f"[{name}] W&B: offline run " in proc.stdout  # one line, with the adapter's name
     assert len(ids) == 2
+    console = proc.stdout + proc.stderr
+    assert not [x for x in console.splitlines() if x.startswith("wandb:")]  # W&B's own, nameless lines
+
+
+@pytest.mark.slow  # 15-35 s on 2 busy cores
+def test_a_sweep_shorter_than_eval_every_and_its_console(configs, tmp_path):
+    """A sweep of 6 steps with eval_every 50: every adapter is evaluated after its last step, and "best" is never
+    the state after step 1. Its console names the adapter on each of its lines, counts the sweep's steps, calls
+    the 5-batch figures estimates and names the best adapter at the end."""
+    out = tmp_path / "short"
+    proc = run_cli(
+        "sweep",
+        "--config",
+        str(configs[0]),
+        f"output_dir={out}",
+        "train.max_steps=6",
+        "train.eval_every=50",
+        "train.eval_batches=2",
+        "tracking.wandb.mode=disabled",
+        "sweep.grid={lora.rank: [4, 8]}",
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    entries = json.loads((out / "sweep.json").read_text())["adapters"]
+    for e in entries:
+        records = read_metrics(out / "adapters" / e["name"])
+        assert [r["step"] for r in records if "val_loss" in r] == [1, 6]
+        last = next(r for r in records if "val_acc" in r)
+        assert last["step"] == 6
+        assert e["best_val_loss_step"] == 6 and e["best_val_accuracy"] == last["val_acc"]
+        assert e["best_val_accuracy_step"] == 6
+    lines = proc.stdout.splitlines()
+    for name in ("rank4", "rank8"):
+        header = [x for x in lines if x.startswith(f"[{name}]") and "trainable" in x]
+        assert len(header) == 1 and "6 steps" in header[0]  # one line per adapter
+        assert any(x.startswith(f"[{name}] final evaluation: ") for x in lines)
+        done = next(x for x in lines if x.startswith(f"[{name}] done in "))
+        assert "on the whole splits" in done and "its share of the sweep's throughput" in done
+        step6 = next(x for x in lines if x.startswith(f"[{name}] epoch 1 step 6: "))
+        assert "validation accuracy" in step6 and "(estimates on 2 batches of each split)" in step6
+    assert not [x for x in lines if x.startswith("final evaluation")]
+    assert any(x.startswith("sweep step 6/6: ") for x in lines)
+    best = entries[0]
+    assert f"best: {best['name']} (validation accuracy {best['val_accuracy'] * 100:.2f}%" in lines[-1]
+    table = (out / "sweep.md").read_text()
+    assert "best val acc (step)" in table and f"{best['best_val_accuracy'] * 100:.2f}% (6)" in table
+
+
+def test_the_smoke_sweeps_comment_names_its_adapters_as_the_sweep_does():
+    config = ROOT / "configs" / "sweep" / "smoke.yaml"
+    named = re.search(r"named (\S+), \.\.\.", config.read_text())
+    assert named and named[1] in [a.name for a in load_sweep(config, []).adapters]

@@ -139,7 +139,8 @@ def test_wandb_history_has_step_and_eval_keys(ddp_run):
     assert history[5]["train/allreduce_bytes"] > 0  # DDP all-reduces the adapter gradients
     assert history[5]["train/examples_per_s"] > 0 and history[5]["train/tokens_per_s"] > 0
     evals = [h for h in history if "eval/val_loss" in h]
-    assert [h["_step"] for h in evals] == [1, 51, 101] and all("eval/train_loss" in h for h in evals)
+    # every eval_every steps, and after the last step
+    assert [h["_step"] for h in evals] == [1, 51, 101, 130] and all("eval/train_loss" in h for h in evals)
     accs = [h for h in history if "eval/val_acc" in h]
     assert [h["_step"] for h in accs] == [130] and "eval/train_acc" in accs[0]
 
@@ -408,3 +409,33 @@ def test_other_ranks_output_has_runoutputs_methods_and_quiets_only_while_open(tm
     with warnings.catch_warnings(record=True) as seen:
         warnings.warn("heard after close", stacklevel=1)
     assert [str(w.message) for w in seen] == ["heard after close"]
+
+
+def test_cpu_threads_leave_busy_cores_alone():
+    """torch's thread count, capped by the cores the load average leaves free (at least 1); the environment
+    decides when it says (LORA_DIST_THREADS, OMP_NUM_THREADS)."""
+    from lora_dist.device import cpu_threads
+
+    assert cpu_threads({}, cores=2, load=0.2, default=2)[0] == 2  # an idle machine: torch's own count
+    assert cpu_threads({}, cores=2, load=6.5, default=2)[0] == 1  # six others busy: one thread
+    assert cpu_threads({}, cores=16, load=4.0, default=16)[0] == 12
+    assert cpu_threads({}, cores=16, load=0.0, default=8)[0] == 8  # never more than torch's
+    assert cpu_threads({"OMP_NUM_THREADS": "3"}, cores=2, load=9, default=2)[0] is None  # torch follows it
+    assert cpu_threads({"LORA_DIST_THREADS": "torch"}, cores=2, load=9, default=2)[0] is None
+    assert cpu_threads({"LORA_DIST_THREADS": "4", "OMP_NUM_THREADS": "1"}, cores=2, load=0, default=2)[0] == 4
+    with pytest.raises(UserError, match="LORA_DIST_THREADS='many' must be auto, torch or a number"):
+        cpu_threads({"LORA_DIST_THREADS": "many"})
+
+
+def test_the_command_line_sets_the_threads(tmp_path):
+    """Every command runs with the threads cpu_threads picks; LORA_DIST_THREADS=1 is one."""
+    code = "import torch, sys; from lora_dist.cli import main; main(sys.argv[1:]); print('threads', torch.get_num_threads())"
+    env = {k: v for k, v in cli_env().items() if k != "OMP_NUM_THREADS"}
+    proc = subprocess.run(
+        [sys.executable, "-c", code, "adapter", "info", str(tmp_path / "none")],
+        env={**env, "LORA_DIST_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert "adapter path" in proc.stderr and proc.stdout.splitlines()[-1] == "threads 1", proc.stderr[-2000:]

@@ -54,9 +54,11 @@ class Classifier:
         precision: str = "fp32",
         merge: bool = False,
         base: str | None = None,
+        labels: str | list[str] | None = None,
     ) -> Classifier:
-        """PATH: a training run, its adapter/ (or weights/) directory, or a PEFT export of one."""
-        spec, tensors, source = read_adapter(path, base)
+        """PATH: a training run, its adapter/ (or weights/) directory, or a PEFT export of one. `labels`: names for
+        the classes of an adapter that has none (LABEL_0, LABEL_1, ...), e.g. ["ham", "spam"]."""
+        spec, tensors, source = read_adapter(path, base, labels)
         dev = pick_device(device, key="device")
         return cls(load_trained(spec, tensors, source, base, device=dev), spec, dev, precision, merge)
 

@@ -54,6 +54,9 @@ def add_arguments(p) -> None:
         "--merge", action="store_true", help="fold LoRA into the base weights first (faster; the same outputs to ~1e-6)"
     )
     p.add_argument("--base", help="a directory holding the adapter's base weights, if not where training found them")
+    p.add_argument(
+        "--labels", help="names for the classes of an adapter that has none (LABEL_0, LABEL_1, ...), e.g. ham,spam"
+    )
     p.add_argument("--shard-size", type=int, default=4096, help="messages per rank per round under torchrun")
     p.add_argument(
         "--timeout-s",
@@ -73,7 +76,7 @@ def main(args) -> int:
     env = DistEnv.from_environ()
     device = pick_device(args.device, env.local_rank, key="--device")
     clf = Classifier.from_pretrained(
-        args.adapter, device=device, precision=args.precision, merge=args.merge, base=args.base
+        args.adapter, device=device, precision=args.precision, merge=args.merge, base=args.base, labels=args.labels
     )
     fmt = "json" if args.json else "jsonl" if args.jsonl else "table"
     spread = env.world_size > 1

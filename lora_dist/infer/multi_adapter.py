@@ -24,14 +24,14 @@ import re
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..adapter import AdapterSpec
+from ..adapter import AdapterSpec, default_labels, with_labels
 from ..build import base_config, build_device, build_model, check_fits, read_adapter
 from ..data import Collate, batch_plan, encode
 from ..device import autocast, pick_device, resolve_precision
@@ -54,8 +54,16 @@ class Loaded:
     source: str
 
 
-def read_adapters(adapters: dict[str, str | Path]) -> list[Loaded]:
-    """Read and check every adapter (cheap: no base weights): names, kinds, one base, one input rule."""
+def read_adapters(
+    adapters: dict[str, str | Path], base: str | Path | None = None, labels: Mapping[str, str | list[str]] | None = None
+) -> list[Loaded]:
+    """Read and check every adapter (cheap: no base weights): names, kinds, one base, one input rule. `base`: the
+    directory holding the base, for PEFT adapters that name none (or another); `labels`: {adapter name: names for
+    its classes}, for adapters that name none (LABEL_0, LABEL_1, ...); key "*": for every such adapter."""
+    labels = labels or {}
+    unknown = sorted(set(labels) - set(adapters) - {"*"})
+    if unknown:
+        raise UserError(f"labels are given for {unknown[0]!r}, which is not among the adapters ({', '.join(adapters)})")
     if not adapters:
         raise UserError("no adapters given; name at least one, e.g. spam=runs/smoke")
     out = []
@@ -65,7 +73,9 @@ def read_adapters(adapters: dict[str, str | Path]) -> list[Loaded]:
                 f"adapter name {name!r} must be 1-64 letters, digits, '_', '-' or '.', starting with a letter or digit "
                 f"(or several such, joined by '/')"
             )
-        spec, tensors, source = read_adapter(path)
+        spec, tensors, source = read_adapter(path, None if base is None else str(base), labels.get(name))
+        if name not in labels and "*" in labels and default_labels(spec.labels):  # labels for any that has none
+            spec = with_labels(spec, labels["*"], source)
         if spec.kind != "lora":
             raise UserError(
                 f"adapter '{name}' ({source}) trains whole layers (train.trainable={spec.trainable}), which "
@@ -171,10 +181,14 @@ class MultiAdapterClassifier:
         precision: str = "fp32",
         max_loaded: int | None = None,
         max_adapter_memory: int | None = None,
+        labels: Mapping[str, str | list[str]] | None = None,
     ) -> MultiAdapterClassifier:
         """`adapters`: {name: path}, or a directory (every adapter under it, named by its relative path). With a
-        directory, or with `max_loaded` / `max_adapter_memory` (bytes), adapters load on demand, LRU-bounded."""
+        directory, or with `max_loaded` / `max_adapter_memory` (bytes), adapters load on demand, LRU-bounded.
+        `labels`: {adapter name: names for its classes}, for named adapters that name none (LABEL_0, LABEL_1, ...)."""
         if isinstance(adapters, (str, Path)) or max_loaded is not None or max_adapter_memory is not None:
+            if labels:
+                raise UserError("labels= names the classes of adapters given by name, not of adapters loaded on demand")
             root, named = (Path(adapters), {}) if isinstance(adapters, (str, Path)) else (None, dict(adapters))
             catalog = Catalog(root, {k: Path(v) for k, v in named.items()}, None if base is None else str(base))
             return cls.from_catalog(
@@ -185,7 +199,7 @@ class MultiAdapterClassifier:
                 max_loaded=max_loaded or 64,
                 max_adapter_memory=max_adapter_memory,
             )
-        return cls.from_loaded(read_adapters(adapters), base, device=device, precision=precision)
+        return cls.from_loaded(read_adapters(adapters, base, labels), base, device=device, precision=precision)
 
     @classmethod
     def from_catalog(

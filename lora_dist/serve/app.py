@@ -204,7 +204,7 @@ class Service:
                     "labels": list(s.labels),
                     "base": s.base.describe(),
                     "rank": s.lora["rank"],
-                    "layers": len([t for t in s.lora["targets"] if t != "head"]),
+                    "layers": len(s.lora["targets"]),  # as `adapter info` and training count them, the head included
                     "max_length": s.max_length,
                     "state": state,
                     "requests": self.counts.get(n, 0),

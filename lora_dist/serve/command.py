@@ -71,6 +71,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=8000, help="(default: 8000; 0: any free port, logged)")
     p.add_argument("--base", help="a directory holding the adapters' base weights, if not where training found them")
+    p.add_argument(
+        "--labels",
+        action="append",
+        metavar="NAME=LABELS",
+        help="names for the classes of an adapter that has none (LABEL_0, LABEL_1, ...): NAME=ham,spam, once per "
+        "adapter; LABELS alone names them for every such adapter",
+    )
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
     p.add_argument("--precision", default="fp32", choices=PRECISIONS, help="(default: fp32)")
     p.add_argument("--max-batch", type=int, default=32, help="messages per forward pass (default: 32; 1: no batching)")
@@ -82,7 +89,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="bytes per request body (default: 1 MiB)")
     p.add_argument("--token-file", help="a file holding the bearer token (else $LORA_DIST_TOKEN; neither: no auth)")
     p.add_argument("--open-metrics", action="store_true", help="with a token, let /metrics answer without it")
-    p.add_argument("--threads", type=int, default=None, help="torch threads for the model (default: torch's)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads for the model (default: $LORA_DIST_THREADS, else the cores the load leaves free)",
+    )
     p.add_argument(
         "--read-timeout-s",
         type=float,
@@ -130,6 +142,24 @@ def parse_adapters(text: str) -> dict[str, str | Path]:
         out[name] = path
     if not out:
         raise UserError("--adapters names no adapter; e.g. --adapters spam=runs/a,support=runs/b")
+    return out
+
+
+def parse_labels(items: list[str] | None, adapters: dict[str, str | Path]) -> dict[str, str]:
+    """{adapter: labels} from --labels NAME=ham,spam (one adapter) and --labels ham,spam (key "*": every adapter
+    that names no classes of its own, see `read_adapters`)."""
+    out: dict[str, str] = {}
+    for item in items or []:
+        name, sep, labels = item.partition("=")
+        if sep and name.strip() in adapters:
+            out[name.strip()] = labels
+        elif sep:
+            raise UserError(
+                f"--labels {item!r}: {name!r} is not among the adapters ({', '.join(adapters)}); "
+                f"give NAME=LABELS, e.g. --labels {next(iter(adapters))}=ham,spam"
+            )
+        else:
+            out["*"] = item
     return out
 
 
@@ -184,6 +214,8 @@ def main(args) -> int:
     token = read_token(args.token_file)
     catalog = None
     if args.adapters_dir:
+        if args.labels:
+            raise UserError("--labels names the classes of adapters given with --adapters, not of --adapters-dir's")
         named = parse_adapters(args.adapters) if args.adapters else {}
         catalog = Catalog(Path(args.adapters_dir), {k: Path(v) for k, v in named.items()}, args.base)
         catalog.log = lambda msg: print(msg, file=sys.stderr, flush=True)
@@ -202,7 +234,8 @@ def main(args) -> int:
             )
         loaded = []
     elif args.adapters:
-        loaded = read_adapters(parse_adapters(args.adapters))
+        adapters = parse_adapters(args.adapters)
+        loaded = read_adapters(adapters, args.base, parse_labels(args.labels, adapters))
     else:
         raise UserError("name the adapters: --adapters NAME=PATH,... or --adapters-dir DIR (a sweep's output)")
     raise_file_limit(args.max_connections)

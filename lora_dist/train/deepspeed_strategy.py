@@ -11,6 +11,7 @@ file that sets them to something else is refused, so the two never disagree.
 from __future__ import annotations
 
 import contextlib
+import logging
 import warnings
 from pathlib import Path
 
@@ -87,6 +88,7 @@ def _fill(user: dict, ours: dict, source: str, prefix: str = "") -> dict:
 
 def import_deepspeed():
     """The deepspeed module, or one error line that says how to install it (every rank raises the same)."""
+    quiet_deepspeed()
     try:
         import deepspeed
     except ImportError as e:
@@ -96,6 +98,16 @@ def import_deepspeed():
             f"(make setup installs it), or use dist.strategy=ddp"
         ) from e
     return deepspeed
+
+
+def quiet_deepspeed() -> None:
+    """Two lines no user acts on, which rank 0 printed (more than once): DeepSpeed's "Setting accelerator to CPU"
+    on a machine without a GPU, and torch's FutureWarning that ZeRO's all_gather_into_tensor is deprecated."""
+    if not torch.cuda.is_available():  # DeepSpeed's logger, named before DeepSpeed is imported (its import logs it)
+        logging.getLogger("DeepSpeed").addFilter(lambda r: "Setting accelerator to CPU" not in r.getMessage())
+    warnings.filterwarnings(
+        "ignore", message="`torch.distributed.all_gather_into_tensor` is deprecated", category=FutureWarning
+    )
 
 
 class DeepSpeed(Distributed):

@@ -22,7 +22,7 @@ from .. import adapter as adapters
 from ..build import build_model, num_classes, seed_everything
 from ..config import Config
 from ..data import Batch, pad_multiple
-from ..device import DistEnv, model_build_device
+from ..device import DistEnv, cpu_threads_text, model_build_device
 from ..errors import UserError
 from ..lora import adapter_state_dict, count_params
 from ..model import GPT2, PADDING_FREE
@@ -128,15 +128,7 @@ class Trainer:
         if t.compile:  # in place: the forward is compiled, parameter names keep no `_orig_mod.` prefix
             model.compile()
         s.prepare(model, self.micro, t.grad_accum)
-        out.print(
-            f"lora-dist: {cfg.model.name} ({cfg.model.weights}), {self.world} process(es), strategy {s.name}, "
-            f"device {s.device}, precision {s.precision_text()}, optimizer {s.optimizer_text()}\n"
-            f"parameters: {self.total_params:,} total, {self.trainable_params:,} trainable "
-            f"({self._trained_text()}); pooling {cfg.model.pooling}{'' if cfg.model.causal_mask else ', no causal mask'}\n"
-            f"data: {', '.join(f'{k} {len(v)}' for k, v in splits.items())}; labels {', '.join(self.labels)}; padding {cfg.data.padding}"
-            f"{' (' + str(length) + ' tokens)' if cfg.data.padding != 'batch' else ''}; "
-            f"global batch {t.batch_size} = {self.world} x {self.micro} x {t.grad_accum}; {self.total_steps} steps"
-        )
+        out.print(self.header(splits))
         out.start(
             cfg,
             {
@@ -158,6 +150,19 @@ class Trainer:
         self.train_seconds = 0.0
         self.stepped = False
         self._resume()
+
+    def header(self, splits: dict) -> str:
+        """The lines a run starts with: model and backend, parameters, data and steps."""
+        cfg, s, t, length = self.cfg, self.strategy, self.cfg.train, self.length
+        return (
+            f"lora-dist: {cfg.model.name} ({cfg.model.weights}), {self.world} process(es), strategy {s.name}, "
+            f"device {s.device}{cpu_threads_text(s.device)}, precision {s.precision_text()}, optimizer {s.optimizer_text()}\n"
+            f"parameters: {self.total_params:,} total, {self.trainable_params:,} trainable "
+            f"({self._trained_text()}); pooling {cfg.model.pooling}{'' if cfg.model.causal_mask else ', no causal mask'}\n"
+            f"data: {', '.join(f'{k} {len(v)}' for k, v in splits.items())}; labels {', '.join(self.labels)}; padding {cfg.data.padding}"
+            f"{' (' + str(length) + ' tokens)' if cfg.data.padding != 'batch' else ''}; "
+            f"global batch {t.batch_size} = {self.world} x {self.micro} x {t.grad_accum}; {self.total_steps} steps"
+        )
 
     def build(self) -> tuple[GPT2, list[str]]:
         """The model to train, and the names of its LoRA layers."""
@@ -329,12 +334,23 @@ class Trainer:
             record["allreduce_bytes"] = comm
         if self.strategy.device.type == "cuda":
             record["gpu_mem_gb"] = torch.cuda.max_memory_allocated(self.strategy.device) / 2**30
-        if (self.step - 1) % t.eval_every == 0:  # the book evaluates after steps 1, 51, 101, ...
-            limit = t.eval_batches * t.batch_size
-            tr, va = self.evaluate("train", limit), self.evaluate("validation", limit)
+        # The book evaluates after steps 1, 51, 101, ...; and every run is evaluated after its last step, so that
+        # one shorter than eval_every is not known by its first step alone.
+        last = self.step >= self.total_steps
+        if (self.step - 1) % t.eval_every == 0 or last:
+            tr, va = self._estimate()
             record |= {"train_loss": tr["loss"], "val_loss": va["loss"]}
+            mid_epoch = last and self.step_in_epoch < self.steps_per_epoch  # else the epoch's end gives accuracy
+            if mid_epoch:
+                record |= {"train_acc": tr["accuracy"], "val_acc": va["accuracy"]}
             out.print(
                 f"epoch {self.epoch + 1} step {self.step}: train loss {tr['loss']:.3f}, val loss {va['loss']:.3f}"
+                + (
+                    f", train accuracy {tr['accuracy'] * 100:.2f}%, validation accuracy {va['accuracy'] * 100:.2f}%"
+                    if mid_epoch
+                    else ""
+                )
+                + f" ({self._estimate_text()})"
             )
         out.log(record)
         ex_s = self.examples_seen / max(self.train_seconds, 1e-9)
@@ -350,11 +366,23 @@ class Trainer:
         self._epoch_end()
         self.save_checkpoint()
 
+    def _estimate(self) -> tuple[dict, dict]:
+        """Train and validation loss and accuracy on their first train.eval_batches batches (an estimate), once a
+        step: the epoch's end reuses its step's."""
+        if getattr(self, "_estimated", (None,))[0] != self.step:
+            limit = self.cfg.train.eval_batches * self.cfg.train.batch_size
+            self._estimated = (self.step, self.evaluate("train", limit), self.evaluate("validation", limit))
+        return self._estimated[1], self._estimated[2]
+
+    def _estimate_text(self) -> str:
+        t = self.cfg.train
+        return f"estimates on {t.eval_batches} batches of each split"
+
     def _epoch_end(self) -> None:
-        limit = self.cfg.train.eval_batches * self.cfg.train.batch_size
-        tr, va = self.evaluate("train", limit), self.evaluate("validation", limit)
+        tr, va = self._estimate()
         self.out.print(
-            f"epoch {self.epoch}: train accuracy {tr['accuracy'] * 100:.2f}%, validation accuracy {va['accuracy'] * 100:.2f}%"
+            f"epoch {self.epoch}: train accuracy {tr['accuracy'] * 100:.2f}%, validation accuracy "
+            f"{va['accuracy'] * 100:.2f}% ({self._estimate_text()})"
         )
         self.out.log(
             {
@@ -506,10 +534,14 @@ class Trainer:
         out.print(
             f"done in {results['wall_seconds']:.1f}s (training {self.train_seconds:.1f}s, final evaluation "
             f"{eval_seconds:.1f}s): train {results['train_accuracy'] * 100:.2f}%, validation "
-            f"{results['val_accuracy'] * 100:.2f}%, test {results['test_accuracy'] * 100:.2f}% accuracy; "
-            f"{results['examples_per_second']:.1f} examples/s; results in {out.dir}"
+            f"{results['val_accuracy'] * 100:.2f}%, test {results['test_accuracy'] * 100:.2f}% accuracy on the whole "
+            f"splits; "
+            f"{self.speed_text(results['examples_per_second'])}; results in {out.dir}"
         )
         return results
+
+    def speed_text(self, examples_per_s: float) -> str:
+        return f"{examples_per_s:.1f} examples/s"
 
 
 def run(cfg: Config) -> dict | None:

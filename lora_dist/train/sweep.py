@@ -26,11 +26,11 @@ from torch import nn
 
 from ..build import add_trainable, build_base, shared_copy
 from ..data import Batch
-from ..device import DistEnv, model_build_device
+from ..device import DistEnv, cpu_threads_text, model_build_device
 from ..errors import UserError
 from ..model import GPT2, Packed
 from ..multi_lora import Rows, attach, detach, group_layers
-from ..sweep_report import write_summary
+from ..sweep_report import best_line, write_summary
 from . import checkpoint as ckpt
 from . import sweep_state
 from .backend import Strategy
@@ -153,6 +153,19 @@ class AdapterRun(Trainer):
 
         return super().evaluate(split, limit, plan, tick)
 
+    def header(self, splits: dict) -> str:
+        """One line (the sweep's own says model, backend and device): what this adapter trains, on what."""
+        cfg, t = self.cfg, self.cfg.train
+        return (
+            f"{self.trainable_params:,} trainable ({self._trained_text()}); data: "
+            f"{', '.join(f'{k} {len(v)}' for k, v in splits.items())}; labels {', '.join(self.labels)}; "
+            f"batch {t.batch_size}, lr {t.lr:g}; {self.total_steps} steps"
+            + ("" if cfg.model.causal_mask else "; no causal mask")
+        )
+
+    def speed_text(self, examples_per_s: float) -> str:
+        return f"its share of the sweep's throughput {examples_per_s:.1f} examples/s"
+
     def save_checkpoint(self) -> None:
         self.checkpointed_at = self.step
         self.sweep.due = True  # the sweep writes one checkpoint for all its adapters, at the end of the step
@@ -194,6 +207,7 @@ class Sweep:
         # every adapter's data, checked before anything is written
         data = prepare_data(plan, self.base.cfg.context_length, self.world, self.rank)
         self.concurrent = check_memory(self.base, plan, data, job, say=out.print)
+        self.total_steps = schedule_steps([d.steps for d in data], self.concurrent)
         out.call(sweep_state.prepare_dir, out.dir, cfg.overwrite, cfg.train.resume != "never")
         job.barrier()
         out.write_text("config.yaml", yaml.safe_dump(plan.resolved, sort_keys=False))  # first: marks it a sweep's
@@ -206,7 +220,8 @@ class Sweep:
         self.model.train()
         out.print(
             f"sweep: {len(plan.adapters)} adapters over {cfg.model.name} ({cfg.model.weights}), {self.concurrent} at a "
-            f"time; {self.world} process(es), strategy {job.name}, device {job.device}, precision {job.precision_text()}"
+            f"time; {self.world} process(es), strategy {job.name}, device {job.device}{cpu_threads_text(job.device)}, "
+            f"precision {job.precision_text()}"
         )
         out.log(
             {"event": "start", "adapters": len(plan.adapters), "concurrent": self.concurrent, "world_size": self.world}
@@ -356,10 +371,10 @@ class Sweep:
             record["gpu_mem_gb"] = torch.cuda.max_memory_allocated(self.job.device) / 2**30
         self.out.log(record)
         every = self.plan.cfg.tracking.log_every
-        if self.step % every == 0 or not self.runs:
+        if self.step % every == 0 or not self.runs or self.step == self.total_steps:
             counts = {s: self.status.count(s) for s in ("training", "done", "queued", "failed")}
             self.out.print(
-                f"sweep step {self.step}: {counts['training']} training, {counts['done']} done, "
+                f"sweep step {self.step}/{self.total_steps}: {counts['training']} training, {counts['done']} done, "
                 f"{counts['queued']} queued"
                 + (f", {counts['failed']} failed" if counts["failed"] else "")
                 + f"; {rate:.1f} examples/s over all adapters"
@@ -387,8 +402,20 @@ class Sweep:
         self.out.print(
             f"sweep done: {self.status.count('done')} adapters trained"
             + (f", {len(failed)} failed ({', '.join(failed)})" if failed else "")
-            + f"; {self.examples / max(self.seconds, 1e-9):.1f} examples/s over all adapters; summary in {path}"
+            + f"; {self.examples / max(self.seconds, 1e-9):.1f} examples/s over all adapters"
+            + (f"; {best_line(path.parent)}" if path is not None else "")
+            + f"; summary in {path}"
         )
+
+
+def schedule_steps(steps: list[int], concurrent: int) -> int:
+    """Sweep steps to train adapters of `steps` steps each, `concurrent` at a time, each queued one starting in
+    the first slot that frees (as `Sweep.settle` starts them): the sweep's length, where none fails."""
+    slots = [0] * max(1, min(concurrent, len(steps)))
+    for n in steps:
+        i = slots.index(min(slots))
+        slots[i] += n
+    return max(slots, default=0)
 
 
 def run(plan: SweepPlan) -> bool:

@@ -35,6 +35,7 @@ class AdapterData:
     num_classes: int
     length: int  # its longest training micro-batch, in tokens
     micro: int  # its rows per micro-batch on each rank
+    steps: int = 0  # its optimizer steps: train.epochs over its data, or train.max_steps
 
 
 def prepare_data(plan: SweepPlan, context_length: int, world: int, rank: int) -> list[AdapterData]:
@@ -49,9 +50,12 @@ def prepare_data(plan: SweepPlan, context_length: int, world: int, rank: int) ->
                 seen[cfg.data] = (data.labels, data.datasets, data.length)
             labels, datasets, length = seen[cfg.data]
             micro = micro_batch_size(t.batch_size, world, t.grad_accum)
-            make_loaders(datasets, length, cfg.data, micro, t.grad_accum, world, rank, t.seed)  # one batch at least
+            # one batch at least
+            loaders = make_loaders(datasets, length, cfg.data, micro, t.grad_accum, world, rank, t.seed)
             longest = fixed_length(cfg.data, length) or int(datasets["train"].lengths.max())
-            out.append(AdapterData(labels, num_classes(cfg, labels), longest, micro))
+            steps = loaders.sampler.steps * t.epochs
+            steps = min(steps, t.max_steps) if t.max_steps else steps
+            out.append(AdapterData(labels, num_classes(cfg, labels), longest, micro, steps))
         except UserError as e:
             raise UserError(f"sweep adapter '{p.name}': {e}") from e
     return out

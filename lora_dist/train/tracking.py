@@ -192,8 +192,11 @@ class AdapterOutput(RunOutput):
     def progress(self, **kw) -> None:
         pass
 
+    def task(self, what: str, total: int) -> Callable[[], None]:
+        return super().task(f"[{self.name}] {what}", total)
+
     def start(self, cfg, info: dict, **wandb_args) -> None:
-        super().start(cfg, info, reinit="create_new", **wandb_args)
+        super().start(cfg, info, reinit="create_new", one_line=True, **wandb_args)
 
 
 class NullOutput:

@@ -114,9 +114,11 @@ def summary_of(results: dict) -> dict:
     return out
 
 
-def open_wandb(cfg, run_dir: Path, info: dict, say=print, **wandb_args) -> WandbSink | None:
+def open_wandb(cfg, run_dir: Path, info: dict, say=print, one_line: bool = False, **wandb_args) -> WandbSink | None:
     """Start (or continue) the W&B run for this output_dir; None when W&B is disabled or cannot start.
-    `wandb_args` go to wandb.init (a sweep's adapters: reinit="create_new", one run each, open together)."""
+    `wandb_args` go to wandb.init (a sweep's adapters: reinit="create_new", one run each, open together).
+    `one_line`: W&B itself prints nothing; one line through `say` says where the run goes (a sweep's adapters,
+    whose lines carry their name)."""
     w = cfg.tracking.wandb
     mode, note = resolve_mode(w.mode)
     if note:
@@ -141,12 +143,13 @@ def open_wandb(cfg, run_dir: Path, info: dict, say=print, **wandb_args) -> Wandb
         )
         # quiet: W&B says where the run goes when it starts, but prints no 30-line history and summary at the end
         settings = {"quiet": True} | ({} if "WANDB_INIT_TIMEOUT" in os.environ else {"init_timeout": INIT_TIMEOUT_S})
+        settings |= {"silent": True} if one_line else {}
         kwargs["settings"] = wandb.Settings(**settings)
     except Exception as e:  # noqa: BLE001
         say(f"warning: W&B could not start ({_line(e)}); training continues without W&B")
         return None
     try:
-        return WandbSink(wandb.init(mode=mode, **kwargs), run_dir, say)
+        return _opened(WandbSink(wandb.init(mode=mode, **kwargs), run_dir, say), mode, one_line)
     except Exception as e:  # noqa: BLE001 - W&B must never stop a training run
         if mode != "online":
             say(f"warning: W&B could not start ({_line(e)}); training continues without W&B")
@@ -157,10 +160,18 @@ def open_wandb(cfg, run_dir: Path, info: dict, say=print, **wandb_args) -> Wandb
         )
     _teardown(wandb)
     try:
-        return WandbSink(wandb.init(mode="offline", **kwargs), run_dir, say)
+        return _opened(WandbSink(wandb.init(mode="offline", **kwargs), run_dir, say), "offline", one_line)
     except Exception as e:  # noqa: BLE001
         say(f"warning: W&B could not start offline either ({_line(e)}); training continues without W&B")
         return None
+
+
+def _opened(sink: WandbSink, mode: str, one_line: bool) -> WandbSink:
+    """The sink, after the one line that says where its run goes (`one_line`; W&B's own lines are off)."""
+    if one_line:
+        url = getattr(sink.run, "url", None) if mode == "online" else None
+        sink.say(f"W&B: {mode} run {getattr(sink.run, 'id', '?')}, " + (url or f"in {sink.dir / 'wandb'}"))
+    return sink
 
 
 class WandbSink:
