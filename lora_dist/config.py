@@ -53,6 +53,9 @@ class ModelConfig:
         _check(0.0 <= self.dropout < 1.0, "model.dropout must be in [0, 1)")
 
 
+BALANCE = ("undersample", "weight", "none")
+
+
 @dataclass(frozen=True)
 class DataConfig:
     source: str = (
@@ -62,7 +65,9 @@ class DataConfig:
     download: bool = (
         False  # false: the copy shipped in the package (the same file, same sha256); true: fetch it from `url`
     )
-    balance: bool = True  # undersample every class to the smallest one, as the book does
+    # undersample: every class cut to the smallest one, as the book does; weight: keep every message and weight the
+    # loss by inverse class frequency on the training split; none: neither. true/false mean undersample/none.
+    balance: Any = "undersample"
     labels: tuple[str, ...] | None = None  # the class labels in order (default: the data's, sorted)
     train_frac: float = 0.7
     val_frac: float = 0.1
@@ -89,6 +94,12 @@ class DataConfig:
     write_splits: bool | None = None
 
     def __post_init__(self):
+        if isinstance(self.balance, bool):  # the book's `balance: true`, and `false`
+            object.__setattr__(self, "balance", "undersample" if self.balance else "none")
+        _check(
+            self.balance in BALANCE,
+            f"data.balance must be one of {', '.join(BALANCE)} (or true/false); got {self.balance!r}",
+        )
         _check(0 < self.train_frac < 1 and 0 < self.val_frac < 1, "data.train_frac and data.val_frac must be in (0, 1)")
         _check(
             self.train_frac + self.val_frac < 1,
@@ -127,6 +138,36 @@ class LoRAConfig:
 
 
 @dataclass(frozen=True)
+class SelectConfig:
+    """train.select: the adapter kept at the end is the one of the evaluation with the best validation metric
+    (HF Trainer's load_best_model_at_end / metric_for_best_model); the last one is kept beside it."""
+
+    metric: Literal["val_loss", "val_accuracy", "val_macro_f1"] = "val_loss"
+    mode: Literal["min", "max"] | None = None  # default: min for val_loss, max for the others
+    examples: int | None = None  # select on the first N validation messages (a fixed subset); default: all
+
+    def __post_init__(self):
+        _check(self.examples is None or self.examples > 0, "train.select.examples must be > 0 (or null: all)")
+
+    @property
+    def direction(self) -> str:
+        return self.mode or ("min" if self.metric == "val_loss" else "max")
+
+
+@dataclass(frozen=True)
+class EarlyStopConfig:
+    """train.early_stop: end the run after `patience` selection evaluations without an improvement of more than
+    `min_delta` (HF's EarlyStoppingCallback), checkpointed. It watches train.select's metric (default val_loss)."""
+
+    patience: int = 3
+    min_delta: float = 0.0
+
+    def __post_init__(self):
+        _check(self.patience >= 1, f"train.early_stop.patience must be >= 1, got {self.patience}")
+        _check(self.min_delta >= 0, f"train.early_stop.min_delta must be >= 0, got {self.min_delta}")
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     epochs: int = 5
     batch_size: int = 8  # the GLOBAL batch: per-rank micro-batch = batch_size / (world_size * grad_accum)
@@ -157,6 +198,9 @@ class TrainConfig:
     keep_checkpoints: int = 2
     resume: str = "never"  # never | auto | a checkpoint directory
     resume_other_data: bool = False  # resume even though the data differs from the checkpoint's (its fingerprint)
+    # Evaluated on the validation split at every eval_every step and at the end (train/selection.py):
+    select: SelectConfig | None = None  # null: the last step's adapter is kept
+    early_stop: EarlyStopConfig | None = None  # null: train every step
 
     def __post_init__(self):
         _check(self.epochs > 0, f"train.epochs must be > 0, got {self.epochs}")

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 from torch.utils.data import Dataset
@@ -218,6 +219,20 @@ def balance(frame: pd.DataFrame, seed: int = 123) -> pd.DataFrame:
     return pd.concat([g if len(g) == n else g.sample(n, random_state=seed) for g in groups])
 
 
+def inverse_frequency(labels, k: int, names=None) -> torch.Tensor:
+    """data.balance=weight: each class's loss weight, n / (k * n_c) over the training labels (class indices), as
+    scikit-learn's class_weight="balanced": a weighted mean over the messages of a batch drawn at these
+    frequencies is 1 per message, as without weights."""
+    counts = torch.bincount(torch.as_tensor(np.asarray(labels), dtype=torch.long), minlength=k).double()
+    if (counts == 0).any():
+        c = int((counts == 0).nonzero()[0])
+        raise UserError(
+            f"data.balance=weight: the training split has no message of class {names[c] if names else c!r}, "
+            f"so it has no inverse frequency; use data.balance=none, or data with every class in training"
+        )
+    return (counts.sum() / (k * counts)).float()
+
+
 def split(frame: pd.DataFrame, train_frac: float, val_frac: float, seed: int = 123) -> dict[str, pd.DataFrame]:
     """Shuffle, then cut into train/validation/test (the book's `random_split`)."""
     frame = frame.sample(frac=1, random_state=seed).reset_index(drop=True)
@@ -246,7 +261,7 @@ def fingerprint(splits: dict[str, pd.DataFrame]) -> str:
 
 def prepare_splits(cfg: DataConfig, say=print) -> dict[str, pd.DataFrame]:
     frame = load_frame(cfg.source, cfg, say)
-    if cfg.balance:
+    if cfg.balance == "undersample":  # "weight" keeps every message and weights the loss instead
         frame = balance(frame, cfg.seed)
     return split(frame, cfg.train_frac, cfg.val_frac, cfg.seed)
 

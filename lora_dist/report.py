@@ -46,7 +46,7 @@ def load_results(run_dir: Path) -> dict:
 def render(run_dir: Path, results: dict, plots: Sequence[Path] = ()) -> str:
     """The report as Markdown."""
     run_dir = Path(run_dir)
-    lines = [f"# lora-dist report: {run_dir.resolve().name}", "", *_header(run_dir, results), ""]
+    lines = [f"# lora-dist report: {run_dir.resolve().name}", "", *_header(run_dir, results), *_selection(results), ""]
     classes = results.get("classes") or ["ham", "spam"]
     confusion = results.get("confusion") or {}
     lines += [
@@ -165,6 +165,29 @@ def _header(run_dir: Path, results: dict) -> list[str]:
             f"- git commit: {start['git_commit']}" + (" (with uncommitted changes)" if start.get("git_dirty") else "")
         )
     return out
+
+
+def _selection(results: dict) -> list[str]:
+    """train.select / train.early_stop: which step's adapter the scores are of, and why."""
+    sel = results.get("selection")
+    if not isinstance(sel, dict):
+        return []
+    metric, n = sel.get("metric"), len(sel.get("evaluations") or [])
+    over = f"the first {sel['examples']:,} validation messages" if sel.get("examples") else "the whole validation split"
+    if sel.get("kept") == "best":
+        line = (
+            f"- adapter: step {sel.get('chosen_step')} of {sel.get('last_step')}, the best {metric} "
+            f"({num(sel.get('best_value'), 4)}, {sel.get('mode')}) of {n} evaluations on {over}; the scores below "
+            f"are its; the last step's adapter is in adapter-last/"
+        )
+    else:
+        line = f"- adapter: the last step's ({sel.get('last_step')}); {metric} evaluated {n} times on {over}"
+    es = sel.get("early_stop")
+    if isinstance(es, dict):
+        line += f"; early stopping (patience {es.get('patience')}, min_delta {es.get('min_delta')}) " + (
+            "ended the run there" if es.get("stopped") else "did not stop the run"
+        )
+    return [line]
 
 
 def pct(x) -> str:

@@ -99,7 +99,7 @@ def write_report(sweep_dir: Path) -> Path:
     try:
         entries = parse_json(path.read_text())["adapters"]
         kept = [
-            {k: e[k] for k in ("name", "run_dir", "status", "overrides", "settings", "error") if k in e}
+            {k: e[k] for k in ("name", "run_dir", "status", "overrides", "settings", "error", "pruned") if k in e}
             for e in entries
         ]
     except (OSError, ValueError, KeyError, TypeError) as e:
@@ -156,6 +156,16 @@ def render(sweep_dir: Path, entries: list[dict], plot: Path | None) -> str:
             f"| {pct(e.get('test_accuracy'))} | {pct(e.get('test_macro_f1'))} | {num(e.get('test_loss'), 4)} "
             f"| {e.get('steps', '')} | {e.get('status', '')} |"
         )
+    pruned = [e for e in entries if isinstance(e.get("pruned"), dict)]
+    if pruned:
+        lines += ["", "Pruned by successive halving (sweep.prune): stopped at a rung, their adapters kept."]
+        lines += [
+            f"- {e['name']}: step {e['pruned'].get('step')}, {k} {num(v, 4)}, rank {e['pruned'].get('rank')} of "
+            f"{e['pruned'].get('of')} at that rung"
+            for e in pruned
+            for k, v in e["pruned"].items()
+            if k.startswith("val_")
+        ]
     failed = [e for e in entries if e.get("error")]
     if failed:
         lines += ["", *[f"- {e['name']} failed: {e['error']}" for e in failed]]

@@ -609,6 +609,11 @@ class CachedDataset(Dataset):
     def __len__(self) -> int:
         return len(self.rows)
 
+    @property
+    def labels(self) -> np.ndarray:
+        """The class index of each row (data.balance=weight counts them)."""
+        return np.asarray(self.cache.labels)[self.rows]
+
     def __getitem__(self, i: int):
         r = int(self.rows[i])
         start = int(self.cache.offsets[r])
@@ -645,7 +650,8 @@ def run_data(cfg: DataConfig, context_length: int, say: Say = print, cache: Toke
     if cache is None or cache.manifest["limit"] < limit:
         cache = open_cache(cfg, cache_limit(cfg, context_length), say)
     labels = cache.label_names
-    rows = balance_rows(np.asarray(cache.labels), labels, cfg.seed) if cfg.balance else np.arange(len(cache))
+    undersample = cfg.balance == "undersample"  # "weight" keeps every message and weights the loss instead
+    rows = balance_rows(np.asarray(cache.labels), labels, cfg.seed) if undersample else np.arange(len(cache))
     splits = split_rows(rows, cfg.train_frac, cfg.val_frac, cfg.seed)
     for name, part in splits.items():
         if len(part) == 0:

@@ -183,8 +183,11 @@ def _state_problem(state, path: Path, kind: str) -> str | None:
 def _sweep_problem(state) -> str | None:
     """What in a sweep's state.json no sweep writes: each adapter's status, those in training and their states."""
     status, training, adapters, errors = (state.get(k) for k in ("status", "training", "adapters", "errors"))
-    if not (isinstance(status, dict) and all(v in ("queued", "training", "done", "failed") for v in status.values())):
-        return "status must give each adapter queued, training, done or failed"
+    if not (
+        isinstance(status, dict)
+        and all(v in ("queued", "training", "done", "failed", "pruned") for v in status.values())
+    ):
+        return "status must give each adapter queued, training, done, failed or pruned"
     if not (isinstance(training, list) and all(isinstance(n, str) and status.get(n) == "training" for n in training)):
         return "training must list the adapters whose status is training"
     if not (isinstance(adapters, dict) and all(isinstance(adapters.get(n), dict) for n in training)):

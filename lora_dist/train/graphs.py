@@ -26,12 +26,12 @@ import contextlib
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 
 from ..config import Config
 from ..data import Batch
 from ..device import autocast
 from .backend import Strategy
+from .loss import loss as classification_loss
 
 WARMUP = 2  # forward and backward passes before a capture (the docs' example takes 3 with optimizer steps)
 
@@ -148,7 +148,7 @@ class GraphedStep:
     def _loss(self, b: Batch) -> torch.Tensor:
         with autocast(self.s.device, self.s.precision, cache=False):  # autocast's weight cache and graphs clash
             logits = self.s.model(b.ids, b.last)
-        return F.cross_entropy(logits.float(), b.labels)
+        return classification_loss(logits.float(), b.labels, self.s.class_weight)
 
     def _whole_step(self, b: Batch) -> None:
         torch._foreach_zero_([p.grad for p in self.params if p.grad is not None])

@@ -10,6 +10,8 @@ Backends differ only in the strategy object (`train/strategy.py`); rank-0 side e
 from __future__ import annotations
 
 import math
+import os
+import shutil
 import signal
 import time
 from collections.abc import Iterator
@@ -21,7 +23,7 @@ import torch.nn.functional as F
 from .. import adapter as adapters
 from ..build import build_model, num_classes, seed_everything
 from ..config import Config
-from ..data import Batch, pad_multiple
+from ..data import Batch, inverse_frequency, pad_multiple
 from ..device import DistEnv, cpu_threads_text, model_build_device
 from ..errors import UserError
 from ..lora import adapter_state_dict, count_params
@@ -29,6 +31,7 @@ from ..model import GPT2, PADDING_FREE
 from ..report import finish_report
 from ..token_cache import cache_limit, open_cache, run_data, write_split_record
 from . import checkpoint as ckpt
+from . import selection as selecting
 from .backend import Strategy
 from .loaders import eval_loader, make_loaders, micro_batch_size
 from .registry import make_strategy
@@ -149,6 +152,9 @@ class Trainer:
         self.step, self.epoch, self.step_in_epoch, self.examples_seen, self.tokens_seen = 0, 0, 0, 0, 0
         self.train_seconds = 0.0
         self.stepped = False
+        # train.select / train.early_stop: the best evaluation so far (train/selection.py); None when neither is set
+        self.selection = selecting.Selection(t) if selecting.Selection.wanted(t) else None
+        self.class_weights(datasets["train"])
         self._resume()
 
     def header(self, splits: dict) -> str:
@@ -223,6 +229,8 @@ class Trainer:
         self.strategy.load_sharded(path)
         for k in PROGRESS:
             setattr(self, k, state[k])
+        if self.selection is not None:
+            self.selection.load(state.get("selection"), path, ckpt.load_tensors)
 
     # ------------------------------------------------------------------------------------------ train
     def train(self) -> bool:
@@ -244,7 +252,8 @@ class Trainer:
         return True
 
     def done(self) -> bool:
-        return self.epoch >= self.cfg.train.epochs or self.step >= self.total_steps
+        stopped = self.selection is not None and self.selection.stopped  # train.early_stop ended it
+        return self.epoch >= self.cfg.train.epochs or self.step >= self.total_steps or stopped
 
     def lr(self) -> float:
         """The learning rate of the next optimizer step."""
@@ -303,8 +312,9 @@ class Trainer:
         window.zero_()
         if self.step_in_epoch >= self.steps_per_epoch:
             self._next_epoch()
-        elif self.step >= self.total_steps:  # max_steps inside an epoch
-            self.save_checkpoint()
+        elif self.step >= self.total_steps or self.done():  # max_steps inside an epoch, or stopped early
+            if self.checkpointed_at != self.step:
+                self.save_checkpoint()
         self.tick = time.perf_counter()
         if reduced[2] > 0:
             if self.checkpointed_at != self.step:
@@ -357,6 +367,8 @@ class Trainer:
         out.progress(
             step=self.step, total=self.total_steps, epoch=self.epoch, epochs=t.epochs, loss=loss, ex_per_s=ex_s
         )
+        if self.selection is not None and self.selection.due(self.step, t.eval_every, self.total_steps):
+            self.select()  # before this step's checkpoint, which holds its outcome
         if t.checkpoint_every and self.step % t.checkpoint_every == 0 and self.step_in_epoch < self.steps_per_epoch:
             self.save_checkpoint()
 
@@ -437,12 +449,91 @@ class Trainer:
             "confusion": confusion.tolist(),
         }
 
+    # ----------------------------------------------------------- selection, early stopping, class weights
+    def select(self) -> None:
+        """train.select / train.early_stop: evaluate the validation split (or its first train.select.examples
+        messages), keep the adapter if it is the best so far, and stop the run once early stopping says so. Every
+        rank takes the same decision: the metric comes from all-reduced counts, the stop flag is all-reduced."""
+        sel, s = self.selection, self.strategy
+        assert sel is not None
+        ev = self.evaluate("validation", sel.examples)
+        value = selecting.metric_value(sel.metric, ev, self.labels)
+        if sel.observe(self.step, value) and sel.keeps_best:
+            sel.best_tensors = s.adapter_state(self.adapter_names)  # every rank: a collective under ZeRO
+        flag = torch.tensor([1.0 if sel.should_stop() and self.step < self.total_steps else 0.0], dtype=torch.float64)
+        sel.stopped = bool(s.all_reduce(flag, op="max")[0] > 0)
+        self.out.log(
+            {
+                "step": self.step,
+                "epoch": self.epoch,
+                "examples_seen": self.examples_seen,
+                f"select_{sel.metric}": value,
+                "select_best_step": sel.best_step,
+            }
+        )
+        self.out.print(
+            f"step {self.step}: {sel.metric} {value:.4f} on {ev['count']} validation messages "
+            f"(best {sel.best_value:.4f} at step {sel.best_step})"
+            if sel.best_value is not None
+            else f"step {self.step}: {sel.metric} {value:.4f} on {ev['count']} validation messages"
+        )
+        if sel.stopped:
+            self.out.print(
+                f"early stopping at step {self.step}: {sel.metric} has not improved by more than {sel.min_delta:g} "
+                f"in {sel.waited} evaluations (best {sel.best_value:.4f} at step {sel.best_step})"
+            )
+            self.out.log({"event": "early_stop", "step": self.step, "best_step": sel.best_step})
+
+    def stage_selection(self, staging: Path) -> None:
+        """Rank 0: the best adapter so far into a checkpoint being written (train.select)."""
+        sel = self.selection
+        if sel is not None and sel.keeps_best and sel.best_tensors is not None:
+            selecting.write_best(staging, sel.best_tensors)
+
+    def take_best(self) -> dict[str, torch.Tensor] | None:
+        """train.select, at the end: the last step's tensors (for adapter-last/), with the best step's adapter put
+        into the model for the final evaluation; None when nothing is selected (the last step's adapter stays)."""
+        sel, s = self.selection, self.strategy
+        if sel is None or not sel.keeps_best or sel.best_tensors is None:
+            return None
+        last = s.adapter_state(self.adapter_names)
+        if sel.best_step != self.step:
+            selecting.load_into(s, sel.best_tensors)
+            self.out.print(
+                f"selected step {sel.best_step} ({sel.metric} {sel.best_value:.4f}, best of "
+                f"{len(sel.history)} evaluations): its adapter is adapter/, the last step's is beside it"
+            )
+        return last
+
+    def save_last(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Rank 0: the last step's adapter as adapter-last/ (weights-last/), beside the selected one."""
+        staging = self.out.dir / ".last"
+        shutil.rmtree(staging, ignore_errors=True)
+        written = self.save_result(tensors, staging)
+        final = self.out.dir / f"{written.name}-last"
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(written, final)
+        shutil.rmtree(staging, ignore_errors=True)
+
+    def class_weights(self, train) -> None:
+        """data.balance=weight: the loss weights, inverse class frequency over the training split."""
+        if self.cfg.data.balance != "weight":
+            return
+        w = inverse_frequency(train.labels, self.num_classes, self.labels)
+        self.strategy.class_weight = w.to(self.strategy.device)
+        self.out.print(
+            "class weights (inverse frequency): "
+            + ", ".join(f"{c} {x:.3f}" for c, x in zip(self.labels, w.tolist(), strict=True))
+        )
+
     # ------------------------------------------------------------------------------------ checkpoints
     def save_checkpoint(self) -> None:
         s, out = self.strategy, self.out
         self.checkpointed_at = self.step
         staging = ckpt.staging_dir(out.dir, self.step)
         out.call(ckpt.begin, staging)
+        out.call(self.stage_selection, staging)
         rng = s.all_gather_object(ckpt.rng_state())
         s.barrier()
         s.save_sharded(staging)
@@ -470,9 +561,10 @@ class Trainer:
             "config": self.cfg.to_dict(),
             "config_digest": self.cfg.digest(),
             "data_sha256": self.data_sha256,
+            **({"selection": self.selection.state()} if self.selection is not None else {}),
         }
 
-    def save_result(self, tensors: dict[str, torch.Tensor]) -> None:
+    def save_result(self, tensors: dict[str, torch.Tensor], run_dir: Path | None = None) -> Path:
         """adapter/ (LoRA) or weights/ (trained layers), described so they can be used without the run."""
         spec = adapters.AdapterSpec.for_run(
             self.cfg,
@@ -481,7 +573,7 @@ class Trainer:
             self.lora_modules,
             adapters.base_of(self.cfg, device_type=self.build_device.type),
         )
-        adapters.save(self.out.dir, spec, tensors)
+        return adapters.save(run_dir or self.out.dir, spec, tensors)
 
     # ----------------------------------------------------------------------------------------- finish
     def finish(self, started: float) -> dict:
@@ -489,6 +581,7 @@ class Trainer:
         began (time.perf_counter()), so that wall_seconds counts the whole run, evaluation included."""
         s, out = self.strategy, self.out
         t0 = time.perf_counter()
+        last = self.take_best()  # train.select: the best step's adapter in the model; the last step's tensors
         plans = {name: self.eval_plan(name) for name in ("train", "validation", "test")}
         tick = out.task("final evaluation", sum(n for _, n in plans.values()))
         ev = {name: self.evaluate(name, plan=plan, tick=tick) for name, plan in plans.items()}
@@ -518,8 +611,15 @@ class Trainer:
             "confusion": {k: v["confusion"] for k, v in ev.items()},
             "data_sha256": self.data_sha256,
         }
-        tensors = s.adapter_state(self.adapter_names)
+        if self.selection is not None:
+            results["selection"] = self.selection.summary(self.step)
+        if s.class_weight is not None:
+            results["class_weights"] = dict(zip(self.labels, s.class_weight.tolist(), strict=True))
+        sel = self.selection
+        tensors = sel.best_tensors if last is not None and sel is not None else s.adapter_state(self.adapter_names)
         out.call(self.save_result, tensors)
+        if last is not None:
+            out.call(self.save_last, last)
         results["wall_seconds"] = time.perf_counter() - started
         out.write_json("results.json", results)
         out.log(

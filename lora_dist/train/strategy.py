@@ -17,7 +17,6 @@ from typing import Any, ClassVar, TypeVar
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from ..config import Config
@@ -38,6 +37,7 @@ from ..device import (
 from ..errors import UserError
 from ..lora import cast_frozen, load_adapter_state_dict
 from .graphs import GraphedStep, obstacle
+from .loss import loss as classification_loss
 
 M = TypeVar("M", bound=nn.Module)
 
@@ -50,6 +50,7 @@ class Local:
     owns_precision: ClassVar[bool] = False
     owns_optimizer: ClassVar[bool] = False
     shards_state: ClassVar[bool] = False
+    class_weight: torch.Tensor | None = None  # data.balance=weight: the loss's per-class weights (train/loss.py)
 
     def __init__(self, cfg: Config, env: DistEnv, device: torch.device):
         self.cfg, self.env, self.device = cfg, env, device
@@ -129,7 +130,7 @@ class Local:
             return loss, float(norm)
         with self.micro_step(boundary):
             logits = self.forward(batch.ids, batch.last)
-            loss = F.cross_entropy(logits.float(), batch.labels)
+            loss = classification_loss(logits.float(), batch.labels, self.class_weight)
             self.backward(loss, boundary)
         return loss.detach(), self.step(lr) if boundary else None
 

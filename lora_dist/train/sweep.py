@@ -15,6 +15,7 @@ give the same adapters. `sweep.max_concurrent` adapters train at once; the rest 
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -35,7 +36,9 @@ from . import checkpoint as ckpt
 from . import sweep_state
 from .backend import Strategy
 from .loop import StopRequested, Trainer
+from .loss import loss as classification_loss
 from .registry import make_strategy
+from .selection import metric_value
 from .strategy import Local
 from .sweep_config import AdapterPlan, SweepPlan
 from .sweep_memory import check_memory, prepare_data
@@ -183,12 +186,14 @@ class Sweep:
         self.job = make_strategy(cfg, env)
         self.rank, self.world = self.job.rank, self.job.world_size
         n = len(plan.adapters)
-        self.status = ["queued"] * n  # queued | training | done | failed
+        self.status = ["queued"] * n  # queued | training | done | failed | pruned
         self.errors: dict[int, str] = {}
         self.runs: dict[int, AdapterRun] = {}  # the adapters in training, by number
         self.step, self.due, self.examples, self.seconds = 0, False, 0, 0.0
         self.stop: StopRequested | None = None  # while training: the stop signals' flag
         self.stopped = False  # a stop signal ended the sweep's work at a final evaluation
+        self.rungs: dict[str, dict[str, float]] = {}  # sweep.prune: rung step -> {adapter: its metric there}
+        self.pruned: dict[int, dict] = {}  # sweep.prune: adapter number -> where and why it stopped
 
     # ------------------------------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -301,7 +306,8 @@ class Sweep:
                     batch, _boundary = next(a.batches)
                 batches.append(batch.to(self.job.device))
             losses = [
-                F.cross_entropy(z.float(), b.labels) for z, b in zip(self.forward(runs, batches), batches, strict=True)
+                classification_loss(z.float(), b.labels, a.strategy.class_weight)
+                for a, z, b in zip(runs, self.forward(runs, batches), batches, strict=True)
             ]
             (torch.stack(losses).sum() / accum).backward()  # each adapter's gradient: its own loss's
             for a, loss, b in zip(runs, losses, batches, strict=True):
@@ -325,6 +331,8 @@ class Sweep:
                     stopped |= not a.end_step(norm, stop, now)
                 except UserError as e:  # the loss became NaN/inf: this adapter ends here, the others go on
                     self._drop(a, "failed", str(e))
+        if self.plan.sweep.prune is not None:
+            self.prune([a for a in runs if a.number in self.runs])
         for a in runs:
             a.tick = time.perf_counter()  # its next step's time starts here, after every adapter's evaluation
         self._record(runs, now - tick)
@@ -334,6 +342,41 @@ class Sweep:
         if self.settle() or self.due or self.stopped:
             sweep_state.save(self)
         return not self.stopped
+
+    def prune(self, runs: list[AdapterRun]) -> None:
+        """sweep.prune (successive halving, asynchronous as ASHA): the adapters at one of their rungs are evaluated
+        on the validation split; each one not in the best max(1, n // eta) of the n adapters recorded at that rung
+        so far (those judged with it at this step included) stops here, its adapter saved and marked pruned. Every
+        rank decides alike: the metric comes from all-reduced counts. Evaluation draws no random numbers, so the
+        adapters that go on train as they would alone."""
+        p = self.plan.sweep.prune
+        assert p is not None
+        judged = [a for a in runs if not a.done() and a.step in p.rungs(a.total_steps)]
+        values = {}
+        for a in judged:
+            with a.rng:
+                ev = a.evaluate("validation", p.examples)
+            values[a.number] = metric_value(p.metric, ev, a.labels)
+            self.rungs.setdefault(str(a.step), {})[a.plan.name] = values[a.number]
+            a.out.log({"step": a.step, "event": "rung", f"rung_{p.metric}": values[a.number]})
+        number = {q.name: i for i, q in enumerate(self.plan.adapters)}
+        sign = 1.0 if p.direction == "min" else -1.0
+        for a in judged:
+            rung = self.rungs[str(a.step)]
+            order = sorted(rung, key=lambda n: (math.isnan(rung[n]), sign * rung[n], number[n]))
+            keep = max(1, len(rung) // p.eta)
+            if a.plan.name in order[:keep]:
+                continue
+            v = values[a.number]
+            self.pruned[a.number] = {"step": a.step, p.metric: v, "rank": order.index(a.plan.name) + 1, "of": len(rung)}
+            a.out.print(
+                f"pruned at step {a.step}: {p.metric} {v:.4f} is not in the best {keep} of the {len(rung)} adapters "
+                f"at this rung; its adapter is kept"
+            )
+            a.out.log({"step": a.step, "event": "pruned", p.metric: v})
+            with a.rng:
+                a.finish(a.started)
+            self._drop(a, "pruned")
 
     def forward(self, runs: list[AdapterRun], batches: list[Batch]) -> list[torch.Tensor]:
         """Each adapter's logits for its micro-batch, all computed as one batch: rows side by side, each
@@ -389,6 +432,7 @@ class Sweep:
                 "run_dir": p.cfg.output_dir,
                 "status": self.status[i],
                 **({"error": self.errors[i]} if i in self.errors else {}),
+                **({"pruned": self.pruned[i]} if i in self.pruned else {}),
                 "overrides": list(p.overrides),
                 "settings": p.settings,
             }
@@ -401,6 +445,7 @@ class Sweep:
         failed = [self.plan.adapters[i].name for i in self.errors]
         self.out.print(
             f"sweep done: {self.status.count('done')} adapters trained"
+            + (f", {self.status.count('pruned')} pruned" if self.pruned else "")
             + (f", {len(failed)} failed ({', '.join(failed)})" if failed else "")
             + f"; {self.examples / max(self.seconds, 1e-9):.1f} examples/s over all adapters"
             + (f"; {best_line(path.parent)}" if path is not None else "")

@@ -24,7 +24,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -51,10 +51,47 @@ JOB_ONLY = ("output_dir=", "overwrite=", "train.resume=", "sweep.")
 
 
 @dataclass(frozen=True)
+class PruneConfig:
+    """sweep.prune: successive halving (asynchronous, as Ray Tune's ASHA). Each adapter is evaluated on the
+    validation split at its rungs, steps min_steps x eta^k; one whose metric is not in the best 1/eta of those
+    recorded at that rung so far stops there (its adapter kept, marked pruned), and a queued adapter takes its slot."""
+
+    method: Literal["successive_halving"] = "successive_halving"
+    min_steps: int = 50  # the first rung: every adapter trains at least this many steps
+    eta: int = 3  # the reduction factor: about 1 in eta adapters goes on at each rung
+    metric: Literal["val_loss", "val_accuracy", "val_macro_f1"] = "val_loss"
+    mode: Literal["min", "max"] | None = None  # default: min for val_loss, max for the others
+    examples: int | None = None  # evaluate the first N validation messages (a fixed subset); default: all
+
+    def __post_init__(self):
+        if self.min_steps < 1:
+            raise UserError(f"sweep.prune.min_steps must be >= 1, got {self.min_steps}")
+        if self.eta < 2:
+            raise UserError(
+                f"sweep.prune.eta must be >= 2 (the share of adapters kept at a rung is 1/eta), got {self.eta}"
+            )
+        if self.examples is not None and self.examples < 1:
+            raise UserError("sweep.prune.examples must be >= 1 (or null: the whole validation split)")
+
+    @property
+    def direction(self) -> str:
+        return self.mode or ("min" if self.metric == "val_loss" else "max")
+
+    def rungs(self, total_steps: int) -> list[int]:
+        """The steps, before `total_steps`, at which an adapter of that many steps is judged."""
+        out, r = [], self.min_steps
+        while r < total_steps:
+            out.append(r)
+            r *= self.eta
+        return out
+
+
+@dataclass(frozen=True)
 class SweepConfig:
     grid: dict[str, tuple[Any, ...]] | None = None  # dotted key -> its values: every combination is an adapter
     adapters: tuple[dict[str, Any], ...] = ()  # explicit adapters: {name: ..., dotted key: value, ...}
     max_concurrent: int | None = None  # adapters trained at once (default: all); the rest wait for a free slot
+    prune: PruneConfig | None = None  # null: every adapter trains to its end
 
     def __post_init__(self):
         if self.max_concurrent is not None and self.max_concurrent < 1:
@@ -91,7 +128,8 @@ class SweepPlan:
         or whether it resumes. A checkpoint is resumed only by a sweep of the same identity."""
         job = {**self.cfg.to_dict(), "output_dir": None, "overwrite": None}
         job["train"] = {**job["train"], "resume": None}
-        return _hash([job, [(a.name, a.overrides) for a in self.adapters]])
+        prune = [dataclasses.asdict(self.sweep.prune)] if self.sweep.prune is not None else []
+        return _hash([job, [(a.name, a.overrides) for a in self.adapters], *prune])
 
 
 def _hash(obj) -> str:

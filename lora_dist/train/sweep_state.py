@@ -45,6 +45,7 @@ def save(sweep: Any) -> None:
         tensors, optimizer = a.strategy.adapter_state(a.adapter_names), a.strategy.optimizer_state()
         states = [o[n] for o in own]
         meta = out.call(_write_adapter, staging / "adapters" / a.plan.name, tensors, optimizer, states)
+        out.call(a.stage_selection, staging / "adapters" / a.plan.name)  # train.select's best adapter so far
         adapters[a.plan.name] = {**a.progress(), "optimizer": meta}
     names = [p.name for p in sweep.plan.adapters]
     state = {
@@ -56,6 +57,8 @@ def save(sweep: Any) -> None:
         "adapters": adapters,
         "examples": sweep.examples,
         "seconds": sweep.seconds,
+        "rungs": sweep.rungs,  # sweep.prune's record
+        "pruned": {names[i]: v for i, v in sweep.pruned.items()},
         "world_size": sweep.world,
         "config": sweep.plan.resolved,
     }
@@ -94,6 +97,8 @@ def resume(sweep: Any) -> None:
     for name, status in state["status"].items():
         sweep.status[number[name]] = "queued" if status == "training" else status
     sweep.errors = {number[name]: e for name, e in state["errors"].items()}
+    sweep.rungs = dict(state.get("rungs") or {})
+    sweep.pruned = {number[name]: v for name, v in (state.get("pruned") or {}).items() if name in number}
     for name in state["training"]:
         a = sweep.start(number[name])
         d = path / "adapters" / name

@@ -34,6 +34,8 @@ RESULT_FILES = (
     "checkpoints",
     "adapter",
     "weights",
+    "adapter-last",  # train.select: the last step's adapter, beside the selected one
+    "weights-last",
     "config.yaml",
     "report.md",
     "plots",
