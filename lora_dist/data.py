@@ -336,15 +336,16 @@ class Collate:
         return max(longest, min(T, self.cap)) if self.cap is not None else T
 
 
-def pad_multiple(cfg: DataConfig, device_type: str, padding_free: bool) -> int:
-    """What `padding: batch` rounds a batch's length up to: `data.pad_multiple`, else 64 on CUDA (a few shapes,
-    which attention kernels, CUDA graphs and torch.compile build once) and 1 on the CPU (every token costs
-    there). Always 1 where padding changes what the head reads (`padding_free` False)."""
+def pad_multiple(cfg: DataConfig, device_type: str, padding_free: bool, few_shapes: bool = True) -> int:
+    """What `padding: batch` rounds a batch's length up to: `data.pad_multiple`, else 64 on CUDA where few shapes
+    pay (`few_shapes`: the step is a CUDA graph per shape, or compiled) and 1 elsewhere (on the CPU, or eager CUDA
+    steps under DDP, DeepSpeed or activation checkpointing: every token costs there, and nothing is built per
+    shape with cuDNN attention off). Always 1 where padding changes what the head reads (`padding_free` False)."""
     if cfg.padding != "batch" or not padding_free:
         return 1
     if cfg.pad_multiple is not None:
         return cfg.pad_multiple
-    return 64 if device_type == "cuda" else 1
+    return 64 if device_type == "cuda" and few_shapes else 1
 
 
 def batch_plan(

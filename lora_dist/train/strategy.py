@@ -55,9 +55,9 @@ class Local:
         # TF32 tensor cores for fp32 matmuls and convolutions (A100 and newer): about 8x the fp32 rate at a
         # 10-bit mantissa, which LoRA fine-tuning does not notice. train.tf32=false keeps full fp32.
         self.tf32 = device.type == "cuda" and precision == "fp32" and cfg.train.tf32
-        if self.tf32:
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
+        if device.type == "cuda":  # process-wide flags: set either way, so that no earlier run's TF32 lingers
+            torch.backends.cuda.matmul.allow_tf32 = self.tf32
+            torch.backends.cudnn.allow_tf32 = self.tf32
         self.amp_dtype = AMP_DTYPES[precision]
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
         self._comm_bytes = 0
@@ -116,14 +116,13 @@ class Local:
             params, lr=t.lr, weight_decay=t.weight_decay, betas=(t.betas[0], t.betas[1]), fused=fused
         )
 
-    def train_micro(self, batch: Batch, boundary: bool, lr: float) -> tuple[torch.Tensor, float | None]:
+    def train_micro(self, batch: Batch, boundary: bool, lr: float) -> tuple[torch.Tensor, torch.Tensor | float | None]:
         """One micro-batch (on the device): forward and backward, and at the accumulation boundary the
         optimizer step at learning rate `lr`. Returns the loss (detached) and, at a boundary, the gradient norm
-        before clipping."""
+        before clipping, both left on the device (no host sync: the loop reads them back once a step)."""
         if self.use_graphs:
             self.graphed = self.graphed or GraphedStep(self)
-            loss, norm = self.graphed.step(batch, lr)
-            return loss, float(norm)
+            return self.graphed.step(batch, lr)
         with self.micro_step(boundary):
             logits = self.forward(batch.ids, batch.last)
             loss = F.cross_entropy(logits.float(), batch.labels)
@@ -145,8 +144,9 @@ class Local:
     def backward(self, loss: torch.Tensor, boundary: bool) -> None:
         self.scaler.scale(loss / self.accum).backward()
 
-    def step(self, lr: float) -> float:
-        """Clip, update, zero the gradients; returns the gradient norm before clipping."""
+    def step(self, lr: float) -> torch.Tensor | float:
+        """Clip, update, zero the gradients; returns the gradient norm before clipping (a device tensor: reading
+        it is the caller's one host sync)."""
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.scaler.unscale_(self.optimizer)
@@ -155,7 +155,7 @@ class Local:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(norm)
+        return norm.detach()
 
     def sync_grads(self, params: list[torch.Tensor]) -> None:
         """Average the gradients of `params` over the ranks, in one all-reduce: a sweep's adapters, whose model
