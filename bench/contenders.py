@@ -18,12 +18,13 @@ import torch
 import torch.nn.functional as F
 
 from lora_dist.build import build_model, seed_everything
-from lora_dist.config import DataConfig, TrainConfig, load_config
-from lora_dist.data import build_datasets, pad_multiple, prepare_splits, split_labels
-from lora_dist.device import pick_device
+from lora_dist.config import DataConfig, ModelConfig, TrainConfig, load_config
+from lora_dist.data import build_datasets, prepare_splits, split_labels
+from lora_dist.device import pick_device, prefer_attention_kernels
 from lora_dist.lora import cast_frozen
-from lora_dist.model import PADDING_FREE, SIZES
+from lora_dist.model import SIZES
 from lora_dist.train.loaders import ShardedSampler, make_loaders
+from lora_dist.train.loop import train_pad_multiple
 from lora_dist.train.registry import make_strategy
 
 RECIPE = "configs/book/appendix-e.yaml"  # the book's recipe exactly: rank 16, alpha 16, every Linear, batch 8, AdamW
@@ -38,9 +39,16 @@ class Spec:
 
 
 def _defaults() -> tuple[str, ...]:
-    """The recipe config pins the book's padding and fp32; (a) puts back the dataclass defaults."""
-    d, t = DataConfig(), TrainConfig()
-    return (f"data.padding={d.padding}", f"data.bucket={str(d.bucket).lower()}", f"train.precision={t.precision}")
+    """The recipe config pins the book's pooling (position -1), padding and fp32; (a) puts back the dataclass
+    defaults, which configs/gpt2-small-lora.yaml ships (bench/gpu_preflight.py checks that they agree). Pooling
+    matters most: at `last` no padding is free, so on CUDA every batch length would be a new graph."""
+    m, d, t = ModelConfig(), DataConfig(), TrainConfig()
+    return (
+        f"model.pooling={m.pooling}",
+        f"data.padding={d.padding}",
+        f"data.bucket={str(d.bucket).lower()}",
+        f"train.precision={t.precision}",
+    )
 
 
 VARIANTS: dict[str, Spec] = {
@@ -67,6 +75,9 @@ VARIANTS: dict[str, Spec] = {
         "lora-dist", "(a) without CUDA graphs (eager steps)", _defaults() + ("train.cuda_graphs=false",)
     ),
     "a-nopad64": Spec("lora-dist", "(a) with each batch at its own length", _defaults() + ("data.pad_multiple=1",)),
+    # fewer padded tokens, more graphs: on the SMS messages 16 gives 8 shapes and 24-34% padding, 64 gives 2-3
+    # shapes and 54-58% (issue 32); which pays is for a GPU to say
+    "a-pad16": Spec("lora-dist", "(a) with lengths rounded up to 16", _defaults() + ("data.pad_multiple=16",)),
     "a-workers": Spec("lora-dist", "(a) with one DataLoader worker", _defaults() + ("train.num_workers=1",)),
     "a-adamw-loop": Spec("lora-dist", "(a) with torch's default (unfused) AdamW", _defaults(), ("unfused_adamw",)),
     "a-bf16": Spec(
@@ -164,6 +175,7 @@ class LoraDist:
             cast_frozen(model, {"bf16": torch.bfloat16, "fp16": torch.float16}[t.precision])
         self.model_cfg = model.cfg
         datasets, length = build_datasets(splits, cfg.data, model.cfg.context_length, labels)
+        self.s = make_strategy(cfg)  # first: the batches' pad multiple follows whether its steps are captured
         self.loaders = make_loaders(
             datasets,
             length,
@@ -175,12 +187,11 @@ class LoraDist:
             t.seed,
             t.num_workers,
             pin_memory=cuda,
-            multiple=pad_multiple(cfg.data, "cuda" if cuda else "cpu", cfg.model.pooling in PADDING_FREE),
+            multiple=train_pad_multiple(cfg, self.s),  # as the trainer pads them
         )
         self.steps_per_epoch = self.loaders.sampler.steps
         if t.compile:
             model.compile()
-        self.s = make_strategy(cfg)
         self.s.prepare(model, t.batch_size, 1)
         self.s.model.train()
         self.lr = t.lr
@@ -194,9 +205,13 @@ class LoraDist:
     def _next(self):
         return next(self.batches)
 
-    def step(self) -> Step:
+    @staticmethod
+    def shape(batch) -> tuple[int, ...]:
+        return tuple(batch.ids.shape)
+
+    def step(self, batch=None) -> Step:
         s = self.s
-        batch = self._next()
+        batch = self._next() if batch is None else batch
         lengths = (batch.last + 1).tolist()
         batch = batch.to(s.device)
         loss, _ = s.train_micro(batch, True, self.lr)  # the loop's step: a captured CUDA graph where it applies
@@ -260,6 +275,8 @@ class Peft:
             modules_to_save=["score"],
         )
         self.device = pick_device(args.device, 0)
+        # like with like: the attention kernels (a) runs with (no cuDNN graph built for each new length)
+        prefer_attention_kernels(self.device)
         self.model = get_peft_model(model, lcfg).to(self.device)
         self.model.train()
         self.params = [p for p in self.model.parameters() if p.requires_grad]
@@ -278,8 +295,12 @@ class Peft:
     def _next(self):
         return self.collate([self.examples[next(self.order)] for _ in range(self.batch_size)])
 
-    def step(self) -> Step:
-        b = self._next()
+    @staticmethod
+    def shape(batch) -> tuple[int, ...]:
+        return tuple(batch["input_ids"].shape)
+
+    def step(self, batch=None) -> Step:
+        b = self._next() if batch is None else batch
         mask = b["attention_mask"]
         lengths = mask.sum(1).tolist()
         b = {k: v.to(self.device, non_blocking=True) for k, v in b.items()}
@@ -299,3 +320,16 @@ def build(name: str, args):
     start = time.perf_counter()
     runner = (Peft if spec.kind == "peft" else LoraDist)(spec, args)
     return runner, time.perf_counter() - start
+
+
+def warm_batches(runner, timed: int) -> tuple[list, set[tuple[int, ...]]]:
+    """One batch of each shape among the first `timed` batches of epoch 0 (the ones `train_throughput.py` times),
+    and those shapes: the warm-up steps on these first, so that no shape is first seen (captured as a CUDA graph,
+    a kernel chosen for it) inside the timed window. Leaves the runner at epoch 0's start."""
+    runner.reset(0)
+    firsts: dict[tuple[int, ...], object] = {}
+    for _ in range(timed):
+        batch = runner._next()
+        firsts.setdefault(runner.shape(batch), batch)
+    runner.reset(0)
+    return list(firsts.values()), set(firsts)

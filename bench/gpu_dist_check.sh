@@ -15,7 +15,7 @@
 #   - ZeRO-3 with optimizer offload runs (torch's fused AdamW on the CPU, nothing compiled).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-python}
+PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] && [ -z "${PYTHON:-}" ] && PY=.venv/bin/python
 STEPS=200; PREC=bf16; DEV=cuda
 if [ "${1:-}" = "--dry-run" ]; then STEPS=5; PREC=fp32; DEV=cpu; fi

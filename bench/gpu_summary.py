@@ -5,8 +5,10 @@
 Fields: `device`, `e2e_seconds` (process start to exit) and `train_seconds` of the book recipe at the
 defaults, the same for the exact book (`book_exact`), `small_vs_peft` (real tokens/s of lora-dist's defaults
 over transformers + PEFT in the same run), `xl_mfu` (a fraction, FLOPs as bench/flops.py counts them),
+`xl_hfu` (the same over every computed token, padding included), `xl_pad16` (both at lengths rounded to 16),
 `xl_first_step_seconds` (process start to the end of gpt2-xl's first step), `xl_peak_memory_gb` with and without
-activation checkpointing, each step's exit status, and the targets met.
+activation checkpointing, timed steps of a shape the warm-up had not seen (0 expected), contenders that failed
+to build, each step's exit status, and the targets met. Written after every step, so partial runs have one too.
 """
 
 from __future__ import annotations
@@ -42,6 +44,12 @@ def _throughput(d: Path, tag: str) -> dict:
     found = sorted(d.glob(f"*{tag}.json"))
     doc = _read(found[-1]) if found else None
     return (doc or {}).get("contenders", {}) if isinstance(doc, dict) else {}
+
+
+def _failed(d: Path, tag: str) -> dict:
+    found = sorted(d.glob(f"*{tag}.json"))
+    doc = _read(found[-1]) if found else None
+    return {f"{tag}/{k}": v for k, v in ((doc or {}).get("failed") or {}).items()} if isinstance(doc, dict) else {}
 
 
 def e2e(d: Path, mode: str) -> dict:
@@ -86,11 +94,30 @@ def summary(d: Path) -> dict:
         "small": {
             k: {
                 f: v.get(f)
-                for f in ("what", "tokens_per_s", "examples_per_s", "step_s_median", "mfu", "cuda_max_allocated_mb")
+                for f in (
+                    "what",
+                    "tokens_per_s",
+                    "examples_per_s",
+                    "step_s_median",
+                    "mfu",
+                    "hfu",
+                    "padding_fraction",
+                    "shapes",
+                    "cuda_max_allocated_mb",
+                )
             }
             for k, v in small.items()
         },
         "xl_mfu": xl.get("a", {}).get("mfu"),
+        "xl_hfu": xl.get("a", {}).get("hfu"),
+        "xl_pad16": {k: xl.get("a-pad16", {}).get(k) for k in ("mfu", "hfu", "padding_fraction", "shapes")},
+        "xl_padding_fraction": xl.get("a", {}).get("padding_fraction"),
+        "timed_steps_unwarmed": {
+            f"{tag}/{k}": v.get("timed_steps_unwarmed")
+            for tag, res in (("small", small), ("xl", xl))
+            for k, v in res.items()
+        },
+        "failed_to_build": {**_failed(d, "small"), **_failed(d, "xl")},
         "xl_first_step_seconds": first_step_seconds(d),
         "xl_peak_memory_gb": {"plain": _gb(xl.get("a", {})), "activation_checkpointing": _gb(xl.get("a-ckpt", {}))},
         "status": status,
@@ -121,6 +148,7 @@ def main() -> None:
                     "train_seconds",
                     "small_vs_peft",
                     "xl_mfu",
+                    "xl_hfu",
                     "xl_first_step_seconds",
                     "targets",
                 )

@@ -64,12 +64,12 @@ def worker(name: str, args: argparse.Namespace, conn) -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    from contenders import VARIANTS, build
+    from contenders import VARIANTS, build, warm_batches
     from flops import step_flops
 
     try:
         runner, build_s = build(name, args)
-    except Exception as e:  # report, do not hang the parent
+    except BaseException as e:  # report, do not hang the parent (SystemExit too: a UserError's exit, say)
         conn.send(("error", f"{type(e).__name__}: {e}"))
         return
     cfg = runner.model_cfg
@@ -94,11 +94,18 @@ def worker(name: str, args: argparse.Namespace, conn) -> None:
     )
     passes_len = args.batches or runner.steps_per_epoch
     pos = 0
+    warmed: set[tuple[int, ...]] = set()
     while True:
         cmd, n = conn.recv()
-        if cmd == "warmup":  # on epoch 1's batches; the timed steps replay epoch 0's
-            runner.reset(1)
+        if cmd == "warmup":  # one step of each shape the timed steps will see, then n on epoch 1's batches
+            firsts, warmed = warm_batches(runner, passes_len)
             times = []
+            for batch in firsts:
+                t0 = time.perf_counter()
+                runner.step(batch)
+                sync()
+                times.append(time.perf_counter() - t0)
+            runner.reset(1)
             for _ in range(n):
                 t0 = time.perf_counter()
                 runner.step()
@@ -119,6 +126,7 @@ def worker(name: str, args: argparse.Namespace, conn) -> None:
                 records.append(
                     {
                         "pos": pos,
+                        "unwarmed": (s.examples, s.width) not in warmed,  # a shape the warm-up did not see
                         "seconds": time.perf_counter() - t0,
                         "examples": s.examples,
                         "tokens": s.tokens,
@@ -166,6 +174,7 @@ def run(args: argparse.Namespace) -> dict:
     names = args.contenders.split(",")
     ctx = mp.get_context("spawn")
     procs, conns, info = {}, {}, {}
+    failed: dict[str, str] = {}
     load = {"before": os.getloadavg(), "cpu_pressure_before": cpu_pressure(), "rounds": []}
     say(f"load average before: {load['before']}")
     for name in names:  # built one at a time, so the builds do not compete
@@ -174,11 +183,20 @@ def run(args: argparse.Namespace) -> dict:
             target=worker, args=(name, args, child)
         )  # not daemonic: a contender may start DataLoader workers
         p.start()
-        kind, payload = parent.recv()
-        if kind == "error":
-            raise SystemExit(f"contender {name} failed to build: {payload}")
+        try:
+            kind, payload = parent.recv()
+        except EOFError:  # the worker died before it could say why
+            kind, payload = "error", f"the worker exited with code {p.exitcode}"
+        if kind == "error":  # the others are still compared; the results file says why this one is missing
+            say(f"contender {name} failed to build: {payload}")
+            failed[name] = payload
+            p.join(timeout=30)
+            continue
         procs[name], conns[name], info[name] = p, parent, payload
         say(f"built {name}: {payload['what']} in {payload['build_s']:.1f}s")
+    names = [n for n in names if n not in failed]
+    if not names:
+        raise SystemExit(f"no contender could be built: {failed}")
     for name in names:
         conns[name].send(("warmup", args.warmup))
         info[name]["warmup_step_s"] = conns[name].recv()
@@ -277,6 +295,8 @@ def run(args: argparse.Namespace) -> dict:
             "model_gflops_per_s": mflops / secs / 1e9,
             "hardware_gflops_per_s": hflops / secs / 1e9,
             "mean_train_tokens": i["mean_tokens"],
+            "shapes": len({(x["examples"], x["padded"]) for x in recs}),
+            "timed_steps_unwarmed": sum(x["unwarmed"] for x in recs),  # 0: every timed shape was warmed first
         }
         from lora_dist.model import SIZES
 
@@ -298,10 +318,12 @@ def run(args: argparse.Namespace) -> dict:
         res["fraction_of_fp32_limit"] = res["tokens_per_s"] / (res["limit_examples_per_s_fp32"] * tok)
         res["model_flops_utilisation_vs_probe"] = res["model_gflops_per_s"] / own["median_gflops"]
         if peak:
-            res["mfu"] = res["model_gflops_per_s"] / (peak * 1e3)
+            res["mfu"] = res["model_gflops_per_s"] / (peak * 1e3)  # real tokens only
+            res["hfu"] = res["hardware_gflops_per_s"] / (peak * 1e3)  # every token computed, padding included
         results[name] = res
     return {
         "contenders": results,
+        "failed": failed,
         "matmul": matmul,
         "load": load,
         "nominal_peak_tflops": peak,

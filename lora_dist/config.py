@@ -77,9 +77,9 @@ class DataConfig:
     # own longest; context: to the model's context length (the book's row 13)
     padding: Literal["longest", "batch", "context"] = "batch"
     bucket: bool = True  # length-bucketed batches (padding=batch only); global batches stay random
-    # padding=batch: round each batch's length up to a multiple of this (null: 64 on CUDA, so that attention
-    # kernels and CUDA graphs see a handful of shapes; 1, the batch's own length, on the CPU). Only where padding
-    # changes no prediction (causal attention, pooling last_real, first or mean); elsewhere batches keep their length.
+    # padding=batch: round each batch's length up to a multiple of this (null: 64 on CUDA where the step is a CUDA
+    # graph per shape or compiled, so that they see a handful of shapes; elsewhere 1, the batch's own length). Only
+    # where padding changes no prediction (causal attention, pooling last_real, first or mean).
     pad_multiple: int | None = None
     pad_token_id: int = 50256
     # A user's file: the columns (CSV/TSV header, JSONL keys, Parquet fields) that hold the message and its label.

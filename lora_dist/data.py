@@ -353,14 +353,15 @@ class Collate:
         return max(longest, min(T, self.cap)) if self.cap is not None else T
 
 
-def pad_multiple(cfg: DataConfig, device_type: str, padding_free: bool) -> int:
+def pad_multiple(cfg: DataConfig, device_type: str, padding_free: bool, few_shapes: bool = True) -> int:
     """What `padding: batch` rounds a batch's length up to: `data.pad_multiple`, else the device's default
-    (`device.default_pad_multiple`: 64 on CUDA, 1 on the CPU). Always 1 where padding changes what the head reads (`padding_free` False)."""
+    (`device.default_pad_multiple`: 64 on CUDA where few shapes pay, 1 on the CPU and for eager CUDA steps).
+    Always 1 where padding changes what the head reads (`padding_free` False)."""
     if cfg.padding != "batch" or not padding_free:
         return 1
     if cfg.pad_multiple is not None:
         return cfg.pad_multiple
-    return default_pad_multiple(device_type)
+    return default_pad_multiple(device_type, few_shapes)
 
 
 def batch_plan(

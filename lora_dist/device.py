@@ -179,11 +179,12 @@ def model_build_device(device: torch.device) -> torch.device:
     return device if device.type == "cuda" else torch.device("cpu")
 
 
-def default_pad_multiple(device_type: str) -> int:
-    """What `padding: batch` rounds a batch's length up to when `data.pad_multiple` is unset: 64 on CUDA (a few
-    shapes, which attention kernels, CUDA graphs and torch.compile build once), 1 on the CPU (every token
-    costs there)."""
-    return 64 if device_type == "cuda" else 1
+def default_pad_multiple(device_type: str, few_shapes: bool = True) -> int:
+    """What `padding: batch` rounds a batch's length up to when `data.pad_multiple` is unset: 64 on CUDA where few
+    shapes pay (`few_shapes`: the step is a CUDA graph per shape, or compiled; attention kernels and graphs are
+    built once per shape), 1 elsewhere (on the CPU, or eager CUDA steps under DDP, DeepSpeed or activation
+    checkpointing: every token costs there)."""
+    return 64 if device_type == "cuda" and few_shapes else 1
 
 
 def attention_in_fp32(q: torch.Tensor) -> bool:

@@ -121,7 +121,10 @@ class LinearWithLoRA(nn.Module):
         super().__init__()
         self.linear = linear
         self.lora = LoRALayer(linear.in_features, linear.out_features, rank, scale, dropout)
-        self.lora.to(device=linear.weight.device, dtype=linear.weight.dtype)
+        # A and B in fp32 at least, whatever the base's storage (bf16 on a GPU, where a sweep casts its shared base
+        # before injecting): autocast computes in bf16 either way, but most of a bf16 A could not move by a
+        # 5e-5 step, and the optimizer's state would be bf16 too
+        self.lora.to(device=linear.weight.device, dtype=torch.promote_types(linear.weight.dtype, torch.float32))
         self._original: torch.Tensor | None = None  # the base weight while merged: unmerge is exact
 
     @property

@@ -117,9 +117,21 @@ class Packed:
         self.sizes = [r * w for r, w in self.blocks]  # tokens per block
         self.real = torch.arange(width, device=lengths.device) < self.kept[:, None]  # (B, L)
         self.starts = torch.cumsum(self.kept, 0) - self.kept  # (B,) each row's first token in the packed layout
+        # With `blocks` the kept positions are known on the host: gathered by index, with no host sync (a boolean
+        # mask's size is data, read back from the GPU); by row they depend on `lengths`, so the mask.
+        self.where: torch.Tensor | None = None
+        if not self.by_row:
+            where: list[int] = []
+            first = 0
+            for r, w in self.blocks:
+                where += [(first + i) * width + j for i in range(r) for j in range(w)]
+                first += r
+            self.where = torch.tensor(where).to(lengths.device, non_blocking=True)
 
     def pack(self, t: torch.Tensor) -> torch.Tensor:
         """(B, L, ...) -> (N, ...): the kept positions."""
+        if self.where is not None:
+            return t.flatten(0, 1).index_select(0, self.where)
         return t[self.real]
 
     def mean(self, t: torch.Tensor, every: bool = False) -> torch.Tensor:

@@ -34,6 +34,10 @@ from .backend import Strategy
 from .loss import loss as classification_loss
 
 WARMUP = 2  # forward and backward passes before a capture (the docs' example takes 3 with optimizer steps)
+# At most this many batch shapes are captured; a batch of any other shape runs the same step eagerly. With
+# `data.pad_multiple` 64 the SMS data has 2-3 shapes; where padding is not free (pooling `last` with `padding:
+# batch`) every length is a shape, about 55 an epoch, each a warm-up, a capture and its memory.
+MAX_GRAPHS = 16
 
 
 def obstacle(cfg: Config, backend: type[Strategy] | Strategy, device: torch.device, precision: str) -> str | None:
@@ -121,6 +125,10 @@ class GraphedStep:
         """(loss, gradient norm before clipping) of one step on `batch` (already on the device)."""
         key = tuple(batch.ids.shape)
         if key not in self.graphs:
+            if len(self.graphs) >= MAX_GRAPHS:  # one shape too many: this batch's step runs uncaptured
+                self.lr.fill_(lr)
+                self._whole_step(batch)
+                return self.loss, self.norm
             self.graphs[key] = self._capture(batch)
         graph, static = self.graphs[key]
         static.ids.copy_(batch.ids, non_blocking=True)

@@ -39,6 +39,22 @@ from .schedule import lr_at
 from .tracking import JsonlSink, output_for
 
 
+def train_pad_multiple(cfg: Config, strategy: Strategy) -> int:
+    """The multiple training batches are padded to (`data.pad_multiple`), for this run's strategy and device."""
+    free = cfg.model.causal_mask and cfg.model.pooling in PADDING_FREE
+    few_shapes = strategy.use_graphs or cfg.train.compile
+    return pad_multiple(cfg.data, strategy.device.type, free, few_shapes)
+
+
+def read_step(values: list[torch.Tensor | float], width: int = 2) -> list[list[float]]:
+    """Device scalars (and plain numbers) as floats, read back in one copy: the step's one host sync.
+    Returned in rows of `width` (e.g. [[loss sum, gradient norm], ...] for a sweep's adapters)."""
+    tensors = [v.detach().reshape(()).double() for v in values if isinstance(v, torch.Tensor)]
+    got = iter(torch.stack(tensors).tolist() if tensors else [])
+    flat = [next(got) if isinstance(v, torch.Tensor) else float(v) for v in values]
+    return [flat[i : i + width] for i in range(0, len(flat), width)]
+
+
 class StopRequested:
     """SIGTERM / SIGUSR1 set a flag; the loop checkpoints at the next step boundary and exits 0."""
 
@@ -119,7 +135,7 @@ class Trainer:
             t.seed,
             t.num_workers,
             pin_memory=s.device.type == "cuda",
-            multiple=pad_multiple(cfg.data, s.device.type, free),
+            multiple=train_pad_multiple(cfg, s),
         )
         # Evaluation batches: as in training where padding could change a prediction; on a GPU, where it
         # cannot, 64 messages a pass (a pass costs about the same for 8 or 64).
@@ -287,16 +303,20 @@ class Trainer:
         self.window[1] += 1
         self.tokens_seen += batch.tokens
 
-    def end_step(self, grad_norm: float, stop: bool, now: float | None = None) -> bool:
+    def end_step(
+        self, grad_norm: torch.Tensor | float, stop: bool, now: float | None = None, read: list[float] | None = None
+    ) -> bool:
         """After an optimizer step: count and log it (evaluating and checkpointing when due), and end the epoch
         where it is over. False when a stop signal (`stop` on any rank) ends the run here, checkpointed.
-        `now`: when the step ended (default: now)."""
+        `now`: when the step ended (default: now). The loss sum and the gradient norm are read back from the
+        device here, in one copy, unless the caller read them already (`read`: both, see `read_step`)."""
         t = self.cfg.train
         self.step += 1
         self.step_in_epoch += 1
         self.examples_seen += t.batch_size
         window = self.window
-        window[0] = self.loss_sum.item()
+        loss_sum, grad_norm = read or read_step([self.loss_sum, grad_norm])[0]
+        window[0] = loss_sum
         self.loss_sum.zero_()
         window[2] = 1.0 if stop else 0.0
         window[3] = 0.0 if math.isfinite(window[0]) else 1.0
@@ -308,7 +328,7 @@ class Trainer:
                 f"the loss became NaN/inf at step {self.step}; the last good checkpoint is kept in "
                 f"{self.checkpoints}; lower train.lr, set train.max_grad_norm, or use fp32/bf16"
             )
-        self._after_step(float(reduced[0] / reduced[1]), grad_norm, now - self.tick)
+        self._after_step(float(reduced[0] / reduced[1]), float(grad_norm), now - self.tick)
         window.zero_()
         if self.step_in_epoch >= self.steps_per_epoch:
             self._next_epoch()

@@ -120,14 +120,13 @@ class Local:
             params, lr=t.lr, weight_decay=t.weight_decay, betas=(t.betas[0], t.betas[1]), fused=fused
         )
 
-    def train_micro(self, batch: Batch, boundary: bool, lr: float) -> tuple[torch.Tensor, float | None]:
+    def train_micro(self, batch: Batch, boundary: bool, lr: float) -> tuple[torch.Tensor, torch.Tensor | float | None]:
         """One micro-batch (on the device): forward and backward, and at the accumulation boundary the
         optimizer step at learning rate `lr`. Returns the loss (detached) and, at a boundary, the gradient norm
-        before clipping."""
+        before clipping, both left on the device (no host sync: the loop reads them back once a step)."""
         if self.use_graphs:
             self.graphed = self.graphed or GraphedStep(self)
-            loss, norm = self.graphed.step(batch, lr)
-            return loss, float(norm)
+            return self.graphed.step(batch, lr)
         with self.micro_step(boundary):
             logits = self.forward(batch.ids, batch.last)
             loss = classification_loss(logits.float(), batch.labels, self.class_weight)
@@ -150,8 +149,9 @@ class Local:
     def backward(self, loss: torch.Tensor, boundary: bool) -> None:
         self.scaler.scale(loss / self.accum).backward()
 
-    def step(self, lr: float) -> float:
-        """Clip, update, zero the gradients; returns the gradient norm before clipping."""
+    def step(self, lr: float) -> torch.Tensor | float:
+        """Clip, update, zero the gradients; returns the gradient norm before clipping (a device tensor: reading
+        it is the caller's one host sync)."""
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.scaler.unscale_(self.optimizer)
@@ -160,7 +160,7 @@ class Local:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(norm)
+        return norm.detach()
 
     def sync_grads(self, params: list[torch.Tensor]) -> None:
         """Average the gradients of `params` over the ranks, in one all-reduce: a sweep's adapters, whose model

@@ -35,7 +35,7 @@ from ..sweep_report import best_line, write_summary
 from . import checkpoint as ckpt
 from . import sweep_state
 from .backend import Strategy
-from .loop import StopRequested, Trainer
+from .loop import StopRequested, Trainer, read_step
 from .loss import loss as classification_loss
 from .registry import make_strategy
 from .selection import metric_value
@@ -318,17 +318,18 @@ class Sweep:
             a.strategy.synced()
             with a.rng:
                 norms.append(a.strategy.step(a.lr()))
-        if self.job.device.type == "cuda":  # the step's time is the GPU's (a run alone waits for its loss)
-            torch.cuda.synchronize(self.job.device)
+        # every adapter's loss sum and gradient norm in one copy: the step's one host sync, which also makes the
+        # step's time the GPU's (as a run alone waits for its loss)
+        read = read_step([t for a, norm in zip(runs, norms, strict=True) for t in (a.loss_sum, norm)])
         now = time.perf_counter()
         self.step += 1
         self.examples += sum(a.cfg.train.batch_size for a in runs)
         self.seconds += now - tick
         stopped = False
-        for a, norm in zip(runs, norms, strict=True):
+        for a, norm, got in zip(runs, norms, read, strict=True):
             with a.rng:
                 try:
-                    stopped |= not a.end_step(norm, stop, now)
+                    stopped |= not a.end_step(norm, stop, now, got)
                 except UserError as e:  # the loss became NaN/inf: this adapter ends here, the others go on
                     self._drop(a, "failed", str(e))
         if self.plan.sweep.prune is not None:
