@@ -218,7 +218,7 @@ CASES = [
     ("adapter-no-action", None, ["adapter"], "required"),
     ("export-bad-format", None, ["export", "{d}", "--format", "onnx", "--out", "{d}/x"], "invalid choice"),
     ("export-missing", None, ["export", "{d}/nope", "--format", "peft", "--out", "{d}/x"], "not found"),
-    ("serve-no-adapters", None, ["serve"], "required: --adapters"),
+    ("serve-no-adapters", None, ["serve"], "--adapters NAME=PATH,... or --adapters-dir DIR"),
     ("serve-adapter-not-name-path", None, ["serve", "--adapters", "spam"], "not NAME=PATH"),
     ("serve-adapter-named-twice", None, ["serve", "--adapters", "a={d},a={d}"], "given twice"),
     ("serve-missing-adapter", None, ["serve", "--adapters", "spam={d}/nope"], "not found"),

@@ -217,6 +217,23 @@ def test_reload_adds_removes_and_needs_the_token(served, sweep):
     assert any(x.startswith("reload: 5 adapters (1 added, 1 removed") for x in lines)
 
 
+def test_a_request_queued_for_an_adapter_a_reload_removes_gets_404(served):
+    client, root, service, _ = served
+    assert classify(client, NAMES[2]).status_code == 200
+    shutil.rmtree(root / "adapters" / "run2")
+    assert client.post("/v1/adapters/reload").json()["removed"] == [NAMES[2]]
+    # what the model thread meets when a request passed the name check before the reload
+    with pytest.raises(adapter_store.Gone):
+        client.portal.call(service.batcher.submit, NAMES[2], ["hi"])
+
+    async def hit(name):
+        return "hit"
+
+    service.knows, service.prepare = (lambda name: True), hit  # as if let in just before the reload
+    r = classify(client, NAMES[2])
+    assert r.status_code == 404 and "unknown adapter" in r.json()["error"]
+
+
 def test_two_reloads_at_once_are_safe(served):
     client, root, service, _ = served
     shutil.copytree(root / "adapters" / "run3", root / "adapters" / "run5")

@@ -44,7 +44,7 @@ MAX_DEPTH = 6  # directories below DIR that are looked into (a sweep's adapters 
 MAX_DIRS = 200_000  # directories looked into in one scan, at most
 
 
-class Gone(Exception):
+class Gone(UserError):
     """The adapter is no longer on disk (or no longer listed): a request for it gets 404."""
 
 

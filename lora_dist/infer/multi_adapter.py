@@ -293,7 +293,9 @@ class MultiAdapterClassifier:
         unknown = sorted(set(adapters) - set(specs))
         if unknown:
             some = ", ".join(list(specs)[:10]) + (f" and {len(specs) - 10} more" if len(specs) > 10 else "")
-            raise UserError(f"unknown adapter {unknown[0]!r}; loaded: {some}")
+            # with a directory, an adapter a reload removed while its request waited: Gone (the service's 404)
+            error = UserError if self.catalog is None else Gone
+            raise error(f"unknown adapter {unknown[0]!r}; loaded: {some}")
 
     # ------------------------------------------------------------------------------------ on demand
     def read(self, e: Entry) -> Parts:
