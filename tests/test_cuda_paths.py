@@ -153,3 +153,16 @@ def test_mfu_peak_matches_device_names_exactly():
     assert nominal_peak("NVIDIA L40") == 181.0 and nominal_peak("NVIDIA L4") == 121.0
     assert nominal_peak("NVIDIA H100 PCIe") == 756.0 and nominal_peak("NVIDIA H100 80GB HBM3") == 989.0
     assert nominal_peak("NVIDIA A10G") is None and nominal_peak("NVIDIA A100-SXM4-80GB") == 312.0
+
+
+def test_tf32_is_put_back_when_the_run_ends(monkeypatch):
+    """TF32 is a process-wide switch: a run that turns it on (fp32 on a GPU) turns it back off at cleanup, so a
+    notebook's next computation is full fp32 again."""
+    from lora_dist.train import strategy
+
+    monkeypatch.setattr(strategy, "use_tf32", lambda *a: True)  # as on a GPU in fp32
+    with tf32_flags_restored():  # both off to begin with
+        s = Local(load_config(None, ["train.precision=fp32"]), DistEnv(), torch.device("cpu"))
+        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (True, True)
+        s.cleanup()
+        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (False, False)

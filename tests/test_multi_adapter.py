@@ -59,9 +59,21 @@ def test_every_row_equals_its_adapter_alone(adapters, multi):
             assert preds[i]["probs"] == pytest.approx(p["probs"], abs=1e-5)
 
 
-def test_one_adapter_batches_take_the_plain_path(adapters, multi):
+def test_one_adapter_batches_take_the_plain_path(adapters, multi, monkeypatch):
+    """A batch of one adapter runs plain matmuls (no segments, no per-row gathered heads), and answers as that
+    adapter alone does; a mixed batch takes the segmented path (so the spies below can see it)."""
+    from lora_dist import multi_lora
+
     alone = Classifier.from_pretrained(adapters["lang"], device="cpu", precision="fp32")
-    torch.testing.assert_close(multi.logits(MESSAGES, "lang")[:, :4], alone.logits(MESSAGES), atol=1e-5, rtol=0)
+    segmented, gathered = [], []
+    segments, bmm = multi_lora.Rows.segments, torch.bmm
+    monkeypatch.setattr(multi_lora.Rows, "segments", lambda self, n: segmented.append(n) or segments(self, n))
+    monkeypatch.setattr(torch, "bmm", lambda *a: gathered.append(1) or bmm(*a))
+    got = multi.logits(MESSAGES, "lang")
+    assert (segmented, gathered) == ([], []) and multi.rows.single == multi.number["lang"]
+    torch.testing.assert_close(got[:, :4], alone.logits(MESSAGES), atol=1e-5, rtol=0)
+    multi.logits(MESSAGES[:2], ["lang", "spam"])
+    assert segmented and gathered
 
 
 def test_the_stacked_adapters_cost_their_own_size(adapters, multi):
