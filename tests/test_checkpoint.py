@@ -24,7 +24,7 @@ def _write(run_dir, step, keep=2, value=1.0):
         adapter={"a.lora.A": torch.full((2, 2), value)},
         optimizer=opt.state_dict(),
         rng_states=[ckpt.rng_state()],
-        meta={**META, "step": step, "step_in_epoch": step},
+        meta={**META, "step": step, "step_in_epoch": step, "examples_seen": 8 * step},
         keep=keep,
     )
 
