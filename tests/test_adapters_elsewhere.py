@@ -171,4 +171,4 @@ def test_the_service_counts_an_adapters_layers_as_adapter_info_does(tiny_checkpo
     run = make_adapter(tmp_path / "run", tiny_checkpoint)
     assert main(["adapter", "info", str(run)]) == 0
     assert "on 13 layers" in capsys.readouterr().out  # 12 in the blocks and the head
-    assert Service(read_adapters({"s": run})).adapters()[0]["layers"] == 13
+    assert Service(read_adapters({"s": run})).adapters()["adapters"][0]["layers"] == 13

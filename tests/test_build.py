@@ -56,7 +56,7 @@ def test_a_random_base_records_where_it_was_drawn():
     assert cpu.device == "cpu" and cuda.device == "cuda"
     assert cpu.mismatch(cuda) == "random weights drawn on another kind of device"
     assert "drawn on cuda" in cuda.describe() and "drawn" not in cpu.describe()
-    spec = AdapterSpec(kind="weights", base=cpu, labels=("ham", "spam"), trainable="last_layer")
+    spec = AdapterSpec(kind="weights", base=cpu, labels=("ham", "spam"), trainable="last_layer", max_length=128)
     assert "device" not in spec.to_json()["base"]  # adapters of CPU-drawn bases read as they did before
     again = AdapterSpec.from_json(json.loads(json.dumps(replace(spec, base=cuda).to_json())), "test")
     assert again.base == cuda

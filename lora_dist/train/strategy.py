@@ -63,7 +63,8 @@ class Local:
             torch.cuda.set_device(device)
         self.precision = precision = resolve_precision(cfg.train.precision, device, cpu_bf16=not self.owns_precision)
         self.tf32 = use_tf32(device, precision, cfg.train.tf32)  # train.tf32=false keeps full fp32
-        self._tf32_before = set_tf32(True) if self.tf32 else None  # put back by cleanup
+        # process-wide flags: set either way on CUDA (so no earlier run's TF32 lingers), put back by cleanup
+        self._tf32_before = set_tf32(self.tf32) if self.tf32 or device.type == "cuda" else None
         self.amp_dtype = AMP_DTYPES[precision]
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
         self._comm_bytes = 0
