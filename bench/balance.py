@@ -37,7 +37,7 @@ def lora_dist(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "disabled"}
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         env.pop(k, None)
-    proc = subprocess.run([sys.executable, "-m", "lora_dist", *args], cwd=ROOT, capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "lora_dist", *args], cwd=ROOT, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         sys.exit(f"lora-dist {' '.join(args)} failed:\n{proc.stderr[-3000:]}")
     return proc
