@@ -138,7 +138,7 @@ if step 2; then
         CONTENDERS=a,a-nographs
     fi
     cap small $PY bench/train_throughput.py --device $DEVICE --precision bf16 --model $SMALL \
-        --contenders $CONTENDERS "${SMALL_RUN[@]}" --out "$DIR" --tag small >> "$LOG" 2>&1
+        --contenders $CONTENDERS "${SMALL_RUN[@]}" --out "$DIR" --tag small 2>&1 | tee -a "$LOG"  # the table on the console too
 fi
 
 if step 3; then
@@ -148,7 +148,7 @@ if step 3; then
         data.download=false train.device=$DEVICE train.batch_size=$XL_BATCH train.max_steps=2 train.eval_batches=1 \
         tracking.wandb.mode=disabled output_dir="$DIR/xl-start" overwrite=true > "$DIR/xl-start.log" 2>&1
     cap xl $PY bench/train_throughput.py --device $DEVICE --precision bf16 --model $XL --batch $XL_BATCH \
-        --contenders a,a-pad16,a-ckpt "${XL_RUN[@]}" --out "$DIR" --tag xl >> "$LOG" 2>&1
+        --contenders a,a-pad16,a-ckpt "${XL_RUN[@]}" --out "$DIR" --tag xl 2>&1 | tee -a "$LOG"
 fi
 
 if step 4; then
