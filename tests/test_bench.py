@@ -161,7 +161,7 @@ def test_gpu_check_dry_run_on_the_cpu(tmp_path, baseline):
     assert {"gpu-check-dry-run/gpu_check.log", "gpu-check-dry-run/status", "gpu-check-dry-run/e2e-defaults.log"} <= set(
         names
     )
-    assert settings["small"]["contenders"] == "a,a-nographs,c" and settings["xl"]["contenders"] == "a,a-ckpt"
+    assert settings["small"]["contenders"] == "a,a-castonce,a-nographs,c" and settings["xl"]["contenders"] == "a,a-ckpt"
     assert all(d["device"] == "cpu" and d["precision"] == "bf16" and d["model"] == "tiny" for d in settings.values())
     # The summary, from those files: every field the issue names, with the stand-in's figures.
     (summary_file,) = out.glob("gpu-check-dry-run.json")
