@@ -74,6 +74,13 @@ VARIANTS: dict[str, Spec] = {
     "a-nographs": Spec(
         "lora-dist", "(a) without CUDA graphs (eager steps)", _defaults() + ("train.cuda_graphs=false",)
     ),
+    # one multi-tensor cast of every adapter's A and B a step (and one of their gradients) instead of four casts per
+    # layer: the same numbers, fewer kernels (issue 32); whether it pays is for a GPU to say
+    "a-castonce": Spec(
+        "lora-dist",
+        "(a) with A and B cast at once (train.lora_cast_once)",
+        _defaults() + ("train.lora_cast_once=true",),
+    ),
     "a-nopad64": Spec("lora-dist", "(a) with each batch at its own length", _defaults() + ("data.pad_multiple=1",)),
     # fewer padded tokens, more graphs: on the SMS messages 16 gives 8 shapes and 24-34% padding, 64 gives 2-3
     # shapes and 54-58% (issue 32); which pays is for a GPU to say

@@ -131,11 +131,11 @@ if step 1; then
 fi
 
 if step 2; then
-    say "2. $SMALL at batch 8: (a) defaults, (a) without CUDA graphs, (c) transformers + PEFT"
-    CONTENDERS=a,a-nographs,c
+    say "2. $SMALL at batch 8: (a) defaults, (a) with train.lora_cast_once, (a) without CUDA graphs, (c) transformers + PEFT"
+    CONTENDERS=a,a-castonce,a-nographs,c
     if ! $PY -c "import transformers, peft" > /dev/null 2>&1; then
         say "2. leaving (c) out: transformers/peft cannot be imported (pip install -e .[bench])"
-        CONTENDERS=a,a-nographs
+        CONTENDERS=a,a-castonce,a-nographs
     fi
     cap small $PY bench/train_throughput.py --device $DEVICE --precision bf16 --model $SMALL \
         --contenders $CONTENDERS "${SMALL_RUN[@]}" --out "$DIR" --tag small 2>&1 | tee -a "$LOG"  # the table on the console too

@@ -193,6 +193,10 @@ class TrainConfig:
     # replay it: null (auto) where it applies (one CUDA process, bf16 or fp32, grad_accum 1, no compile, no
     # activation checkpointing), true to insist (an error says what stands in the way), false never.
     cuda_graphs: bool | None = None
+    # On a GPU under bf16/fp16 autocast: cast every adapter's A and B for a forward pass all at once (one
+    # multi-tensor copy, and one for their gradients) instead of autocast's cast at each use. The same numbers;
+    # whether it pays is for a GPU to measure (bench/gpu_check.sh's a-castonce), so off by default.
+    lora_cast_once: bool = False
     num_workers: int = 0
     checkpoint_every: int = 0  # steps between checkpoints (0: only at epoch ends)
     keep_checkpoints: int = 2

@@ -11,11 +11,13 @@ import contextlib
 import pandas as pd
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from lora_dist import load_config
 from lora_dist.build import build_model
 from lora_dist.data import Batch, DataConfig, SpamDataset
 from lora_dist.device import DistEnv
+from lora_dist.lora import adapted_layers
 from lora_dist.train.loaders import make_loaders
 from lora_dist.train.strategy import Local
 
@@ -166,3 +168,92 @@ def test_tf32_is_put_back_when_the_run_ends(monkeypatch):
         assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (True, True)
         s.cleanup()
         assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (False, False)
+
+
+class CastCount(TorchDispatchMode):
+    """The dtype casts of what runs inside: `_to_copy` to another dtype, and `_foreach_copy_` across dtypes."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = {"_to_copy": 0, "_foreach_copy_": 0}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.ops.aten._to_copy.default and kwargs.get("dtype", args[0].dtype) != args[0].dtype:
+            self.ops["_to_copy"] += 1
+        if func is torch.ops.aten._foreach_copy_.default and args[0][0].dtype != args[1][0].dtype:
+            self.ops["_foreach_copy_"] += 1
+        return func(*args, **kwargs)
+
+
+def lora_cast_once_model(fake_gpu, monkeypatch, once: bool):
+    """The tiny model as `Local.place` leaves it on a GPU under bf16 (moves dropped: no GPU here), with
+    `train.lora_cast_once` as asked, and B drawn (it starts at zero, which leaves A without a gradient)."""
+    real_to = torch.nn.Module.to
+
+    def to(self, *args, **kwargs):
+        args = [a for a in args if not isinstance(a, (torch.device, str))]
+        kwargs.pop("device", None)
+        return real_to(self, *args, **kwargs) if args or kwargs else self
+
+    monkeypatch.setattr(torch.nn.Module, "to", to)
+    s = strategy("train.precision=bf16", "model.name=tiny", "model.weights=random", f"train.lora_cast_once={once}")
+    model = s.place(build_model(s.cfg, 2)[0]).train()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for _, m in adapted_layers(model):
+            m.lora.B.normal_(0, 0.02)
+    monkeypatch.setattr(torch.nn.Module, "to", real_to)
+    return model
+
+
+def test_lora_cast_once_computes_what_autocast_computes(fake_gpu, monkeypatch):
+    """train.lora_cast_once: under bf16 autocast every adapter's A and B are cast for the pass at once, and the
+    loss and every gradient, into the fp32 A and B, equal autocast's cast-at-each-use bit for bit; off by
+    default; with autocast off (fp32 inference) the adapters are used as they are."""
+    from lora_dist.lora import LoRALayer
+
+    plain = lora_cast_once_model(fake_gpu, monkeypatch, False)
+    once = lora_cast_once_model(fake_gpu, monkeypatch, True)
+    assert not plain._forward_pre_hooks and len(once._forward_pre_hooks) == 1
+    assert load_config(None, []).train.lora_cast_once is False
+    seen = []
+    for m in once.modules():
+        if isinstance(m, LoRALayer):
+            m.register_forward_pre_hook(lambda m, a: seen.append(m.cast and (m.cast[0].dtype, m.cast[1].dtype)))
+    g = torch.Generator().manual_seed(1)
+    ids, last = torch.randint(0, 50000, (4, 12), generator=g), torch.tensor([11, 5, 8, 2])
+    labels = torch.tensor([0, 1, 1, 0])
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        plain(ids, last)  # frozen_linear's one-time oneDNN probe, whose casts are not the step's
+    seen.clear()
+    losses, casts = [], []
+    for model in (plain, once):
+        with CastCount() as count:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                logits = model(ids, last)
+            loss = torch.nn.functional.cross_entropy(logits.float(), labels)
+            loss.backward()
+        losses.append(loss)
+        casts.append(count.ops)
+    assert seen == [(torch.bfloat16, torch.bfloat16)] * 13  # 12 block Linears and the head, each cast at once
+    # 4 casts per layer (A, B, their gradients) become 2 multi-tensor copies
+    assert casts[0]["_to_copy"] - casts[1]["_to_copy"] == 13 * 4 and casts[1]["_foreach_copy_"] == 2
+    assert casts[0]["_foreach_copy_"] == 0
+    assert torch.equal(losses[0], losses[1])
+    grads = {n: p.grad for n, p in once.named_parameters() if p.requires_grad}
+    for n, p in plain.named_parameters():
+        if p.requires_grad:
+            assert grads[n].dtype == torch.float32 and torch.equal(grads[n], p.grad), n
+    assert all(bool(grads[n].abs().sum() > 0) for n in grads if n.endswith((".A", ".B")))
+    assert all(m.cast is None for m in once.modules() if isinstance(m, LoRALayer))  # nothing outlives the pass
+    # fp32 (no autocast; frozen weights kept fp32, as on the CPU): the hook leaves A and B as they are
+    from lora_dist.lora import cast_adapters_once
+
+    fp32, hooked = (build_model(load_config(None, ["model.name=tiny", "model.weights=random"]), 2)[0] for _ in "ab")
+    assert cast_adapters_once(hooked, torch.bfloat16) == 13
+    hooked.get_submodule("head.lora").register_forward_pre_hook(lambda m, a: seen.append(m.cast))
+    seen.clear()
+    with torch.no_grad():
+        assert torch.equal(hooked.eval()(ids, last), fp32.eval()(ids, last))
+    assert seen == [None]

@@ -37,6 +37,19 @@ def test_the_pre_flight_fails_on_a_host_sync(monkeypatch, capsys):
     assert r.failed == ["eager step: no host sync or data-dependent op ({'aten._local_scalar_dense.default': 1})"]
 
 
+def test_the_pre_flight_fails_when_the_adapters_are_cast_at_each_use(monkeypatch, capsys):
+    """train.lora_cast_once undone (autocast casts A, B and their gradients at each use again): the flag-on step's
+    cast count is over its bound, and that is the one failure."""
+    from lora_dist.train import strategy
+
+    monkeypatch.setattr(strategy, "cast_adapters_once", lambda model, dtype: 0)
+    r = gpu_preflight.Report()
+    gpu_preflight.check_step(r)
+    (failed,) = r.failed
+    assert failed.startswith("captured step with train.lora_cast_once: ")
+    assert failed.endswith(f"dtype casts (at most {gpu_preflight.MAX_CASTS_ONCE})")
+
+
 def test_the_pre_flight_fails_on_a_boolean_mask(capsys):
     """A boolean mask in the step (its size is data: a host sync on a GPU) is caught; integer indexing is not."""
     x = torch.zeros(4, 6)

@@ -35,7 +35,7 @@ from ..device import (
     use_tf32,
 )
 from ..errors import UserError
-from ..lora import cast_frozen, load_adapter_state_dict
+from ..lora import cast_adapters_once, cast_frozen, load_adapter_state_dict
 from .graphs import GraphedStep, obstacle
 from .loss import loss as classification_loss
 
@@ -109,8 +109,17 @@ class Local:
         adapters, head, norms, embeddings and optimizer state stay fp32."""
         model = model.to(self.device)
         if (dtype := storage_dtype(self.device, self.precision)) is not None:
-            cast_frozen(model, dtype)
+            self.store_low(model, dtype)
         return model
+
+    def store_low(self, model: nn.Module, dtype: torch.dtype) -> None:
+        """What `place` does on a GPU under bf16/fp16 autocast: the frozen Linear weights stored in `dtype`; with
+        `train.lora_cast_once`, every adapter's A and B cast for a pass all at once (`lora.cast_adapters_once`;
+        not with compile or activation checkpointing, whose recomputed forward it was not made for)."""
+        cast_frozen(model, dtype)
+        t = self.cfg.train
+        if t.lora_cast_once and not t.compile and not self.cfg.model.activation_checkpointing:
+            cast_adapters_once(model, dtype)
 
     def _adamw(self, params) -> torch.optim.Optimizer:
         t = self.cfg.train
