@@ -98,11 +98,11 @@ def broken_rules(graph: dict[str, set[str]]) -> list[str]:
 
 
 LAUNCHER_ENV = {"RANK", "LOCAL_RANK", "WORLD_SIZE"}  # what torchrun/Slurm say about a process: device.DistEnv reads it
-# Where a rank is compared with 0: train/tracking.py's output_for (rank 0's RunOutput, the others' NullOutput), and
-# two places that are not rank-0 side effects or are left for another branch, each with why.
+# Where a rank is compared with 0: rank_zero.py (is_rank_zero, which train/tracking.py's output_for and inference's
+# output_for ask), and one place that is no rank-0 side effect, with why.
+RANK_ZERO_PLACE = "lora_dist.rank_zero"
 RANK_ZERO_EXEMPT = {
     "lora_dist.cli": "every rank prints its own error line; rank 0 without the `(rank N)` prefix",
-    "lora_dist.infer.classify": "its --file loop's writing and gathering, rewritten by the streaming-input branch",
 }
 
 
@@ -118,7 +118,7 @@ def _dotted(node: ast.AST) -> str:
 def decisions_outside_their_place(root: Path = PACKAGE) -> list[str]:
     """One line per place outside device.py that decides device or precision process-wide (sets
     torch.backends flags or float32 matmul precision) or reads the launcher's rank variables, and per place outside
-    train/tracking.py that compares a rank with 0 (a rank-0 side effect of its own)."""
+    rank_zero.py that compares a rank with 0 (a rank-0 side effect of its own)."""
     out = []
     for path in sorted(root.rglob("*.py")):
         name = module_name(path, root)
@@ -135,14 +135,14 @@ def decisions_outside_their_place(root: Path = PACKAGE) -> list[str]:
                     out.append(f"{where} calls {_dotted(node.func)}: device and precision are decided in device.py")
                 if isinstance(node, ast.Constant) and node.value in LAUNCHER_ENV:
                     out.append(f"{where} reads {node.value}: rank and world size come from device.DistEnv")
-            if name != "lora_dist.train.tracking" and name not in RANK_ZERO_EXEMPT and isinstance(node, ast.Compare):
+            if name != RANK_ZERO_PLACE and name not in RANK_ZERO_EXEMPT and isinstance(node, ast.Compare):
                 if not all(isinstance(op, (ast.Eq, ast.NotEq)) for op in node.ops):
                     continue  # `lora.rank > 0` is LoRA's rank
                 sides = [node.left, *node.comparators]
                 if any(isinstance(x, ast.Constant) and x.value == 0 for x in sides) and any(
                     _dotted(x).split(".")[-1] in ("rank", "global_rank") for x in sides
                 ):
-                    out.append(f"{where} compares a rank with 0: rank 0's output goes through train/tracking.py")
+                    out.append(f"{where} compares a rank with 0: rank 0's output goes through rank_zero.py")
     return out
 
 
@@ -215,15 +215,19 @@ def test_the_one_place_checks_catch_a_package_built_to_break_them(tmp_path):
             "train/graphs.py": "import torch\ntorch.backends.cuda.enable_cudnn_sdp(False)\n",
             "cli2.py": "import os\nrank = int(os.environ.get('RANK', 0))\n",
             "train/deepspeed_strategy.py": "def f(self):\n    if self.rank == 0:\n        print('x')\n",
+            "rank_zero.py": "def is_rank_zero(rank):\n    return rank == 0\n",
             "train/tracking.py": "def output_for(rank):\n    return rank == 0\n",
+            "infer/classify.py": "def main(env):\n    if env.rank != 0:\n        return\n",
         },
     )
     assert decisions_outside_their_place(pkg) == [
         "lora_dist.cli2:2 reads RANK: rank and world size come from device.DistEnv",
-        "lora_dist.train.deepspeed_strategy:2 compares a rank with 0: rank 0's output goes through train/tracking.py",
+        "lora_dist.infer.classify:2 compares a rank with 0: rank 0's output goes through rank_zero.py",
+        "lora_dist.train.deepspeed_strategy:2 compares a rank with 0: rank 0's output goes through rank_zero.py",
         "lora_dist.train.graphs:2 calls torch.backends.cuda.enable_cudnn_sdp: device and precision are decided in "
         "device.py",
         "lora_dist.train.strategy:2 sets torch.backends flags: device and precision are decided in device.py",
+        "lora_dist.train.tracking:2 compares a rank with 0: rank 0's output goes through rank_zero.py",
     ]
 
 

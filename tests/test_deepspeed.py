@@ -167,18 +167,49 @@ def test_disagreeing_deepspeed_config_is_refused(tmp_path):
     "with no GPU here it is exercised on the GPU machine only (bench/gpu_check.sh)",
 )
 def test_zero3_offload_on_gpu(tmp_path):
-    proc = torchrun(
-        1,
-        "train",
-        "--config",
-        str(SMOKE),
-        f"output_dir={tmp_path / 'o'}",
-        *RUN,
-        *ds_args("zero3-offload"),
-        "train.precision=bf16",
-        timeout=900,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    """What offload means: the run computes on the GPU while the optimizer lives on the CPU, and it learns what
+    the same run without offload learns. DeepSpeed's ZeRO-3 checkpoint (`<tag>/*optim_states.pt`) holds the
+    optimizer's own tensors as they were when saved (stage3's state_dict: `fp32_flat_groups`, the fp32 master
+    partitions the optimizer steps, and the torch optimizer's state, AdamW's moments): with
+    `offload_optimizer.device=cpu` every one of them is a CPU tensor, without it a CUDA one (stage3.py sets its
+    optimizer device to `cpu` only when offloading). Offload moves where the update runs, not what it computes:
+    the adapter ends where plain ZeRO-3's does (fp32 updates on either side; bf16 forward on the GPU in both)."""
+    runs = {}
+    for stage in ("zero3-offload", "zero3"):
+        out = tmp_path / stage
+        proc = torchrun(
+            1,
+            *train_args(out, *RUN, *ds_args(stage), "train.precision=bf16", "train.checkpoint_every=10"),
+            timeout=900,
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "device cuda" in proc.stdout, proc.stdout[-2000:]  # it trained on the GPU
+        last = sorted((out / "checkpoints").glob("step-*"))[-1]  # step 30's
+        (state,) = (last / "deepspeed").glob("*/*optim_states.pt")
+        runs[stage] = out, saved_locations(state)
+    offload, plain = runs["zero3-offload"][1], runs["zero3"][1]
+    assert offload["fp32_flat_groups"] == {"cpu"}, offload
+    assert offload["optimizer_state_dict"] == {"cpu"}, offload
+    # without offload the master partitions and the moments are on the GPU (a `step` count may sit on the CPU)
+    assert {d.split(":")[0] for d in plain["fp32_flat_groups"]} == {"cuda"}, plain
+    assert any(d.startswith("cuda") for d in plain["optimizer_state_dict"]), plain
+    assert_same_adapter(adapter(runs["zero3"][0]), adapter(runs["zero3-offload"][0]), rtol=1e-3, atol=2e-3)
+
+
+def saved_locations(path) -> dict[str, set[str]]:
+    """{"fp32_flat_groups" / "optimizer_state_dict": the devices of the tensors under that key of the ZeRO
+    optimizer's saved state}, each tensor loaded back onto the device it was saved from (no map_location). The
+    file is the one this test's run just wrote; DeepSpeed pickles its own classes beside the tensors, so
+    weights_only cannot read it."""
+    sd = torch.load(path, weights_only=False)["optimizer_state_dict"]
+
+    def devices(x) -> set[str]:
+        if isinstance(x, torch.Tensor):
+            return {str(x.device)}
+        items = x.values() if isinstance(x, dict) else x if isinstance(x, (list, tuple)) else ()
+        return set().union(*(devices(v) for v in items))
+
+    return {key: devices(sd[key]) for key in ("fp32_flat_groups", "optimizer_state_dict")}
 
 
 def test_stage_configs_exist_and_parse():

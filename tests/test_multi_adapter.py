@@ -77,17 +77,48 @@ def test_one_adapter_batches_take_the_plain_path(adapters, multi, monkeypatch):
 
 
 def test_the_stacked_adapters_cost_their_own_size(adapters, multi):
+    """The stacked layout's bytes, counted here from the adapter files: each layer some adapter adapts holds
+    every adapter's A (in x r) and B (r x out), zero-padded to the largest rank any of them has there (zeros
+    for an adapter without the layer); the heads are every adapter's (labels x width) weight and bias, padded to
+    the most labels. Exactly that (fp32, 4 bytes a number), no copy of the base: the layout is fixed, so no
+    margin is needed; it is at least the adapters' own size (padding only adds) and a fraction of the base."""
+    import json
+
+    from safetensors.torch import load_file
+
     from lora_dist.multi_lora import adapter_bytes
 
-    own = sum(
-        t.numel() * 4
-        for p in adapters.values()
-        for t in __import__("safetensors.torch")
-        .torch.load_file(str(p / "adapter" / "adapter_model.safetensors"))
-        .values()
+    files = [load_file(str(p / "adapter" / "adapter_model.safetensors")) for p in adapters.values()]
+    layers: dict[str, tuple[int, int]] = {}  # layer: (largest rank there, in + out)
+    for t in files:
+        for k, a in t.items():
+            if k.endswith(".lora.A") and not k.startswith("head."):
+                layer = k.removesuffix(".lora.A")
+                rank = min(a.shape)
+                size = (a.numel() + t[f"{layer}.lora.B"].numel()) // rank
+                layers[layer] = (max(rank, layers.get(layer, (0, 0))[0]), size)
+    n = len(files)
+    labels = max(
+        len(json.loads((p / "adapter" / "adapter_config.json").read_text())["labels"]) for p in adapters.values()
     )
+    width = multi.model.cfg.emb_dim
+    want = 4 * n * (sum(r * size for r, size in layers.values()) + labels * (width + 1))
+    own = sum(v.numel() * 4 for t in files for v in t.values())
     base = sum(p.numel() * 4 for p in multi.model.parameters())
-    assert own / 2 < adapter_bytes(multi.model) < 4 * own < base
+    assert adapter_bytes(multi.model) == want
+    assert own <= want < base / 10, (own, want, base)
+
+
+def test_truncation_is_counted_per_adapter_and_returned(multi):
+    """Each message is cut to its own adapter's max_length ('support' reads 12 tokens, 'spam' 1024), and the
+    count is what the call returns (nothing kept between calls)."""
+    from lora_dist.tokenizer import get_tokenizer
+
+    long = "x " * 20
+    n = len(get_tokenizer().encode(long))  # 21
+    ids, cut = multi.tokenize([long, long, "hi"], ["support", "spam", "support"])
+    assert cut == 1 and [len(i) for i in ids] == [12, n, 1] and n > 12
+    assert multi.tokenize([long], ["spam"])[1] == 0
 
 
 def test_an_adapter_of_another_base_is_refused(adapters, tmp_path):

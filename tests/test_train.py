@@ -10,6 +10,8 @@ from conftest import SMOKE, read_metrics, run_cli
 from safetensors.torch import load_file
 
 from lora_dist import load_config
+from lora_dist.files import sha256
+from lora_dist.infer.evaluate import evaluate_run
 
 # smoke_run: the session's smoke run (conftest.py).
 
@@ -104,7 +106,11 @@ def test_params_command(config):
 
 
 @pytest.mark.slow  # 10-18 s: make test runs it, make test-fast not
-def test_trains_from_a_local_weights_directory(tiny_checkpoint, tmp_path):
+def test_trains_from_a_local_weights_directory(tiny_checkpoint, smoke_run, tmp_path):
+    """model.weights=DIR trains on that directory's weights (a random tiny GPT-2 drawn with seed 0), not on the
+    random weights the smoke config would draw (seed 123): its first loss, computed before any update from the
+    same head, LoRA and batch, differs from the smoke run's first; the adapter names the directory by path and
+    content; and the test loss the run reports is the one its adapter gets over the directory's weights."""
     proc = run_cli(
         "train",
         "--config",
@@ -115,7 +121,17 @@ def test_trains_from_a_local_weights_directory(tiny_checkpoint, tmp_path):
         "train.epochs=1",
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert json.loads((tmp_path / "r" / "results.json").read_text())["steps"] == 3
+    run = tmp_path / "r"
+    results = json.loads((run / "results.json").read_text())
+    assert results["steps"] == 3
+    first = [r["train_loss_step"] for r in read_metrics(run) if "train_loss_step" in r][0]
+    random_first = [r["train_loss_step"] for r in read_metrics(smoke_run[0]) if "train_loss_step" in r][0]
+    assert abs(first - random_first) > 1e-3, (first, random_first)
+    base = json.loads((run / "adapter" / "adapter_config.json").read_text())["base"]
+    assert base["source"] == str(tiny_checkpoint.resolve()) and base["seed"] is None
+    assert base["sha256"] == sha256(tiny_checkpoint / "model.safetensors")
+    on_local = evaluate_run(run, "test", device="cpu")["loss"]  # the base the adapter names, built anew
+    assert results["test_loss"] == pytest.approx(on_local, rel=1e-4, abs=1e-5)
 
 
 @pytest.mark.slow  # 10-18 s: make test runs it, make test-fast not

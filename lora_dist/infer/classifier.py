@@ -6,14 +6,15 @@
     clf.logits(["see you at 6"])                                 # (N, classes) tensor
 
 The model is the one training built (`build.read_adapter`, `build.load_trained`); messages are tokenized,
-truncated and padded as in training (`data.encode`, `data.Collate`), and run in batches sorted by length
-(`data.batch_plan`), so a batch holds little padding. It computes in fp32 unless `precision` says otherwise
+truncated and padded as in training, and run in batches sorted by length, so a batch holds little padding
+(`infer/batching.py`, shared with `MultiAdapterClassifier`). It computes in fp32 unless `precision` says otherwise
 (`auto`: bf16 where the hardware runs it natively; faster, and probabilities move by up to about 1e-2).
 """
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -21,10 +22,11 @@ from tqdm import tqdm
 
 from ..adapter import AdapterSpec
 from ..build import load_trained, read_adapter
-from ..data import Collate, batch_plan, encode
+from ..data import Batch
 from ..device import autocast, pick_device, resolve_precision
 from ..errors import UserError
 from ..lora import merge as merge_lora
+from .batching import plan, tokenize
 
 
 class Classifier:
@@ -43,7 +45,6 @@ class Classifier:
         self.merged = False
         if merge:
             self.merge()
-        self.truncated = 0  # messages cut to max_length by the last call
 
     @classmethod
     def from_pretrained(
@@ -74,16 +75,15 @@ class Classifier:
     # --------------------------------------------------------------------------------------- batches
     def encode(self, texts: list[str]) -> list[list[int]]:
         """Token ids as in training (`data.encode`), truncated to the adapter's max_length."""
-        ids, self.truncated = encode(texts, self.spec.max_length)
-        return ids
+        return self.tokenize(texts)[0]
 
-    def batches(self, ids: list[list[int]], batch_size: int):
-        """(positions, Batch) over `ids`, longest first, each batch padded as in training."""
-        collate = Collate(self.spec.pad_token_id, self.spec.pad_to)
-        alone = self.spec.pad_to is None and not self.spec.padding_free()  # padding would change what the head reads
-        groups = list(range(len(ids))) if alone else None
-        for chunk in batch_plan([len(i) for i in ids], batch_size, groups):
-            yield chunk, collate([(ids[i], 0) for i in chunk])
+    def tokenize(self, texts: list[str]) -> tuple[list[list[int]], int]:
+        """(token ids, how many messages were cut to the adapter's max_length); `logits_of` takes the ids."""
+        return tokenize(texts, [self.spec.max_length] * len(texts))
+
+    def batches(self, ids: list[list[int]], batch_size: int) -> Iterator[tuple[list[int], Batch]]:
+        """(positions, Batch) over `ids`, longest first, each batch padded as in training (`batching.plan`)."""
+        return plan(ids, [self.spec] * len(ids), batch_size)
 
     @torch.inference_mode()
     def logits(self, texts: list[str], batch_size: int = 32, progress: bool | None = False) -> torch.Tensor:

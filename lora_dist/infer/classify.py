@@ -22,13 +22,13 @@ from pathlib import Path
 from typing import TextIO
 
 import pandas as pd
-import torch.distributed as dist
 from tqdm import tqdm
 
 from ..config import DistConfig
 from ..device import PRECISIONS, DistEnv, init_process_group, leave_process_group, pick_device, precision_note
 from ..errors import UserError
 from ..files import OutFile
+from ..rank_zero import output_for
 from .classifier import Classifier, results
 
 
@@ -82,24 +82,25 @@ def main(args) -> int:
     spread = env.world_size > 1
     if spread:
         init_process_group(device, args.timeout_s, env=env)
+    out = output_for(env.rank)  # rank 0 prints, writes and gathers; the others compute their share
     note = precision_note(args.precision, clf.precision, clf.device)
-    if note and env.rank == 0:
-        print(note, file=sys.stderr, flush=True)
-    sink = Writer(args.out, fmt, clf.labels, None if note is None else clf.precision) if env.rank == 0 else None
+    if note:
+        out.note(note)
+    sink = Writer(args.out, fmt, clf.labels, None if note is None else clf.precision) if out.speaks else None
     truncated = empty = 0
-    progress = Progress(enabled=env.rank == 0 and bool(args.file))
+    progress = Progress(enabled=out.speaks and bool(args.file))
     try:
         R, size = env.world_size, args.shard_size
         # Rounds of R x shard-size messages, read as they are needed: memory holds one round, whatever the input.
         for texts in rounds(itertools.chain([first] if first is not None else [], chunks), R * size):
             mine = texts[env.rank * size : (env.rank + 1) * size]
-            probs = clf.logits(mine, args.batch_size, progress=False).softmax(-1) if mine else None
-            truncated += clf.truncated if mine else 0
-            parts: list = [probs]
-            if spread:
-                parts = [None] * R
-                dist.gather_object(probs, parts if env.rank == 0 else None, dst=0)
-            if sink is not None:
+            probs = None
+            if mine:
+                ids, cut = clf.tokenize(mine)
+                probs = clf.logits_of(ids, args.batch_size, progress=False).softmax(-1)
+                truncated += cut
+            parts = out.gather(probs)
+            if sink is not None and parts is not None:
                 done = 0
                 for p in parts:  # rank order is input order: rank r holds the r-th slice of this round
                     if p is not None:
@@ -107,26 +108,20 @@ def main(args) -> int:
                         done += len(p)
                 empty += sum(1 for t in texts if not t.strip())
                 progress.update(len(texts))
-        if spread:
-            counts = [0] * R
-            dist.gather_object(truncated, counts if env.rank == 0 else None, dst=0)
-            truncated = sum(counts) if env.rank == 0 else truncated
-        if sink is not None:
+        counts = out.gather(truncated)
+        if sink is not None and counts is not None:
             sink.close()
             progress.close()
+            truncated = sum(counts)
             if truncated:
-                print(
+                out.note(
                     f"note: {truncated} message(s) longer than {clf.spec.max_length} tokens were truncated to it, "
-                    f"as in training",
-                    file=sys.stderr,
+                    f"as in training"
                 )
             if empty:
-                print(
-                    f"note: {empty} message(s) were empty or whitespace only; they were classified as they are",
-                    file=sys.stderr,
-                )
+                out.note(f"note: {empty} message(s) were empty or whitespace only; they were classified as they are")
             if args.out:
-                print(f"written: {args.out} ({sink.count} messages)", file=sys.stderr)
+                out.note(f"written: {args.out} ({sink.count} messages)")
     finally:
         if sink is not None:
             sink.abort()

@@ -24,7 +24,7 @@ import re
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -33,12 +33,13 @@ import torch
 
 from ..adapter import AdapterSpec, default_labels, with_labels
 from ..build import base_config, build_device, build_model, check_fits, read_adapter
-from ..data import Collate, batch_plan, encode
+from ..data import Batch
 from ..device import autocast, pick_device, resolve_precision
 from ..errors import UserError
 from ..lora import adapter_from_state, adapter_state_dict, base_key, load_adapter_state_dict
 from ..multi_lora import Rows, stack_adapters
 from .adapter_store import Catalog, Entry, Gone, Layout, Parts, Slots, Unavailable, materialize, read_raw, valid_name
+from .batching import plan, tokenize
 from .classifier import results
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -367,23 +368,20 @@ class MultiAdapterClassifier:
     # --------------------------------------------------------------------------------------- batches
     def encode(self, texts: list[str], adapters: list[str], specs=None) -> list[list[int]]:
         """Token ids as in training (`data.encode`), each truncated to its adapter's max_length."""
-        specs = specs or self.specs
-        ids, _ = encode(texts, max((specs[a].max_length for a in adapters), default=None))
-        return [i[: specs[a].max_length] for i, a in zip(ids, adapters, strict=True)]
+        return self.tokenize(texts, adapters, specs)[0]
 
-    def batches(self, ids: list[list[int]], adapters: list[str], batch_size: int, specs=None, number=None):
-        """(positions, Batch) over `ids`, as `Classifier.batches` makes them: rows share a padded batch when
-        padding changes nothing (`AdapterSpec.padding_free`), else per (pad length, pad token), and with no
-        pad length each row alone. Inside a batch rows go by adapter: one LoRA segment per adapter."""
-        specs, number_of = specs or self.specs, number or self.number
-        groups = []
-        for i, a in enumerate(adapters):
-            s = specs[a]
-            groups.append(() if s.padding_free() else ((s.pad_to, s.pad_token_id) if s.pad_to else ("alone", i)))
-        number = [number_of[a] for a in adapters]
-        for chunk in batch_plan([len(i) for i in ids], batch_size, groups, order=number):
-            s = specs[adapters[chunk[0]]]
-            yield chunk, Collate(s.pad_token_id, s.pad_to)([(ids[i], 0) for i in chunk])
+    def tokenize(self, texts: list[str], adapters: list[str], specs=None) -> tuple[list[list[int]], int]:
+        """(token ids, how many messages were cut), each message cut to its adapter's max_length."""
+        specs = specs or self.specs
+        return tokenize(texts, [specs[a].max_length for a in adapters])
+
+    def batches(
+        self, ids: list[list[int]], adapters: list[str], batch_size: int, specs=None, number=None
+    ) -> Iterator[tuple[list[int], Batch]]:
+        """(positions, Batch) over `ids`, as `Classifier.batches` makes them (`batching.plan`); inside a batch
+        rows go by adapter: one LoRA segment per adapter."""
+        specs, number = specs or self.specs, number or self.number
+        return plan(ids, [specs[a] for a in adapters], batch_size, order=[number[a] for a in adapters])
 
     @torch.inference_mode()
     def logits(self, texts: list[str], adapters: list[str] | str, batch_size: int = 32) -> torch.Tensor:

@@ -22,7 +22,9 @@ import random
 import re
 import shutil
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -48,6 +50,50 @@ def begin(staging: Path) -> None:
     if staging.exists():
         shutil.rmtree(staging)
     staging.mkdir(parents=True)
+
+
+class Comm(Protocol):
+    """What the sequence asks of the job's processes (a strategy)."""
+
+    def all_gather_object(self, obj: Any) -> list: ...
+    def barrier(self) -> None: ...
+
+
+class Out(Protocol):
+    """What the sequence asks of the run's output (`tracking.RunOutput` on rank 0, `NullOutput` elsewhere)."""
+
+    dir: Path
+
+    def call(self, fn: Callable, *args: Any, **kw: Any) -> Any: ...
+    def log(self, record: dict) -> None: ...
+
+
+@dataclass(frozen=True)
+class Contents:
+    """What `commit` writes beside the files already staged: the trained tensors, the optimizer's state (None
+    when sharded or written with the files) and state.json's fields."""
+
+    adapter: dict
+    optimizer: dict | None
+    meta: dict
+
+
+def save(out: Out, comm: Comm, step: int, keep: int, fill: Callable[[Path], Contents]) -> Path | None:
+    """Every rank: the one checkpoint sequence, of a run (`Trainer.save_checkpoint`) and of a sweep
+    (`sweep_state.save`). Rank 0 begins the staging directory; every rank's random state is gathered; after a
+    barrier `fill(staging)` runs on every rank (its collectives, such as a sharded strategy's state, and rank
+    0's writes through `out.call`) and gives what rank 0 commits; a barrier, so that no rank runs ahead of a
+    checkpoint that is not yet in place; rank 0 logs it. Returns the checkpoint's path on rank 0."""
+    staging = staging_dir(out.dir, step)
+    out.call(begin, staging)
+    rng = comm.all_gather_object(rng_state())
+    comm.barrier()
+    c = fill(staging)
+    path = out.call(commit, staging, adapter=c.adapter, optimizer=c.optimizer, rng_states=rng, meta=c.meta, keep=keep)
+    comm.barrier()
+    if path is not None:
+        out.log({"event": "checkpoint", "step": step, "path": str(path)})
+    return path
 
 
 def commit(

@@ -93,7 +93,9 @@ class Trainer:
         self.checkpointed_at = -1  # the step of the last checkpoint this process wrote
 
     # ------------------------------------------------------------------------------------------ setup
-    def setup(self) -> None:
+    def setup(self, resume: bool = True) -> None:
+        """Everything before the first step; then, with `resume`, the run continues from its checkpoint
+        (train.resume). A sweep's adapters pass False: the sweep resumes them from its joint checkpoint."""
         cfg, out, s = self.cfg, self.out, self.strategy
         digests = s.all_gather_object(cfg.digest())
         if len(set(digests)) > 1:
@@ -171,7 +173,8 @@ class Trainer:
         # train.select / train.early_stop: the best evaluation so far (train/selection.py); None when neither is set
         self.selection = selecting.Selection(t) if selecting.Selection.wanted(t) else None
         self.class_weights(datasets["train"])
-        self._resume()
+        if resume:
+            self._resume()
 
     def header(self, splits: dict) -> str:
         """The lines a run starts with: model and backend, parameters, data and steps."""
@@ -549,28 +552,16 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------ checkpoints
     def save_checkpoint(self) -> None:
-        s, out = self.strategy, self.out
         self.checkpointed_at = self.step
-        staging = ckpt.staging_dir(out.dir, self.step)
-        out.call(ckpt.begin, staging)
-        out.call(self.stage_selection, staging)
-        rng = s.all_gather_object(ckpt.rng_state())
-        s.barrier()
+        ckpt.save(self.out, self.strategy, self.step, self.cfg.train.keep_checkpoints, self.checkpoint_contents)
+
+    def checkpoint_contents(self, staging: Path) -> ckpt.Contents:
+        """Every rank, inside `checkpoint.save`'s sequence: the selected adapter and a sharded strategy's state
+        into `staging`, and the tensors, optimizer state and progress that the commit writes."""
+        s = self.strategy
+        self.out.call(self.stage_selection, staging)
         s.save_sharded(staging)
-        adapter = s.adapter_state(self.adapter_names)
-        optimizer = s.optimizer_state()
-        path = out.call(
-            ckpt.commit,
-            staging,
-            adapter=adapter,
-            optimizer=optimizer,
-            rng_states=rng,
-            meta=self.progress(),
-            keep=self.cfg.train.keep_checkpoints,
-        )
-        s.barrier()
-        if path is not None:
-            out.log({"event": "checkpoint", "step": self.step, "path": str(path)})
+        return ckpt.Contents(s.adapter_state(self.adapter_names), s.optimizer_state(), self.progress())
 
     def progress(self) -> dict:
         """Where the run stands, with its config: what a checkpoint's state.json holds beside its files."""

@@ -173,9 +173,6 @@ class AdapterRun(Trainer):
         self.checkpointed_at = self.step
         self.sweep.due = True  # the sweep writes one checkpoint for all its adapters, at the end of the step
 
-    def _resume(self) -> None:
-        """The sweep resumes every adapter from its joint checkpoint."""
-
 
 class Sweep:
     def __init__(self, plan: SweepPlan):
@@ -238,7 +235,7 @@ class Sweep:
         """Set adapter `number` up (its run directory, data, head and LoRA) and put it into training."""
         a = AdapterRun(self.plan.adapters[number], number, self)
         with a.rng:
-            a.setup()
+            a.setup(resume=False)  # the sweep resumes it from its joint checkpoint (sweep_state.resume)
         attach(self.model, number, a.strategy.model, a.lora_modules)
         a.batches = a.micro_batches()
         self.runs[number] = a
@@ -309,7 +306,10 @@ class Sweep:
                 classification_loss(z.float(), b.labels, a.strategy.class_weight)
                 for a, z, b in zip(runs, self.forward(runs, batches), batches, strict=True)
             ]
-            (torch.stack(losses).sum() / accum).backward()  # each adapter's gradient: its own loss's
+            # each adapter's gradient: its own loss's. One backward over every adapter's loss, not each adapter's
+            # `strategy.backward` (its own loss scale, its own accumulation): the losses share one graph through
+            # the grouped layers, and with fp16 refused for sweeps (sweep_config.py) no loss scale is needed.
+            (torch.stack(losses).sum() / accum).backward()
             for a, loss, b in zip(runs, losses, batches, strict=True):
                 a.count(loss, b)
         self.job.sync_grads([p for a in runs for p in a.strategy.trainable()])

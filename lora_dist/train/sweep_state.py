@@ -12,17 +12,79 @@ step, in the same order, so that it continues as if never stopped: kill -9 and r
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Protocol
 
+import torch
 from safetensors.torch import save_file
 
 from ..errors import UserError
 from . import checkpoint as ckpt
-from .tracking import prepare_run_dir
+from .backend import Strategy
+from .sweep_config import AdapterPlan, SweepPlan
+from .tracking import NullOutput, RunOutput, prepare_run_dir
 
 # What a sweep leaves in its directory (each adapter's run is under adapters/).
 SWEEP_FILES = ("sweep.json", "sweep.md", "metrics.jsonl", "config.yaml", "checkpoints", "adapters", "plots")
+
+
+class OwnState(Protocol):
+    """An adapter's own random state (`sweep.OwnRNG`)."""
+
+    state: list[torch.Tensor] | None
+
+
+class Logs(Protocol):
+    def log(self, record: dict) -> None: ...
+
+
+class SweepAdapter(Protocol):
+    """What a joint checkpoint reads and restores of one adapter in training (`sweep.AdapterRun`)."""
+
+    @property
+    def plan(self) -> AdapterPlan: ...
+    @property
+    def adapter_names(self) -> list[str]: ...
+    @property
+    def rng(self) -> OwnState: ...
+    @property
+    def strategy(self) -> Strategy: ...
+    @property
+    def out(self) -> Logs: ...
+    @property
+    def step(self) -> int: ...
+    def stage_selection(self, staging: Path) -> None: ...
+    def progress(self) -> dict: ...
+    def restore(self, path: Path, state: dict) -> None: ...
+
+
+class SweepState(Protocol):
+    """What a joint checkpoint holds of a sweep (`sweep.Sweep`), and what resuming sets: its step, each
+    adapter's status, errors and pruning, and the adapters in training."""
+
+    step: int
+    due: bool
+    examples: int
+    seconds: float
+    status: list[str]
+    errors: dict[int, str]
+    rungs: dict[str, dict[str, float]]
+    pruned: dict[int, dict]
+
+    @property
+    def plan(self) -> SweepPlan: ...
+    @property
+    def out(self) -> RunOutput | NullOutput: ...
+    @property
+    def job(self) -> Strategy: ...
+    @property
+    def rank(self) -> int: ...
+    @property
+    def world(self) -> int: ...
+    @property
+    def runs(self) -> Mapping[int, SweepAdapter]: ...
+    def start(self, number: int) -> SweepAdapter: ...
 
 
 def prepare_dir(run_dir: Path, overwrite: bool, resume: bool) -> int | None:
@@ -31,42 +93,38 @@ def prepare_dir(run_dir: Path, overwrite: bool, resume: bool) -> int | None:
     return prepare_run_dir(run_dir, overwrite, resume, SWEEP_FILES, "a sweep")
 
 
-def save(sweep: Any) -> None:
+def save(sweep: SweepState) -> None:
     """Every rank: one checkpoint of the whole sweep (`sweep.Sweep`) at its current step."""
     sweep.due = False
     out, job = sweep.out, sweep.job
-    staging = ckpt.staging_dir(out.dir, sweep.step)
-    out.call(ckpt.begin, staging)
-    rng = job.all_gather_object(ckpt.rng_state())
-    own = job.all_gather_object({n: a.rng.state for n, a in sweep.runs.items()})  # per rank
-    job.barrier()
-    adapters = {}
-    for n, a in sweep.runs.items():
-        tensors, optimizer = a.strategy.adapter_state(a.adapter_names), a.strategy.optimizer_state()
-        states = [o[n] for o in own]
-        meta = out.call(_write_adapter, staging / "adapters" / a.plan.name, tensors, optimizer, states)
-        out.call(a.stage_selection, staging / "adapters" / a.plan.name)  # train.select's best adapter so far
-        adapters[a.plan.name] = {**a.progress(), "optimizer": meta}
-    names = [p.name for p in sweep.plan.adapters]
-    state = {
-        "step": sweep.step,
-        "identity": sweep.plan.identity(),
-        "status": dict(zip(names, sweep.status, strict=True)),
-        "errors": {names[i]: e for i, e in sweep.errors.items()},
-        "training": [a.plan.name for a in sweep.runs.values()],  # in batch order
-        "adapters": adapters,
-        "examples": sweep.examples,
-        "seconds": sweep.seconds,
-        "rungs": sweep.rungs,  # sweep.prune's record
-        "pruned": {names[i]: v for i, v in sweep.pruned.items()},
-        "world_size": sweep.world,
-        "config": sweep.plan.resolved,
-    }
-    keep = sweep.plan.cfg.train.keep_checkpoints
-    path = out.call(ckpt.commit, staging, adapter={}, optimizer=None, rng_states=rng, meta=state, keep=keep)
-    job.barrier()
-    if path is not None:
-        out.log({"event": "checkpoint", "step": sweep.step, "path": str(path)})
+
+    def fill(staging: Path) -> ckpt.Contents:
+        own = job.all_gather_object({n: a.rng.state for n, a in sweep.runs.items()})  # per rank
+        adapters = {}
+        for n, a in sweep.runs.items():
+            tensors, optimizer = a.strategy.adapter_state(a.adapter_names), a.strategy.optimizer_state()
+            states = [o[n] for o in own]
+            meta = out.call(_write_adapter, staging / "adapters" / a.plan.name, tensors, optimizer, states)
+            out.call(a.stage_selection, staging / "adapters" / a.plan.name)  # train.select's best adapter so far
+            adapters[a.plan.name] = {**a.progress(), "optimizer": meta}
+        names = [p.name for p in sweep.plan.adapters]
+        state = {
+            "step": sweep.step,
+            "identity": sweep.plan.identity(),
+            "status": dict(zip(names, sweep.status, strict=True)),
+            "errors": {names[i]: e for i, e in sweep.errors.items()},
+            "training": [a.plan.name for a in sweep.runs.values()],  # in batch order
+            "adapters": adapters,
+            "examples": sweep.examples,
+            "seconds": sweep.seconds,
+            "rungs": sweep.rungs,  # sweep.prune's record
+            "pruned": {names[i]: v for i, v in sweep.pruned.items()},
+            "world_size": sweep.world,
+            "config": sweep.plan.resolved,
+        }
+        return ckpt.Contents(adapter={}, optimizer=None, meta=state)  # the adapters' files are staged above
+
+    ckpt.save(out, job, sweep.step, sweep.plan.cfg.train.keep_checkpoints, fill)
 
 
 def _write_adapter(directory: Path, tensors: dict, optimizer: dict | None, states: list) -> dict | None:
@@ -77,7 +135,7 @@ def _write_adapter(directory: Path, tensors: dict, optimizer: dict | None, state
     return meta
 
 
-def resume(sweep: Any) -> None:
+def resume(sweep: SweepState) -> None:
     """Every rank: the sweep as its newest valid checkpoint holds it (`train.resume`), if there is one."""
     cfg, out = sweep.plan.cfg, sweep.out
     found = ckpt.resolve(cfg.train.resume, out.dir, say=out.print, kind="sweep")

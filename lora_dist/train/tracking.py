@@ -25,6 +25,7 @@ from tqdm import tqdm
 from ..config import Config, load_yaml
 from ..errors import UserError
 from ..files import write_atomic
+from ..rank_zero import is_rank_zero
 from .provenance import git_info
 from .wandb_sink import open_wandb
 
@@ -260,7 +261,7 @@ class NullOutput:
 def output_for(rank: int, run_dir: Path, log_every: int) -> RunOutput | NullOutput:
     """Rank 0's `RunOutput`, every other rank's `NullOutput`, which quiets the libraries' warnings and logging on
     its rank until it is closed (DeepSpeed's "Setting accelerator", torch's deprecations). Errors still print."""
-    if rank == 0:
+    if is_rank_zero(rank):
         return RunOutput(run_dir, log_every)
     return NullOutput(run_dir, quiet=True)
 
