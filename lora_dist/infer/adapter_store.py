@@ -140,10 +140,10 @@ def inside(root: Path, f: Path) -> bool:
 
 
 def describe(name: str, path: Path, base: str | None = None, root: Path | None = None) -> Entry:
-    """The adapter's description, read and checked (no tensors read for lora-dist's adapters), as an Entry."""
+    """The adapter's description, read and checked (no tensors read), as an Entry."""
     path = Path(path)
-    if peft.is_peft_dir(path):  # PEFT's own format names its tensors inside the tensor file: read once here
-        spec, _, source = read_adapter(path, base)
+    if peft.is_peft_dir(path):  # adapter_config.json and the tensor file's header; its tensors at first use
+        spec, source = peft.describe(path, base), str(path)
         e = Entry(name, path, spec, source, (), peft=True)
         e = Entry(name, path, spec, source, stamp(e.files), peft=True)
     else:
@@ -336,7 +336,7 @@ def materialize(parts: Parts, expected: Callable[[AdapterSpec], dict[str, tuple]
             raise Gone(f"adapter '{e.name}' was removed from disk") from err
         except (OSError, UserError) as err:
             raise Unavailable(f"adapter '{e.name}' cannot be read ({err})") from err
-        if spec != e.spec:
+        if not peft.agrees(spec, e.spec):  # (its tensors may leave out a layer or columns its header has)
             raise Unavailable(f"adapter '{e.name}' changed on disk since the adapters were last read; reload them")
     else:
         spec = e.spec
