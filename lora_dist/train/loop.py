@@ -14,11 +14,13 @@ import os
 import shutil
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import FrameType
 
 import torch
 import torch.nn.functional as F
+from torch.utils.data import DataLoader
 
 from .. import adapter as adapters
 from ..build import build_model, num_classes, seed_everything
@@ -29,7 +31,7 @@ from ..errors import UserError
 from ..lora import adapter_state_dict, count_params
 from ..model import GPT2, PADDING_FREE
 from ..report import finish_report
-from ..token_cache import cache_limit, open_cache, run_data, write_split_record
+from ..token_cache import CachedDataset, RunData, TokenCache, cache_limit, open_cache, run_data, write_split_record
 from . import checkpoint as ckpt
 from . import selection as selecting
 from .backend import Strategy
@@ -58,7 +60,7 @@ def read_step(values: list[torch.Tensor | float], width: int = 2) -> list[list[f
 class StopRequested:
     """SIGTERM / SIGUSR1 set a flag; the loop checkpoints at the next step boundary and exits 0."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.signal: int | None = None
         self.previous = {}
         for sig in (signal.SIGTERM, signal.SIGUSR1):
@@ -67,13 +69,15 @@ class StopRequested:
             except ValueError:  # not the main thread (e.g. a notebook): no signal handling
                 pass
 
-    def _handle(self, signum, frame) -> None:
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
         self.signal = signum
 
     def restore(self) -> None:
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
 
+
+EvalPlan = tuple[DataLoader, int]  # (this rank's loader over a split, the forward passes every rank runs)
 
 # Where a run stands: what a checkpoint records and a resumed run takes up again.
 PROGRESS = ("step", "epoch", "step_in_epoch", "examples_seen", "tokens_seen", "train_seconds")
@@ -96,6 +100,24 @@ class Trainer:
     def setup(self, resume: bool = True) -> None:
         """Everything before the first step; then, with `resume`, the run continues from its checkpoint
         (train.resume). A sweep's adapters pass False: the sweep resumes them from its joint checkpoint."""
+        cfg = self.cfg
+        self._claim()
+        # Tokenized once per cache directory (one process prepares, the others wait), then memory-mapped.
+        cache = open_cache(cfg.data, cache_limit(cfg.data), say=self.out.print)
+        model = self._build_model(cache.label_names)
+        data = self._read_data(cache, model.cfg.context_length)
+        self._make_loaders(data.datasets)
+        if cfg.train.compile:  # in place: the forward is compiled, parameter names keep no `_orig_mod.` prefix
+            model.compile()
+        self.strategy.prepare(model, self.micro, cfg.train.grad_accum)
+        self._announce(data.splits)
+        self._start_progress(data.datasets["train"])
+        if resume:
+            self._resume()
+
+    def _claim(self) -> None:
+        """Check that every rank has the same config, claim the run directory (locked until the run ends) and
+        mark it a run's (config.yaml, metrics.jsonl); seed every generator."""
         cfg, out, s = self.cfg, self.out, self.strategy
         digests = s.all_gather_object(cfg.digest())
         if len(set(digests)) > 1:
@@ -109,26 +131,33 @@ class Trainer:
         out.add_sink(JsonlSink(out.path("metrics.jsonl")))
         seed_everything(cfg.train.seed)
 
-        # Tokenized once per cache directory (one process prepares, the others wait), then memory-mapped.
-        cache = open_cache(cfg.data, cache_limit(cfg.data), say=out.print)
-        self.labels = cache.label_names
-        self.num_classes = num_classes(cfg, self.labels)
-        self.build_device = model_build_device(s.device)
+    def _build_model(self, labels: tuple[str, ...]) -> GPT2:
+        """The model for the data's labels (`build`), with its parameter counts and adapter tensors' names."""
+        self.labels = labels
+        self.num_classes = num_classes(self.cfg, self.labels)
+        self.build_device = model_build_device(self.strategy.device)
         model, self.lora_modules = self.build()
         self.total_params, self.trainable_params = count_params(model)
         self.adapter_names = list(adapter_state_dict(model))
-        data = run_data(cfg.data, model.cfg.context_length, say=out.print, cache=cache)
-        out.call(write_split_record, data, cfg.data, out.path("splits"), out.print)
+        return model
+
+    def _read_data(self, cache: TokenCache, context_length: int) -> RunData:
+        """The run's splits from the token cache; their record written to splits/ and their fingerprint kept."""
+        out = self.out
+        data = run_data(self.cfg.data, context_length, say=out.print, cache=cache)
+        out.call(write_split_record, data, self.cfg.data, out.path("splits"), out.print)
         self.data_sha256 = data.fingerprint
-        datasets, self.length = data.datasets, data.length
-        length = self.length
-        splits = data.splits
-        t = cfg.train
+        self.length = data.length
+        return data
+
+    def _make_loaders(self, datasets: dict[str, CachedDataset]) -> None:
+        """Each rank's loaders and micro-batch size, the evaluation batch, and the steps per epoch and in all."""
+        cfg, s, t = self.cfg, self.strategy, self.cfg.train
         self.micro = micro_batch_size(t.batch_size, self.world, t.grad_accum)
         free = cfg.model.causal_mask and cfg.model.pooling in PADDING_FREE
         self.loaders = make_loaders(
             datasets,
-            length,
+            self.length,
             cfg.data,
             self.micro,
             t.grad_accum,
@@ -146,11 +175,12 @@ class Trainer:
         self.total_steps = self.steps_per_epoch * t.epochs
         if t.max_steps:
             self.total_steps = min(self.total_steps, t.max_steps)
-        if t.compile:  # in place: the forward is compiled, parameter names keep no `_orig_mod.` prefix
-            model.compile()
-        s.prepare(model, self.micro, t.grad_accum)
-        out.print(self.header(splits))
-        out.start(
+
+    def _announce(self, splits: dict) -> None:
+        """The run's header on the console, and its start (what it trains, where, how long) to every sink."""
+        cfg, s = self.cfg, self.strategy
+        self.out.print(self.header(splits))
+        self.out.start(
             cfg,
             {
                 "model": cfg.model.name,
@@ -167,14 +197,17 @@ class Trainer:
                 "data_sha256": self.data_sha256,
             },
         )
+
+    def _start_progress(self, train: CachedDataset) -> None:
+        """Where a new run stands (step 0), its best-so-far record (train.select / train.early_stop) and its
+        loss's class weights (data.balance=weight)."""
         self.step, self.epoch, self.step_in_epoch, self.examples_seen, self.tokens_seen = 0, 0, 0, 0, 0
         self.train_seconds = 0.0
         self.stepped = False
-        # train.select / train.early_stop: the best evaluation so far (train/selection.py); None when neither is set
+        # the best evaluation so far (train/selection.py); None when neither train.select nor train.early_stop is set
+        t = self.cfg.train
         self.selection = selecting.Selection(t) if selecting.Selection.wanted(t) else None
-        self.class_weights(datasets["train"])
-        if resume:
-            self._resume()
+        self.class_weights(train)
 
     def header(self, splits: dict) -> str:
         """The lines a run starts with: model and backend, parameters, data and steps."""
@@ -430,7 +463,7 @@ class Trainer:
         )
 
     # ------------------------------------------------------------------------------------- evaluation
-    def eval_plan(self, split: str, limit: int | None = None):
+    def eval_plan(self, split: str, limit: int | None = None) -> EvalPlan:
         """(this rank's loader over the split or its first `limit` examples, the number of forward passes)."""
         # `eval_batch`: micro-batches where padding could change a prediction (pooling `last` with padding batch).
         loader = eval_loader(self.loaders, split, self.eval_batch, self.world, self.rank, limit)
@@ -438,7 +471,9 @@ class Trainer:
         return loader, int(self.strategy.all_reduce(torch.tensor([len(loader)], dtype=torch.float64), op="max")[0])
 
     @torch.no_grad()
-    def evaluate(self, split: str, limit: int | None = None, plan=None, tick=None) -> dict:
+    def evaluate(
+        self, split: str, limit: int | None = None, plan: EvalPlan | None = None, tick: Callable[[], None] | None = None
+    ) -> dict:
         """Loss and accuracy over a split (or its first `limit` examples), exact across ranks: counts are
         all-reduced and each example is read by exactly one rank. `tick()`, if given, follows each batch."""
         s = self.strategy
@@ -539,7 +574,7 @@ class Trainer:
         os.replace(written, final)
         shutil.rmtree(staging, ignore_errors=True)
 
-    def class_weights(self, train) -> None:
+    def class_weights(self, train: CachedDataset) -> None:
         """data.balance=weight: the loss weights, inverse class frequency over the training split."""
         if self.cfg.data.balance != "weight":
             return
