@@ -19,6 +19,7 @@ import math
 import os
 import re
 import typing
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
@@ -109,7 +110,9 @@ class AdapterSpec:
 
     # ------------------------------------------------------------------------------------ building
     @classmethod
-    def for_run(cls, cfg: Config, labels, length: int, modules: list[str], base: BaseModel) -> AdapterSpec:
+    def for_run(
+        cls, cfg: Config, labels: Iterable[str], length: int, modules: list[str], base: BaseModel
+    ) -> AdapterSpec:
         """The description of what `cfg` trains (train/loop.py calls this when it saves the result)."""
         lora = None
         if cfg.train.trainable == "lora":
@@ -282,7 +285,7 @@ def _base_shape(name: str, source: str, context_length: int | None) -> tuple[int
     return model.cfg.context_length, model.cfg.vocab_size, layers
 
 
-def default_labels(labels) -> bool:
+def default_labels(labels: Iterable[str]) -> bool:
     """Whether `labels` are transformers' stand-ins (LABEL_0, LABEL_1, ...): an adapter that names no classes."""
     return all(label == f"LABEL_{i}" for i, label in enumerate(labels))
 
@@ -310,21 +313,21 @@ def with_labels(spec: AdapterSpec, labels: str | list[str] | tuple[str, ...] | N
     return replace(spec, labels=tuple(names))
 
 
-def whole(v, lo: int, hi: int | None = None) -> bool:
+def whole(v: object, lo: int, hi: int | None = None) -> bool:
     """Whether `v` is an int (not a bool, not a float such as 1e12) in [lo, hi]."""
     return isinstance(v, int) and not isinstance(v, bool) and v >= lo and (hi is None or v <= hi)
 
 
-def finite_number(v) -> bool:
+def finite_number(v: object) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 @functools.cache  # get_type_hints compiles every annotation: most of the time of reading 1,000 descriptions
-def _choices(cls, name: str) -> tuple:
+def _choices(cls: type, name: str) -> tuple:
     return typing.get_args(typing.get_type_hints(cls)[name])
 
 
-def _lora_problem(lora) -> str | None:
+def _lora_problem(lora: object) -> str | None:
     """What is wrong with an adapter description's `lora` object, or None."""
     if not isinstance(lora, dict):
         return "lora must be an object"

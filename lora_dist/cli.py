@@ -23,7 +23,7 @@ import torch
 
 from . import describe, export, report, sweep_report
 from .build import build_model, num_classes
-from .config import load_config
+from .config import Config, load_config
 from .device import PRECISIONS, DistEnv, set_cpu_threads
 from .errors import UserError
 from .infer import classify, evaluate
@@ -125,7 +125,7 @@ def _main(argv: list[str] | None) -> int:
         return 1
 
 
-def _tool(args) -> int:
+def _tool(args: argparse.Namespace) -> int:
     """The commands that read a run or an adapter, no config: report, eval, classify, adapter, export."""
     if args.command == "classify":
         return classify.main(args)
@@ -145,7 +145,7 @@ def _tool(args) -> int:
     return evaluate.main(args.run_dir, args.split, args.data, args.device, args.json, args.precision, args.batch_size)
 
 
-def _context_length(cfg) -> int:
+def _context_length(cfg: Config) -> int:
     """The model's context, from its structure alone (built on the meta device, no weights read)."""
     m = cfg.model
     structure = replace(m, weights="random", name=m.name if m.weights in ("pretrained", "random") else m.weights)
@@ -154,7 +154,7 @@ def _context_length(cfg) -> int:
     return model.cfg.context_length
 
 
-def _prepare(cfg, rank: int) -> int:
+def _prepare(cfg: Config, rank: int) -> int:
     """`lora-dist prepare`: what a training run's start does to its data, with progress (rank 0 prints)."""
 
     def say(message: str) -> None:
@@ -173,7 +173,7 @@ def _prepare(cfg, rank: int) -> int:
     return 0
 
 
-def _params(cfg) -> int:
+def _params(cfg: Config) -> int:
     """Counts come from the model's structure alone: built on the meta device, no weights read. The number
     of classes comes from the data's labels (or model.num_classes)."""
     m = cfg.model

@@ -17,11 +17,16 @@ import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import yaml
 
 from .errors import UserError
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+T = TypeVar("T", bound="DataclassInstance")  # a config dataclass (`build`)
 
 # The lists of choices, each defined here once (the command line's flags and the modules that check them read these)
 PrecisionChoice = Literal["auto", "fp32", "bf16", "fp16"]
@@ -46,7 +51,7 @@ class ModelConfig:
     pooling: PoolingChoice = "last_real"
     causal_mask: bool = True  # false: every token attends to every position (the book's row 17)
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         _check(
             self.num_classes is None or self.num_classes >= 2, "model.num_classes must be >= 2 (or null: from the data)"
         )
@@ -93,7 +98,7 @@ class DataConfig:
     # run always records its splits by reference: splits/splits.json (the cache's key) and splits/index.npz.
     write_splits: bool | None = None
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if isinstance(self.balance, bool):  # the book's `balance: true`, and `false`
             object.__setattr__(self, "balance", "undersample" if self.balance else "none")
         _check(
@@ -130,7 +135,7 @@ class LoRAConfig:
     head: bool = True  # an adapter on the 2-class head too (the book does)
     train_head: bool = False  # train the head's own weights in full (PEFT's modules_to_save)
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         _check(self.rank > 0, f"lora.rank must be > 0, got {self.rank}")
         _check(self.alpha > 0, f"lora.alpha must be > 0, got {self.alpha}")
         _check(0.0 <= self.dropout < 1.0, "lora.dropout must be in [0, 1)")
@@ -146,7 +151,7 @@ class SelectConfig:
     mode: Literal["min", "max"] | None = None  # default: min for val_loss, max for the others
     examples: int | None = None  # select on the first N validation messages (a fixed subset); default: all
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         _check(self.examples is None or self.examples > 0, "train.select.examples must be > 0 (or null: all)")
 
     @property
@@ -162,7 +167,7 @@ class EarlyStopConfig:
     patience: int = 3
     min_delta: float = 0.0
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         _check(self.patience >= 1, f"train.early_stop.patience must be >= 1, got {self.patience}")
         _check(self.min_delta >= 0, f"train.early_stop.min_delta must be >= 0, got {self.min_delta}")
 
@@ -206,7 +211,7 @@ class TrainConfig:
     select: SelectConfig | None = None  # null: the last step's adapter is kept
     early_stop: EarlyStopConfig | None = None  # null: train every step
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         _check(self.epochs > 0, f"train.epochs must be > 0, got {self.epochs}")
         _check(self.batch_size > 0, f"train.batch_size must be > 0, got {self.batch_size}")
         _check(self.grad_accum > 0, f"train.grad_accum must be > 0, got {self.grad_accum}")
@@ -234,7 +239,7 @@ class DistConfig:
     # DeepSpeedCPUAdam under optimizer offload, compiled at first use (nvcc matching torch's CUDA; ninja)
     deepspeed_optimizer: Literal["torch", "deepspeed"] = "torch"
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         _check(self.timeout_s > 0, "dist.timeout_s must be > 0")
 
 
@@ -253,7 +258,7 @@ class TrackingConfig:
     wandb: WandbConfig = field(default_factory=WandbConfig)
     log_every: int = 10  # steps between metric lines / progress updates
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         _check(self.log_every > 0, "tracking.log_every must be > 0")
 
 
@@ -268,7 +273,7 @@ class Config:
     dist: DistConfig = field(default_factory=DistConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         _check(
             bool(self.output_dir.strip()),
             "output_dir is empty, which would write the run into the current directory; "
@@ -291,7 +296,7 @@ def _check(ok: bool, message: str) -> None:
         raise UserError(message)
 
 
-def _to_plain(obj):
+def _to_plain(obj: Any) -> Any:
     if isinstance(obj, dict):
         return {k: _to_plain(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
@@ -325,7 +330,7 @@ class _BoundedLoader(yaml.SafeLoader):
 
     depth = 0
 
-    def compose_node(self, parent, index):
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
         if self.check_event(yaml.AliasEvent):
             event = self.peek_event()
             raise yaml.composer.ComposerError(
@@ -403,7 +408,7 @@ def apply_override(raw: dict, item: str) -> None:
     node[parts[-1]] = parsed
 
 
-def build(cls, raw: Any, prefix: str):
+def build(cls: type[T], raw: Any, prefix: str) -> T:
     """Build dataclass `cls` from a plain mapping, checking keys and value types."""
     if not isinstance(raw, dict):
         raise UserError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {raw!r:.200}")
@@ -421,11 +426,11 @@ def build(cls, raw: Any, prefix: str):
     return cls(**kwargs)
 
 
-def _coerce(tp, value, key: str):
+def _coerce(tp: Any, value: Any, key: str) -> Any:
     origin = typing.get_origin(tp)
     if tp is Any:  # a value checked where it is used (a sweep's values, by the key they set)
         return value
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         return build(tp, value if value is not None else {}, key + ".")
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
@@ -453,7 +458,7 @@ def _coerce(tp, value, key: str):
     return _scalar(tp, value, key)
 
 
-def _scalar(tp, value, key: str):
+def _scalar(tp: Any, value: Any, key: str) -> Any:
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -483,7 +488,7 @@ def _scalar(tp, value, key: str):
     raise UserError(f"{key} must be {tp.__name__}; got {value!r:.200} ({type(value).__name__})")
 
 
-def valid_keys(cls=Config, prefix: str = "") -> list[str]:
+def valid_keys(cls: type = Config, prefix: str = "") -> list[str]:
     """Every dotted key the config accepts (for help text and tests)."""
     out = []
     hints = typing.get_type_hints(cls)

@@ -17,6 +17,7 @@ import io
 import os
 import urllib.request
 import zipfile
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -30,6 +31,9 @@ from .config import DataConfig
 from .device import default_pad_multiple
 from .errors import UserError
 from .tokenizer import cut, get_tokenizer
+
+Say = Callable[[str], None]  # where progress and notes go (print, or a run's rank-0 output)
+Example = tuple[list[int], int]  # a message's token ids and its class index, as a data set yields it
 
 SMS_SHA256 = "7d039a24a6083ed9ef0f806ebad56bbb976e3aeb8de05669173bfdc4996c239d"
 SMS_LABELS = ("ham", "spam")
@@ -71,7 +75,7 @@ def download_sms(url: str, cache_dir: Path | None = None, timeout: float = 15.0)
     return target
 
 
-def sms_path(cfg: DataConfig, say=print) -> Path:
+def sms_path(cfg: DataConfig, say: Say = print) -> Path:
     """The UCI file: the copy shipped in the package, verified by the same SHA-256 as a download. Only with
     `data.download: true` is it fetched from `data.url` (and cached); offline that falls back to the shipped copy."""
     if cfg.download:
@@ -172,7 +176,7 @@ def label_counts(frame: pd.DataFrame, most: int = 6) -> str:
     return ", ".join(shown) + (f" and {len(counts) - most} more" if len(counts) > most else "")
 
 
-def load_frame(source: str, cfg: DataConfig | None = None, say=print) -> pd.DataFrame:
+def load_frame(source: str, cfg: DataConfig | None = None, say: Say = print) -> pd.DataFrame:
     cfg = cfg or DataConfig()
     if source == "sms":
         return read_sms(sms_path(cfg, say))
@@ -182,11 +186,13 @@ def load_frame(source: str, cfg: DataConfig | None = None, say=print) -> pd.Data
 # ----------------------------------------------------------------------------------------- labels
 
 
-def _label_key(label: str):
+def _label_key(label: str) -> tuple[int, int, str]:
     return (0, int(label), "") if label.lstrip("-").isdigit() else (1, 0, label)
 
 
-def label_order(labels, wanted: tuple[str, ...] | None = None, source: str = "the data") -> tuple[str, ...]:
+def label_order(
+    labels: Iterable[str], wanted: tuple[str, ...] | None = None, source: str = "the data"
+) -> tuple[str, ...]:
     """The class labels, in order: `wanted` (data.labels), checked against the data's, or the data's
     own, sorted (numerically when they are all integers). At least two are needed."""
     found = set(labels)
@@ -219,7 +225,7 @@ def balance(frame: pd.DataFrame, seed: int = 123) -> pd.DataFrame:
     return pd.concat([g if len(g) == n else g.sample(n, random_state=seed) for g in groups])
 
 
-def inverse_frequency(labels, k: int, names=None) -> torch.Tensor:
+def inverse_frequency(labels: Sequence[int] | np.ndarray, k: int, names: Sequence[str] | None = None) -> torch.Tensor:
     """data.balance=weight: each class's loss weight, n / (k * n_c) over the training labels (class indices), as
     scikit-learn's class_weight="balanced": a weighted mean over the messages of a batch drawn at these
     frequencies is 1 per message, as without weights."""
@@ -259,7 +265,7 @@ def fingerprint(splits: dict[str, pd.DataFrame]) -> str:
     return digest.hexdigest()
 
 
-def prepare_splits(cfg: DataConfig, say=print) -> dict[str, pd.DataFrame]:
+def prepare_splits(cfg: DataConfig, say: Say = print) -> dict[str, pd.DataFrame]:
     frame = load_frame(cfg.source, cfg, say)
     if cfg.balance == "undersample":  # "weight" keeps every message and weights the loss instead
         frame = balance(frame, cfg.seed)
@@ -301,7 +307,7 @@ class SpamDataset(Dataset):
     def __len__(self) -> int:
         return len(self.ids)
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, i: int) -> Example:
         return self.ids[i], self.labels[i]
 
 
@@ -312,7 +318,7 @@ class Batch:
     labels: torch.Tensor  # (B,)
     tokens: int  # real (non-pad) tokens in the batch
 
-    def to(self, device) -> Batch:
+    def to(self, device: torch.device) -> Batch:
         nb = device.type == "cuda"
         return Batch(
             self.ids.to(device, non_blocking=nb),
@@ -337,7 +343,7 @@ class Collate:
     def __init__(self, pad_id: int, fixed_length: int | None = None, multiple: int = 1, cap: int | None = None):
         self.pad_id, self.fixed_length, self.multiple, self.cap = pad_id, fixed_length, multiple, cap
 
-    def __call__(self, items) -> Batch:
+    def __call__(self, items: Sequence[Example]) -> Batch:
         seqs = [ids if ids else [self.pad_id] for ids, _ in items]
         T = self.fixed_length or self.width(max(len(s) for s in seqs))
         ids = torch.full((len(seqs), T), self.pad_id, dtype=torch.long)

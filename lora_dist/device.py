@@ -15,8 +15,9 @@ import contextlib
 import datetime
 import os
 import socket
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -68,22 +69,27 @@ def pick_device(name: str | torch.device = "auto", local_rank: int = 0, key: str
 THREADS_ENV = "LORA_DIST_THREADS"  # auto (the default) | torch | a number
 
 
-def cpu_threads(environ=None, cores: int | None = None, load: float | None = None, default: int | None = None):
+def cpu_threads(
+    environ: Mapping[str, str] | None = None,
+    cores: int | None = None,
+    load: float | None = None,
+    default: int | None = None,
+) -> tuple[int | None, str]:
     """(torch threads for the CPU's work, or None to leave torch's choice; why). torch takes every core for its
     threads, and where other processes keep the cores busy those threads wait on each other at every parallel
     region: on a shared 2-core machine the smoke config trained 4-20x slower with torch's 2 threads than with 1
     (bench/results/threads-*.json). So, unless $LORA_DIST_THREADS or $OMP_NUM_THREADS says otherwise: torch's
     count, capped by the cores the load average leaves free (at least 1)."""
-    environ = os.environ if environ is None else environ
-    want = environ.get(THREADS_ENV, "auto").strip().lower() or "auto"
+    env: Mapping[str, str] = os.environ if environ is None else environ
+    want = env.get(THREADS_ENV, "auto").strip().lower() or "auto"
     if want == "torch":
         return None, f"{THREADS_ENV}=torch"
     if want != "auto":
         if not want.isdigit() or not 1 <= int(want) <= 4096:
             raise UserError(f"{THREADS_ENV}={want!r} must be auto, torch or a number of threads from 1 to 4096")
         return int(want), f"{THREADS_ENV}={want}"
-    if environ.get("OMP_NUM_THREADS"):
-        return None, f"OMP_NUM_THREADS={environ['OMP_NUM_THREADS']}"
+    if env.get("OMP_NUM_THREADS"):
+        return None, f"OMP_NUM_THREADS={env['OMP_NUM_THREADS']}"
     if cores is None:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     if load is None:
@@ -97,7 +103,7 @@ def cpu_threads(environ=None, cores: int | None = None, load: float | None = Non
     return n, f"{n} of {default}: load average {load:.1f} on {cores} cores" if n < default else f"{n}, torch's own"
 
 
-def set_cpu_threads(environ=None) -> int:
+def set_cpu_threads(environ: Mapping[str, str] | None = None) -> int:
     """Apply `cpu_threads` (once a process, before the first parallel region); returns torch's thread count."""
     n, _ = cpu_threads(environ)
     if n is not None and n != torch.get_num_threads():
@@ -193,7 +199,7 @@ def attention_in_fp32(q: torch.Tensor) -> bool:
     return q.device.type == "cpu" and q.dtype == torch.bfloat16
 
 
-def autocast(device: torch.device, precision: str, cache: bool = True):
+def autocast(device: torch.device, precision: str, cache: bool = True) -> contextlib.AbstractContextManager[Any]:
     """The context a forward pass runs in: autocast to bf16/fp16, or nothing for fp32. `cache=False` for a pass
     captured in a CUDA graph (autocast's cache of cast weights must not outlive the capture)."""
     dtype = AMP_DTYPES[precision]

@@ -28,10 +28,12 @@ from pathlib import Path
 
 import torch
 
+from .adapter import AdapterSpec
 from .build import load_trained, read_adapter
 from .errors import UserError
 from .files import WRITE_ERRORS, write_error
 from .lora import LinearWithLoRA, adapted_layers, adapter_names, base_key, merge
+from .model import GPT2, GPTConfig
 from .peft import PREFIX, SIDECAR, hf_modules
 from .weights import hf_config, hf_state_dict, key_map, save_file
 
@@ -69,7 +71,7 @@ def main(path: str, fmt: str, out: str, base: str | None = None) -> int:
     return 0
 
 
-def check_exportable(spec, fmt: str, source: str) -> None:
+def check_exportable(spec: AdapterSpec, fmt: str, source: str) -> None:
     """What transformers' GPT2ForSequenceClassification cannot do is refused, never approximated."""
     if spec.pooling != "last_real":
         raise UserError(
@@ -91,7 +93,7 @@ def check_exportable(spec, fmt: str, source: str) -> None:
 # ------------------------------------------------------------------------------------------- writing
 
 
-def _plain_state(model) -> dict[str, torch.Tensor]:
+def _plain_state(model: GPT2) -> dict[str, torch.Tensor]:
     """The model's own weights under the plain GPT2 names (LoRA wrappers' `.linear.` dropped, adapters left out)."""
     skip = adapter_names(model)
     return {k.replace(".linear.", "."): v for k, v in model.state_dict().items() if k not in skip}
@@ -104,7 +106,7 @@ def _save(tensors: dict[str, torch.Tensor], file: Path) -> None:
 
 
 @torch.no_grad()
-def head_without_bias(model, source: str) -> tuple[torch.Tensor, torch.Tensor]:
+def head_without_bias(model: GPT2, source: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(score weight (classes, C), final LayerNorm bias (C,)): the head, its LoRA merged, with its bias
     moved into the LayerNorm's bias, so that the bias-free `score` gives the same logits."""
     head = model.head
@@ -126,7 +128,7 @@ def head_without_bias(model, source: str) -> tuple[torch.Tensor, torch.Tensor]:
     return W.clone(), new
 
 
-def write_merged(model, spec, out: Path) -> list[str]:
+def write_merged(model: GPT2, spec: AdapterSpec, out: Path) -> list[str]:
     """config.json (GPT2ForSequenceClassification) and model.safetensors, LoRA folded into the weights."""
     merge(model)
     score, ln_f_bias = head_without_bias(model, "the adapter")
@@ -136,13 +138,15 @@ def write_merged(model, spec, out: Path) -> list[str]:
     return []
 
 
-def write_classifier(cfg, spec, body: dict[str, torch.Tensor], score: torch.Tensor, out: Path) -> None:
+def write_classifier(
+    cfg: GPTConfig, spec: AdapterSpec, body: dict[str, torch.Tensor], score: torch.Tensor, out: Path
+) -> None:
     """A GPT2ForSequenceClassification checkpoint: model.safetensors (`transformer.*`, `score.weight`), config.json."""
     _save({f"transformer.{k}": v for k, v in body.items()} | {"score.weight": score}, out / "model.safetensors")
     (out / "config.json").write_text(json.dumps(classifier_config(cfg, spec), indent=2) + "\n")
 
 
-def classifier_config(cfg, spec) -> dict:
+def classifier_config(cfg: GPTConfig, spec: AdapterSpec) -> dict:
     return hf_config(cfg) | {
         "architectures": ["GPT2ForSequenceClassification"],
         "id2label": dict(enumerate(spec.labels)),
@@ -158,7 +162,9 @@ def classifier_config(cfg, spec) -> dict:
     }
 
 
-def write_peft(model, spec, names: set[str], source: str, out: Path, final: Path, base: str | None) -> list[str]:
+def write_peft(
+    model: GPT2, spec: AdapterSpec, names: set[str], source: str, out: Path, final: Path, base: str | None
+) -> list[str]:
     """adapter_config.json + adapter_model.safetensors (PEFT's names), and lora-dist's description beside them."""
     table, C = hf_modules(model.cfg.n_layers), model.cfg.emb_dim
     notes: list[str] = []
@@ -196,7 +202,8 @@ def write_peft(model, spec, names: set[str], source: str, out: Path, final: Path
                 col += r
         tensors[f"{PREFIX}{hf}.lora_A.weight"], tensors[f"{PREFIX}{hf}.lora_B.weight"] = A, B
         ranks[hf], scales[hf] = A.shape[0], s
-    rslora = bool(spec.lora) and spec.lora.get("scaling") == "rslora"
+    lora = spec.lora or {}
+    rslora = lora.get("scaling") == "rslora"
     alphas = {hf: scales[hf] * (math.sqrt(ranks[hf]) if rslora else ranks[hf]) for hf in groups}  # PEFT: alpha / r
     r0, a0 = Counter((ranks[hf], alphas[hf]) for hf in groups).most_common(1)[0][0]
     score, ln_f_bias = head_without_bias(model, source)
@@ -218,7 +225,7 @@ def write_peft(model, spec, names: set[str], source: str, out: Path, final: Path
         "r": r0,
         "lora_alpha": a0,
         "use_rslora": rslora,
-        "lora_dropout": spec.lora.get("dropout", 0.0),
+        "lora_dropout": lora.get("dropout", 0.0),
         "target_modules": list(groups),
         "fan_in_fan_out": True,
         "bias": "none",
@@ -236,7 +243,9 @@ def write_peft(model, spec, names: set[str], source: str, out: Path, final: Path
     return notes
 
 
-def _saved_overrides(model, spec, groups, tensors, source) -> list[str]:
+def _saved_overrides(
+    model: GPT2, spec: AdapterSpec, groups: dict[str, dict], tensors: dict[str, torch.Tensor], source: str
+) -> list[str]:
     """Base tensors the adapter replaces (read from another PEFT adapter's modules_to_save), saved the same way."""
     extra = [k for k in spec.overrides if not k.startswith("final_norm.")]
     if not extra:
@@ -253,7 +262,7 @@ def _saved_overrides(model, spec, groups, tensors, source) -> list[str]:
     return [f"transformer.{m}" for m in modules]
 
 
-def _base_ref(model, spec, out: Path, final: Path, base: str | None, notes: list[str]) -> str:
+def _base_ref(model: GPT2, spec: AdapterSpec, out: Path, final: Path, base: str | None, notes: list[str]) -> str:
     """base_model_name_or_path: the hub repo, the local base directory, or for random weights a copy of them in
     base-model/, named by its absolute path (transformers reads a relative one from the working directory)."""
     if base is not None:
@@ -304,7 +313,7 @@ tok = AutoTokenizer.from_pretrained("NEW")  # pass truncation=True: the adapter'
 """
 
 
-def write_tokenizer(out: Path, spec) -> None:
+def write_tokenizer(out: Path, spec: AdapterSpec) -> None:
     """GPT-2's tokenizer files (vocab.json, merges.txt: the BPE lora-dist ships), padding with <|endoftext|>."""
     assets = resources.files("lora_dist") / "assets"
     (out / "vocab.json").write_bytes((assets / "encoder.json").read_bytes())

@@ -17,8 +17,9 @@ from __future__ import annotations
 import difflib
 import math
 import re
+from collections.abc import Iterable
 from fnmatch import fnmatchcase
-from typing import ClassVar, Protocol
+from typing import Any, ClassVar, Protocol
 
 import torch
 from torch import nn
@@ -211,7 +212,7 @@ def inject_lora(model: nn.Module, cfg: LoRAConfig, head_name: str = "head") -> l
     return chosen
 
 
-def check_targets(patterns, names: list[str]) -> None:
+def check_targets(patterns: Iterable[str], names: list[str]) -> None:
     """UserError naming the first pattern of `lora.targets` that matches none of the Linear layers `names`, with
     the layer names it could have meant (block numbers as *)."""
     for t in patterns:
@@ -294,7 +295,7 @@ class _CastAll(torch.autograd.Function):
     pass their gradients back to the tensors' own dtypes, in one more. The same roundings as a cast each."""
 
     @staticmethod
-    def forward(ctx, dtype, *tensors):
+    def forward(ctx: Any, dtype: torch.dtype, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
         ctx.dtypes = [t.dtype for t in tensors]
         ctx.set_materialize_grads(False)  # a tensor no loss reached keeps no gradient, as with a cast each
         out = [torch.empty_like(t, dtype=dtype) for t in tensors]
@@ -302,11 +303,11 @@ class _CastAll(torch.autograd.Function):
         return tuple(out)
 
     @staticmethod
-    def backward(ctx, *grads):
-        given = [i for i, g in enumerate(grads) if g is not None]
-        back = [torch.empty_like(grads[i], dtype=ctx.dtypes[i]) for i in given]
+    def backward(ctx: Any, *grads: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+        given = {i: g for i, g in enumerate(grads) if g is not None}
+        back = [torch.empty_like(g, dtype=ctx.dtypes[i]) for i, g in given.items()]
         if given:
-            torch._foreach_copy_(back, [grads[i] for i in given])
+            torch._foreach_copy_(back, list(given.values()))
         fp32 = dict(zip(given, back, strict=True))
         return (None, *(fp32.get(i) for i in range(len(grads))))
 
@@ -323,13 +324,13 @@ def cast_adapters_once(model: nn.Module, dtype: torch.dtype) -> int:
     params = [t for m in layers for t in (m.A, m.B)]
     device_type = params[0].device.type
 
-    def before(module, args):
+    def before(module: nn.Module, args: tuple) -> None:
         if torch.is_autocast_enabled(device_type) and torch.get_autocast_dtype(device_type) == dtype:
             low = _CastAll.apply(dtype, *params)
             for i, m in enumerate(layers):
                 m.cast = (low[2 * i], low[2 * i + 1])
 
-    def after(module, args, output):
+    def after(module: nn.Module, args: tuple, output: object) -> None:
         for m in layers:  # nothing cast outlives the pass (nor a captured graph)
             m.cast = None
 

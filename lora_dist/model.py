@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -76,7 +77,7 @@ def canonical_name(name: str) -> str:
     return key
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kw) -> torch.Tensor:
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kw: Any) -> torch.Tensor:
     """Scaled dot-product attention. On the CPU, bf16 inputs are computed in fp32: PyTorch's CPU flash
     attention backward is several times slower in bf16 than in fp32 (it is a small share of the FLOPs, and
     the scores are more accurate too); the output keeps the inputs' dtype."""

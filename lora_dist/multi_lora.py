@@ -18,6 +18,7 @@ gives each adapter's rows its own head.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
@@ -28,7 +29,7 @@ from .lora import Adapter, adapter_of
 class Rows:
     """Which adapter each row of the batch in flight uses (set around each forward pass)."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.index: torch.Tensor | None = None  # (B,) adapter numbers
         self.single: int | None = None  # every row uses this adapter: plain matmuls
         self.by_row: list[tuple[int, int, int]] = []  # (adapter, first row, end row) per run of one adapter
@@ -99,7 +100,7 @@ class MultiHead(nn.Module):
     W: torch.Tensor  # (n, L_max, C), a buffer
     b: torch.Tensor  # (n, L_max), a buffer
 
-    def __init__(self, rows: Rows, heads: list[tuple[torch.Tensor, torch.Tensor]], device):
+    def __init__(self, rows: Rows, heads: list[tuple[torch.Tensor, torch.Tensor]], device: torch.device | str):
         super().__init__()
         self.rows = rows
         n, width = len(heads), heads[0][0].shape[1]
@@ -130,7 +131,7 @@ def stack_adapters(model: nn.Module, adapters: list[dict[str, tuple]], heads: li
     return len(names)
 
 
-def wrap(model: nn.Module, names, make) -> None:
+def wrap(model: nn.Module, names: Iterable[str], make: Callable[[str, nn.Linear], nn.Module]) -> None:
     """Replace each module named in `names` by `make(name, module)`, in the model's layer order."""
     for name in sorted(names, key=lambda n: [int(p) if p.isdigit() else p for p in n.split(".")]):
         parent_name, _, child = name.rpartition(".")

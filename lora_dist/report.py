@@ -9,7 +9,7 @@ class and macro, are computed from its confusion matrices); the header comes fro
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import yaml
@@ -131,7 +131,7 @@ def write_report(run_dir: Path) -> Path:
     return write_atomic(run_dir / "report.md", render(run_dir, results, plots))
 
 
-def finish_report(run_dir: Path, say=print) -> None:
+def finish_report(run_dir: Path, say: Callable[[str], None] = print) -> None:
     """What training calls at the end (rank 0): the report must never fail a finished run."""
     try:
         path = write_report(run_dir)
@@ -190,13 +190,13 @@ def _selection(results: dict) -> list[str]:
     return [line]
 
 
-def pct(x) -> str:
+def pct(x: float | None) -> str:
     return "" if x is None else f"{x * 100:.2f}%"
 
 
-def num(x, digits: int) -> str:
+def num(x: float | None, digits: int) -> str:
     return "" if x is None else f"{x:,.{digits}f}"
 
 
-def as_int(x) -> str:
+def as_int(x: float | None) -> str:
     return "" if x is None else f"{int(x):,}"

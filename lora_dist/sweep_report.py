@@ -58,7 +58,7 @@ def trained(evaluations: list[dict]) -> list[dict]:
     return [r for r in evaluations if r["step"] > 1 or r["step"] == last]
 
 
-def _order(e: dict):
+def _order(e: dict) -> tuple[bool, float, float, str]:
     return (e.get("status") != "done", -(e.get("val_accuracy") or 0.0), e.get("val_loss") or float("inf"), e["name"])
 
 

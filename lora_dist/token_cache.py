@@ -27,7 +27,7 @@ import re
 import shutil
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,7 +37,7 @@ import tiktoken
 from torch.utils.data import Dataset
 
 from .config import DataConfig
-from .data import SMS_SHA256, _label_key, encode, label_order, sms_path
+from .data import SMS_SHA256, Example, Say, _label_key, encode, label_order, sms_path
 from .errors import UserError
 from .tokenizer import _ENCODER_SHA, _VOCAB_SHA
 
@@ -45,7 +45,7 @@ FORMAT = 1  # bump when the arrays or the manifest change meaning: older caches 
 CHUNK_ROWS = 65_536  # rows read and tokenized at a time: memory stays bounded whatever the file's size
 FORMATS = {".csv": "csv", ".tsv": "tsv", ".tab": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl"}
 FORMATS |= {".parquet": "parquet", ".pq": "parquet"}
-Say = Callable[[str], None]
+Chunk = tuple[int, list, list]  # (first row number, texts, labels): `read_chunks`'s steps
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
@@ -143,7 +143,7 @@ def cache_key(cfg: DataConfig, files: list[Path], limit: int, memo_dir: Path | N
 # ------------------------------------------------------------------------------------------ reading
 
 
-def read_chunks(path: Path, fmt: str, cfg: DataConfig, rows: int | None = None) -> Iterator[tuple[int, list, list]]:
+def read_chunks(path: Path, fmt: str, cfg: DataConfig, rows: int | None = None) -> Iterator[Chunk]:
     """(first row number, texts, labels) of `rows` rows at a time; row numbers count data rows from 1. Bad rows
     raise UserError naming the file, the row or line, and the column."""
     rows = rows or CHUNK_ROWS
@@ -168,7 +168,7 @@ def _columns(path: Path, found: list[str], cfg: DataConfig) -> tuple[str, str]:
     return by_key[want[0].strip().lower()], by_key[want[1].strip().lower()]
 
 
-def _csv_chunks(path: Path, fmt: str, cfg: DataConfig, rows: int):
+def _csv_chunks(path: Path, fmt: str, cfg: DataConfig, rows: int) -> Iterator[Chunk]:
     sep = "\t" if fmt in ("tsv", "sms") else ","
     kind = "the SMS file" if fmt == "sms" else fmt.upper()
     opts: dict = {"sep": sep, "dtype": str, "keep_default_na": False, "encoding": "utf-8", "chunksize": rows}
@@ -214,7 +214,7 @@ def _not_utf8(path: Path) -> UserError:
     )
 
 
-def _jsonl_chunks(path: Path, cfg: DataConfig, rows: int):
+def _jsonl_chunks(path: Path, cfg: DataConfig, rows: int) -> Iterator[Chunk]:
     text_col, label_col = cfg.text_column, cfg.label_column
     texts: list = []
     labels: list = []
@@ -262,7 +262,7 @@ def _jsonl_chunks(path: Path, cfg: DataConfig, rows: int):
         yield start, texts, labels
 
 
-def _parquet_chunks(path: Path, cfg: DataConfig, rows: int):
+def _parquet_chunks(path: Path, cfg: DataConfig, rows: int) -> Iterator[Chunk]:
     try:
         import pyarrow.parquet as pq  # the [parquet] extra
     except ImportError:
@@ -345,7 +345,7 @@ class TokenCache:
 def _arrays(path: Path, m: dict) -> TokenCache:
     rows, tokens = m["rows"], m["tokens"]
 
-    def mm(name, dtype, n):
+    def mm(name: str, dtype: type[np.generic], n: int) -> np.ndarray:
         if n == 0:
             return np.zeros(0, dtype)
         return np.memmap(path / name, dtype=dtype, mode="r", shape=(n,))
@@ -454,7 +454,17 @@ def _acquire(fd: int, root: Path, timeout: float, say: Say) -> None:
     )
 
 
-def _build(cfg, files, key, parts, limit, root: Path, final: Path, say: Say, progress: bool) -> None:
+def _build(
+    cfg: DataConfig,
+    files: list[Path],
+    key: str,
+    parts: dict,
+    limit: int,
+    root: Path,
+    final: Path,
+    say: Say,
+    progress: bool,
+) -> None:
     tmp = root / f".tmp-{key[:32]}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
@@ -538,7 +548,7 @@ def prefetched(chunks: Iterator, depth: int = 2) -> Iterator:
     q: queue.Queue = queue.Queue(depth)
     stop = threading.Event()
 
-    def put(item) -> bool:
+    def put(item: object) -> bool:
         while not stop.is_set():
             try:
                 q.put(item, timeout=0.1)
@@ -614,7 +624,7 @@ class CachedDataset(Dataset):
         """The class index of each row (data.balance=weight counts them)."""
         return np.asarray(self.cache.labels)[self.rows]
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, i: int) -> Example:
         r = int(self.rows[i])
         start = int(self.cache.offsets[r])
         end = min(int(self.cache.offsets[r + 1]), start + self.max_length)

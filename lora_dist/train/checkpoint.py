@@ -186,7 +186,7 @@ SECONDS = {"train": "train_seconds", "sweep": "seconds"}
 MAX_COUNT = 2**53  # what a JSON number holds exactly; every count a run writes is far below
 
 
-def _state_problem(state, path: Path, kind: str) -> str | None:
+def _state_problem(state: dict, path: Path, kind: str) -> str | None:
     """What in a checkpoint's state.json no run of this kind writes, or None: counts that are not whole numbers
     >= 0, a file named outside the checkpoint, random states that do not restore."""
     files = state.get("files")
@@ -226,7 +226,7 @@ def _state_problem(state, path: Path, kind: str) -> str | None:
     return None
 
 
-def _sweep_problem(state) -> str | None:
+def _sweep_problem(state: dict) -> str | None:
     """What in a sweep's state.json no sweep writes: each adapter's status, those in training and their states."""
     status, training, adapters, errors = (state.get(k) for k in ("status", "training", "adapters", "errors"))
     if not (
@@ -243,7 +243,7 @@ def _sweep_problem(state) -> str | None:
     return None
 
 
-def _inside(path: Path, rel) -> bool:
+def _inside(path: Path, rel: object) -> bool:
     """Whether `rel` names a file inside the checkpoint directory `path` (no absolute path, no '..', no link out)."""
     if not isinstance(rel, str) or not rel or Path(rel).is_absolute() or ".." in Path(rel).parts:
         return False

@@ -14,11 +14,13 @@ import contextlib
 import logging
 import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
 import yaml
 from torch import nn
 
+from ..config import Config
 from ..errors import UserError
 from .strategy import Distributed, optimizer_text_of
 
@@ -27,7 +29,7 @@ COMMS_SAMPLE_EVERY = 10  # steps 1, 11, 21, ... count their collectives
 
 
 def deepspeed_config(
-    cfg, micro: int, accum: int, world: int, device_type: str = "cuda", precision: str | None = None
+    cfg: Config, micro: int, accum: int, world: int, device_type: str = "cuda", precision: str | None = None
 ) -> dict:
     """The DeepSpeed config dict: the user's file with the project's values filled in."""
     path = cfg.dist.deepspeed_config
@@ -42,7 +44,7 @@ def deepspeed_config(
             raise UserError(f"{path} is not valid JSON/YAML ({str(e).splitlines()[0]})") from e
     t = cfg.train
     precision = precision or t.precision  # the resolved precision (train.precision may say "auto")
-    ours = {
+    ours: dict[str, Any] = {
         "train_batch_size": t.batch_size,
         "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": accum,
@@ -86,7 +88,7 @@ def _fill(user: dict, ours: dict, source: str, prefix: str = "") -> dict:
     return out
 
 
-def import_deepspeed():
+def import_deepspeed() -> Any:
     """The deepspeed module, or one error line that says how to install it (every rank raises the same)."""
     quiet_deepspeed()
     try:
@@ -143,7 +145,7 @@ class DeepSpeed(Distributed):
     def optimizer_text(self) -> str:
         return optimizer_text_of(self.model.basic_optimizer)
 
-    def micro_step(self, boundary: bool):
+    def micro_step(self, boundary: bool) -> contextlib.AbstractContextManager[Any]:
         if self._count_next and not self._counting:  # a sampled step: count from its first micro-batch on
             self._counting = True
             self._logged_bytes = _reduced_bytes()
@@ -202,17 +204,17 @@ class DeepSpeed(Distributed):
             out |= {n: p.detach().float().cpu().clone() for n, p in rest}
         return {n: out[n] for n in names}
 
-    def load_adapter(self, state, source: str) -> None:
+    def load_adapter(self, state: dict[str, torch.Tensor], source: str) -> None:
         """Nothing to do: `load_sharded` restores every trainable tensor from DeepSpeed's own module state
         (partitioned under ZeRO-3), and frozen tensors are rebuilt identically from the seed."""
 
     def optimizer_state(self) -> dict | None:
         return None  # sharded: see save_sharded
 
-    def save_sharded(self, path) -> None:
+    def save_sharded(self, path: str | Path) -> None:
         self.model.save_checkpoint(str(Path(path) / "deepspeed"), tag=TAG, exclude_frozen_parameters=True)
 
-    def load_sharded(self, path) -> None:
+    def load_sharded(self, path: str | Path) -> None:
         load_path, _ = self.model.load_checkpoint(str(Path(path) / "deepspeed"), tag=TAG, load_module_strict=False)
         if load_path is None:
             raise UserError(
@@ -220,7 +222,7 @@ class DeepSpeed(Distributed):
             )
 
 
-def _skip_shm_kernel(deepspeed) -> None:
+def _skip_shm_kernel(deepspeed: Any) -> None:
     """DeepSpeed's CPU backend compiles a shared-memory all-reduce kernel with gcc when it starts (one to three
     minutes on a first run, and it needs a compiler). Only DeepSpeed's inference all-reduce uses it; ZeRO
     training reduces through torch.distributed (gloo), so marking it unavailable changes no number."""

@@ -59,7 +59,7 @@ def obstacle(cfg: Config, backend: type[Strategy] | Strategy, device: torch.devi
 
 
 class CudaGraph:
-    def __init__(self, pool):
+    def __init__(self, pool: torch.cuda._POOL_HANDLE | None) -> None:
         self.graph, self.pool = torch.cuda.CUDAGraph(), pool
 
     def capture(self, fn: Callable[[], None]) -> None:
@@ -81,7 +81,7 @@ class EagerGraph:
         self.fn()
 
 
-def new_graph(pool) -> CudaGraph | EagerGraph:
+def new_graph(pool: torch.cuda._POOL_HANDLE | None) -> CudaGraph | EagerGraph:
     return CudaGraph(pool)
 
 

@@ -8,7 +8,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,7 +42,7 @@ class ShardedSampler(DistributedSampler):
         micro: int,
         accum: int,
         seed: int,
-        lengths=None,
+        lengths: Sequence[int] | np.ndarray | None = None,
         bucket_window: int | None = None,
     ):
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True)
@@ -71,7 +71,7 @@ class ShardedSampler(DistributedSampler):
         perm = torch.randperm(len(batches), generator=g).numpy()
         return batches[perm]
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[int]:
         m, R = self.micro, self.num_replicas
         for batch in self.global_batches()[self.start_step :]:
             if self.bucketed:
@@ -90,7 +90,7 @@ class ShardedEvalSampler(torch.utils.data.Sampler):
     def __init__(self, n: int, num_replicas: int, rank: int, limit: int | None = None):
         self.indices = range(rank, min(n, limit or n), num_replicas)
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[int]:
         return iter(self.indices)
 
     def __len__(self) -> int:

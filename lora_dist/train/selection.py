@@ -15,6 +15,7 @@ every checkpoint, so a resumed run picks the same step as an uninterrupted one.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -22,12 +23,13 @@ from safetensors.torch import save_file
 
 from ..config import TrainConfig
 from ..scores import scores
+from .backend import Strategy
 from .deepspeed_strategy import import_deepspeed
 
 BEST_FILE = "best.safetensors"  # in a checkpoint (or a sweep's adapter directory in one): the best adapter so far
 
 
-def metric_value(metric: str, ev: dict, labels) -> float:
+def metric_value(metric: str, ev: dict, labels: Sequence[str]) -> float:
     """`metric` (val_loss, val_accuracy or val_macro_f1) of an evaluation (`Trainer.evaluate`'s dict)."""
     if metric == "val_loss":
         return float(ev["loss"])
@@ -97,7 +99,9 @@ class Selection:
             "history": self.history,
         }
 
-    def load(self, state: dict | None, directory: Path, load_tensors) -> None:
+    def load(
+        self, state: dict | None, directory: Path, load_tensors: Callable[[Path, str], dict[str, torch.Tensor]]
+    ) -> None:
         """The state a checkpoint (`directory`, its `state.json` part `state`) holds; nothing if it has none."""
         if not state:
             return
@@ -134,7 +138,7 @@ def write_best(directory: Path, tensors: dict[str, torch.Tensor]) -> None:
     save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(Path(directory) / BEST_FILE))
 
 
-def load_into(strategy, tensors: dict[str, torch.Tensor]) -> None:
+def load_into(strategy: Strategy, tensors: dict[str, torch.Tensor]) -> None:
     """Put `tensors` (an adapter of this run) into the model that evaluates, on every rank. DeepSpeed keeps its
     trained tensors in its engine (partitioned under ZeRO-3): they are gathered, set on every rank and
     partitioned again; training is over, so its optimizer's master copy is left as it is."""

@@ -13,6 +13,7 @@ The loop only calls what `train/backend.py`'s `Strategy` protocol names, and ask
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
 import torch
@@ -121,7 +122,7 @@ class Local:
         if t.lora_cast_once and not t.compile and not self.cfg.model.activation_checkpointing:
             cast_adapters_once(model, dtype)
 
-    def _adamw(self, params) -> torch.optim.Optimizer:
+    def _adamw(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
         t = self.cfg.train
         # The fused kernel: one pass over all adapter tensors. On the CPU torch would otherwise loop over
         # them one op at a time (about 8 ms a step for gpt2-small's 146 adapter tensors, against 2 fused).
@@ -143,7 +144,7 @@ class Local:
             self.backward(loss, boundary)
         return loss.detach(), self.step(lr) if boundary else None
 
-    def autocast(self):
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
         """The forward pass's precision context; none where the backend applies bf16/fp16 itself."""
         return contextlib.nullcontext() if self.owns_precision else autocast(self.device, self.precision)
 
@@ -151,7 +152,7 @@ class Local:
         with self.autocast():
             return self.model(ids, last)
 
-    def micro_step(self, boundary: bool):
+    def micro_step(self, boundary: bool) -> contextlib.AbstractContextManager[Any]:
         """Context for one micro-batch's forward and backward; gradients are synchronised only at the
         accumulation boundary (DDP's no_sync must cover the forward pass too)."""
         return contextlib.nullcontext()
@@ -185,7 +186,7 @@ class Local:
     def all_reduce(self, t: torch.Tensor, op: str = "sum") -> torch.Tensor:
         return t
 
-    def all_gather_object(self, obj) -> list:
+    def all_gather_object(self, obj: Any) -> list[Any]:
         return [obj]
 
     def barrier(self) -> None:
@@ -205,10 +206,10 @@ class Local:
     def load_optimizer_state(self, sd: dict) -> None:
         self.optimizer.load_state_dict(sd)
 
-    def save_sharded(self, path) -> None:
+    def save_sharded(self, path: str | Path) -> None:
         """State that each rank writes itself (DeepSpeed's ZeRO shards); nothing here."""
 
-    def load_sharded(self, path) -> None:
+    def load_sharded(self, path: str | Path) -> None:
         pass
 
     def cleanup(self, ok: bool = True) -> None:
@@ -250,7 +251,7 @@ class Distributed(Local):
         for p, g in zip(params, flat.split([p.numel() for p in params]), strict=True):
             p.grad.copy_(g.view_as(p))  # type: ignore[union-attr]
 
-    def all_gather_object(self, obj) -> list:
+    def all_gather_object(self, obj: Any) -> list[Any]:
         out = [None] * self.world_size
         dist.all_gather_object(out, obj)
         return out
@@ -277,11 +278,11 @@ class DDP(Distributed):
         self.model.register_comm_hook(self, _counting_allreduce_hook)
         self.optimizer = self._adamw(self.trainable())
 
-    def micro_step(self, boundary: bool):
+    def micro_step(self, boundary: bool) -> contextlib.AbstractContextManager[Any]:
         return contextlib.nullcontext() if boundary else self.model.no_sync()
 
 
-def optimizer_text_of(opt) -> str:
+def optimizer_text_of(opt: torch.optim.Optimizer) -> str:
     kind = type(opt)
     if kind.__module__.startswith("torch."):
         fused = " (fused)" if opt.defaults.get("fused") else " (foreach)" if opt.defaults.get("foreach") else ""
@@ -289,7 +290,8 @@ def optimizer_text_of(opt) -> str:
     return f"{kind.__module__.split('.')[0]} {kind.__name__}"
 
 
-def _counting_allreduce_hook(state, bucket):  # no annotations: DDP checks them, and they are strings here
+def _counting_allreduce_hook(state, bucket):  # type: (Distributed, dist.GradBucket) -> torch.futures.Future[torch.Tensor]
+    # (a type comment: DDP checks the annotations of a hook, and this module's would be strings)
     """DDP's default all-reduce (average), counting what crosses the wire and which tensors."""
     buf = bucket.buffer()
     state._comm_bytes += buf.numel() * buf.element_size()

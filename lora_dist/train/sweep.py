@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +27,7 @@ import yaml
 from torch import nn
 
 from ..build import add_trainable, build_base, shared_copy
+from ..config import Config
 from ..data import Batch
 from ..device import DistEnv, cpu_threads_text, model_build_device
 from ..errors import UserError
@@ -35,7 +37,7 @@ from ..sweep_report import best_line, write_summary
 from . import checkpoint as ckpt
 from . import sweep_state
 from .backend import Strategy
-from .loop import StopRequested, Trainer, read_step
+from .loop import EvalPlan, StopRequested, Trainer, read_step
 from .loss import loss as classification_loss
 from .registry import make_strategy
 from .selection import metric_value
@@ -70,7 +72,7 @@ class OwnRNG:
                 self._set(self.state)
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.depth -= 1
         if self.depth == 0:
             self.state = self._get()
@@ -95,7 +97,7 @@ class AdapterStrategy(Local):
     """One adapter's share of the sweep's backend: its own optimizer (its lr, weight decay, betas), its own
     gradient clip and its own model (the shared base under its LoRA and head); collectives go to the job's."""
 
-    def __init__(self, cfg, job: Strategy):
+    def __init__(self, cfg: Config, job: Strategy):
         self.job = job
         super().__init__(cfg, job.env, job.device)
         self.name = job.name
@@ -103,7 +105,7 @@ class AdapterStrategy(Local):
     def all_reduce(self, t: torch.Tensor, op: str = "sum") -> torch.Tensor:
         return self.job.all_reduce(t, op)
 
-    def all_gather_object(self, obj) -> list:
+    def all_gather_object(self, obj: Any) -> list[Any]:
         return self.job.all_gather_object(obj)
 
     def barrier(self) -> None:
@@ -142,7 +144,9 @@ class AdapterRun(Trainer):
                 m.dropout = OwnRNGDropout(m.dropout.p, self.rng)
         return model, layers
 
-    def evaluate(self, split: str, limit: int | None = None, plan=None, tick=None) -> dict:
+    def evaluate(
+        self, split: str, limit: int | None = None, plan: EvalPlan | None = None, tick: Callable[[], None] | None = None
+    ) -> dict:
         """`Trainer.evaluate`; the final evaluation (`plan` given) stops at a batch boundary once a stop signal
         reached any rank (`StopEvaluation`): what is left to evaluate is resumed."""
         if plan is not None:

@@ -63,7 +63,7 @@ class PruneConfig:
     mode: Literal["min", "max"] | None = None  # default: min for val_loss, max for the others
     examples: int | None = None  # evaluate the first N validation messages (a fixed subset); default: all
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.min_steps < 1:
             raise UserError(f"sweep.prune.min_steps must be >= 1, got {self.min_steps}")
         if self.eta < 2:
@@ -93,7 +93,7 @@ class SweepConfig:
     max_concurrent: int | None = None  # adapters trained at once (default: all); the rest wait for a free slot
     prune: PruneConfig | None = None  # null: every adapter trains to its end
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.max_concurrent is not None and self.max_concurrent < 1:
             raise UserError(
                 f"sweep.max_concurrent must be >= 1 (or null: every adapter at once), got {self.max_concurrent}"
@@ -132,7 +132,7 @@ class SweepPlan:
         return _hash([job, [(a.name, a.overrides) for a in self.adapters], *prune])
 
 
-def _hash(obj) -> str:
+def _hash(obj: object) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

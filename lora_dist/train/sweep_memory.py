@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 
 from ..build import add_trainable, num_classes, shared_copy
-from ..data import fixed_length
+from ..config import Config
+from ..data import Say, fixed_length
 from ..device import autocast
 from ..errors import UserError
 from ..model import GPT2
@@ -61,7 +62,7 @@ def prepare_data(plan: SweepPlan, context_length: int, world: int, rank: int) ->
     return out
 
 
-def adapter_bytes(base: GPT2, plan_cfg, data: AdapterData, device: torch.device, precision: str) -> int:
+def adapter_bytes(base: GPT2, plan_cfg: Config, data: AdapterData, device: torch.device, precision: str) -> int:
     """Bytes one adapter takes in training: its micro-batch's saved activations, and its trained tensors four
     times over (weights, gradients, AdamW's two moments)."""
     frozen = {p.untyped_storage().data_ptr() for p in base.parameters()}
@@ -98,7 +99,7 @@ def available_memory(device: torch.device) -> int | None:
     return None
 
 
-def check_memory(base: GPT2, plan: SweepPlan, data: list[AdapterData], job: Strategy, say=print) -> int:
+def check_memory(base: GPT2, plan: SweepPlan, data: list[AdapterData], job: Strategy, say: Say = print) -> int:
     """How many adapters train at once (`sweep.max_concurrent`, default all): said with what they cost, and
     refused before training when the most expensive ones would not fit in the free memory."""
     n = len(plan.adapters)

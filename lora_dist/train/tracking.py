@@ -17,7 +17,7 @@ import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TextIO, TypeVar
 
 import yaml
 from tqdm import tqdm
@@ -28,6 +28,8 @@ from ..files import write_atomic
 from ..rank_zero import is_rank_zero
 from .provenance import git_info
 from .wandb_sink import open_wandb
+
+T = TypeVar("T")
 
 RESULT_FILES = (
     "results.json",
@@ -67,7 +69,7 @@ class JsonlSink:
 class Progress:
     """A tqdm bar on a terminal; a plain line every `every` steps on a file or pipe."""
 
-    def __init__(self, stream=None, every: int = 10):
+    def __init__(self, stream: TextIO | None = None, every: int = 10):
         self.stream = stream or sys.stdout
         self.tty = self.stream.isatty()
         self.every = every
@@ -131,8 +133,8 @@ class RunOutput:
         self.progress_bar.clear()
         print(*args, flush=True)
 
-    def progress(self, **kw) -> None:
-        self.progress_bar.update(**kw)
+    def progress(self, *, step: int, total: int, epoch: int, epochs: int, loss: float, ex_per_s: float) -> None:
+        self.progress_bar.update(step, total, epoch, epochs, loss, ex_per_s)
 
     def task(self, what: str, total: int) -> Callable[[], None]:
         return self.progress_bar.task(what, total)
@@ -141,7 +143,7 @@ class RunOutput:
     def add_sink(self, sink: MetricSink) -> None:
         self.sinks.append(sink)
 
-    def start(self, cfg, info: dict, **wandb_args) -> None:
+    def start(self, cfg: Config, info: dict, **wandb_args: Any) -> None:
         """Once the model is built: the W&B run when configured (`wandb_sink.py`; `wandb_args` go to
         wandb.init), then the start record (info + git commit) to every sink."""
         info = {**info, **git_info()}
@@ -165,7 +167,7 @@ class RunOutput:
     def write_json(self, name: str, obj: Any) -> Path:
         return self.write_text(name, json.dumps(obj, indent=2) + "\n")
 
-    def call(self, fn: Callable, *args, **kw):
+    def call(self, fn: Callable[..., T], *args: Any, **kw: Any) -> T:
         """Run a file-writing function on rank 0 only (e.g. writing a checkpoint's rank-0 part)."""
         return fn(*args, **kw)
 
@@ -192,13 +194,13 @@ class AdapterOutput(RunOutput):
         text = " ".join(map(str, args))
         super().print("\n".join(f"[{self.name}] {line}" for line in text.splitlines()))
 
-    def progress(self, **kw) -> None:
+    def progress(self, *, step: int, total: int, epoch: int, epochs: int, loss: float, ex_per_s: float) -> None:
         pass
 
     def task(self, what: str, total: int) -> Callable[[], None]:
         return super().task(f"[{self.name}] {what}", total)
 
-    def start(self, cfg, info: dict, **wandb_args) -> None:
+    def start(self, cfg: Config, info: dict, **wandb_args: Any) -> None:
         super().start(cfg, info, reinit="create_new", one_line=True, **wandb_args)
 
 
@@ -223,7 +225,7 @@ class NullOutput:
     def print(self, *args: Any) -> None:
         pass
 
-    def progress(self, **kw) -> None:
+    def progress(self, *, step: int, total: int, epoch: int, epochs: int, loss: float, ex_per_s: float) -> None:
         pass
 
     def task(self, what: str, total: int) -> Callable[[], None]:
@@ -232,7 +234,7 @@ class NullOutput:
     def add_sink(self, sink: MetricSink) -> None:
         pass
 
-    def start(self, cfg, info: dict, **wandb_args) -> None:
+    def start(self, cfg: Config, info: dict, **wandb_args: Any) -> None:
         pass
 
     def log(self, record: dict) -> None:
@@ -247,7 +249,7 @@ class NullOutput:
     def write_json(self, name: str, obj: Any) -> None:
         pass
 
-    def call(self, fn: Callable, *args, **kw) -> None:
+    def call(self, fn: Callable[..., object], *args: Any, **kw: Any) -> None:
         """Rank 0 alone writes: nothing runs here."""
 
     def close(self) -> None:

@@ -18,9 +18,13 @@ import os
 import secrets
 import string
 import sys
+from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 from ..adapter import LAYOUT
+from ..config import Config
+from ..data import Say
 from ..scores import METRICS, scores
 
 RUN_ID_FILE = "wandb_run_id"
@@ -47,7 +51,7 @@ KEYS = {
 SPLITS = {"train": "train", "validation": "val", "test": "test"}  # results.json confusion key -> key prefix
 
 
-def resolve_mode(mode: str, env=os.environ) -> tuple[str, str | None]:
+def resolve_mode(mode: str, env: Mapping[str, str] = os.environ) -> tuple[str, str | None]:
     """(the mode W&B runs in, a warning or None). auto: WANDB_MODE if set, else offline; any mode becomes
     disabled when wandb cannot be imported."""
     if mode == "auto":
@@ -71,7 +75,7 @@ def resolve_mode(mode: str, env=os.environ) -> tuple[str, str | None]:
     return "disabled", note
 
 
-def default_group(env=os.environ) -> str | None:
+def default_group(env: Mapping[str, str] = os.environ) -> str | None:
     """The launcher's job id: WANDB_RUN_GROUP, else Slurm's job id, else torchrun's run id."""
     for key in GROUP_ENV:
         value = env.get(key, "").strip()
@@ -114,7 +118,9 @@ def summary_of(results: dict) -> dict:
     return out
 
 
-def open_wandb(cfg, run_dir: Path, info: dict, say=print, one_line: bool = False, **wandb_args) -> WandbSink | None:
+def open_wandb(
+    cfg: Config, run_dir: Path, info: dict, say: Say = print, one_line: bool = False, **wandb_args: Any
+) -> WandbSink | None:
     """Start (or continue) the W&B run for this output_dir; None when W&B is disabled or cannot start.
     `wandb_args` go to wandb.init (a sweep's adapters: reinit="create_new", one run each, open together).
     `one_line`: W&B itself prints nothing; one line through `say` says where the run goes (a sweep's adapters,
@@ -178,7 +184,7 @@ class WandbSink:
     """A metric sink (`tracking.MetricSink`) that writes to one W&B run. Any W&B error turns it off with
     one warning."""
 
-    def __init__(self, run, run_dir: Path, say=print):
+    def __init__(self, run: Any, run_dir: Path, say: Say = print):
         self.run, self.dir, self.say = run, Path(run_dir), say
         self.finished = False  # the loop's final record arrived: publish the results at close
         self.noted_old_steps = False
@@ -251,7 +257,7 @@ class WandbSink:
             pass
 
 
-def _wandb():
+def _wandb() -> Any:
     try:
         import wandb
     except Exception:  # noqa: BLE001 - missing or broken install
@@ -260,7 +266,7 @@ def _wandb():
 
 
 @contextlib.contextmanager
-def _data_dir(path: Path):
+def _data_dir(path: Path) -> Iterator[None]:
     """WANDB_DATA_DIR (where wandb stages artifact files until they are uploaded) = `path`, unless set."""
     if "WANDB_DATA_DIR" in os.environ:
         yield
@@ -272,7 +278,7 @@ def _data_dir(path: Path):
         os.environ.pop("WANDB_DATA_DIR", None)
 
 
-def _teardown(wandb) -> None:
+def _teardown(wandb: Any) -> None:
     """Forget a run that failed to start, so the same id can start again offline."""
     try:
         wandb.teardown()
