@@ -21,6 +21,7 @@ rank; `agrees` says whether what `read` then gives fits that description.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -444,10 +445,21 @@ def _base(ref: str | None, base: str | None, path: Path) -> BaseModel:
 
 
 def _gpt_config(b: BaseModel, base: str | None) -> GPTConfig:
-    """The base's shape (built on the meta device: nothing read but a config.json)."""
+    """The base's shape (built on the meta device: nothing read but a config.json), once per base and version of
+    its config.json: building it is most of the time of describing an adapter, and a catalog describes thousands."""
     where = base or (b.name if b.source == "random" or b.source in HUB_REPOS.values() else b.source)
+    try:
+        s = (Path(where) / "config.json").stat()
+        version: tuple[int, ...] = (s.st_mtime_ns, s.st_size, s.st_ino)
+    except OSError:
+        version = ()
+    return _shape(where, b.context_length, version)
+
+
+@functools.lru_cache(maxsize=64)
+def _shape(where: str, context_length: int | None, version: tuple[int, ...]) -> GPTConfig:
     with torch.device("meta"):
-        return load_gpt2(where, "random", context_length=b.context_length).cfg
+        return load_gpt2(where, "random", context_length=context_length).cfg
 
 
 def _labels(b: BaseModel, base: str | None, n: int) -> list[str]:

@@ -170,3 +170,17 @@ def test_the_service_lists_the_cut_export_and_answers_503_for_it(adapters_dir):
         cut = client.post("/v1/classify", json={"adapter": "peft/cut", "texts": TEXTS})
         assert cut.status_code == 503 and "damaged" in cut.json()["error"], cut.text
         assert any("peft/cut" in x and "cannot be read" in x for x in lines), lines
+
+
+def test_the_base_shape_is_read_again_when_its_config_changes(tiny_checkpoint, tmp_path):
+    """The base's shape is kept per version of its config.json (a catalog describes thousands of adapters on one
+    base): another config.json, another shape, so an adapter of the old size is refused."""
+    base = tmp_path / "base"
+    shutil.copytree(tiny_checkpoint, base)
+    run = make_adapter(tmp_path / "run", base)
+    assert export(run, "peft", tmp_path / "peft") == 0
+    assert peft.describe(tmp_path / "peft", None).lora["targets"]
+    config = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps(config | {"n_embd": 64}))
+    with pytest.raises(UserError, match="this base's layer is 64 -> 192; the adapter is for another GPT-2 size"):
+        peft.describe(tmp_path / "peft", None)
