@@ -5,7 +5,8 @@
 
 The OpenAPI schema is at /openapi.json, and /docs shows it with Swagger UI's script and style served by the service
 itself (fastapi-offline), so it renders with no network. Every error answers {"error": "what was wrong"}.
-`Service` owns the model, the batcher, the metrics and the log; `create_app` puts HTTP in front of it.
+`Service` owns the model, the batcher, the metrics and the log; `create_app` puts HTTP in front of it: the
+middlewares, the error answers, and the routes, added by concern (classify; the adapters; probes; the page).
 """
 
 from __future__ import annotations
@@ -14,10 +15,13 @@ import asyncio
 import json
 import sys
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from importlib import resources
+from pathlib import Path
+from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -26,12 +30,16 @@ from fastapi_offline import FastAPIOffline
 from pydantic import BaseModel, ConfigDict, StrictStr
 from starlette.exceptions import HTTPException
 
+from ..adapter import AdapterSpec
 from ..device import precision_note
-from ..infer.adapter_store import Catalog, Gone, Unavailable
-from ..infer.multi_adapter import MultiAdapterClassifier
+from ..infer.adapter_store import Catalog, Gone, Parts, Unavailable
+from ..infer.multi_adapter import Loaded, MultiAdapterClassifier
 from .batcher import Batcher, Stopped
 from .metrics import Metrics
 from .middleware import AccessLog, Auth, BodyLimit
+
+T = TypeVar("T")
+Row = dict[str, Any]  # one message's answer from the model: {"label": ..., "probs": {label: p}}
 
 
 @dataclass(frozen=True)
@@ -60,7 +68,9 @@ class ClassifyResponse(BaseModel):
 class Failure(Exception):
     """An answer with an HTTP error status and a message saying what was wrong."""
 
-    def __init__(self, status: int, message: str, reason: str = "bad_request", headers: dict | None = None):
+    def __init__(
+        self, status: int, message: str, reason: str = "bad_request", headers: dict[str, str] | None = None
+    ) -> None:
         self.status, self.message, self.reason, self.headers = status, message, reason, headers
 
 
@@ -71,16 +81,16 @@ class Service:
 
     def __init__(
         self,
-        loaded,
+        loaded: list[Loaded],
         *,
-        base=None,
-        device="auto",
-        precision="fp32",
-        max_batch=32,
-        max_wait_ms=5.0,
+        base: str | Path | None = None,
+        device: str = "auto",
+        precision: str = "fp32",
+        max_batch: int = 32,
+        max_wait_ms: float = 5.0,
         limits: Limits = Limits(),
         token: str | None = None,
-        log=None,
+        log: Callable[[str], None] | None = None,
         max_queue: int = 512,
         open_metrics: bool = False,
         access_log: bool = False,
@@ -88,20 +98,20 @@ class Service:
         catalog: Catalog | None = None,
         max_loaded: int = 64,
         max_adapter_memory: int | None = None,
-    ):
+    ) -> None:
         self.loaded, self.base, self.device, self.precision = loaded, base, device, precision
         self._specs = {a.name: a.spec for a in loaded}
         # --adapters-dir: adapters listed by the catalog, read on demand into `max_loaded` slots
         self.catalog, self.max_loaded, self.max_adapter_memory = catalog, max_loaded, max_adapter_memory
         self.counts: dict[str, int] = {}  # classify requests answered, by adapter
-        self.reading: dict[tuple[str, int], asyncio.Future] = {}  # adapter reads in flight, one per version
+        self.reading: dict[tuple[str, int], asyncio.Future[Parts]] = {}  # adapter reads in flight, one per version
         self.reload_lock: asyncio.Lock | None = None  # made on the serving loop
         self.reader: ThreadPoolExecutor | None = None  # the thread that reads adapters from disk (not the model thread)
         self.limits, self.token, self.max_batch, self.max_queue = limits, token, max_batch, max_queue
         self.open_metrics, self.access_log, self.shutdown_timeout_s = open_metrics, access_log, shutdown_timeout_s
-        self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+        self.log: Callable[[str], None] = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
         self.metrics = Metrics()
-        self.batcher = Batcher(
+        self.batcher: Batcher[Row] = Batcher(
             self._run,
             max_batch,
             max_wait_ms,
@@ -114,13 +124,14 @@ class Service:
         self.stopped_cleanly = True
 
     @property
-    def specs(self) -> dict:
+    def specs(self) -> dict[str, AdapterSpec]:
         """{name: AdapterSpec} of every adapter served (with --adapters-dir, those the last scan found)."""
         if self.catalog is None:
             return self._specs
         return {n: e.spec for n, e in self.catalog.entries.items()}
 
     def knows(self, name: str) -> bool:
+        """Whether `name` is an adapter this service serves."""
         return name in (self.catalog.entries if self.catalog is not None else self._specs)
 
     def load(self) -> None:
@@ -159,7 +170,22 @@ class Service:
         if note := precision_note(self.precision, model.precision, model.device):
             self.log(note)
 
-    async def stop(self, loading: asyncio.Future) -> None:
+    @asynccontextmanager
+    async def running(self) -> AsyncIterator[None]:
+        """While the server runs (its lifespan): the batcher started, the model loaded on its thread in the
+        background; at the end, `stop`."""
+        self.batcher.start()
+        loading = asyncio.ensure_future(self.batcher.call(self.load))  # on the model thread (batcher.py)
+        yield
+        await self.stop(loading)
+
+    def stopping(self) -> None:
+        """At SIGTERM: the stop must be done within --shutdown-timeout-s, and what the batcher holds runs at once."""
+        if self.stop_by is None:
+            self.stop_by = time.monotonic() + self.shutdown_timeout_s
+        self.batcher.flush()
+
+    async def stop(self, loading: asyncio.Future[None]) -> None:
         """Finish what is queued, by --shutdown-timeout-s after the SIGTERM at the latest."""
         deadline = self.stop_by or time.monotonic() + self.shutdown_timeout_s
         try:
@@ -175,7 +201,7 @@ class Service:
         """Whether `path` needs the token (when there is one): the API, and /metrics unless `open_metrics`."""
         return path.startswith("/v1/") or (path == "/metrics" and not self.open_metrics)
 
-    def _run(self, texts: list[str], adapters: list[str]) -> list[dict]:
+    def _run(self, texts: list[str], adapters: list[str]) -> list[Row]:
         assert self.model is not None  # requests reach the batcher only once the model is loaded
         return self.model.predict(texts, adapters, batch_size=self.max_batch)
 
@@ -187,7 +213,7 @@ class Service:
         elif event == "evict":
             self.metrics.evictions.inc()
 
-    def adapters(self, q: str = "", limit: int | None = None, offset: int = 0) -> dict:
+    def adapters(self, q: str = "", limit: int | None = None, offset: int = 0) -> dict[str, Any]:
         """The adapters whose name starts with `q`, `limit` from `offset` on."""
         names = [n for n in self.specs if n.startswith(q)]  # the order given, or by name (--adapters-dir)
         page = names[offset : None if limit is None else offset + limit]
@@ -195,6 +221,7 @@ class Service:
         out = []
         for n in page:
             s = specs[n]
+            assert s.lora is not None  # a served adapter is a LoRA one (read_adapters, Catalog)
             state = "loaded"
             if self.catalog is not None:
                 state = "loaded" if self.model is not None and self.model.resident(n) is not None else "on disk"
@@ -214,6 +241,7 @@ class Service:
         return {"adapters": out, "total": len(names), "next_offset": offset + len(page) if more else None}
 
     def unknown(self, name: str) -> Failure:
+        """The 404 for an adapter this service does not serve, naming some it does."""
         names = list(self.specs)
         some = ", ".join(names[:10]) + (f" and {len(names) - 10} more" if len(names) > 10 else "")
         return Failure(404, f"unknown adapter {name!r}; this service has {some} (GET /v1/adapters)", "unknown_adapter")
@@ -254,7 +282,7 @@ class Service:
         model.stage(parts)
         return "miss"
 
-    async def reload(self) -> dict:
+    async def reload(self) -> dict[str, Any]:
         """Scan --adapters-dir again (SIGHUP, POST /v1/adapters/reload): new adapters are served, removed ones
         evicted, changed ones read again on their next request. Reloads run one at a time."""
         if self.catalog is None:
@@ -293,7 +321,7 @@ class Service:
         if loop is None:
             return
 
-        async def run():
+        async def run() -> None:
             try:
                 await self.reload()
             except Failure:
@@ -301,7 +329,38 @@ class Service:
 
         loop.call_soon_threadsafe(lambda: asyncio.ensure_future(run()))
 
-    async def classify(self, req: ClassifyRequest, cache: dict | None = None) -> dict:
+    async def classify(self, req: ClassifyRequest, cache: dict[str, str] | None = None) -> dict[str, Any]:
+        """The answer to one request, or a `Failure`; `cache["state"]`: "hit" or "miss" (--adapters-dir)."""
+        self.admit(req)
+        if self.catalog is not None:
+            got = await self.prepare(req.adapter)
+            (self.metrics.cache_hits if got == "hit" else self.metrics.cache_misses).inc()
+            if cache is not None:
+                cache["state"] = got
+        self.metrics.queued.inc()
+        try:
+            rows = await self.batcher.submit(req.adapter, req.texts)
+        except Stopped as e:
+            raise Failure(503, f"{e}; retry on another replica", "stopping") from e
+        except Gone as e:  # removed by a reload while this request waited
+            raise Failure(404, f"{e}; it is no longer served (GET /v1/adapters)", "unknown_adapter") from e
+        except Unavailable as e:
+            self.log(f"error: {e}")
+            raise Failure(503, str(e), "adapter_unavailable", {"Retry-After": "1"}) from e
+        except Exception as e:
+            self.log(f"error: a request for adapter {req.adapter!r} failed in the model: {type(e).__name__}: {e}")
+            raise Failure(500, f"the model failed on this request ({type(e).__name__}: {e})", "model_error") from e
+        finally:
+            self.metrics.queued.dec()
+        self.metrics.messages.labels(req.adapter).inc(len(rows))
+        self.counts[req.adapter] = self.counts.get(req.adapter, 0) + 1
+        if (held := getattr(self.model, "slots", None)) is not None:
+            self.metrics.adapters_resident.set(len(held.resident))
+        return {"adapter": req.adapter, "results": [{"label": r["label"], "probs": r["probs"]} for r in rows]}
+
+    def admit(self, req: ClassifyRequest) -> None:
+        """The `Failure` that refuses `req` before it queues, if any: an unknown adapter, no texts, too many or too
+        long texts, no model yet, a full queue."""
         lim = self.limits
         if not self.knows(req.adapter):
             raise self.unknown(req.adapter)
@@ -335,77 +394,50 @@ class Service:
                 "queue_full",
                 {"Retry-After": "1"},
             )
-        if self.catalog is not None:
-            got = await self.prepare(req.adapter)
-            (self.metrics.cache_hits if got == "hit" else self.metrics.cache_misses).inc()
-            if cache is not None:
-                cache["state"] = got
-        self.metrics.queued.inc()
-        try:
-            rows = await self.batcher.submit(req.adapter, req.texts)
-        except Stopped as e:
-            raise Failure(503, f"{e}; retry on another replica", "stopping") from e
-        except Gone as e:  # removed by a reload while this request waited
-            raise Failure(404, f"{e}; it is no longer served (GET /v1/adapters)", "unknown_adapter") from e
-        except Unavailable as e:
-            self.log(f"error: {e}")
-            raise Failure(503, str(e), "adapter_unavailable", {"Retry-After": "1"}) from e
-        except Exception as e:
-            self.log(f"error: a request for adapter {req.adapter!r} failed in the model: {type(e).__name__}: {e}")
-            raise Failure(500, f"the model failed on this request ({type(e).__name__}: {e})", "model_error") from e
-        finally:
-            self.metrics.queued.dec()
-        self.metrics.messages.labels(req.adapter).inc(len(rows))
-        self.counts[req.adapter] = self.counts.get(req.adapter, 0) + 1
-        if (held := getattr(self.model, "slots", None)) is not None:
-            self.metrics.adapters_resident.set(len(held.resident))
-        return {"adapter": req.adapter, "results": [{"label": r["label"], "probs": r["probs"]} for r in rows]}
 
 
 def create_app(service: Service) -> FastAPI:
-    @asynccontextmanager
-    async def lifespan(app):
-        service.batcher.start()
-        loading = asyncio.ensure_future(service.batcher.call(service.load))  # on the model thread (batcher.py)
-        yield
-        await service.stop(loading)
-
+    """The HTTP API in front of `service`: the middlewares, the error answers, then the routes by concern."""
     app: FastAPI = FastAPIOffline(  # /docs and /redoc from assets in the package, not a CDN
         title="lora-dist",
         summary="Classify messages with LoRA adapters over one frozen GPT-2",
         version="1",
-        lifespan=lifespan,
+        lifespan=lambda _app: service.running(),
         swagger_ui_parameters={"validatorUrl": None},  # no badge fetched from validator.swagger.io
     )
-    # added last runs first: the access log, then the token, then the body's size
+    _add_middleware(app, service)
+    _add_error_answers(app, service)
+    _add_classify(app, service)
+    _add_adapters(app, service)
+    _add_probes(app, service)
+    _add_page(app)
+    return app
+
+
+def _add_middleware(app: FastAPI, service: Service) -> None:
+    """Added last runs first: the access log, then the token, then the body's size (middleware.py)."""
     app.add_middleware(BodyLimit, limit=service.limits.max_body, metrics=service.metrics)
     app.add_middleware(Auth, token=service.token, protected=service.protected, metrics=service.metrics)
     if service.access_log:
         app.add_middleware(AccessLog, log=service.log)
 
+
+def _add_error_answers(app: FastAPI, service: Service) -> None:
+    """Every error answers {"error": "what was wrong"}; those of the API are counted in the metrics."""
+
     @app.exception_handler(Failure)
-    async def failure(request: Request, e: Failure):
-        adapter = _adapter_label(request, service)
-        service.metrics.error(adapter, e.reason, e.status)
+    async def failure(request: Request, e: Failure) -> JSONResponse:
+        service.metrics.error(_adapter_label(request, service), e.reason, e.status)
         return JSONResponse({"error": e.message}, status_code=e.status, headers=e.headers)
 
     @app.exception_handler(RequestValidationError)
-    async def invalid(request: Request, e: RequestValidationError):
-        errors = e.errors()
-        if any(err.get("type") == "json_invalid" for err in errors):
-            status, reason = 400, "bad_json"
-            msg = f"the body is not valid JSON ({errors[0].get('ctx', {}).get('error', errors[0]['msg'])})"
-        else:
-            status, reason = 422, "bad_schema"
-            where = "; ".join(
-                f"{'.'.join(str(p) for p in err['loc'] if p != 'body') or 'body'}: {err['msg']}" for err in errors[:5]
-            )
-            msg = f'the body does not match {{"adapter": "NAME", "texts": ["message", ...]}}: {where}'
+    async def invalid(request: Request, e: RequestValidationError) -> JSONResponse:
+        status, reason, msg = _invalid_body(e.errors())
         service.metrics.error("-", reason, status)
         return JSONResponse({"error": msg}, status_code=status)
 
     @app.exception_handler(HTTPException)
-    async def http_error(request: Request, e: HTTPException):
+    async def http_error(request: Request, e: HTTPException) -> JSONResponse:
         msg = {
             404: f"no such endpoint {request.url.path}; see /docs",
             405: f"{request.method} is not allowed on {request.url.path}",
@@ -413,21 +445,40 @@ def create_app(service: Service) -> FastAPI:
         return JSONResponse({"error": msg.get(e.status_code, str(e.detail))}, status_code=e.status_code)
 
     @app.exception_handler(Exception)
-    async def crashed(request: Request, e: Exception):
+    async def crashed(request: Request, e: Exception) -> JSONResponse:
         service.log(f"error: {request.method} {request.url.path} failed: {type(e).__name__}: {e}")
         service.metrics.error(_adapter_label(request, service), "internal", 500)
         return JSONResponse({"error": f"internal error: {type(e).__name__}: {e}"}, status_code=500)
+
+
+def _invalid_body(errors: Sequence[Any]) -> tuple[int, str, str]:
+    """(status, reason, message) for a body pydantic refused: 400 if it is not JSON, else 422 naming at most five
+    fields."""
+    if any(err.get("type") == "json_invalid" for err in errors):
+        return (
+            400,
+            "bad_json",
+            f"the body is not valid JSON ({errors[0].get('ctx', {}).get('error', errors[0]['msg'])})",
+        )
+    where = "; ".join(
+        f"{'.'.join(str(p) for p in err['loc'] if p != 'body') or 'body'}: {err['msg']}" for err in errors[:5]
+    )
+    return 422, "bad_schema", f'the body does not match {{"adapter": "NAME", "texts": ["message", ...]}}: {where}'
+
+
+def _add_classify(app: FastAPI, service: Service) -> None:
+    """POST /v1/classify, timed and counted per adapter; a client that leaves gets nothing (499)."""
 
     @app.post(
         "/v1/classify",
         response_model=ClassifyResponse,
         responses={400: {}, 401: {}, 404: {}, 413: {}, 422: {}, 500: {}, 503: {}},
     )
-    async def classify(req: ClassifyRequest, request: Request, response: Response):
+    async def classify(req: ClassifyRequest, request: Request, response: Response) -> dict[str, Any] | Response:
         """Label each message with the adapter's labels; probabilities over its own labels. With --adapters-dir
         the answer's X-Adapter-Cache header says whether the adapter was resident (hit) or read (miss)."""
         t0 = time.perf_counter()
-        cache: dict = {}
+        cache: dict[str, str] = {}
         try:
             out = await _unless_gone(request, service.classify(req, cache))
         except asyncio.CancelledError:
@@ -445,8 +496,12 @@ def create_app(service: Service) -> FastAPI:
             response.headers["X-Adapter-Cache"] = cache["state"]
         return out
 
-    @app.get("/v1/adapters")
-    async def adapters(q: str = "", limit: int | None = None, offset: int = 0):
+
+def _add_adapters(app: FastAPI, service: Service) -> None:
+    """GET /v1/adapters (paged, by name prefix) and POST /v1/adapters/reload (--adapters-dir)."""
+
+    @app.get("/v1/adapters", response_model=None)
+    async def adapters(q: str = "", limit: int | None = None, offset: int = 0) -> dict[str, Any]:
         """The adapters this service serves, in name order: name, labels, base, state (loaded: in a slot on
         the device; on disk: read when asked for) and requests answered. `q`: a name prefix; `limit` and
         `offset` page through thousands (`next_offset` is the next page's, null at the end)."""
@@ -454,18 +509,22 @@ def create_app(service: Service) -> FastAPI:
             raise Failure(422, "limit must be 1 to 10000 and offset >= 0", "bad_query")
         return service.adapters(q, limit, offset)
 
-    @app.post("/v1/adapters/reload", responses={401: {}, 409: {}, 503: {}})
-    async def reload():
+    @app.post("/v1/adapters/reload", response_model=None, responses={401: {}, 409: {}, 503: {}})
+    async def reload() -> dict[str, Any]:
         """Scan --adapters-dir again: added adapters are served, removed ones get 404, changed ones are read
         again. Needs the token, as every /v1/ path does."""
         return await service.reload()
 
-    @app.get("/healthz")
-    async def healthz():
+
+def _add_probes(app: FastAPI, service: Service) -> None:
+    """GET /healthz (alive), /readyz (the model loaded and warmed up) and /metrics (Prometheus)."""
+
+    @app.get("/healthz", response_model=None)
+    async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/readyz")
-    async def readyz():
+    @app.get("/readyz", response_model=None)
+    async def readyz() -> dict[str, Any] | JSONResponse:
         """200 once the model is loaded and warmed up. Open to probes: with a token it names no adapter."""
         private = service.token is not None
         if service.model is None:
@@ -479,13 +538,16 @@ def create_app(service: Service) -> FastAPI:
         return {"status": "ready", "adapters": names if len(names) <= 100 else len(names)}
 
     @app.get("/metrics")
-    async def metrics():
+    async def metrics() -> Response:
         return Response(service.metrics.render(), media_type="text/plain; version=0.0.4")
 
+
+def _add_page(app: FastAPI) -> None:
+    """GET /: the page (assets/serve.html), which lists the adapters and classifies what is typed in."""
     page = (resources.files("lora_dist") / "assets" / "serve.html").read_text()
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
-    async def index():
+    async def index() -> HTMLResponse:
         return HTMLResponse(
             page,
             headers={
@@ -494,10 +556,8 @@ def create_app(service: Service) -> FastAPI:
             },
         )
 
-    return app
 
-
-async def _unless_gone(request: Request, work):
+async def _unless_gone(request: Request, work: Awaitable[T]) -> T | None:
     """`work`'s result, or None once the client disconnects first (the work is then cancelled: a request still
     queued is never run)."""
     task = asyncio.ensure_future(work)

@@ -26,6 +26,10 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+Row = TypeVar("Row")  # what `run` gives for one message
+T = TypeVar("T")
 
 
 class Stopped(Exception):
@@ -33,43 +37,46 @@ class Stopped(Exception):
 
 
 @dataclass
-class Request:
+class Request(Generic[Row]):
     adapter: str
     texts: list[str]
-    future: asyncio.Future
+    future: asyncio.Future[list[Row]]
     queued: float = field(default_factory=time.perf_counter)
 
 
-class Batcher:
+class Batcher(Generic[Row]):
+    """Requests (adapter, texts) in, `run(texts, adapters)`'s rows out, a batch at a time on one model thread."""
+
     def __init__(
         self,
-        run: Callable[[list[str], list[str]], list],
+        run: Callable[[list[str], list[str]], list[Row]],
         max_batch: int = 32,
         max_wait_ms: float = 5.0,
-        on_batch: Callable[[list[Request]], None] | None = None,
-        on_abandoned: Callable[[Request], None] | None = None,
-    ):
+        on_batch: Callable[[list[Request[Row]]], None] | None = None,
+        on_abandoned: Callable[[Request[Row]], None] | None = None,
+    ) -> None:
         if max_batch < 1 or not 0 <= max_wait_ms < float("inf"):
             raise ValueError("max_batch must be >= 1 and max_wait_ms a finite number >= 0")
         self.run, self.max_batch, self.max_wait = run, max_batch, max_wait_ms / 1000
         self.on_batch = on_batch or (lambda batch: None)
         self.on_abandoned = on_abandoned or (lambda request: None)
-        self.queue: asyncio.Queue[Request] = asyncio.Queue()  # made anew in `start`, on the serving loop
+        self.queue: asyncio.Queue[Request[Row]] = asyncio.Queue()  # made anew in `start`, on the serving loop
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
-        self.task: asyncio.Task | None = None
+        self.task: asyncio.Task[None] | None = None
         self.flushing = False  # shutting down: stop waiting for more requests
         self.wake = asyncio.Event()
         self.loop: asyncio.AbstractEventLoop | None = None  # the serving loop, once started
         self.busy = False  # a batch is gathered or running
         self.running = False  # a batch is in the model thread
-        self.held: Request | None = None  # taken from the queue, did not fit the last batch
+        self.held: Request[Row] | None = None  # taken from the queue, did not fit the last batch
 
-    async def call(self, fn: Callable, *args):
+    async def call(self, fn: Callable[..., T], *args: Any) -> T:
         """fn(*args) on the model thread (loading, warm-up: anything that runs torch)."""
         return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
 
     @property
     def queued(self) -> int:
+        """Requests in the queue (not counting one held back for the next batch)."""
         return self.queue.qsize()
 
     @property
@@ -78,6 +85,7 @@ class Batcher:
         return self.queued + (self.held is not None)
 
     def start(self) -> None:
+        """Start gathering batches, on the running loop (the serving one)."""
         self.queue, self.wake = asyncio.Queue(), asyncio.Event()
         self.loop = asyncio.get_running_loop()
         self.task = self.loop.create_task(self._loop())
@@ -113,12 +121,13 @@ class Batcher:
         self.pool.shutdown(wait=not stuck, cancel_futures=True)
         return not stuck
 
-    async def submit(self, adapter: str, texts: list[str]) -> list:
-        future = asyncio.get_running_loop().create_future()
+    async def submit(self, adapter: str, texts: list[str]) -> list[Row]:
+        """`texts`' rows, once a batch has run them (or its error)."""
+        future: asyncio.Future[list[Row]] = asyncio.get_running_loop().create_future()
         await self.queue.put(Request(adapter, list(texts), future))
         return await future
 
-    async def run_once(self, adapter: str, texts: list[str]) -> list:
+    async def run_once(self, adapter: str, texts: list[str]) -> list[Row]:
         """Start, run one request, stop: for trying it out."""
         self.start()
         try:
@@ -126,7 +135,7 @@ class Batcher:
         finally:
             await self.stop()
 
-    async def _next(self, deadline: float) -> Request | None:
+    async def _next(self, deadline: float) -> Request[Row] | None:
         """The next request: one held back from the last batch, one queued, or one arriving before
         `deadline`; None once the deadline passes (or at a flush)."""
         if self.held is not None:
@@ -146,8 +155,9 @@ class Batcher:
         getter.cancel()
         return None
 
-    async def _gather(self) -> list[Request]:
-        first = None
+    async def _gather(self) -> list[Request[Row]]:
+        """The next batch: the first live request, then those that fit and arrive within `max_wait_ms`."""
+        first: Request[Row] | None = None
         while first is None:
             taken, self.held = self.held or await self.queue.get(), None
             first = self._live(taken)
@@ -167,7 +177,7 @@ class Batcher:
             size += len(nxt.texts)
         return batch
 
-    def _live(self, r: Request) -> Request | None:
+    def _live(self, r: Request[Row]) -> Request[Row] | None:
         """`r`, or None when its caller has gone (nothing waits for its answer: it is not run)."""
         if r.future.done():
             self.on_abandoned(r)
@@ -175,6 +185,7 @@ class Batcher:
         return r
 
     async def _loop(self) -> None:
+        """Gather a batch, answer it, and again, until cancelled (`stop`)."""
         while True:
             batch = await self._gather()
             try:
@@ -182,7 +193,7 @@ class Batcher:
             finally:
                 self.busy = False
 
-    async def _answer(self, batch: list[Request]) -> None:
+    async def _answer(self, batch: list[Request[Row]]) -> None:
         """Run `batch` and give each caller its rows; if it fails, run its requests one by one, so that the
         error goes to the request that causes it and the others get their answers."""
         texts = [t for r in batch for t in r.texts]

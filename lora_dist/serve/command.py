@@ -25,14 +25,18 @@ import signal
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..device import PRECISIONS, pick_device
 from ..errors import UserError
 from ..infer.adapter_store import Catalog
-from ..infer.multi_adapter import read_adapters
+from ..infer.multi_adapter import Loaded, read_adapters
 from .server import guarded_protocol, server_class
+
+if TYPE_CHECKING:  # imported in `main`, once the [serve] extra is known to be there
+    from .app import Service
 
 # flag -> (smallest, largest) value; every numeric flag is checked (a NaN or inf is refused too)
 BOUNDS = {
@@ -119,7 +123,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--access-log", action="store_true", help="log every request (client, method, path, status, time)")
 
 
-def check_numbers(args) -> None:
+def check_numbers(args: argparse.Namespace) -> None:
     """Every numeric flag within its bounds (BOUNDS), and finite."""
     for flag, (lo, hi) in BOUNDS.items():
         value = getattr(args, flag.removeprefix("--").replace("-", "_"))
@@ -132,6 +136,7 @@ def check_numbers(args) -> None:
 
 
 def parse_adapters(text: str) -> dict[str, str | Path]:
+    """{name: path} from --adapters NAME=PATH[,NAME=PATH...], or a UserError saying what is wrong."""
     out: dict[str, str | Path] = {}
     for item in filter(None, (s.strip() for s in text.split(","))):
         name, sep, path = item.partition("=")
@@ -201,7 +206,13 @@ def raise_file_limit(connections: int) -> None:
             )
 
 
-def main(args) -> int:
+def log(msg: str) -> None:
+    """The service's log: a line on stderr."""
+    print(msg, file=sys.stderr, flush=True)
+
+
+def main(args: argparse.Namespace) -> int:
+    """`lora-dist serve`: check the flags, read the adapters, serve until SIGTERM; 0 once stopped."""
     try:
         import uvicorn
 
@@ -212,32 +223,7 @@ def main(args) -> int:
     check_numbers(args)
     pick_device(args.device, key="--device")  # a device that is not there is refused before the port opens
     token = read_token(args.token_file)
-    catalog = None
-    if args.adapters_dir:
-        if args.labels:
-            raise UserError("--labels names the classes of adapters given with --adapters, not of --adapters-dir's")
-        named = parse_adapters(args.adapters) if args.adapters else {}
-        catalog = Catalog(Path(args.adapters_dir), {k: Path(v) for k, v in named.items()}, args.base)
-        catalog.log = lambda msg: print(msg, file=sys.stderr, flush=True)
-        t0 = time.perf_counter()
-        catalog.scan()  # descriptions only: no tensor is read before a request asks for it
-        print(
-            f"adapters: {len(catalog.entries)} found under {args.adapters_dir} in {time.perf_counter() - t0:.1f} s "
-            f"(descriptions only)",
-            file=sys.stderr,
-            flush=True,
-        )
-        if not catalog.entries:
-            raise UserError(
-                f"--adapters-dir {args.adapters_dir} holds no usable adapter (see above); point at a sweep's or a "
-                f"run's output directory"
-            )
-        loaded = []
-    elif args.adapters:
-        adapters = parse_adapters(args.adapters)
-        loaded = read_adapters(adapters, args.base, parse_labels(args.labels, adapters))
-    else:
-        raise UserError("name the adapters: --adapters NAME=PATH,... or --adapters-dir DIR (a sweep's output)")
+    loaded, catalog = read_served(args)
     raise_file_limit(args.max_connections)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -250,7 +236,7 @@ def main(args) -> int:
         max_wait_ms=args.max_wait_ms,
         limits=Limits(args.max_texts, args.max_chars, args.max_body_bytes),
         token=token,
-        log=lambda msg: print(msg, file=sys.stderr, flush=True),
+        log=log,
         max_queue=args.max_queue,
         open_metrics=args.open_metrics,
         access_log=args.access_log,
@@ -268,13 +254,7 @@ def main(args) -> int:
         access_log=False,  # --access-log is lora-dist's own (serve/middleware.py): uvicorn's is at info level
         timeout_graceful_shutdown=args.shutdown_timeout_s,
     )
-    names = list(service.specs)
-    which = ", ".join(names) if len(names) <= 10 else f"{len(names)} adapters"
-    banner = (
-        f"{which} on {{url}} (max batch {args.max_batch}, max wait {args.max_wait_ms:g} ms, "
-        f"auth {'on' if token else 'off'}{', open metrics' if token and args.open_metrics else ''})"
-    )
-    server = server_class()(config, service, banner)
+    server = server_class()(config, banner(args, service), service.log, service.stopping)
     # uvicorn re-raises the signal that stopped it once it is done; a handler that ignores it makes the
     # exit after a graceful SIGTERM a clean 0.
     signal.signal(signal.SIGTERM, lambda *_: None)
@@ -292,3 +272,41 @@ def main(args) -> int:
         os._exit(0)
     service.log("stopped")
     return 0
+
+
+def read_served(args: argparse.Namespace) -> tuple[list[Loaded], Catalog | None]:
+    """The adapters to serve, read and checked before the port opens: --adapters' (tensors and all), or
+    --adapters-dir's catalog (descriptions only: no tensor is read before a request asks for it)."""
+    if args.adapters_dir:
+        if args.labels:
+            raise UserError("--labels names the classes of adapters given with --adapters, not of --adapters-dir's")
+        named = parse_adapters(args.adapters) if args.adapters else {}
+        catalog = Catalog(Path(args.adapters_dir), {k: Path(v) for k, v in named.items()}, args.base)
+        catalog.log = log
+        t0 = time.perf_counter()
+        catalog.scan()
+        log(
+            f"adapters: {len(catalog.entries)} found under {args.adapters_dir} in {time.perf_counter() - t0:.1f} s "
+            f"(descriptions only)"
+        )
+        if not catalog.entries:
+            raise UserError(
+                f"--adapters-dir {args.adapters_dir} holds no usable adapter (see above); point at a sweep's or a "
+                f"run's output directory"
+            )
+        return [], catalog
+    if args.adapters:
+        adapters = parse_adapters(args.adapters)
+        return read_adapters(adapters, args.base, parse_labels(args.labels, adapters)), None
+    raise UserError("name the adapters: --adapters NAME=PATH,... or --adapters-dir DIR (a sweep's output)")
+
+
+def banner(args: argparse.Namespace, service: Service) -> str:
+    """What the log's `serving ...` line says after the address: the adapters, batching and auth."""
+    names = list(service.specs)
+    which = ", ".join(names) if len(names) <= 10 else f"{len(names)} adapters"
+    auth = "on" if service.token else "off"
+    return (
+        f"{which} on {{url}} (max batch {args.max_batch}, max wait {args.max_wait_ms:g} ms, "
+        f"auth {auth}{', open metrics' if service.token and args.open_metrics else ''})"
+    )

@@ -7,6 +7,9 @@ Each service has its own registry, so two in one process (tests) do not share co
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Protocol
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 
 disable_created_metrics()  # no *_created series: they double the output and say little here
@@ -15,8 +18,15 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
+class Ran(Protocol):
+    """A request in a forward pass, as the metrics see it (batcher.Request)."""
+
+    adapter: str
+    texts: list[str]
+
+
 class Metrics:
-    def __init__(self):
+    def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
         self.requests = Counter(
             "lora_dist_requests",
@@ -87,7 +97,8 @@ class Metrics:
         self.adapters_known = Gauge("lora_dist_adapters_known", "adapters the service lists", registry=r)
         self.reloads = Counter("lora_dist_adapter_reloads", "rescans of the adapters (SIGHUP, POST)", registry=r)
 
-    def batch_done(self, batch) -> None:
+    def batch_done(self, batch: Sequence[Ran]) -> None:
+        """A forward pass ran `batch`: its size, and each adapter's share of it."""
         self.batch.observe(sum(len(r.texts) for r in batch))
         per: dict[str, int] = {}
         for r in batch:
@@ -96,8 +107,10 @@ class Metrics:
             self.batch_rows.labels(adapter).observe(n)
 
     def error(self, adapter: str, reason: str, status: int) -> None:
+        """A request answered with an error `status`, for `reason`."""
         self.errors.labels(adapter, reason).inc()
         self.requests.labels(adapter, str(status)).inc()
 
     def render(self) -> bytes:
+        """Every metric, in Prometheus' text format (GET /metrics)."""
         return generate_latest(self.registry)

@@ -13,12 +13,18 @@ import hmac
 import json
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from .metrics import Metrics
 from .server import READ_TIMEOUT
 
+if TYPE_CHECKING:  # the ASGI interface, as starlette spells it
+    from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-async def answer(send, status: int, message: str, headers: tuple = ()) -> None:
+Header = tuple[bytes, bytes]
+
+
+async def answer(send: Send, status: int, message: str, headers: tuple[Header, ...] = ()) -> None:
     """A JSON error answer, sent directly (outside the API)."""
     await send(
         {
@@ -34,15 +40,15 @@ class AccessLog:
     """`--access-log`: a line per request, `access: CLIENT "METHOD PATH" STATUS TIME ms` (408: its body was not
     read within --read-timeout-s, serve/server.py; "-": no answer, the client left)."""
 
-    def __init__(self, app, log: Callable[[str], None]):
+    def __init__(self, app: ASGIApp, log: Callable[[str], None]) -> None:
         self.app, self.log = app, log
 
-    async def __call__(self, scope, receive, send):
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         t0, status = time.perf_counter(), "-"
 
-        async def sending(message):
+        async def sending(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = str(message["status"])
@@ -65,11 +71,11 @@ class Auth:
     """With a token, a request to a `protected` path needs `Authorization: Bearer TOKEN`, compared as bytes in
     constant time, before its body is read."""
 
-    def __init__(self, app, token: str | None, protected: Callable[[str], bool], metrics: Metrics):
+    def __init__(self, app: ASGIApp, token: str | None, protected: Callable[[str], bool], metrics: Metrics) -> None:
         self.app, self.protected, self.metrics = app, protected, metrics
         self.token = token.encode("ascii") if token is not None else None
 
-    async def __call__(self, scope, receive, send):
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or self.token is None or not self.protected(scope["path"]):
             return await self.app(scope, receive, send)
         got = dict(scope["headers"]).get(b"authorization", b"")
@@ -86,10 +92,10 @@ class BodyLimit:
     """Refuse a body over `limit` bytes with 413 (by Content-Length, or while reading a chunked one). A client
     that leaves (or is cut off: --read-timeout-s) before its body is complete never reaches the API."""
 
-    def __init__(self, app, limit: int, metrics: Metrics):
+    def __init__(self, app: ASGIApp, limit: int, metrics: Metrics) -> None:
         self.app, self.limit, self.metrics = app, limit, metrics
 
-    async def __call__(self, scope, receive, send):
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
             return await self.app(scope, receive, send)
         length = dict(scope["headers"]).get(b"content-length")
@@ -109,7 +115,7 @@ class BodyLimit:
         scope.setdefault("state", {})["body"] = body
         sent = False
 
-        async def replay():
+        async def replay() -> Message:
             nonlocal sent
             if not sent:
                 sent = True

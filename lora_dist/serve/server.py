@@ -16,10 +16,14 @@ address logged is the one bound (with --port 0, the port the system picked).
 from __future__ import annotations
 
 import asyncio
-import time
+import socket
+from collections.abc import Callable
+from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # the [serve] extra's modules are imported only when serving
+    import uvicorn
+
     from .metrics import Metrics
 
 STATUS = {408: b"408 Request Timeout", 503: b"503 Service Unavailable"}
@@ -45,10 +49,10 @@ def guarded_protocol(read_timeout: float, max_connections: int, metrics: Metrics
     base: Any = AutoHTTPProtocol  # httptools' protocol where installed, else h11's: chosen at import
 
     class Guarded(base):
-        def connection_made(self, transport) -> None:
+        def connection_made(self, transport: asyncio.Transport) -> None:
             super().connection_made(transport)
             self.deadline: asyncio.TimerHandle | None = None
-            self.armed_for = None
+            self.armed_for: object | None = None  # the request (uvicorn's cycle) the deadline is for
             metrics.connections.inc()
             if len(self.connections) > max_connections:
                 metrics.dropped.labels("too_many").inc()
@@ -56,7 +60,7 @@ def guarded_protocol(read_timeout: float, max_connections: int, metrics: Metrics
                 return raw_answer(transport, 503, why, b"retry-after: 1\r\n")
             self.arm()
 
-        def connection_lost(self, exc) -> None:
+        def connection_lost(self, exc: Exception | None) -> None:
             metrics.connections.dec()
             if self.deadline is not None:
                 self.deadline.cancel()
@@ -76,6 +80,7 @@ def guarded_protocol(read_timeout: float, max_connections: int, metrics: Metrics
             return "body" if c.more_body else "app"
 
         def arm(self) -> None:
+            """A new read deadline, for the request now arriving (or the next one)."""
             if self.deadline is not None:
                 self.deadline.cancel()
             self.armed_for = self.cycle
@@ -100,6 +105,7 @@ def guarded_protocol(read_timeout: float, max_connections: int, metrics: Metrics
             raw_answer(self.transport, 408, why)
 
         def shutdown(self) -> None:
+            """uvicorn's stop: a request half read is dropped at once; one being answered is finished."""
             if self.state() == "body" and not self.cycle.response_started:
                 return self.transport.close()  # half a request: nothing is in flight
             super().shutdown()
@@ -107,27 +113,27 @@ def guarded_protocol(read_timeout: float, max_connections: int, metrics: Metrics
     return Guarded
 
 
-def server_class():
-    """uvicorn's Server, which at SIGTERM lets the batcher run what it holds at once and sets the deadline of the
-    stop, and which logs the address it bound."""
+def server_class() -> Callable[[uvicorn.Config, str, Callable[[str], None], Callable[[], None]], uvicorn.Server]:
+    """uvicorn's Server, which logs the address it bound, and at SIGTERM calls `stopping` (the service's: it sets
+    the deadline of the stop and lets the batcher run what it holds at once)."""
     import uvicorn
 
     class Server(uvicorn.Server):
-        def __init__(self, config, service, banner: str):
+        def __init__(
+            self, config: uvicorn.Config, banner: str, log: Callable[[str], None], stopping: Callable[[], None]
+        ) -> None:
             super().__init__(config)
-            self.service, self.banner = service, banner
+            self.banner, self.log, self.stopping = banner, log, stopping
 
-        async def startup(self, sockets=None) -> None:
+        async def startup(self, sockets: list[socket.socket] | None = None) -> None:
             await super().startup(sockets)
             if self.started:
                 host, port = self.servers[0].sockets[0].getsockname()[:2]
                 host = f"[{host}]" if ":" in host else host
-                self.service.log(f"serving {self.banner.format(url=f'http://{host}:{port}/')}")
+                self.log(f"serving {self.banner.format(url=f'http://{host}:{port}/')}")
 
-        def handle_exit(self, sig, frame) -> None:
-            if self.service.stop_by is None:
-                self.service.stop_by = time.monotonic() + self.service.shutdown_timeout_s
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            self.stopping()
             super().handle_exit(sig, frame)
-            self.service.batcher.flush()
 
     return Server
