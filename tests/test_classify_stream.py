@@ -51,3 +51,51 @@ def test_a_csv_is_read_in_chunks_and_bad_input_is_one_error(tmp_path, monkeypatc
     (tmp_path / "l.csv").write_bytes("text\nok\ncaf\u00e9\n".encode("latin-1"))
     with pytest.raises(UserError, match="not UTF-8 \\(bad byte at line 3\\)"):
         list(c._from_file(tmp_path / "l.csv", "text"))
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".parquet"])
+def test_jsonl_and_parquet_are_read_in_chunks_by_their_text_column(tmp_path, monkeypatch, suffix):
+    """As training reads them (token_cache.read_chunks), the text column only: no label column needed."""
+    if suffix == ".parquet":
+        pytest.importorskip("pyarrow")
+    monkeypatch.setattr(c, "CHUNK", 4)
+    frame = pd.DataFrame({"id": range(10), "Body": [f'm {i}, \u00e9 "q"\n2nd line' for i in range(10)]})
+    path = tmp_path / f"d{suffix}"
+    if suffix == ".jsonl":
+        frame.to_json(path, orient="records", lines=True, force_ascii=False)
+    else:
+        frame.to_parquet(path, index=False)
+    chunks = list(c._from_file(path, "body"))  # matched ignoring case, as a header is
+    assert [len(ch) for ch in chunks] == [4, 4, 2] and sum(chunks, []) == frame["Body"].tolist()
+    with pytest.raises(UserError, match=r"no (column|key) 'text' \(found \['id', 'Body'\]\); pass --text-column NAME"):
+        list(c._from_file(path, "text"))
+
+
+def test_a_jsonl_row_without_text_names_its_line(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"text": "a"}\n\n{"text": "b"}\n{"text": 3}\n')
+    with pytest.raises(UserError, match=r"d.jsonl line 4, column 'text': a message must be a string"):
+        list(c._from_file(path, "text"))
+
+
+def test_shared_batches_are_padded_to_a_multiple_and_the_logits_do_not_move(smoke_run):
+    """Padding-free adapters: a batch's length is rounded up to batching.PAD_MULTIPLE (a bounded set of shapes
+    keeps a long classify's memory flat); the probabilities are those of each message run alone."""
+    import torch
+
+    from lora_dist.infer import batching
+    from lora_dist.infer.classifier import Classifier
+
+    clf = Classifier.from_pretrained(smoke_run[0], device="cpu")
+    assert clf.spec.padding_free()
+    texts = ["hi", "WINNER!! you have won a prize, call now " * 3, "see you at 6 then", "ok"] * 3
+    ids = clf.encode(texts)
+    widths = {b.ids.shape[1] for _, b in clf.batches(ids, 5)}
+    assert widths and all(w % batching.PAD_MULTIPLE == 0 for w in widths)
+    alone = torch.cat([clf.logits([t]) for t in texts])  # one message a batch, padded to the multiple too
+    unpadded = []
+    for t in ids:  # the model on the bare message: no padding at all
+        with torch.inference_mode():
+            unpadded.append(clf.model(torch.tensor([t]), torch.tensor([len(t) - 1])))
+    torch.testing.assert_close(clf.logits(texts, 5), torch.cat(unpadded), rtol=0, atol=1e-5)
+    torch.testing.assert_close(alone, torch.cat(unpadded), rtol=0, atol=1e-5)
