@@ -78,24 +78,17 @@ def test_a_jsonl_row_without_text_names_its_line(tmp_path):
         list(c._from_file(path, "text"))
 
 
-def test_shared_batches_are_padded_to_a_multiple_and_the_logits_do_not_move(smoke_run):
-    """Padding-free adapters: a batch's length is rounded up to batching.PAD_MULTIPLE (a bounded set of shapes
-    keeps a long classify's memory flat); the probabilities are those of each message run alone."""
-    import torch
+def test_inference_bounds_the_cpu_kernel_caches_unless_the_user_set_them(monkeypatch):
+    """oneDNN keeps a kernel (and its memory) per input shape, up to 1,024 of each cache by default; a packed
+    CPU batch has a shape of its own, so a long classify grew by ~100 MB a round of 4,096 messages (1,227 MB
+    at 60,000 lines, tiny model) until the caches filled. Inference bounds them; a user's setting stays."""
+    import os
 
-    from lora_dist.infer import batching
-    from lora_dist.infer.classifier import Classifier
+    from lora_dist import device
 
-    clf = Classifier.from_pretrained(smoke_run[0], device="cpu")
-    assert clf.spec.padding_free()
-    texts = ["hi", "WINNER!! you have won a prize, call now " * 3, "see you at 6 then", "ok"] * 3
-    ids = clf.encode(texts)
-    widths = {b.ids.shape[1] for _, b in clf.batches(ids, 5)}
-    assert widths and all(w % batching.PAD_MULTIPLE == 0 for w in widths)
-    alone = torch.cat([clf.logits([t]) for t in texts])  # one message a batch, padded to the multiple too
-    unpadded = []
-    for t in ids:  # the model on the bare message: no padding at all
-        with torch.inference_mode():
-            unpadded.append(clf.model(torch.tensor([t]), torch.tensor([len(t) - 1])))
-    torch.testing.assert_close(clf.logits(texts, 5), torch.cat(unpadded), rtol=0, atol=1e-5)
-    torch.testing.assert_close(alone, torch.cat(unpadded), rtol=0, atol=1e-5)
+    monkeypatch.setenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "")  # recorded, so undone after the test
+    monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY")
+    monkeypatch.setenv("LRU_CACHE_CAPACITY", "7")
+    device.bound_kernel_caches()
+    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == str(device.KERNEL_CACHE) and device.KERNEL_CACHE <= 64
+    assert os.environ["LRU_CACHE_CAPACITY"] == "7"

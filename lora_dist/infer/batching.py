@@ -8,10 +8,6 @@ Messages are tokenized as in training (`data.encode`), each cut to its own adapt
 number cut is returned to the caller (nothing is kept between calls: the service runs requests on threads).
 Rows share a padded batch when padding changes nothing (`AdapterSpec.padding_free`), else per (pad length,
 pad token), and with no pad length each row runs alone (`data.batch_plan`, longest first within a group).
-A shared batch's length is rounded up to a multiple of `PAD_MULTIPLE` tokens (at most the adapter's
-max_length): padding changes nothing there, and a bounded set of shapes keeps the process's memory flat
-over a long `classify --file` (the CPU allocator and oneDNN keep memory per shape: 60,000 messages took
-1,227 MB with a shape per length, 506 MB with multiples of 16; tiny model).
 """
 
 from __future__ import annotations
@@ -20,8 +16,6 @@ from collections.abc import Iterator, Sequence
 
 from ..adapter import AdapterSpec
 from ..data import Batch, Collate, batch_plan, encode
-
-PAD_MULTIPLE = 16  # tokens; only for rows whose adapter reads them padding-free
 
 
 def tokenize(texts: list[str], max_lengths: Sequence[int]) -> tuple[list[list[int]], int]:
@@ -49,5 +43,4 @@ def plan(
         groups.append(() if s.padding_free() else ((s.pad_to, s.pad_token_id) if s.pad_to else ("alone", i)))
     for rows in batch_plan([len(i) for i in ids], batch_size, groups, order):
         s = specs[rows[0]]
-        multiple = PAD_MULTIPLE if s.padding_free() and not s.pad_to else 1
-        yield rows, Collate(s.pad_token_id, s.pad_to, multiple, cap=s.max_length)([(ids[i], 0) for i in rows])
+        yield rows, Collate(s.pad_token_id, s.pad_to)([(ids[i], 0) for i in rows])

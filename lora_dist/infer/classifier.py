@@ -23,7 +23,7 @@ from tqdm import tqdm
 from ..adapter import AdapterSpec
 from ..build import load_trained, read_adapter
 from ..data import Batch
-from ..device import autocast, pick_device, resolve_precision
+from ..device import autocast, bound_kernel_caches, pick_device, resolve_precision
 from ..errors import UserError
 from ..lora import merge as merge_lora
 from ..model import GPT2
@@ -39,6 +39,7 @@ class Classifier:
         precision: str = "fp32",
         merge: bool = False,
     ) -> None:
+        bound_kernel_caches()  # before the first forward pass: memory stays flat over a long run of shapes
         self.spec = spec
         self.device = pick_device(device, key="device")
         self.precision = resolve_precision(precision, self.device, key="precision")
