@@ -143,29 +143,35 @@ def cache_key(cfg: DataConfig, files: list[Path], limit: int, memo_dir: Path | N
 # ------------------------------------------------------------------------------------------ reading
 
 
-def read_chunks(path: Path, fmt: str, cfg: DataConfig, rows: int | None = None) -> Iterator[Chunk]:
+def read_chunks(
+    path: Path, fmt: str, cfg: DataConfig, rows: int | None = None, texts_only: bool = False
+) -> Iterator[Chunk]:
     """(first row number, texts, labels) of `rows` rows at a time; row numbers count data rows from 1. Bad rows
-    raise UserError naming the file, the row or line, and the column."""
+    raise UserError naming the file, the row or line, and the column. `texts_only` (JSONL and Parquet, for
+    `classify --file`): only the text column is read and required; the labels come back empty."""
     rows = rows or CHUNK_ROWS
     if fmt == "parquet":
-        yield from _parquet_chunks(path, cfg, rows)
+        yield from _parquet_chunks(path, cfg, rows, texts_only)
     elif fmt == "jsonl":
-        yield from _jsonl_chunks(path, cfg, rows)
+        yield from _jsonl_chunks(path, cfg, rows, texts_only)
     else:
         yield from _csv_chunks(path, fmt, cfg, rows)
 
 
-def _columns(path: Path, found: list[str], cfg: DataConfig) -> tuple[str, str]:
-    """The text and label columns' names as the file spells them (matched ignoring case and spaces)."""
+def _columns(path: Path, found: list[str], cfg: DataConfig, texts_only: bool = False) -> tuple[str, str]:
+    """The text and label columns' names as the file spells them (matched ignoring case and spaces); with
+    `texts_only` the label's is "" and need not exist."""
     by_key = {str(c).strip().lower(): c for c in found}
-    want = [cfg.text_column, cfg.label_column]
+    want = [cfg.text_column] if texts_only else [cfg.text_column, cfg.label_column]
     missing = [w for w in want if w.strip().lower() not in by_key]
     if missing:
-        raise UserError(
-            f"{path} has no column {missing[0]!r} (found {[str(c) for c in found]}); "
-            f"set data.text_column / data.label_column to the columns that hold the message and its label"
+        fix = (
+            "pass --text-column NAME"
+            if texts_only
+            else "set data.text_column / data.label_column to the columns that hold the message and its label"
         )
-    return by_key[want[0].strip().lower()], by_key[want[1].strip().lower()]
+        raise UserError(f"{path} has no column {missing[0]!r} (found {[str(c) for c in found]}); {fix}")
+    return by_key[want[0].strip().lower()], "" if texts_only else by_key[want[1].strip().lower()]
 
 
 def _csv_chunks(path: Path, fmt: str, cfg: DataConfig, rows: int) -> Iterator[Chunk]:
@@ -214,8 +220,8 @@ def _not_utf8(path: Path) -> UserError:
     )
 
 
-def _jsonl_chunks(path: Path, cfg: DataConfig, rows: int) -> Iterator[Chunk]:
-    text_col, label_col = cfg.text_column, cfg.label_column
+def _jsonl_chunks(path: Path, cfg: DataConfig, rows: int, texts_only: bool = False) -> Iterator[Chunk]:
+    text_col, label_col = cfg.text_column, "" if texts_only else cfg.label_column
     texts: list = []
     labels: list = []
     start = 1
@@ -233,16 +239,17 @@ def _jsonl_chunks(path: Path, cfg: DataConfig, rows: int) -> Iterator[Chunk]:
                 raise UserError(
                     f"{path} line {line_no} is a JSON {type(obj).__name__}, not an object with {text_col!r}"
                 )
-            if text_col not in obj or label_col not in obj:  # keys matched ignoring case and spaces, as in a header
+            if text_col not in obj or (label_col not in obj and not texts_only):  # keys matched as in a header
                 try:
-                    text_col, label_col = _columns(path, list(obj), cfg)
+                    text_col, label_col = _columns(path, list(obj), cfg, texts_only)
                 except UserError:
-                    missing = next(c for c in (cfg.text_column, cfg.label_column) if c not in obj)
+                    want = (cfg.text_column,) if texts_only else (cfg.text_column, cfg.label_column)
+                    missing = next(c for c in want if c not in obj)
+                    fix = "pass --text-column NAME" if texts_only else "set data.text_column / data.label_column"
                     raise UserError(
-                        f"{path} line {line_no} has no key {missing!r} (found {list(obj)[:10]}); "
-                        f"set data.text_column / data.label_column"
+                        f"{path} line {line_no} has no key {missing!r} (found {list(obj)[:10]}); {fix}"
                     ) from None
-            text, label = obj[text_col], obj[label_col]
+            text, label = obj[text_col], "" if texts_only else obj[label_col]
             if not isinstance(text, str):
                 raise UserError(
                     f"{path} line {line_no}, column {text_col!r}: a message must be a string, not {json.dumps(text)[:40]}"
@@ -262,7 +269,7 @@ def _jsonl_chunks(path: Path, cfg: DataConfig, rows: int) -> Iterator[Chunk]:
         yield start, texts, labels
 
 
-def _parquet_chunks(path: Path, cfg: DataConfig, rows: int) -> Iterator[Chunk]:
+def _parquet_chunks(path: Path, cfg: DataConfig, rows: int, texts_only: bool = False) -> Iterator[Chunk]:
     try:
         import pyarrow.parquet as pq  # the [parquet] extra
     except ImportError:
@@ -273,10 +280,12 @@ def _parquet_chunks(path: Path, cfg: DataConfig, rows: int) -> Iterator[Chunk]:
         pf = pq.ParquetFile(path)
     except Exception as e:  # pyarrow's ArrowInvalid and friends
         raise UserError(f"{path} is not a readable Parquet file ({e}); re-export it") from None
-    text_col, label_col = _columns(path, pf.schema_arrow.names, cfg)
+    text_col, label_col = _columns(path, pf.schema_arrow.names, cfg, texts_only)
+    columns = [text_col] if texts_only else [text_col, label_col]
     start = 1
-    for batch in pf.iter_batches(batch_size=rows, columns=[text_col, label_col]):
-        texts, labels = batch.column(0).to_pylist(), batch.column(1).to_pylist()
+    for batch in pf.iter_batches(batch_size=rows, columns=columns):
+        texts = batch.column(0).to_pylist()
+        labels = [] if texts_only else batch.column(1).to_pylist()
         for col, values in ((text_col, texts), (label_col, labels)):
             bad = next((i for i, v in enumerate(values) if v is None or isinstance(v, (float, bytes, bool))), None)
             if bad is not None:
@@ -465,53 +474,20 @@ def _build(
     say: Say,
     progress: bool,
 ) -> None:
+    """Read, tokenize and write the arrays into a temporary directory, then rename it into place."""
     tmp = root / f".tmp-{key[:32]}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    t0 = last = time.monotonic()
-    rows = tokens = truncated = 0
-    names: dict[str, int] = {}  # label -> its index in order of appearance; renumbered at the end
+    t0 = time.monotonic()
     try:
-        with (
-            open(tmp / "ids.u16", "wb") as f_ids,
-            open(tmp / "offsets.i64", "wb") as f_off,
-            open(tmp / "labels.i32", "wb") as f_lab,
-        ):
-            f_off.write(np.zeros(1, np.int64).tobytes())
-            for path in files:
-                for start, texts, labels in prefetched(read_chunks(path, file_format(path, cfg), cfg)):
-                    labels = _check_rows(path, start, texts, labels)
-                    ids, cut = encode(texts, limit)
-                    truncated += cut
-                    lens = np.fromiter((len(i) for i in ids), np.int64, len(ids))
-                    flat = np.array(list(itertools.chain.from_iterable(ids)), np.uint16)
-                    f_ids.write(flat.tobytes())
-                    f_off.write((tokens + np.cumsum(lens)).tobytes())
-                    f_lab.write(
-                        np.fromiter((names.setdefault(x, len(names)) for x in labels), np.int32, len(labels)).tobytes()
-                    )
-                    rows += len(texts)
-                    tokens += int(lens.sum())
-                    now = time.monotonic()
-                    if progress and now - last >= 5:
-                        last = now
-                        rate = f"{rows / (now - t0):,.0f} rows/s, {tokens / (now - t0):,.0f} tokens/s"
-                        say(f"prepare: {rows:,} rows, {tokens:,} tokens ({rate})")
+        rows, tokens, truncated, names = _write_arrays(cfg, files, limit, tmp, say if progress else None)
         if rows == 0:
             raise UserError(
                 f"data.source={cfg.source} holds no rows (a header but no messages, or empty files); "
                 f"add rows of text and label"
             )
-        where = f"data.source={cfg.source}"
-        order = label_order(names, cfg.labels, source=where)
-        counts = np.zeros(len(names), np.int64)
-        lab = np.memmap(tmp / "labels.i32", dtype=np.int32, mode="r+", shape=(rows,))
-        remap = np.array([order.index(x) for x in names], np.int32)  # appearance index -> final index
-        for s in range(0, rows, 1 << 22):
-            counts += np.bincount(lab[s : s + (1 << 22)], minlength=len(names))
-            lab[s : s + (1 << 22)] = remap[lab[s : s + (1 << 22)]]
-        lab.flush()
-        del lab
+        order = label_order(names, cfg.labels, source=f"data.source={cfg.source}")
+        counts = _renumber_labels(tmp / "labels.i32", rows, names, order)
         seconds = time.monotonic() - t0
         manifest = {
             "format": FORMAT,
@@ -541,6 +517,56 @@ def _build(
         f"prepared the token cache {final}: {rows:,} messages, {tokens:,} tokens in {seconds:.1f} s "
         f"({rows / max(seconds, 1e-9):,.0f} rows/s, {tokens / max(seconds, 1e-9):,.0f} tokens/s)"
     )
+
+
+def _write_arrays(
+    cfg: DataConfig, files: list[Path], limit: int, tmp: Path, progress: Say | None
+) -> tuple[int, int, int, dict[str, int]]:
+    """Every file's rows, a chunk at a time (read ahead by a thread), appended to ids.u16, offsets.i64 and
+    labels.i32 under `tmp`; labels numbered in order of appearance. Returns (rows, tokens, truncated, names)."""
+    t0 = last = time.monotonic()
+    rows = tokens = truncated = 0
+    names: dict[str, int] = {}  # label -> its index in order of appearance; renumbered at the end
+    with (
+        open(tmp / "ids.u16", "wb") as f_ids,
+        open(tmp / "offsets.i64", "wb") as f_off,
+        open(tmp / "labels.i32", "wb") as f_lab,
+    ):
+        f_off.write(np.zeros(1, np.int64).tobytes())
+        for path in files:
+            for start, texts, labels in prefetched(read_chunks(path, file_format(path, cfg), cfg)):
+                labels = _check_rows(path, start, texts, labels)
+                ids, cut = encode(texts, limit)
+                truncated += cut
+                lens = np.fromiter((len(i) for i in ids), np.int64, len(ids))
+                n = int(lens.sum())
+                f_ids.write(np.fromiter(itertools.chain.from_iterable(ids), np.uint16, n).tobytes())
+                f_off.write((tokens + np.cumsum(lens)).tobytes())
+                f_lab.write(
+                    np.fromiter((names.setdefault(x, len(names)) for x in labels), np.int32, len(labels)).tobytes()
+                )
+                rows += len(texts)
+                tokens += n
+                now = time.monotonic()
+                if progress is not None and now - last >= 5:
+                    last = now
+                    rate = f"{rows / (now - t0):,.0f} rows/s, {tokens / (now - t0):,.0f} tokens/s"
+                    progress(f"prepare: {rows:,} rows, {tokens:,} tokens ({rate})")
+    return rows, tokens, truncated, names
+
+
+def _renumber_labels(path: Path, rows: int, names: dict[str, int], order: tuple[str, ...]) -> np.ndarray:
+    """Rewrite the label array from order of appearance to `order`'s indices, in place, 4 M rows at a time;
+    returns the count of each label by its appearance index."""
+    counts = np.zeros(len(names), np.int64)
+    lab = np.memmap(path, dtype=np.int32, mode="r+", shape=(rows,))
+    remap = np.array([order.index(x) for x in names], np.int32)  # appearance index -> final index
+    for s in range(0, rows, 1 << 22):
+        counts += np.bincount(lab[s : s + (1 << 22)], minlength=len(names))
+        lab[s : s + (1 << 22)] = remap[lab[s : s + (1 << 22)]]
+    lab.flush()
+    del lab
+    return counts
 
 
 def prefetched(chunks: Iterator, depth: int = 2) -> Iterator:

@@ -51,3 +51,44 @@ def test_a_csv_is_read_in_chunks_and_bad_input_is_one_error(tmp_path, monkeypatc
     (tmp_path / "l.csv").write_bytes("text\nok\ncaf\u00e9\n".encode("latin-1"))
     with pytest.raises(UserError, match="not UTF-8 \\(bad byte at line 3\\)"):
         list(c._from_file(tmp_path / "l.csv", "text"))
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".parquet"])
+def test_jsonl_and_parquet_are_read_in_chunks_by_their_text_column(tmp_path, monkeypatch, suffix):
+    """As training reads them (token_cache.read_chunks), the text column only: no label column needed."""
+    if suffix == ".parquet":
+        pytest.importorskip("pyarrow")
+    monkeypatch.setattr(c, "CHUNK", 4)
+    frame = pd.DataFrame({"id": range(10), "Body": [f'm {i}, \u00e9 "q"\n2nd line' for i in range(10)]})
+    path = tmp_path / f"d{suffix}"
+    if suffix == ".jsonl":
+        frame.to_json(path, orient="records", lines=True, force_ascii=False)
+    else:
+        frame.to_parquet(path, index=False)
+    chunks = list(c._from_file(path, "body"))  # matched ignoring case, as a header is
+    assert [len(ch) for ch in chunks] == [4, 4, 2] and sum(chunks, []) == frame["Body"].tolist()
+    with pytest.raises(UserError, match=r"no (column|key) 'text' \(found \['id', 'Body'\]\); pass --text-column NAME"):
+        list(c._from_file(path, "text"))
+
+
+def test_a_jsonl_row_without_text_names_its_line(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"text": "a"}\n\n{"text": "b"}\n{"text": 3}\n')
+    with pytest.raises(UserError, match=r"d.jsonl line 4, column 'text': a message must be a string"):
+        list(c._from_file(path, "text"))
+
+
+def test_inference_bounds_the_cpu_kernel_caches_unless_the_user_set_them(monkeypatch):
+    """oneDNN keeps a kernel (and its memory) per input shape, up to 1,024 of each cache by default; a packed
+    CPU batch has a shape of its own, so a long classify grew by ~100 MB a round of 4,096 messages (1,227 MB
+    at 60,000 lines, tiny model) until the caches filled. Inference bounds them; a user's setting stays."""
+    import os
+
+    from lora_dist import device
+
+    monkeypatch.setenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "")  # recorded, so undone after the test
+    monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY")
+    monkeypatch.setenv("LRU_CACHE_CAPACITY", "7")
+    device.bound_kernel_caches()
+    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == str(device.KERNEL_CACHE) and device.KERNEL_CACHE <= 64
+    assert os.environ["LRU_CACHE_CAPACITY"] == "7"

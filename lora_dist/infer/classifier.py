@@ -14,7 +14,7 @@ truncated and padded as in training, and run in batches sorted by length, so a b
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -23,21 +23,23 @@ from tqdm import tqdm
 from ..adapter import AdapterSpec
 from ..build import load_trained, read_adapter
 from ..data import Batch
-from ..device import autocast, pick_device, resolve_precision
+from ..device import autocast, bound_kernel_caches, pick_device, resolve_precision
 from ..errors import UserError
 from ..lora import merge as merge_lora
+from ..model import GPT2
 from .batching import plan, tokenize
 
 
 class Classifier:
     def __init__(
         self,
-        model,
+        model: GPT2,
         spec: AdapterSpec,
         device: str | torch.device = "auto",
         precision: str = "fp32",
         merge: bool = False,
-    ):
+    ) -> None:
+        bound_kernel_caches()  # before the first forward pass: memory stays flat over a long run of shapes
         self.spec = spec
         self.device = pick_device(device, key="device")
         self.precision = resolve_precision(precision, self.device, key="precision")
@@ -116,7 +118,7 @@ class Classifier:
         return results(texts, probs, self.spec.labels)
 
 
-def results(texts: list[str], probs: torch.Tensor, labels) -> list[dict]:
+def results(texts: Sequence[str], probs: torch.Tensor, labels: Sequence[str]) -> list[dict]:
     """The objects `predict`, `classify --json` and the service return, one per message."""
     best = probs.argmax(dim=-1).tolist()
     rows = probs.tolist()
@@ -126,7 +128,7 @@ def results(texts: list[str], probs: torch.Tensor, labels) -> list[dict]:
     ]
 
 
-def _progress(total: int, enabled: bool | None):
+def _progress(total: int, enabled: bool | None) -> tqdm | None:
     """A tqdm bar on stderr: None (off), or True / None for "on a terminal, for large inputs"."""
     if enabled is False or (enabled is None and (total < 1000 or not sys.stderr.isatty())):
         return None

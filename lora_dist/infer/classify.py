@@ -3,6 +3,7 @@
     lora-dist classify --adapter runs/smoke "WINNER!! Claim your prize" "see you at 6"
     lora-dist classify --adapter runs/smoke --file messages.txt                 # one message per line
     lora-dist classify --adapter runs/smoke --file data.csv --text-column text --jsonl --out predictions.jsonl
+    lora-dist classify --adapter runs/smoke --file data.parquet --text-column body --jsonl --out predictions.jsonl
     cat messages.txt | lora-dist classify --adapter runs/smoke -
     torchrun --nproc_per_node=8 -m lora_dist classify --adapter runs/smoke --file big.csv --out out.jsonl
 
@@ -12,6 +13,7 @@ round and writes it, in input order, exactly once (to a temporary file renamed i
 
 from __future__ import annotations
 
+import argparse
 import itertools
 import json
 import math
@@ -24,19 +26,24 @@ from typing import TextIO
 import pandas as pd
 from tqdm import tqdm
 
-from ..config import DistConfig
+from ..config import DataConfig, DistConfig
 from ..device import PRECISIONS, DistEnv, init_process_group, leave_process_group, pick_device, precision_note
 from ..errors import UserError
 from ..files import OutFile
-from ..rank_zero import output_for
+from ..rank_zero import OtherRankOutput, RankZeroOutput, output_for
+from ..token_cache import FORMATS, read_chunks
 from .classifier import Classifier, results
 
 
-def add_arguments(p) -> None:
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("texts", nargs="*", help='messages to classify; "-" reads them from stdin, one per line')
     p.add_argument("--adapter", required=True, help="a training run, its adapter/ directory, or a PEFT export")
-    p.add_argument("--file", help="a text file (one message per line) or a CSV/TSV (see --text-column)")
-    p.add_argument("--text-column", default="text", help="the CSV/TSV column that holds the messages (default: text)")
+    p.add_argument(
+        "--file", help="a text file (one message per line), or a CSV, TSV, JSONL or Parquet file (see --text-column)"
+    )
+    p.add_argument(
+        "--text-column", default="text", help="the CSV/TSV/JSONL/Parquet column that holds the messages (default: text)"
+    )
     fmt = p.add_mutually_exclusive_group()
     fmt.add_argument("--json", action="store_true", help="print a JSON list")
     fmt.add_argument("--jsonl", action="store_true", help="print one JSON object per line")
@@ -66,11 +73,8 @@ def add_arguments(p) -> None:
     )
 
 
-def main(args) -> int:
-    if args.batch_size < 1 or args.shard_size < 1:
-        raise UserError("--batch-size and --shard-size must be >= 1")
-    if not (math.isfinite(args.timeout_s) and args.timeout_s > 0):
-        raise UserError(f"--timeout-s must be a finite number of seconds > 0; got {args.timeout_s}")
+def main(args: argparse.Namespace) -> int:
+    _check_arguments(args)
     chunks = read_texts(args)
     first = next(chunks, None)  # a missing file or column fails here, before the model is loaded
     env = DistEnv.from_environ()
@@ -87,47 +91,82 @@ def main(args) -> int:
     if note:
         out.note(note)
     sink = Writer(args.out, fmt, clf.labels, None if note is None else clf.precision) if out.speaks else None
-    truncated = empty = 0
-    progress = Progress(enabled=out.speaks and bool(args.file))
     try:
-        R, size = env.world_size, args.shard_size
-        # Rounds of R x shard-size messages, read as they are needed: memory holds one round, whatever the input.
-        for texts in rounds(itertools.chain([first] if first is not None else [], chunks), R * size):
-            mine = texts[env.rank * size : (env.rank + 1) * size]
-            probs = None
-            if mine:
-                ids, cut = clf.tokenize(mine)
-                probs = clf.logits_of(ids, args.batch_size, progress=False).softmax(-1)
-                truncated += cut
-            parts = out.gather(probs)
-            if sink is not None and parts is not None:
-                done = 0
-                for p in parts:  # rank order is input order: rank r holds the r-th slice of this round
-                    if p is not None:
-                        sink.write(results(texts[done : done + len(p)], p, clf.labels))
-                        done += len(p)
-                empty += sum(1 for t in texts if not t.strip())
-                progress.update(len(texts))
-        counts = out.gather(truncated)
-        if sink is not None and counts is not None:
-            sink.close()
-            progress.close()
-            truncated = sum(counts)
-            if truncated:
-                out.note(
-                    f"note: {truncated} message(s) longer than {clf.spec.max_length} tokens were truncated to it, "
-                    f"as in training"
-                )
-            if empty:
-                out.note(f"note: {empty} message(s) were empty or whitespace only; they were classified as they are")
-            if args.out:
-                out.note(f"written: {args.out} ({sink.count} messages)")
+        texts = itertools.chain([first] if first is not None else [], chunks)
+        truncated, empty = _classify_rounds(clf, args, env, out, sink, texts)
+        _finish(clf, args, out, sink, truncated, empty)
     finally:
         if sink is not None:
             sink.abort()
         if spread:
             leave_process_group(barrier=False)
     return 0
+
+
+def _check_arguments(args: argparse.Namespace) -> None:
+    if args.batch_size < 1 or args.shard_size < 1:
+        raise UserError("--batch-size and --shard-size must be >= 1")
+    if not (math.isfinite(args.timeout_s) and args.timeout_s > 0):
+        raise UserError(f"--timeout-s must be a finite number of seconds > 0; got {args.timeout_s}")
+
+
+def _classify_rounds(
+    clf: Classifier,
+    args: argparse.Namespace,
+    env: DistEnv,
+    out: RankZeroOutput | OtherRankOutput,
+    sink: Writer | None,
+    chunks: Iterator[list[str]],
+) -> tuple[int, int]:
+    """Every message of `chunks`, in rounds of world size x --shard-size (memory holds one round, whatever the
+    input): each rank classifies its slice, rank 0 gathers and writes the round in input order. Returns this
+    rank's count of truncated messages, and (rank 0) the count of empty ones."""
+    truncated = empty = 0
+    progress = Progress(enabled=out.speaks and bool(args.file))
+    size = args.shard_size
+    for texts in rounds(chunks, env.world_size * size):
+        mine = texts[env.rank * size : (env.rank + 1) * size]
+        probs = None
+        if mine:
+            ids, cut = clf.tokenize(mine)
+            probs = clf.logits_of(ids, args.batch_size, progress=False).softmax(-1)
+            truncated += cut
+        parts = out.gather(probs)
+        if sink is not None and parts is not None:
+            done = 0
+            for p in parts:  # rank order is input order: rank r holds the r-th slice of this round
+                if p is not None:
+                    sink.write(results(texts[done : done + len(p)], p, clf.labels))
+                    done += len(p)
+            empty += sum(1 for t in texts if not t.strip())
+            progress.update(len(texts))
+    progress.close()
+    return truncated, empty
+
+
+def _finish(
+    clf: Classifier,
+    args: argparse.Namespace,
+    out: RankZeroOutput | OtherRankOutput,
+    sink: Writer | None,
+    truncated: int,
+    empty: int,
+) -> None:
+    """Rank 0 commits the output and says what was truncated, empty and written (every rank takes part in the
+    gathering of the truncation counts)."""
+    counts = out.gather(truncated)
+    if sink is None or counts is None:
+        return
+    sink.close()
+    if sum(counts):
+        out.note(
+            f"note: {sum(counts)} message(s) longer than {clf.spec.max_length} tokens were truncated to it, "
+            f"as in training"
+        )
+    if empty:
+        out.note(f"note: {empty} message(s) were empty or whitespace only; they were classified as they are")
+    if args.out:
+        out.note(f"written: {args.out} ({sink.count} messages)")
 
 
 def rounds(chunks: Iterator[list[str]], n: int) -> Iterator[list[str]]:
@@ -145,7 +184,7 @@ def rounds(chunks: Iterator[list[str]], n: int) -> Iterator[list[str]]:
 class Progress:
     """Rank 0's progress on stderr for --file: a bar on a terminal, else a line every 30 s (as in a Slurm log)."""
 
-    def __init__(self, enabled: bool):
+    def __init__(self, enabled: bool) -> None:
         self.enabled, self.count, self.t0 = enabled, 0, time.monotonic()
         self.last = self.t0
         tty = enabled and sys.stderr.isatty()
@@ -171,17 +210,17 @@ CHUNK = 65_536  # messages read from --file at a time
 BLOCK = 1 << 22  # bytes read at a time from a text --file
 
 
-def read_texts(args) -> Iterator[list[str]]:
+def read_texts(args: argparse.Namespace) -> Iterator[list[str]]:
     """The messages to classify, a chunk at a time: the arguments, stdin ("-"), then --file."""
     texts = list(args.texts)
     if not texts and not args.file:
         raise UserError('nothing to classify; give messages as arguments, --file FILE, or "-" to read stdin')
     if args.file and not Path(args.file).is_file():
-        raise UserError(f"--file {args.file} not found; pass an existing text, CSV or TSV file")
+        raise UserError(f"--file {args.file} not found; pass an existing text, CSV, TSV, JSONL or Parquet file")
     return _chunks(args, texts)
 
 
-def _chunks(args, texts: list[str]) -> Iterator[list[str]]:
+def _chunks(args: argparse.Namespace, texts: list[str]) -> Iterator[list[str]]:
     if "-" in texts:
         texts.remove("-")
         texts += _lines(sys.stdin.buffer.read(), "stdin")
@@ -206,6 +245,11 @@ def _lines(raw: bytes, source: str) -> list[str]:
 
 
 def _from_file(path: Path, column: str) -> Iterator[list[str]]:
+    fmt = FORMATS.get(path.suffix.lower())
+    if fmt in ("jsonl", "parquet"):  # read as training reads them (token_cache), the text column only
+        for _, texts, _ in read_chunks(path, fmt, DataConfig(text_column=column), CHUNK, texts_only=True):
+            yield texts
+        return
     if path.suffix.lower() not in (".csv", ".tsv", ".tab"):
         yield from _text_lines(path)
         return
@@ -277,7 +321,7 @@ class Writer:
     """Rank 0's output: a table, a JSON list or JSON lines, to stdout or to a file renamed into place. Rows
     computed below fp32 say so: `"precision": "bf16"`."""
 
-    def __init__(self, out: str | None, fmt: str, labels: list[str], precision: str | None = None):
+    def __init__(self, out: str | None, fmt: str, labels: list[str], precision: str | None = None) -> None:
         self.fmt, self.labels, self.count, self.precision = fmt, labels, 0, precision
         self.out = OutFile(out) if out else None  # files.OutFile: atomic for a regular file, else written into
         self.stream: TextIO | OutFile = self.out if self.out is not None else sys.stdout
