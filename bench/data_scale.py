@@ -135,7 +135,9 @@ for chunk in pd.read_csv(sys.argv[1], dtype=str, keep_default_na=False, chunksiz
     texts += chunk["text"].tolist()
 enc = get_tokenizer()
 t0 = time.perf_counter()
-n = sum(len(i) for i in enc.encode_ordinary_batch(texts))
+n = 0
+for s in range(0, len(texts), 1_000_000):  # a million at a time: 10 M messages' token lists would be ~10 GB
+    n += sum(len(i) for i in enc.encode_ordinary_batch(texts[s : s + 1_000_000]))
 s = time.perf_counter() - t0
 print(json.dumps({"seconds": s, "rows_per_s": len(texts) / s, "tokens_per_s": n / s, "tokens": n}))
 """
@@ -287,6 +289,7 @@ def main() -> int:
     p.add_argument("--tag", default="", help="'before': a lora-dist without the cache (no prepare, no data.cache_dir)")
     p.add_argument("--data-dir", type=Path, default=Path(tempfile.gettempdir()) / "lora-dist-data-scale")
     p.add_argument("--out", type=Path, default=HERE / "results")
+    p.add_argument("--work", type=Path, help="keep the caches and runs here (default: a temporary directory)")
     p.add_argument("--timeout", type=float, default=900)
     p.add_argument("--table", nargs="*", type=Path, help="print these results files as one table")
     p.add_argument(
@@ -305,7 +308,10 @@ def main() -> int:
     written = []
     sizes: list[int | None] = ([] if args.no_sms else [None]) + list(args.sizes)
     with tempfile.TemporaryDirectory(prefix="data-scale-") as tmp:
+        tmp = str(args.work or tmp)
+        Path(tmp).mkdir(parents=True, exist_ok=True)
         for size in sizes:
+            load0 = round(os.getloadavg()[0], 2)  # a loaded machine's figures cannot judge a speed target
             res = bench_size(args, size, Path(tmp))
             extra = "-" + "-".join(args.extra).replace("=", "_") if args.extra else ""
             name = f"data-scale-{size or 'sms'}{'-' + args.tag if args.tag else ''}{extra}.json"
@@ -313,7 +319,7 @@ def main() -> int:
                 "machine": platform.processor() or platform.machine(),
                 "cpus": os.cpu_count(),
                 "date": time.strftime("%Y-%m-%d %H:%M"),
-                "note": "a shared, loaded 2-core machine",
+                "load_average_1m": {"before": load0, "after": round(os.getloadavg()[0], 2)},
                 "command": " ".join(sys.argv),
             }
             (args.out / name).write_text(
