@@ -165,6 +165,7 @@ class MultiAdapterClassifier:
         self.staged_lock = threading.Lock()
         self.on: Callable[..., None] = lambda event, name, seconds=0.0: None  # hit, miss, load, evict, stale
         self.log: Callable[[str], None] = lambda msg: None
+        self.startup: dict[str, float] = {}  # seconds of each stage of `from_catalog` (bench/serve_many.py --micro)
 
     @property
     def specs(self) -> dict[str, AdapterSpec]:
@@ -227,11 +228,13 @@ class MultiAdapterClassifier:
         first = next(iter(catalog.entries.values()))
         cfg = base_config(first.spec, first.source, None if base is None else str(base))
         dev = pick_device(device, key="device")
+        t0 = time.perf_counter()
         model, _ = build_model(
             cfg, len(first.spec.labels), trainable="none", device=build_device(first.spec, first.source, dev)
         )
         precision = resolve_precision(precision, dev, key="precision")
         model = model.eval().to(dev)
+        t1 = time.perf_counter()
         names = sorted({t for s in specs for t in s.lora["targets"] if t != "head"})  # type: ignore[index]
         shapes: dict[str, tuple[int, int]] = {}
         for n in names:
@@ -248,10 +251,14 @@ class MultiAdapterClassifier:
                 raise UserError(
                     f"--max-adapter-memory {max_adapter_memory} bytes holds no adapter; one takes {per_slot} bytes"
                 )
+        # the stacked layers' shapes come from one empty adapter of the largest rank; the other slots start as
+        # zeros with no layer (rank 0), copied into by nothing
         empty = {k: (torch.zeros(i, rank), torch.zeros(rank, o), 1.0) for k, (i, o) in shapes.items()}
         rows = Rows()
-        stack_adapters(model, [empty] * n, [(torch.zeros(labels, width), torch.zeros(labels))] * n, rows)
+        heads = [(torch.zeros(labels, width), torch.zeros(labels))] * n
+        stack_adapters(model, [empty] + [{}] * (n - 1), heads, rows)
         self = cls(model, [], rows, dev, precision)
+        self.startup = {"base_s": t1 - t0, "slots_s": time.perf_counter() - t1}
         self.slots = Slots(model, n, on=lambda event, name: self.on(event, name))
         for m in self.slots.layers.values():
             m.rank = [0] * n
@@ -300,9 +307,12 @@ class MultiAdapterClassifier:
 
     # ------------------------------------------------------------------------------------ on demand
     def read(self, e: Entry) -> Parts:
-        """`e`'s tensor file read from disk (any thread: no torch call; `make_resident` parses it)."""
+        """`e`'s tensors read from disk, parsed and checked (any thread: no torch compute op), ready for a slot;
+        PEFT's adapters are read here and converted on the model thread (`make_resident`)."""
         t0 = time.perf_counter()
         parts = read_raw(e)
+        if not e.peft:
+            materialize(parts, expected_shapes, self.base)
         self.on("load", e.name, time.perf_counter() - t0)
         return parts
 
