@@ -205,6 +205,20 @@ def test_a_read_parses_and_checks_with_no_torch_compute_op_and_the_slot_gets_pla
             assert torch.equal(layer.B[i, :r], stacked[name].B[j, :r]), (name, n)
 
 
+def test_the_scan_and_the_shapes_lay_models_out_on_meta_without_importing_dynamo(sweep):
+    """Start-up reads descriptions and checks them against their base laid out on the meta device: nothing is
+    drawn there (a meta normal_ imports torch._dynamo on its first call, 1-5 s of a service's start)."""
+    code = (
+        "import sys; from pathlib import Path; from lora_dist.infer.adapter_store import Catalog; "
+        "from lora_dist.infer.multi_adapter import expected_shapes; "
+        f"c = Catalog(Path({str(sweep)!r})); c.scan(); assert len(c.entries) == 5; "
+        "[expected_shapes(e.spec) for e in c.entries.values()]; print('torch._dynamo' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "False"
+
+
 def test_no_adapter_in_the_directory_is_a_user_error(tmp_path):
     (tmp_path / "nothing" / "here").mkdir(parents=True)
     with pytest.raises(UserError, match="no usable adapter"):
