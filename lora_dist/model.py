@@ -271,10 +271,10 @@ class GPT2(nn.Module):
         # reference, whose first call imports torch._dynamo (1-5 s), and there is nothing to fill. Elsewhere
         # the draws, and so the weights a seed gives, are those they always were.
         meta = torch.empty(0).device.type == "meta"
-        emb = {"_weight": torch.empty(cfg.vocab_size, cfg.emb_dim)} if meta else {}
-        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.emb_dim, **emb)
-        pos = {"_weight": torch.empty(cfg.context_length, cfg.emb_dim)} if meta else {}
-        self.pos_emb = nn.Embedding(cfg.context_length, cfg.emb_dim, **pos)
+        tok = torch.empty(cfg.vocab_size, cfg.emb_dim) if meta else None
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.emb_dim, _weight=tok)
+        pos = torch.empty(cfg.context_length, cfg.emb_dim) if meta else None
+        self.pos_emb = nn.Embedding(cfg.context_length, cfg.emb_dim, _weight=pos)
         self.drop = nn.Dropout(cfg.drop_rate)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.final_norm = nn.LayerNorm(cfg.emb_dim, eps=cfg.layer_norm_eps)
