@@ -114,7 +114,7 @@ def rss_mb(pid: int) -> dict[str, float]:
     return out
 
 
-def start(root: Path, max_loaded: int, a, log: Path) -> tuple[subprocess.Popen, int, float]:
+def start(root: Path, max_loaded: int, a: argparse.Namespace, log: Path) -> tuple[subprocess.Popen, int, float]:
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(a.threads)}
     cmd = [sys.executable, "-m", "lora_dist", "serve", "--adapters-dir", str(root), "--max-loaded", str(max_loaded)]
@@ -191,7 +191,7 @@ def drive(port: int, names: list[str], clients: int, texts: list[str]) -> dict:
     fails: list[str] = []
     todo = list(reversed(names))
 
-    async def run():
+    async def run() -> None:
         await asyncio.gather(*(client(port, todo, texts, rows, fails, random.Random(i)) for i in range(clients)))
 
     t = time.perf_counter()

@@ -19,6 +19,8 @@ weights, torch.compile) it is a plain nn.Linear.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -116,12 +118,18 @@ class _PackedLinear(torch.autograd.Function):
     """y = x @ W^T + b with frozen W and b; backward gives the input gradient only."""
 
     @staticmethod
-    def forward(ctx, x, w, wt, bias):
+    def forward(
+        ctx: Any,
+        x: torch.Tensor,
+        w: torch.Tensor,
+        wt: torch.Tensor,
+        bias: torch.Tensor | None,
+    ) -> torch.Tensor:
         ctx.wt = wt
         return torch.ops.mkldnn._linear_pointwise(x, w, bias, "none", [], "")  # (..., in) -> (..., out)
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple:
         if not ctx.needs_input_grad[0]:
             return None, None, None, None
         return torch.ops.mkldnn._linear_pointwise(grad.contiguous(), ctx.wt, None, "none", [], ""), None, None, None

@@ -153,7 +153,7 @@ class MultiAdapterClassifier:
     """Adapters over one base. Made from a list of adapters, all are stacked at once and stay; made from a
     `Catalog` (a directory), `slots` holds at most `max_loaded` of them, loaded when first asked for."""
 
-    def __init__(self, model, adapters: list[Loaded], rows, device: torch.device, precision: str):
+    def __init__(self, model: Any, adapters: list[Loaded], rows: Rows, device: torch.device, precision: str):
         self.model, self.rows, self.device, self.precision = model, rows, device, precision
         self._specs = {a.name: a.spec for a in adapters}
         self.number = {a.name: i for i, a in enumerate(adapters)}
@@ -376,17 +376,26 @@ class MultiAdapterClassifier:
                 self.slots.drop(n)
 
     # --------------------------------------------------------------------------------------- batches
-    def encode(self, texts: list[str], adapters: list[str], specs=None) -> list[list[int]]:
+    def encode(
+        self, texts: list[str], adapters: list[str], specs: Mapping[str, AdapterSpec] | None = None
+    ) -> list[list[int]]:
         """Token ids as in training (`data.encode`), each truncated to its adapter's max_length."""
         return self.tokenize(texts, adapters, specs)[0]
 
-    def tokenize(self, texts: list[str], adapters: list[str], specs=None) -> tuple[list[list[int]], int]:
+    def tokenize(
+        self, texts: list[str], adapters: list[str], specs: Mapping[str, AdapterSpec] | None = None
+    ) -> tuple[list[list[int]], int]:
         """(token ids, how many messages were cut), each message cut to its adapter's max_length."""
         specs = specs or self.specs
         return tokenize(texts, [specs[a].max_length for a in adapters])
 
     def batches(
-        self, ids: list[list[int]], adapters: list[str], batch_size: int, specs=None, number=None
+        self,
+        ids: list[list[int]],
+        adapters: list[str],
+        batch_size: int,
+        specs: Mapping[str, AdapterSpec] | None = None,
+        number: Mapping[str, int] | None = None,
     ) -> Iterator[tuple[list[int], Batch]]:
         """(positions, Batch) over `ids`, as `Classifier.batches` makes them (`batching.plan`); inside a batch
         rows go by adapter: one LoRA segment per adapter."""
@@ -422,7 +431,15 @@ class MultiAdapterClassifier:
             out[rows] = part
         return out
 
-    def _logits(self, texts, adapters, batch_size, specs, numbers, out) -> None:
+    def _logits(
+        self,
+        texts: list[str],
+        adapters: list[str],
+        batch_size: int,
+        specs: Mapping[str, AdapterSpec],
+        numbers: Mapping[str, int],
+        out: torch.Tensor,
+    ) -> None:
         ids = self.encode(texts, adapters, specs)
         number = torch.tensor([numbers[a] for a in adapters], dtype=torch.long)
         for chunk, batch in self.batches(ids, adapters, batch_size, specs, numbers):  # packed: padding is free
