@@ -64,7 +64,13 @@ def make_adapter(
 
 
 def make_set(
-    out: Path, n: int, model: str = "tiny", ranks=(8,), targets=("all",), labels=("spam",), base_seed: int = 123
+    out: Path,
+    n: int,
+    model: str = "tiny",
+    ranks: tuple[int, ...] = (8,),
+    targets: tuple[str, ...] | list[str] = ("all",),
+    labels: tuple[str, ...] | list[str] = ("spam",),
+    base_seed: int = 123,
 ) -> dict[str, Path]:
     """`n` adapters a00, a01, ... cycling ranks, target sets and label sets; returns {name: path}."""
     paths = {}

@@ -4,11 +4,12 @@
 
 On the CPU in fp32, PyTorch runs every Linear through MKL's sgemm, which re-packs the weight at each call
 and, on AMD CPUs, runs well below the machine's peak. LoRA never changes the base weights, so they are
-packed once for oneDNN, both ways: W for the forward pass (x @ W^T) and W^T for the input gradient (dY @ W).
+packed once for oneDNN, both ways: W for the forward pass (x @ W^T) and W^T for the input gradient (dY @ W),
+the latter only once a forward pass needs a gradient (inference, `classify` and `serve`, never packs it).
 On a 2-core AMD EPYC (Zen 4) that is 229 GFLOP/s against MKL's 200 on a 1024^3 matmul (bench/flops.py), and
 1.07x on a whole gpt2-small training step (bench/README.md). The cost is memory: two packed copies of the
-frozen weights. Under CPU autocast to bf16 the packed copies are bf16 (autocast would round the weights to
-bf16 at every call anyway).
+frozen weights in training, one in inference. Under CPU autocast to bf16 the packed copies are bf16 (autocast
+would round the weights to bf16 at every call anyway).
 
 The packed copies live in a cache keyed by the weight tensor, outside the module (no state_dict entries, and
 copies of the module stay plain), and are rebuilt whenever the weight changes: merge and unmerge,
@@ -41,9 +42,12 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     dtype = _fast_dtype(x, weight, bias)
     if dtype is None:
         return F.linear(x, weight, bias)
-    w, wt = packed(weight, dtype)
+    backward = torch.is_grad_enabled() and x.requires_grad  # only then is W^T needed (the input gradient)
+    w, wt = packed(weight, dtype, transposed=backward)
     if dtype != x.dtype:  # what autocast does: compute in its dtype, inputs and bias included
         x, bias = x.to(dtype), None if bias is None else bias.to(dtype)
+    if wt is None:
+        return torch.ops.mkldnn._linear_pointwise(x, w, bias, "none", [], "")  # (..., in) -> (..., out)
     return _PackedLinear.apply(x, w, wt, bias)
 
 
@@ -92,20 +96,21 @@ def _probe_onednn(dtype: torch.dtype) -> bool:
 
 
 @torch.no_grad()
-def packed(weight: torch.Tensor, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
-    """(W, W^T) in `dtype`, packed for oneDNN, from the cache while the weight is unchanged."""
+def packed(
+    weight: torch.Tensor, dtype: torch.dtype = torch.float32, transposed: bool = True
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(W, W^T) in `dtype`, packed for oneDNN, from the cache while the weight is unchanged; W^T is packed the
+    first time it is asked for (`transposed`), None before."""
     ident = (weight.data_ptr(), weight._version, tuple(weight.shape), weight.dtype)
     hits = _packed.setdefault(weight, {})
     hit = hits.get(dtype)
     if hit is None or hit[0] != ident:
-        w = weight.detach().to(dtype)
-        hit = (
-            ident,
-            torch.ops.mkldnn._reorder_linear_weight(w, None),
-            torch.ops.mkldnn._reorder_linear_weight(w.t().contiguous(), None),
-        )
+        hit = (ident, torch.ops.mkldnn._reorder_linear_weight(weight.detach().to(dtype), None), None)
         hits.clear()  # one dtype at a time: a model trains in one precision
         hits[dtype] = hit
+    if transposed and hit[2] is None:
+        wt = torch.ops.mkldnn._reorder_linear_weight(weight.detach().to(dtype).t().contiguous(), None)
+        hit = hits[dtype] = (ident, hit[1], wt)
     return hit[1], hit[2]
 
 

@@ -268,8 +268,14 @@ class GPT2(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
         self.cfg = cfg
-        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.emb_dim)
-        self.pos_emb = nn.Embedding(cfg.context_length, cfg.emb_dim)
+        # On the meta device (names and shapes only) nothing is drawn: a meta normal_ is torch's Python
+        # reference, whose first call imports torch._dynamo (1-5 s), and there is nothing to fill. Elsewhere
+        # the draws, and so the weights a seed gives, are those they always were.
+        meta = torch.empty(0).device.type == "meta"
+        tok = torch.empty(cfg.vocab_size, cfg.emb_dim) if meta else None
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.emb_dim, _weight=tok)
+        pos = torch.empty(cfg.context_length, cfg.emb_dim) if meta else None
+        self.pos_emb = nn.Embedding(cfg.context_length, cfg.emb_dim, _weight=pos)
         self.drop = nn.Dropout(cfg.drop_rate)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.final_norm = nn.LayerNorm(cfg.emb_dim, eps=cfg.layer_norm_eps)
@@ -277,6 +283,8 @@ class GPT2(nn.Module):
         self.head.weight = self.tok_emb.weight  # GPT-2 ties the output layer to the token embedding
         self.activation_checkpointing = False
         self.pooling = "last_real"
+        if meta:
+            return
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # GPT-2's scaled init of the residual projections
             if name.endswith(("att.out.weight", "ff.proj.weight")):

@@ -81,6 +81,33 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.fixture
+def chromium():
+    """Headless Chromium (Selenium) that can reach this machine's loopback and nothing else: every other
+    host name fails to resolve, so a page that needs a CDN shows it (the service's page: test_serve.py,
+    test_serve_many.py)."""
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver = shutil.which("chromedriver")
+    if not browser or not driver:
+        pytest.skip("Chromium is missing (Debian: apt-get install chromium chromium-driver)")
+    from selenium import webdriver
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = browser
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--window-size=900,700",
+        "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
+    ):
+        options.add_argument(arg)
+    b = webdriver.Chrome(service=webdriver.ChromeService(executable_path=driver), options=options)
+    yield b
+    b.quit()
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> Path:
     """A random tiny GPT-2 written in the hub's layout (config.json + model.safetensors)."""

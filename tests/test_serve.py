@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-import shutil
 import signal
 import socket
 import subprocess
@@ -744,32 +743,6 @@ def test_readyz_says_not_ready_after_a_failed_warm_up(servers):
 
 
 # ------------------------------------------------------------------------------------------ the page
-
-
-@pytest.fixture
-def chromium():
-    """Headless Chromium (Selenium) that can reach this machine's loopback and nothing else: every other
-    host name fails to resolve, so a page that needs a CDN shows it."""
-    browser = shutil.which("chromium") or shutil.which("chromium-browser")
-    driver = shutil.which("chromedriver")
-    if not browser or not driver:
-        pytest.skip("Chromium is missing (Debian: apt-get install chromium chromium-driver)")
-    from selenium import webdriver
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = browser
-    for arg in (
-        "--headless=new",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-dev-shm-usage",
-        "--window-size=900,700",
-        "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
-    ):
-        options.add_argument(arg)
-    b = webdriver.Chrome(service=webdriver.ChromeService(executable_path=driver), options=options)
-    yield b
-    b.quit()
 
 
 def test_docs_render_offline(open_server, chromium):

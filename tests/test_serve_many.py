@@ -13,6 +13,8 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -135,6 +137,86 @@ def test_a_file_rewritten_while_read_is_refused_never_half_read(sweep, monkeypat
 
     with pytest.raises(Unavailable, match="being rewritten"):
         adapter_store.read_parts(e, expected_shapes)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("scale", [2.0, 1.7, 0.3])
+def test_b_scaled_off_the_model_thread_is_what_the_stacked_layer_holds_bit_for_bit(dtype, scale):
+    """`scaled` (NumPy) gives `b.float() * scale` (what MultiLoRALinear stacks) exactly, in every float dtype."""
+    b = (torch.randn(8, 300, generator=torch.Generator().manual_seed(0)) * 3).to(dtype)
+    b[0, :4] = torch.tensor([0.0, -0.0, 1e-30, -65000.0]).to(dtype)  # zeros, a tiny number, a large one
+    got = adapter_store.scaled(b, scale)
+    assert got.dtype == torch.float32 and torch.equal(got, b.float() * scale)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_the_parse_finds_nan_and_infinity_in_every_float_dtype(dtype, bad):
+    from safetensors.torch import save
+
+    good = torch.randn(4, 5).to(dtype)
+    tensors = adapter_store.parse(save({"x": good}), "f")
+    assert tensors["x"].dtype == dtype and torch.equal(tensors["x"], good)
+    damaged = good.clone()
+    damaged[3, 4] = bad
+    with pytest.raises(UserError, match="tensor 'x' holds NaN or infinite values"):
+        adapter_store.parse(save({"x": damaged}), "f")
+    with pytest.raises(UserError, match="tensor 'n' is I64; adapters hold floating-point"):
+        adapter_store.parse(save({"x": good, "n": torch.ones(2, dtype=torch.long)}), "f")
+
+
+def test_a_read_parses_and_checks_with_no_torch_compute_op_and_the_slot_gets_plain_copies(sweep, preloaded):
+    """The reader thread's part of a miss (`read`: read, parse, check, scale B) runs no torch op that computes
+    (only views of the bytes: a torch op on a second thread slows the model thread's, serve/batcher.py); the
+    model thread's part (`Slots.put`) copies them, and the slots then hold what stacking the adapters holds."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from lora_dist.multi_lora import MultiLoRALinear
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen: set[str] = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.seen.add(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    m = MultiAdapterClassifier.from_pretrained(None, sweep, device="cpu", max_loaded=5)
+    assert m.catalog is not None and m.slots is not None
+    from lora_dist.infer.multi_adapter import expected_shapes
+
+    for n in NAMES:  # each structure's tensor shapes, found once (on the meta device) and kept
+        expected_shapes(m.catalog.entries[n].spec)
+    ops = Ops()
+    with ops:
+        parts = [m.read(m.catalog.entries[n]) for n in NAMES]
+    assert all(p.layers is not None and p.checked and p.data is None for p in parts)
+    assert ops.seen <= {"view", "empty", "alias", "detach", "lift_fresh"}, ops.seen  # wrapping, no compute
+    with torch.no_grad():
+        for p in parts:
+            m.slots.put(p, set())
+    stacked = {n: x for n, x in preloaded.model.named_modules() if isinstance(x, MultiLoRALinear)}
+    for name, layer in m.slots.layers.items():
+        for n in NAMES:
+            i, j, r = m.slots.slot(n), preloaded.number[n], layer.rank[m.slots.slot(n)]
+            assert r == stacked[name].rank[j]
+            assert torch.equal(layer.A[i, :, :r], stacked[name].A[j, :, :r]), (name, n)
+            assert torch.equal(layer.B[i, :r], stacked[name].B[j, :r]), (name, n)
+
+
+def test_the_scan_and_the_shapes_lay_models_out_on_meta_without_importing_dynamo(sweep):
+    """Start-up reads descriptions and checks them against their base laid out on the meta device: nothing is
+    drawn there (a meta normal_ imports torch._dynamo on its first call, 1-5 s of a service's start)."""
+    code = (
+        "import sys; from pathlib import Path; from lora_dist.infer.adapter_store import Catalog; "
+        "from lora_dist.infer.multi_adapter import expected_shapes; "
+        f"c = Catalog(Path({str(sweep)!r})); c.scan(); assert len(c.entries) == 5; "
+        "[expected_shapes(e.spec) for e in c.entries.values()]; print('torch._dynamo' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "False"
 
 
 def test_no_adapter_in_the_directory_is_a_user_error(tmp_path):
@@ -344,3 +426,72 @@ def test_the_command_wants_adapters_and_a_directory_with_some(tmp_path):
         command.main(p.parse_args(["--adapters-dir", str(tmp_path / "empty")]))
     with pytest.raises(UserError, match="--max-loaded must be >= 1"):
         command.main(p.parse_args(["--adapters-dir", str(tmp_path / "empty"), "--max-loaded", "0"]))
+
+
+# ------------------------------------------------------------------------------------------ the page
+
+
+@pytest.fixture(scope="module")
+def fifty(tmp_path_factory) -> Path:
+    """50 adapters in a sweep's layout: adapters/spam-00..24 (ham, spam) and adapters/support-00..24 (billing,
+    bug, praise), each its own copy of one of two drawn adapters' files."""
+    d = tmp_path_factory.mktemp("fifty")
+    drawn = {
+        "spam": make_adapter(d / "drawn-spam", seed=1, labels=LABELS["spam"]),
+        "support": make_adapter(d / "drawn-support", seed=2, labels=LABELS["support"]),
+    }
+    for kind, src in drawn.items():
+        for i in range(25):
+            shutil.copytree(src / "adapter", d / "sweep" / "adapters" / f"{kind}-{i:02d}" / "adapter")
+    return d / "sweep"
+
+
+@pytest.mark.slow  # 12-20 s (a service and a browser): make test runs it, make test-fast not
+def test_the_pages_search_box_narrows_the_list_and_the_pick_classifies(fifty, chromium, tmp_path):
+    """Headless Chromium on `serve --adapters-dir` with 50 adapters: typing a name's start into "search by name"
+    leaves exactly the adapters whose names start so; the one picked classifies as the API does with it."""
+    import httpx
+    from conftest import cli_env, lora_dist_cmd
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    log = tmp_path / "serve.log"
+    args = ["serve", "--adapters-dir", str(fifty), "--max-loaded", "4", "--port", "0", "--threads", "1"]
+    proc = subprocess.Popen(lora_dist_cmd(*args), cwd=ROOT, env=cli_env(), stderr=log.open("w"))
+    try:
+        end = time.monotonic() + 120
+        while not ("ready: " in (text := log.read_text()) and "serving " in text):  # the model, and the port
+            assert proc.poll() is None and time.monotonic() < end, text[-3000:]
+            time.sleep(0.05)
+        line = next(x for x in log.read_text().splitlines() if x.startswith("serving "))
+        url = "http://127.0.0.1:" + line.split(" on http://127.0.0.1:")[1].split("/")[0]
+
+        def shown(b) -> list[str]:  # read at once in the page (the list is rebuilt as the search changes)
+            return b.execute_script("return Array.from(document.getElementById('adapter').options, o => o.value)")
+
+        wait = WebDriverWait(chromium, 60)
+        chromium.get(url + "/")
+        wait.until(lambda b: len(shown(b)) == 50)
+        chromium.find_element("id", "find").send_keys("adapters/support-1")
+        want = [f"adapters/support-{i}" for i in range(10, 20)]
+        wait.until(lambda b: shown(b) == want)
+        assert chromium.find_element("id", "count").text == "10 matches"
+
+        Select(chromium.find_element("id", "adapter")).select_by_value("adapters/support-13")
+        assert "billing, bug, praise" in chromium.find_element("id", "about").text
+        messages = ["my card was charged twice", "the app crashes when I log in"]
+        chromium.find_element("id", "texts").send_keys("\n".join(messages))
+        chromium.find_element("id", "go").click()
+        wait.until(lambda b: len(b.find_elements("css selector", "tr.result")) == len(messages))
+        rows = chromium.find_elements("css selector", "tr.result .label")
+        page = [(r.text, float(r.get_attribute("data-p"))) for r in rows]
+        body = {"adapter": "adapters/support-13", "texts": messages}
+        api = httpx.post(url + "/v1/classify", json=body, timeout=60).json()["results"]
+        assert [p[0] for p in page] == [r["label"] for r in api]
+        assert [p[1] for p in page] == pytest.approx([r["probs"][r["label"]] for r in api], abs=1e-6)
+        assert httpx.get(url + "/v1/adapters?q=adapters/support-13").json()["adapters"][0]["state"] == "loaded"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()

@@ -83,6 +83,29 @@ def test_packed_linear_gives_input_gradients_only():
     assert torch.allclose(x.grad, x2.grad, atol=1e-6)
 
 
+def test_inference_packs_w_alone_and_w_transposed_waits_for_a_backward():
+    """classify and serve never need the input gradient: W^T (as big as W) is packed at the first forward pass
+    that needs a gradient, and the gradient is then the plain one."""
+    lin = Linear(6, 5).requires_grad_(False)
+    x = torch.randn(2, 3, 6)
+    with torch.inference_mode():
+        y = lin(x)
+    assert torch.allclose(y, F.linear(x, lin.weight, lin.bias), atol=1e-6)
+    if not frozen_linear.onednn_available(torch.float32):  # plain nn.Linear on this CPU: nothing is packed
+        assert lin.weight not in frozen_linear._packed
+        return
+    assert frozen_linear._packed[lin.weight][torch.float32][2] is None
+    with torch.no_grad():
+        lin(x)
+    assert frozen_linear._packed[lin.weight][torch.float32][2] is None
+    x2 = x.clone().requires_grad_(True)
+    (lin(x2) * torch.arange(5.0)).sum().backward()
+    assert frozen_linear._packed[lin.weight][torch.float32][2] is not None
+    x3 = x.clone().requires_grad_(True)
+    (F.linear(x3, lin.weight, lin.bias) * torch.arange(5.0)).sum().backward()
+    assert torch.allclose(x2.grad, x3.grad, atol=1e-6)
+
+
 def test_packed_weights_follow_the_weight():
     """merge, load_state_dict and in-place edits change the weight: the packed copy is rebuilt."""
     lin = Linear(4, 3).requires_grad_(False)

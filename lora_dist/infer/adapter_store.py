@@ -11,7 +11,10 @@ finds what was added, changed or removed since.
 
 `read_raw` reads an adapter's tensors when it is first asked for: the tensor file is read into memory once,
 between two looks at its size, mtime and inode (an adapter rewritten meanwhile, by a running sweep, is refused
-and asked for again, never half read), then checked against its description.
+and asked for again, never half read), then `materialize` parses and checks it against its description. For
+lora-dist's adapters both run on the reader thread without a torch compute op (safetensors' parser, the bytes
+wrapped as tensors, the NaN check and B's scale in NumPy), so the model thread's part of a miss is one copy
+per tensor into the slot (`Slots.put`).
 
 `Slots` holds `n` adapters in a fixed pool on the model's device: every wrapped layer's stacked A/B (and the
 stacked heads, `multi_lora`) has `n` rows, and an adapter's load overwrites one row in place, the least
@@ -28,9 +31,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load as load_safetensors
+from safetensors import SafetensorError, deserialize
 
 from .. import peft
 from ..adapter import LAYOUT, AdapterSpec, check_values, find
@@ -285,15 +288,16 @@ def _same_files(e: Entry) -> bool:
 
 @dataclass
 class Parts:
-    """One adapter on its way to a slot: first the tensor file's bytes (`read_raw`, any thread: no torch), then
-    (`materialize`, on the model thread) {layer: (A, B, scale)} and its head, checked."""
+    """One adapter on its way to a slot: first the tensor file's bytes (`read_raw`), then {layer: (A, B, scale)}
+    and its head, checked (`materialize`). Any thread may make them for lora-dist's adapters (no torch compute
+    op); PEFT's are read and converted on the model thread."""
 
     entry: Entry
     stamp: tuple
     data: bytes | None = None
     layers: dict[str, tuple[torch.Tensor, torch.Tensor, float]] | None = None
     head: tuple | None = None
-    checked: bool = False  # values checked finite (`Slots.put`)
+    checked: bool = False  # values checked finite (`materialize`, or `Slots.put` for PEFT's)
 
 
 def read_raw(e: Entry) -> Parts:
@@ -322,10 +326,55 @@ def read_raw(e: Entry) -> Parts:
     return Parts(e, after, data)
 
 
+# safetensors' floating-point dtypes: torch's dtype, and the unsigned integer of the same width with the mask of
+# the exponent's bits (all set: infinite or NaN, in every IEEE format)
+FLOATS: dict[str, tuple[torch.dtype, str, int]] = {
+    "F64": (torch.float64, "<u8", 0x7FF0000000000000),
+    "F32": (torch.float32, "<u4", 0x7F800000),
+    "F16": (torch.float16, "<u2", 0x7C00),
+    "BF16": (torch.bfloat16, "<u2", 0x7F80),
+}
+
+
+def parse(data: bytes, source: str) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file's bytes, checked floating point and finite, with no torch compute op
+    (any thread may run it): safetensors' own parser checks the header and the offsets, each tensor's bytes are
+    wrapped (`torch.frombuffer`, no copy), and NaN and infinity are found in NumPy (one thread, no OpenMP)."""
+    out = {}
+    for name, info in deserialize(data):
+        kind = info["dtype"]
+        if kind not in FLOATS:
+            raise UserError(
+                f"{source}: tensor '{name}' is {kind}; adapters hold floating-point tensors, so this file was not "
+                f"written by training: restore it"
+            )
+        dtype, bits, mask = FLOATS[kind]
+        buf = bytearray(info["data"])  # writable: torch wraps it without a warning
+        if buf and bool(((np.frombuffer(buf, dtype=bits) & mask) == mask).any()):
+            raise UserError(
+                f"{source}: tensor '{name}' holds NaN or infinite values; the adapter is damaged (or was saved "
+                f"after the loss diverged): retrain, or restore an earlier copy"
+            )
+        shape = tuple(info["shape"])
+        out[name] = torch.frombuffer(buf, dtype=dtype).view(shape) if buf else torch.empty(shape, dtype=dtype)
+    return out
+
+
+def scaled(b: torch.Tensor, scale: float) -> torch.Tensor:
+    """`b.float() * scale` (what `MultiLoRALinear` stacks), computed in NumPy: the same fp32 product (fp32
+    times the scale rounded to fp32), bit for bit, without a torch op."""
+    if b.dtype == torch.bfloat16:  # NumPy has no bf16: its bits are the top half of the fp32 number's
+        f = (b.view(torch.int16).numpy().view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+    else:
+        f = b.numpy().astype(np.float32, copy=False)
+    return torch.from_numpy(np.multiply(f, np.float32(scale)))
+
+
 def materialize(parts: Parts, expected: Callable[[AdapterSpec], dict[str, tuple]], base: str | None = None) -> Parts:
     """Parse the bytes and check the tensors' names and shapes against the description (`expected(spec)`:
-    {tensor name: shape}); Unavailable when they do not belong together (a file written before its
-    description) or the file is damaged."""
+    {tensor name: shape}) and their values (finite); Unavailable when they do not belong together (a file
+    written before its description) or the file is damaged. For lora-dist's adapters no torch compute op runs
+    (any thread may call it, and B is scaled here); PEFT's are read by `peft.read` (the model thread)."""
     e = parts.entry
     if parts.layers is not None:
         return parts
@@ -340,10 +389,13 @@ def materialize(parts: Parts, expected: Callable[[AdapterSpec], dict[str, tuple]
             raise Unavailable(f"adapter '{e.name}' changed on disk since the adapters were last read; reload them")
     else:
         spec = e.spec
+        assert parts.data is not None, "read_raw(entry) first"
         try:
-            tensors = load_safetensors(parts.data)  # type: ignore[arg-type]
+            tensors = parse(parts.data, e.source)
         except (SafetensorError, ValueError, OSError) as err:
             raise Unavailable(f"adapter '{e.name}': {e.files[1]} cannot be read ({err}); it is damaged") from err
+        except UserError as err:
+            raise Unavailable(f"adapter '{e.name}': {err}") from err
     want = expected(spec)
     wrong = sorted(set(want) ^ set(tensors))
     if wrong:
@@ -356,11 +408,14 @@ def materialize(parts: Parts, expected: Callable[[AdapterSpec], dict[str, tuple]
             )
     assert spec.lora is not None
     scale = float(spec.lora["scale"])
-    parts.layers = {
-        k.removesuffix(".lora.A"): (t, tensors[k.removesuffix(".A") + ".B"], scale)
-        for k, t in tensors.items()
-        if k.endswith(".lora.A") and not k.startswith("head.")
-    }
+    a_keys = [k for k in tensors if k.endswith(".lora.A") and not k.startswith("head.")]
+    if e.peft:
+        parts.layers = {k.removesuffix(".lora.A"): (tensors[k], tensors[k[:-1] + "B"], scale) for k in a_keys}
+    else:  # B scaled now, off the model thread: Slots.put copies it as it is
+        parts.layers = {
+            k.removesuffix(".lora.A"): (tensors[k], scaled(tensors[k[:-1] + "B"], scale), 1.0) for k in a_keys
+        }
+        parts.checked = True  # by `parse`
     if "head.lora.A" in tensors:
         w = tensors["head.linear.weight"]
         parts.head = (w, tensors["head.linear.bias"], tensors["head.lora.A"], tensors["head.lora.B"])
@@ -438,7 +493,8 @@ class Slots:
                 a, b, scale = u
                 r = a.shape[1]
                 m.A[i, :, :r] = a  # as MultiLoRALinear's constructor stacks them, cast to its dtype
-                m.B[i, :r] = b.float() * scale
+                scaled_already = scale == 1.0 and b.dtype == torch.float32  # `materialize` scaled lora-dist's B
+                m.B[i, :r] = b if scaled_already else b.float() * scale
                 m.rank[i] = r
             w, bias = fold_head(parts)
             self.head.W[i].zero_()

@@ -34,7 +34,7 @@ import torch
 from ..adapter import AdapterSpec, default_labels, with_labels
 from ..build import base_config, build_device, build_model, check_fits, read_adapter
 from ..data import Batch
-from ..device import autocast, pick_device, resolve_precision
+from ..device import autocast, bound_kernel_caches, pick_device, resolve_precision
 from ..errors import UserError
 from ..lora import adapter_from_state, adapter_state_dict, base_key, load_adapter_state_dict
 from ..multi_lora import Rows, stack_adapters
@@ -153,7 +153,8 @@ class MultiAdapterClassifier:
     """Adapters over one base. Made from a list of adapters, all are stacked at once and stay; made from a
     `Catalog` (a directory), `slots` holds at most `max_loaded` of them, loaded when first asked for."""
 
-    def __init__(self, model, adapters: list[Loaded], rows, device: torch.device, precision: str):
+    def __init__(self, model: Any, adapters: list[Loaded], rows: Rows, device: torch.device, precision: str):
+        bound_kernel_caches()  # before the first forward pass: memory stays flat over a long run of shapes
         self.model, self.rows, self.device, self.precision = model, rows, device, precision
         self._specs = {a.name: a.spec for a in adapters}
         self.number = {a.name: i for i, a in enumerate(adapters)}
@@ -165,6 +166,7 @@ class MultiAdapterClassifier:
         self.staged_lock = threading.Lock()
         self.on: Callable[..., None] = lambda event, name, seconds=0.0: None  # hit, miss, load, evict, stale
         self.log: Callable[[str], None] = lambda msg: None
+        self.startup: dict[str, float] = {}  # seconds of each stage of `from_catalog` (bench/serve_many.py --micro)
 
     @property
     def specs(self) -> dict[str, AdapterSpec]:
@@ -227,11 +229,13 @@ class MultiAdapterClassifier:
         first = next(iter(catalog.entries.values()))
         cfg = base_config(first.spec, first.source, None if base is None else str(base))
         dev = pick_device(device, key="device")
+        t0 = time.perf_counter()
         model, _ = build_model(
             cfg, len(first.spec.labels), trainable="none", device=build_device(first.spec, first.source, dev)
         )
         precision = resolve_precision(precision, dev, key="precision")
         model = model.eval().to(dev)
+        t1 = time.perf_counter()
         names = sorted({t for s in specs for t in s.lora["targets"] if t != "head"})  # type: ignore[index]
         shapes: dict[str, tuple[int, int]] = {}
         for n in names:
@@ -248,10 +252,14 @@ class MultiAdapterClassifier:
                 raise UserError(
                     f"--max-adapter-memory {max_adapter_memory} bytes holds no adapter; one takes {per_slot} bytes"
                 )
+        # the stacked layers' shapes come from one empty adapter of the largest rank; the other slots start as
+        # zeros with no layer (rank 0), copied into by nothing
         empty = {k: (torch.zeros(i, rank), torch.zeros(rank, o), 1.0) for k, (i, o) in shapes.items()}
         rows = Rows()
-        stack_adapters(model, [empty] * n, [(torch.zeros(labels, width), torch.zeros(labels))] * n, rows)
+        heads = [(torch.zeros(labels, width), torch.zeros(labels))] * n
+        stack_adapters(model, [empty] + [{}] * (n - 1), heads, rows)
         self = cls(model, [], rows, dev, precision)
+        self.startup = {"base_s": t1 - t0, "slots_s": time.perf_counter() - t1}
         self.slots = Slots(model, n, on=lambda event, name: self.on(event, name))
         for m in self.slots.layers.values():
             m.rank = [0] * n
@@ -300,9 +308,12 @@ class MultiAdapterClassifier:
 
     # ------------------------------------------------------------------------------------ on demand
     def read(self, e: Entry) -> Parts:
-        """`e`'s tensor file read from disk (any thread: no torch call; `make_resident` parses it)."""
+        """`e`'s tensors read from disk, parsed and checked (any thread: no torch compute op), ready for a slot;
+        PEFT's adapters are read here and converted on the model thread (`make_resident`)."""
         t0 = time.perf_counter()
         parts = read_raw(e)
+        if not e.peft:
+            materialize(parts, expected_shapes, self.base)
         self.on("load", e.name, time.perf_counter() - t0)
         return parts
 
@@ -366,17 +377,26 @@ class MultiAdapterClassifier:
                 self.slots.drop(n)
 
     # --------------------------------------------------------------------------------------- batches
-    def encode(self, texts: list[str], adapters: list[str], specs=None) -> list[list[int]]:
+    def encode(
+        self, texts: list[str], adapters: list[str], specs: Mapping[str, AdapterSpec] | None = None
+    ) -> list[list[int]]:
         """Token ids as in training (`data.encode`), each truncated to its adapter's max_length."""
         return self.tokenize(texts, adapters, specs)[0]
 
-    def tokenize(self, texts: list[str], adapters: list[str], specs=None) -> tuple[list[list[int]], int]:
+    def tokenize(
+        self, texts: list[str], adapters: list[str], specs: Mapping[str, AdapterSpec] | None = None
+    ) -> tuple[list[list[int]], int]:
         """(token ids, how many messages were cut), each message cut to its adapter's max_length."""
         specs = specs or self.specs
         return tokenize(texts, [specs[a].max_length for a in adapters])
 
     def batches(
-        self, ids: list[list[int]], adapters: list[str], batch_size: int, specs=None, number=None
+        self,
+        ids: list[list[int]],
+        adapters: list[str],
+        batch_size: int,
+        specs: Mapping[str, AdapterSpec] | None = None,
+        number: Mapping[str, int] | None = None,
     ) -> Iterator[tuple[list[int], Batch]]:
         """(positions, Batch) over `ids`, as `Classifier.batches` makes them (`batching.plan`); inside a batch
         rows go by adapter: one LoRA segment per adapter."""
@@ -412,7 +432,15 @@ class MultiAdapterClassifier:
             out[rows] = part
         return out
 
-    def _logits(self, texts, adapters, batch_size, specs, numbers, out) -> None:
+    def _logits(
+        self,
+        texts: list[str],
+        adapters: list[str],
+        batch_size: int,
+        specs: Mapping[str, AdapterSpec],
+        numbers: Mapping[str, int],
+        out: torch.Tensor,
+    ) -> None:
         ids = self.encode(texts, adapters, specs)
         number = torch.tensor([numbers[a] for a in adapters], dtype=torch.long)
         for chunk, batch in self.batches(ids, adapters, batch_size, specs, numbers):  # packed: padding is free
