@@ -86,6 +86,7 @@ def hwm_mb(pid: int) -> float:
 def run_to_step(cmd: list[str], metrics: Path, step: int, ranks: int, timeout: float) -> dict:
     """Start `cmd`; when metrics.jsonl has `step`, read each rank's peak RSS and stop it."""
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    metrics.unlink(missing_ok=True)  # a run kept by --work: its old lines would end the wait at once
     t0 = time.monotonic()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True, env=env)
     peaks: dict[int, float] = {}
