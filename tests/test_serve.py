@@ -831,3 +831,36 @@ def test_the_page_shows_spam_in_red_and_ham_in_green(smoke_run, chromium, tmp_pa
     assert [s["colour"] for s in shown] == [RED, GREEN, RED, GREEN]
     assert all(s["bars"] == [GREEN, RED] for s in shown)  # ham's bar, then spam's, in the adapter's label order
     assert "Labels: ham, spam" in chromium.find_element("id", "about").text
+
+
+def test_a_batch_waits_for_requests_whose_adapter_is_being_read():
+    """A request that waits for its adapter's read (`pending`) is not yet queued when the next batch forms; the
+    batch waits for it (up to pending_wait_ms), so a miss costs its read, not a whole batch more. With nothing
+    pending, a batch leaves after max_wait_ms as before."""
+    from lora_dist.serve.batcher import Batcher
+
+    calls: list[list[str]] = []
+    reading = [0]
+
+    def run(texts, adapters):
+        calls.append(list(texts))
+        return list(texts)
+
+    async def scenario():
+        b = Batcher(run, max_batch=8, max_wait_ms=0, pending=lambda: reading[0], pending_wait_ms=600_000)
+        b.start()
+        reading[0] = 1  # one request is on its way
+        first = asyncio.ensure_future(b.submit("a", ["hit"]))
+        for _ in range(20):
+            await asyncio.sleep(0.001)
+        assert not calls  # the batch waits for the request being read
+        second = asyncio.ensure_future(b.submit("b", ["miss"]))  # its read done, it is queued ...
+        await asyncio.sleep(0)
+        reading[0] = 0  # ... and nothing more is on its way
+        assert await first == ["hit"] and await second == ["miss"]
+        assert calls == [["hit", "miss"]]
+        alone = await b.submit("a", ["next"])  # nothing pending: max_wait_ms (0) and off it goes
+        assert alone == ["next"] and calls[-1] == ["next"]
+        await b.stop()
+
+    asyncio.run(scenario())

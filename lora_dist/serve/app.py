@@ -105,6 +105,7 @@ class Service:
         self.catalog, self.max_loaded, self.max_adapter_memory = catalog, max_loaded, max_adapter_memory
         self.counts: dict[str, int] = {}  # classify requests answered, by adapter
         self.reading: dict[tuple[str, int], asyncio.Future[Parts]] = {}  # adapter reads in flight, one per version
+        self.preparing = 0  # requests waiting for their adapter's read, not yet queued (the batcher waits a little)
         self.reload_lock: asyncio.Lock | None = None  # made on the serving loop
         self.reader: ThreadPoolExecutor | None = None  # the thread that reads adapters from disk (not the model thread)
         self.limits, self.token, self.max_batch, self.max_queue = limits, token, max_batch, max_queue
@@ -117,6 +118,7 @@ class Service:
             max_wait_ms,
             on_batch=self.metrics.batch_done,
             on_abandoned=lambda r: self.metrics.skipped.inc(),
+            pending=lambda: self.preparing,
         )
         self.model: MultiAdapterClassifier | None = None
         self.failed: str | None = None
@@ -333,7 +335,11 @@ class Service:
         """The answer to one request, or a `Failure`; `cache["state"]`: "hit" or "miss" (--adapters-dir)."""
         self.admit(req)
         if self.catalog is not None:
-            got = await self.prepare(req.adapter)
+            self.preparing += 1
+            try:
+                got = await self.prepare(req.adapter)
+            finally:
+                self.preparing -= 1  # and queued at once below, in the same step of the loop
             (self.metrics.cache_hits if got == "hit" else self.metrics.cache_misses).inc()
             if cache is not None:
                 cache["state"] = got

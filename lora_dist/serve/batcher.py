@@ -3,8 +3,9 @@
     python -c "import asyncio; from lora_dist.serve.batcher import *; print(asyncio.run(Batcher(lambda t, a: t).run_once('a', ['hi'])))"
 
 `submit(adapter, texts)` queues a request and waits for its results. One task takes the first request in
-the queue, then everything else that arrives within `max_wait_ms` (or already waits) while the batch holds
-fewer than `max_batch` messages, and runs the whole batch through `run(texts, adapters)` in one worker
+the queue, then everything else that arrives within `max_wait_ms` (or already waits; or, while `pending()`
+requests are on their way, such as one whose adapter is being read, up to `pending_wait_ms` more) while the
+batch holds fewer than `max_batch` messages, and runs the whole batch through `run(texts, adapters)` in one worker
 thread, off the event loop (torch releases the GIL, so the loop keeps reading requests meanwhile). Each
 caller gets back its own slice. A request larger than `max_batch` runs alone.
 
@@ -54,12 +55,17 @@ class Batcher(Generic[Row]):
         max_wait_ms: float = 5.0,
         on_batch: Callable[[list[Request[Row]]], None] | None = None,
         on_abandoned: Callable[[Request[Row]], None] | None = None,
+        pending: Callable[[], int] | None = None,
+        pending_wait_ms: float = 50.0,
     ) -> None:
         if max_batch < 1 or not 0 <= max_wait_ms < float("inf"):
             raise ValueError("max_batch must be >= 1 and max_wait_ms a finite number >= 0")
         self.run, self.max_batch, self.max_wait = run, max_batch, max_wait_ms / 1000
         self.on_batch = on_batch or (lambda batch: None)
         self.on_abandoned = on_abandoned or (lambda request: None)
+        # requests on their way to the queue (an adapter being read from disk): a batch waits for them up to
+        # pending_wait_ms past max_wait_ms, so that a read that ends as a batch forms does not miss it
+        self.pending, self.pending_wait = pending or (lambda: 0), pending_wait_ms / 1000
         self.queue: asyncio.Queue[Request[Row]] = asyncio.Queue()  # made anew in `start`, on the serving loop
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
         self.task: asyncio.Task[None] | None = None
@@ -164,9 +170,14 @@ class Batcher(Generic[Row]):
         self.busy = True
         batch, size = [first], len(first.texts)
         deadline = time.perf_counter() + self.max_wait
+        longest = deadline + self.pending_wait
         while size < self.max_batch:
             nxt = await self._next(deadline)
             if nxt is None:
+                now = time.perf_counter()
+                if self.pending() and now < longest and not self.flushing:
+                    deadline = min(longest, now + 0.002)  # a request is on its way: look again shortly
+                    continue
                 break
             if self._live(nxt) is None:
                 continue
