@@ -18,7 +18,6 @@ import asyncio
 import json
 import os
 import random
-import socket
 import statistics
 import subprocess
 import sys
@@ -28,6 +27,7 @@ import urllib.request
 from pathlib import Path
 
 import results_file
+from http_load import classify_once, serve
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -35,43 +35,11 @@ sys.path.insert(0, str(HERE))
 FULL = 2000
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start(adapters: dict, max_batch: int, a, log: Path) -> tuple[subprocess.Popen, int]:
-    port = free_port()
     spec = ",".join(f"{k}={v}" for k, v in adapters.items())
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(a.threads)}
-    cmd = [
-        sys.executable,
-        "-m",
-        "lora_dist",
-        "serve",
-        "--adapters",
-        spec,
-        "--port",
-        str(port),
-        "--max-batch",
-        str(max_batch),
-        "--max-wait-ms",
-        str(a.max_wait_ms),
-        "--threads",
-        str(a.threads),
-    ]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stderr=log.open("w"))
-    end = time.monotonic() + 600
-    while time.monotonic() < end:
-        if proc.poll() is not None:
-            raise SystemExit(f"the service exited: {log.read_text()[-2000:]}")
-        try:
-            if urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2).status == 200:
-                return proc, port
-        except OSError:
-            time.sleep(0.3)
-    raise SystemExit("the service did not get ready in 10 minutes")
+    args = ["--adapters", spec, "--max-batch", str(max_batch), "--max-wait-ms", str(a.max_wait_ms)]
+    proc, port, _ = serve(args, a.threads, log, poll_s=0.3)
+    return proc, port
 
 
 def batch_histogram(port: int) -> dict[str, float]:
@@ -98,20 +66,8 @@ async def client(
     try:
         while left[0] > 0:
             left[0] -= 1
-            body = json.dumps({"adapter": rng.choice(names), "texts": [rng.choice(texts)]}).encode()
-            head = (
-                f"POST /v1/classify HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-                f"Content-Length: {len(body)}\r\n\r\n"
-            ).encode()
             t = time.perf_counter()
-            writer.write(head + body)
-            await writer.drain()
-            status = (await reader.readline()).split(b" ")[1]
-            length = 0
-            while (line := await reader.readline()) not in (b"\r\n", b""):
-                if line.lower().startswith(b"content-length:"):
-                    length = int(line.split(b":")[1])
-            answer = await reader.readexactly(length)
+            status, _, answer = await classify_once(reader, writer, rng.choice(names), rng.choice(texts))
             lat.append(time.perf_counter() - t)
             if status != b"200" or b'"results"' not in answer:
                 fails.append(f"{status.decode()}: {answer[:200]!r}")

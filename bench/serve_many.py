@@ -35,7 +35,6 @@ import json
 import os
 import random
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -45,18 +44,13 @@ from dataclasses import replace
 from pathlib import Path
 
 import results_file
+from http_load import classify_once, serve
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 FULL = 1000
 DRAWN = 128  # adapters with tensors of their own; the others copy one of these (each its own files)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def make_adapters(root: Path, n: int, model: str) -> Path:
@@ -115,22 +109,8 @@ def rss_mb(pid: int) -> dict[str, float]:
 
 
 def start(root: Path, max_loaded: int, a: argparse.Namespace, log: Path) -> tuple[subprocess.Popen, int, float]:
-    port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(a.threads)}
-    cmd = [sys.executable, "-m", "lora_dist", "serve", "--adapters-dir", str(root), "--max-loaded", str(max_loaded)]
-    cmd += ["--port", str(port), "--max-wait-ms", str(a.max_wait_ms), "--threads", str(a.threads)]
-    t = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stderr=log.open("w"))
-    end = time.monotonic() + 600
-    while time.monotonic() < end:
-        if proc.poll() is not None:
-            raise SystemExit(f"the service exited: {log.read_text()[-2000:]}")
-        try:
-            if urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2).status == 200:
-                return proc, port, time.perf_counter() - t
-        except OSError:
-            time.sleep(0.1)
-    raise SystemExit("the service did not get ready in 10 minutes")
+    args = ["--adapters-dir", str(root), "--max-loaded", str(max_loaded), "--max-wait-ms", str(a.max_wait_ms)]
+    return serve(args, a.threads, log)
 
 
 async def client(port: int, todo: list, texts: list[str], rows: list, fails: list[str], rng: random.Random) -> None:
@@ -138,23 +118,9 @@ async def client(port: int, todo: list, texts: list[str], rows: list, fails: lis
     try:
         while todo:
             name = todo.pop()
-            body = json.dumps({"adapter": name, "texts": [rng.choice(texts)]}).encode()
-            head = (
-                f"POST /v1/classify HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-                f"Content-Length: {len(body)}\r\n\r\n"
-            ).encode()
             t = time.perf_counter()
-            writer.write(head + body)
-            await writer.drain()
-            status = (await reader.readline()).split(b" ")[1]
-            length, cache = 0, "-"
-            while (line := await reader.readline()) not in (b"\r\n", b""):
-                low = line.lower()
-                if low.startswith(b"content-length:"):
-                    length = int(line.split(b":")[1])
-                elif low.startswith(b"x-adapter-cache:"):
-                    cache = line.split(b":")[1].strip().decode()
-            answer = await reader.readexactly(length)
+            status, headers, answer = await classify_once(reader, writer, name, rng.choice(texts))
+            cache = headers.get(b"x-adapter-cache", b"-").decode()
             if status != b"200" or b'"results"' not in answer:
                 fails.append(f"{status.decode()}: {answer[:200]!r}")
             else:

@@ -172,13 +172,11 @@ def test_trained_layers_export_merged(tiny_checkpoint, tmp_path):
     torch.testing.assert_close(probs_hf(merged, tmp_path / "merged"), ours(run), rtol=0, atol=1e-4)
 
 
-def test_a_peft_adapter_trained_elsewhere(tiny_checkpoint, tmp_path):
-    """An adapter made with PEFT itself (dense c_attn block, rank and alpha patterns, ln_f saved) reads into
-    lora-dist; the labels come from the base's config when it has them."""
+def made_elsewhere(checkpoint, out):
+    """An adapter made with PEFT itself, saved to `out`: a dense c_attn block, rank and alpha patterns, ln_f
+    saved, three labels, every trained tensor given a value. Returns the PEFT model."""
     torch.manual_seed(3)
-    base = transformers.AutoModelForSequenceClassification.from_pretrained(
-        tiny_checkpoint, num_labels=3, pad_token_id=50256
-    )
+    base = transformers.AutoModelForSequenceClassification.from_pretrained(checkpoint, num_labels=3, pad_token_id=50256)
     config = peft.LoraConfig(
         task_type="SEQ_CLS",
         r=4,
@@ -193,7 +191,14 @@ def test_a_peft_adapter_trained_elsewhere(tiny_checkpoint, tmp_path):
         for p in model.parameters():
             if p.requires_grad:
                 p.add_(torch.randn_like(p) * 0.1)  # lora_B starts at zero: give every trained tensor a value
-    model.save_pretrained(tmp_path / "elsewhere")
+    model.save_pretrained(out)
+    return model
+
+
+def test_a_peft_adapter_trained_elsewhere(tiny_checkpoint, tmp_path):
+    """An adapter made with PEFT itself (dense c_attn block, rank and alpha patterns, ln_f saved) reads into
+    lora-dist; the labels come from the base's config when it has them."""
+    model = made_elsewhere(tiny_checkpoint, tmp_path / "elsewhere")
     clf = Classifier.from_pretrained(tmp_path / "elsewhere", precision="fp32")
     from lora_dist.export import write_tokenizer
 

@@ -15,11 +15,9 @@ import shutil
 import time
 from dataclasses import replace
 
-import peft as hf_peft  # noqa: E402  (test dependencies, pip install -e .[dev])
 import pytest
 import torch
-import transformers  # noqa: E402
-from test_export import CASES, export, make_adapter
+from test_export import CASES, export, made_elsewhere, make_adapter
 
 from lora_dist import MultiAdapterClassifier, UserError, peft
 from lora_dist.adapter import find, save
@@ -70,25 +68,7 @@ def test_the_header_gives_the_description_the_tensors_give(case, tiny_checkpoint
 
 def test_a_peft_adapter_trained_elsewhere_is_described_as_read(tiny_checkpoint, tmp_path):
     """Dense c_attn block, rank and alpha patterns, ln_f saved: the header alone gives `read`'s description."""
-    torch.manual_seed(3)
-    base = transformers.AutoModelForSequenceClassification.from_pretrained(
-        tiny_checkpoint, num_labels=3, pad_token_id=50256
-    )
-    config = hf_peft.LoraConfig(
-        task_type="SEQ_CLS",
-        r=4,
-        lora_alpha=8,
-        target_modules=["c_attn", "c_fc", "c_proj"],
-        rank_pattern={"h.1.attn.c_attn": 2},
-        alpha_pattern={"h.1.mlp.c_fc": 3.0},
-        modules_to_save=["ln_f"],
-    )
-    model = hf_peft.get_peft_model(base, config)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn_like(p) * 0.1)
-    model.save_pretrained(tmp_path / "elsewhere")
+    made_elsewhere(tiny_checkpoint, tmp_path / "elsewhere")
     spec, _ = peft.read(tmp_path / "elsewhere", None)
     assert peft.describe(tmp_path / "elsewhere", None) == spec
     assert set(spec.overrides) == {"final_norm.weight", "final_norm.bias"} and len(spec.labels) == 3
