@@ -43,6 +43,7 @@ from .tokenizer import _ENCODER_SHA, _VOCAB_SHA
 
 FORMAT = 1  # bump when the arrays or the manifest change meaning: older caches are rebuilt
 CHUNK_ROWS = 65_536  # rows read and tokenized at a time: memory stays bounded whatever the file's size
+MAX_LINE = 1 << 26  # bytes: a longer JSONL line is refused before it is read whole (as classify's text lines)
 FORMATS = {".csv": "csv", ".tsv": "tsv", ".tab": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl"}
 FORMATS |= {".parquet": "parquet", ".pq": "parquet"}
 Chunk = tuple[int, list, list]  # (first row number, texts, labels): `read_chunks`'s steps
@@ -226,7 +227,9 @@ def _jsonl_chunks(path: Path, cfg: DataConfig, rows: int, texts_only: bool = Fal
     labels: list = []
     start = 1
     with open(path, "rb") as f:
-        for line_no, raw in enumerate(f, 1):
+        for line_no, raw in enumerate(iter(lambda: f.readline(MAX_LINE + 1), b""), 1):
+            if len(raw) > MAX_LINE:  # read no further: one line is one message and its label
+                raise UserError(f"{path} line {line_no} is over {MAX_LINE >> 20} MiB; one JSON object per line")
             if not raw.strip():
                 continue
             try:

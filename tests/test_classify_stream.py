@@ -92,3 +92,35 @@ def test_inference_bounds_the_cpu_kernel_caches_unless_the_user_set_them(monkeyp
     device.bound_kernel_caches()
     assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == str(device.KERNEL_CACHE) and device.KERNEL_CACHE <= 64
     assert os.environ["LRU_CACHE_CAPACITY"] == "7"
+
+
+def test_a_jsonl_line_over_the_limit_is_refused_before_it_is_read_whole(tmp_path, monkeypatch):
+    """A file of one endless line must not be read into memory: token_cache reads at most MAX_LINE + 1 bytes of
+    a line (training and classify alike)."""
+    from lora_dist import token_cache
+
+    monkeypatch.setattr(token_cache, "MAX_LINE", 1 << 20)
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"text": "ok"}\n{"text": "' + "x" * (3 << 20) + '"}\n')
+    reads: list[int] = []
+    real_open = open
+
+    class Counting:
+        def __init__(self, f):
+            self.f = f
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def readline(self, n=-1):
+            line = self.f.readline(n)
+            reads.append(len(line))
+            return line
+
+    monkeypatch.setattr(token_cache, "open", lambda p, mode="r": Counting(real_open(p, mode)), raising=False)
+    with pytest.raises(UserError, match=r"d.jsonl line 2 is over 1 MiB; one JSON object per line"):
+        list(c._from_file(path, "text"))
+    assert max(reads) <= (1 << 20) + 1
