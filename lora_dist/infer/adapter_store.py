@@ -493,8 +493,7 @@ class Slots:
                 a, b, scale = u
                 r = a.shape[1]
                 m.A[i, :, :r] = a  # as MultiLoRALinear's constructor stacks them, cast to its dtype
-                scaled_already = scale == 1.0 and b.dtype == torch.float32  # `materialize` scaled lora-dist's B
-                m.B[i, :r] = b if scaled_already else b.float() * scale
+                m.B[i, :r] = b if scale == 1.0 else b.float() * scale  # `materialize` scaled lora-dist's B
                 m.rank[i] = r
             w, bias = fold_head(parts)
             self.head.W[i].zero_()
